@@ -1,0 +1,145 @@
+//! Stage **grad** (SPEC §6): ∂total/∂student_conf and ∂total/∂student_loc, with matching,
+//! mining and the teacher bound held fixed. Twin of `shaders/grad.wgsl`.
+
+use crate::config::LossConfig;
+use crate::math;
+use crate::stages::prior_terms::{loc_terms, log_sum_exp, smooth_l1_grad};
+
+/// The factors `w_term / N` that the gradients of the four terms carry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradScale {
+    /// `w_soft / N`.
+    pub soft: f32,
+    /// `w_conf / N`.
+    pub conf: f32,
+    /// `w_l2 / N`.
+    pub l2: f32,
+    /// `w_loc / N`.
+    pub loc: f32,
+}
+
+impl GradScale {
+    /// The factors for a batch with `num_pos` positives in all.
+    #[must_use]
+    pub fn new(config: &LossConfig, num_pos: u32) -> Self {
+        let n = num_pos.max(1) as f32;
+        let w = config.weights;
+        Self {
+            soft: w.soft / n,
+            conf: w.conf / n,
+            l2: w.l2 / n,
+            loc: w.loc / n,
+        }
+    }
+}
+
+/// Writes the gradient of one selected row's `w_conf·CE + w_soft·soft` into `out`:
+/// - cross-entropy: `softmax(s)_c − [c = target]`;
+/// - plain KL: `T (p_c − q_c)`;
+/// - class-weighted: `T p_c (G − h_c)` with `h_c = w_c (q_c + ε) / (p_c + ε)`, `G = Σ h_c p_c`.
+pub fn conf_grad_row(
+    student_row: &[f32],
+    teacher_row: &[f32],
+    target: u32,
+    scale: &GradScale,
+    config: &LossConfig,
+    out: &mut [f32],
+) {
+    let t = config.temperature;
+    let inv_t = 1.0 / t;
+    let lse = log_sum_exp(student_row, 1.0);
+    let lse_s = log_sum_exp(student_row, inv_t);
+    let lse_t = log_sum_exp(teacher_row, inv_t);
+    let soft_scale = scale.soft * t;
+    if config.weighted_soft_loss() {
+        let eps = config.eps;
+        let class_w = |c: usize| if c == 0 { config.neg_w } else { config.pos_w };
+        let mut g_sum = 0.0;
+        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
+            let q = math::exp(te * inv_t - lse_t);
+            let p = math::exp(s * inv_t - lse_s);
+            g_sum += class_w(c) * (q + eps) / (p + eps) * p;
+        }
+        for (c, ((&s, &te), o)) in student_row
+            .iter()
+            .zip(teacher_row)
+            .zip(out.iter_mut())
+            .enumerate()
+        {
+            let q = math::exp(te * inv_t - lse_t);
+            let p = math::exp(s * inv_t - lse_s);
+            let h = class_w(c) * (q + eps) / (p + eps);
+            let ce = math::exp(s - lse) - f32::from(u8::from(c as u32 == target));
+            *o = scale.conf * ce + soft_scale * p * (g_sum - h);
+        }
+    } else {
+        for (c, ((&s, &te), o)) in student_row
+            .iter()
+            .zip(teacher_row)
+            .zip(out.iter_mut())
+            .enumerate()
+        {
+            let q = math::exp(te * inv_t - lse_t);
+            let p = math::exp(s * inv_t - lse_s);
+            let ce = math::exp(s - lse) - f32::from(u8::from(c as u32 == target));
+            *o = scale.conf * ce + soft_scale * (p - q);
+        }
+    }
+}
+
+/// The gradient of one positive prior's `w_loc·smooth-L1 + w_l2·bounded L2`.
+#[must_use]
+pub fn loc_grad_row(
+    student_loc: [f32; 4],
+    teacher_loc: [f32; 4],
+    loc_target: [f32; 4],
+    scale: &GradScale,
+    config: &LossConfig,
+) -> [f32; 4] {
+    let bounded = loc_terms(student_loc, teacher_loc, loc_target, config.reg_m).bounded;
+    let l2 = if bounded { 2.0 * scale.l2 } else { 0.0 };
+    core::array::from_fn(|i| {
+        let d = student_loc[i] - loc_target[i];
+        scale.loc * smooth_l1_grad(d) + l2 * d
+    })
+}
+
+/// Writes both gradients of one image: rows outside the selection get a zero conf gradient,
+/// non-positive priors a zero loc gradient (SPEC §6).
+///
+/// # Panics
+/// If the slices do not agree on P and C.
+#[allow(clippy::too_many_arguments)] // one slice per tensor, as the shader binds them
+pub fn grad_image(
+    student_conf: &[f32],
+    teacher_conf: &[f32],
+    student_loc: &[[f32; 4]],
+    teacher_loc: &[[f32; 4]],
+    conf_target: &[u32],
+    loc_target: &[[f32; 4]],
+    neg_mask: &[u8],
+    scale: &GradScale,
+    config: &LossConfig,
+    grad_conf: &mut [f32],
+    grad_loc: &mut [[f32; 4]],
+) {
+    let num_classes = config.num_classes as usize;
+    assert_eq!(grad_conf.len(), student_conf.len());
+    let rows = student_conf
+        .chunks_exact(num_classes)
+        .zip(teacher_conf.chunks_exact(num_classes))
+        .zip(grad_conf.chunks_exact_mut(num_classes));
+    for (p, ((student_row, teacher_row), out)) in rows.enumerate() {
+        let target = conf_target[p];
+        if target > 0 || neg_mask[p] != 0 {
+            conf_grad_row(student_row, teacher_row, target, scale, config, out);
+        } else {
+            out.fill(0.0);
+        }
+        grad_loc[p] = if target > 0 {
+            loc_grad_row(student_loc[p], teacher_loc[p], loc_target[p], scale, config)
+        } else {
+            [0.0; 4]
+        };
+    }
+}

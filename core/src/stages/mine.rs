@@ -1,0 +1,63 @@
+//! Stage **mine** (SPEC §4): hard-negative mining by selection, expected O(P) per image.
+//! Twin of `shaders/mine.wgsl`.
+
+use crate::config::LossConfig;
+
+/// k, the number of ranks selected in an image with `num_pos` positives among
+/// `num_priors` priors: `min(negpos_ratio · num_pos, P − 1)`, or `negatives_for_hard` when
+/// that is 0 — never more than P.
+#[must_use]
+pub fn num_negatives(num_pos: u32, num_priors: u32, config: &LossConfig) -> u32 {
+    let k = config
+        .negpos_ratio
+        .saturating_mul(num_pos)
+        .min(num_priors.saturating_sub(1));
+    let k = if k == 0 { config.negatives_for_hard } else { k };
+    k.min(num_priors)
+}
+
+/// Maps an f32 to a u32 whose unsigned order is the float's total order.
+#[must_use]
+pub fn ordered_bits(x: f32) -> u32 {
+    let bits = x.to_bits();
+    if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+/// The ranking key of prior `index` with mining score `score`: a larger key ranks first;
+/// equal scores rank by lower prior index (SPEC §4). Keys of one image are all distinct.
+#[must_use]
+pub fn rank_key(score: f32, index: u32) -> u64 {
+    (u64::from(ordered_bits(score)) << 32) | u64::from(!index)
+}
+
+/// Marks in `neg_mask` (1 = selected) the `k` priors of highest `mining_score`, ranking
+/// over all priors with ties to the lower index, and returns how many were marked
+/// (`min(k, P)`). `keys` is caller scratch of P entries. Uses selection
+/// (`select_nth_unstable`), not a sort: expected O(P). The result is independent of the
+/// selection algorithm because the keys are distinct.
+///
+/// # Panics
+/// If the slices' lengths differ.
+pub fn mine(mining_score: &[f32], k: u32, keys: &mut [u64], neg_mask: &mut [u8]) -> u32 {
+    let num_priors = mining_score.len();
+    assert_eq!(keys.len(), num_priors);
+    assert_eq!(neg_mask.len(), num_priors);
+    let k = (k as usize).min(num_priors);
+    if k == 0 {
+        neg_mask.fill(0);
+        return 0;
+    }
+    for (p, (key, &score)) in keys.iter_mut().zip(mining_score).enumerate() {
+        *key = rank_key(score, p as u32);
+    }
+    let (_, kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    let kth = *kth;
+    for (p, (mask, &score)) in neg_mask.iter_mut().zip(mining_score).enumerate() {
+        *mask = u8::from(rank_key(score, p as u32) >= kth);
+    }
+    k as u32
+}

@@ -1,0 +1,75 @@
+//! The CPU backend: the core's per-image stages on every core (rayon), images summed in
+//! image order so that the result does not depend on the thread count.
+
+use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
+use crate::error::Result;
+use rayon::prelude::*;
+use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
+
+/// Evaluates the loss of `batch` (and what `request` asks for) on the CPU.
+///
+/// # Errors
+/// None yet beyond what [`Batch::new`] rejected; the signature leaves room for validation.
+pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Result<Evaluation> {
+    let shape = batch.shape;
+    let (p, c) = (shape.priors, shape.classes);
+    let (per_image, mut workspaces): (Vec<LossSums>, Vec<ImageWorkspace>) = (0..shape.batch)
+        .into_par_iter()
+        .map(|i| {
+            let mut workspace = ImageWorkspace::new(p, shape.objects);
+            let (mut scratch, mut targets) = workspace.split();
+            let sums = forward_image(&batch.image(i), config, &mut scratch, &mut targets);
+            (sums, workspace)
+        })
+        .unzip();
+    let mut sums = LossSums::default();
+    for image in &per_image {
+        sums.add(image);
+    }
+
+    let gradients = request.gradients.then(|| {
+        let scale = GradScale::new(config, sums.num_pos);
+        let mut grads = Gradients {
+            student_conf: vec![0.0; shape.batch * p * c],
+            student_loc: vec![0.0; shape.batch * p * 4],
+        };
+        grads
+            .student_conf
+            .par_chunks_mut(p * c)
+            .zip(grads.student_loc.par_chunks_mut(p * 4))
+            .zip(workspaces.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((grad_conf, grad_loc), workspace))| {
+                let (_, targets) = workspace.split();
+                backward_image(
+                    &batch.image(i),
+                    config,
+                    &targets,
+                    &scale,
+                    grad_conf,
+                    bytemuck::cast_slice_mut(grad_loc),
+                );
+            });
+        grads
+    });
+
+    let decisions = request.decisions.then(|| {
+        let mut decisions = Decisions::default();
+        for workspace in &mut workspaces {
+            let (_, targets) = workspace.split();
+            decisions.conf_target.extend_from_slice(targets.conf_target);
+            decisions
+                .loc_target
+                .extend_from_slice(bytemuck::cast_slice(targets.loc_target));
+            decisions.neg_mask.extend_from_slice(targets.neg_mask);
+        }
+        decisions
+    });
+
+    Ok(Evaluation {
+        terms: sums.finish(config),
+        sums,
+        gradients,
+        decisions,
+    })
+}

@@ -1,0 +1,12 @@
+//! `ssdkd`: the SSD knowledge-distillation loss (SPEC.md) and its gradient on the CPU
+//! (the `ssdkd-core` reference on every core) and on any GPU wgpu drives.
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod cpu;
+pub mod error;
+pub mod file;
+
+pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, Request};
+pub use error::{Error, Result};
+pub use ssdkd_core::{LossConfig, LossSums, LossTerms, LossWeights, PriorPreset};
