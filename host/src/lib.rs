@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cpu;
 pub mod error;
 pub mod file;
+pub mod gpu;
 
 pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, Request};
 pub use error::{Error, Result};
