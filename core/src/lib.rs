@@ -23,6 +23,7 @@ pub mod math;
 pub mod pipeline;
 pub mod prior;
 pub mod stages;
+pub mod validate;
 
 pub use config::{LossConfig, LossWeights};
 #[cfg(feature = "alloc")]

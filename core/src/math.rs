@@ -18,6 +18,11 @@ mod imp {
     pub fn sqrt_f64(x: f64) -> f64 {
         x.sqrt()
     }
+    /// Integer part, rounding toward zero.
+    #[inline(always)]
+    pub fn trunc(x: f32) -> f32 {
+        x.trunc()
+    }
 }
 
 #[cfg(not(feature = "std"))]
@@ -37,6 +42,11 @@ mod imp {
     pub fn sqrt_f64(x: f64) -> f64 {
         libm::sqrt(x)
     }
+    /// Integer part, rounding toward zero.
+    #[inline(always)]
+    pub fn trunc(x: f32) -> f32 {
+        libm::truncf(x)
+    }
 }
 
-pub use imp::{exp, ln, sqrt_f64};
+pub use imp::{exp, ln, sqrt_f64, trunc};

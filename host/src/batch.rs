@@ -2,10 +2,12 @@
 //! (on request) gradients and per-prior decisions out.
 
 use crate::error::{Error, Result};
-use ssdkd_core::{ImageInputs, LossSums, LossTerms};
+use rayon::prelude::*;
+use ssdkd_core::validate::{validate_config, validate_image, validate_priors, InputError};
+use ssdkd_core::{ImageInputs, LossConfig, LossSums, LossTerms};
 
 /// The dimensions of a batch (SPEC §1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BatchShape {
     /// B, images.
     pub batch: usize,
@@ -114,6 +116,44 @@ impl<'a> Batch<'a> {
         })
     }
 
+    /// Checks the batch against `config` before any arithmetic: always that the config can
+    /// work and that C equals `num_classes`; with `scan_values`, every value too (finite,
+    /// sound boxes and labels, positive prior sizes), images in parallel.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the key, or [`Error::Value`] naming the tensor, image and index.
+    pub fn check(&self, config: &LossConfig, scan_values: bool) -> Result<()> {
+        validate_config(config).map_err(|e| Error::Config {
+            key: e.key.into(),
+            problem: e.to_string(),
+        })?;
+        if config.num_classes as usize != self.shape.classes {
+            return Err(Error::Config {
+                key: "num_classes".into(),
+                problem: format!(
+                    "{}, but student_conf has C = {} classes",
+                    config.num_classes, self.shape.classes
+                ),
+            });
+        }
+        if !scan_values {
+            return Ok(());
+        }
+        let value_error = |e: InputError| Error::Value {
+            tensor: e.tensor().name(),
+            problem: e.to_string(),
+        };
+        validate_priors(bytemuck::cast_slice(self.priors)).map_err(value_error)?;
+        let first_bad = (0..self.shape.batch)
+            .into_par_iter()
+            .map(|i| validate_image(&self.image(i), config.num_classes, i))
+            .find_first(Result::is_err);
+        match first_bad {
+            Some(Err(e)) => Err(value_error(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Image `i`'s slices, as the core's per-image stages take them.
     #[must_use]
     pub fn image(&self, i: usize) -> ImageInputs<'a> {
@@ -134,13 +174,43 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// What to compute beyond the losses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What to compute beyond the losses, and whether to scan the inputs first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     /// Both gradients of SPEC §6.
     pub gradients: bool,
     /// The per-prior decisions: labels, offsets, negative mask.
     pub decisions: bool,
+    /// Scan every input value before any arithmetic (default `true`). A trusted training
+    /// loop may skip the scan; shapes and the config are checked regardless.
+    pub validate: bool,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            gradients: false,
+            decisions: false,
+            validate: true,
+        }
+    }
+}
+
+impl Request {
+    /// Losses only, validated.
+    #[must_use]
+    pub fn losses() -> Self {
+        Self::default()
+    }
+
+    /// Losses and gradients, validated.
+    #[must_use]
+    pub fn with_gradients() -> Self {
+        Self {
+            gradients: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// ∂total/∂student outputs (SPEC §6), flat row-major like the inputs.
@@ -174,4 +244,41 @@ pub struct Evaluation {
     pub gradients: Option<Gradients>,
     /// Present when requested.
     pub decisions: Option<Decisions>,
+}
+
+/// Owned batch tensors (read from a file or generated), flat row-major f32.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OwnedBatch {
+    /// The dimensions.
+    pub shape: BatchShape,
+    /// `[B, P, 4]`.
+    pub student_loc: Vec<f32>,
+    /// `[B, P, C]`.
+    pub student_conf: Vec<f32>,
+    /// `[B, P, 4]`.
+    pub teacher_loc: Vec<f32>,
+    /// `[B, P, C]`.
+    pub teacher_conf: Vec<f32>,
+    /// `[B, M, 5]`.
+    pub targets: Vec<f32>,
+    /// `[P, 4]`.
+    pub priors: Vec<f32>,
+}
+
+impl OwnedBatch {
+    /// Borrows the tensors as a [`Batch`].
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if the tensors were changed so that they disagree with `shape`.
+    pub fn batch(&self) -> Result<Batch<'_>> {
+        Batch::new(
+            self.shape,
+            &self.student_loc,
+            &self.student_conf,
+            &self.teacher_loc,
+            &self.teacher_conf,
+            &self.targets,
+            &self.priors,
+        )
+    }
 }

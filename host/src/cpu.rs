@@ -9,8 +9,9 @@ use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossC
 /// Evaluates the loss of `batch` (and what `request` asks for) on the CPU.
 ///
 /// # Errors
-/// None yet beyond what [`Batch::new`] rejected; the signature leaves room for validation.
+/// What [`Batch::check`] finds (the value scan only when `request.validate`).
 pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Result<Evaluation> {
+    batch.check(config, request.validate)?;
     let shape = batch.shape;
     let (p, c) = (shape.priors, shape.classes);
     let (per_image, mut workspaces): (Vec<LossSums>, Vec<ImageWorkspace>) = (0..shape.batch)

@@ -54,13 +54,13 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code of SPEC §9: 3 for a missing adapter, 1 for a GPU or I/O
-    /// failure, 2 for bad input.
+    /// The process exit code of SPEC §9: 3 for a missing adapter, 1 for a GPU
+    /// failure, 2 for bad input or usage (an unwritable output included).
     #[must_use]
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::NoAdapter(_) => 3,
-            Error::Gpu(_) | Error::Io { .. } => 1,
+            Error::Gpu(_) => 1,
             _ => 2,
         }
     }

@@ -1,7 +1,7 @@
 //! Batch files (SPEC §8): safetensors with the tensors of §1, `config` and `prior_preset`
 //! in the metadata; and the gradient files `eval --grad-out` writes.
 
-use crate::batch::{Batch, BatchShape};
+use crate::batch::{Batch, BatchShape, OwnedBatch};
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use ssdkd_core::{LossConfig, PriorPreset};
@@ -194,20 +194,8 @@ pub fn parse_preset(name: &str) -> Result<PriorPreset> {
 pub struct BatchFile {
     /// The file it came from.
     pub path: PathBuf,
-    /// The dimensions.
-    pub shape: BatchShape,
-    /// `[B, P, 4]`.
-    pub student_loc: Vec<f32>,
-    /// `[B, P, C]`.
-    pub student_conf: Vec<f32>,
-    /// `[B, P, 4]`.
-    pub teacher_loc: Vec<f32>,
-    /// `[B, P, C]`.
-    pub teacher_conf: Vec<f32>,
-    /// `[B, M, 5]`.
-    pub targets: Vec<f32>,
-    /// `[P, 4]`, from the file or generated from the preset.
-    pub priors: Vec<f32>,
+    /// The tensors; priors from the file or generated from the preset.
+    pub tensors: OwnedBatch,
     /// The resolved configuration (flags over metadata over defaults).
     pub config: LossConfig,
 }
@@ -346,8 +334,7 @@ impl BatchFile {
         let mut config = resolved.apply(LossConfig::DEFAULT);
         config.num_classes = c as u32;
 
-        Ok(Self {
-            path: path.to_owned(),
+        let tensors = OwnedBatch {
             shape,
             student_loc,
             student_conf,
@@ -355,6 +342,10 @@ impl BatchFile {
             teacher_conf,
             targets,
             priors,
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            tensors,
             config,
         })
     }
@@ -364,15 +355,7 @@ impl BatchFile {
     /// # Errors
     /// Only if the tensors were changed after reading so that they disagree.
     pub fn batch(&self) -> Result<Batch<'_>> {
-        Batch::new(
-            self.shape,
-            &self.student_loc,
-            &self.student_conf,
-            &self.teacher_loc,
-            &self.teacher_conf,
-            &self.targets,
-            &self.priors,
-        )
+        self.tensors.batch()
     }
 }
 
@@ -381,7 +364,11 @@ impl BatchFile {
 ///
 /// # Errors
 /// [`Error::Io`] when the folder is not writable.
-pub fn write_f32_tensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
+pub fn write_f32_tensors(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, &[f32])],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let io = |source: std::io::Error| Error::Io {
         path: path.to_owned(),
         source,
@@ -398,7 +385,7 @@ pub fn write_f32_tensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) ->
             Ok((name.to_string(), view))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None::<HashMap<String, String>>)
+    let bytes = safetensors::serialize(views, metadata)
         .map_err(|e| io(std::io::Error::other(e.to_string())))?;
     let folder = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,

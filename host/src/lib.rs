@@ -2,12 +2,15 @@
 //! (the `ssdkd-core` reference on every core) and on any GPU wgpu drives.
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod batch;
 pub mod cpu;
+pub mod demo;
 pub mod error;
 pub mod file;
 pub mod gpu;
 
-pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, Request};
+pub use backend::Backend;
+pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request};
 pub use error::{Error, Result};
 pub use ssdkd_core::{LossConfig, LossSums, LossTerms, LossWeights, PriorPreset};

@@ -220,3 +220,28 @@ pub fn check_golden(case: &GoldenCase, eval: &ssdkd::Evaluation) {
         );
     }
 }
+
+/// Rounds to `digits` significant digits, as snapshot text.
+#[must_use]
+pub fn significant(value: f64, digits: usize) -> String {
+    format!("{value:.*e}", digits - 1)
+}
+
+/// The snapshot text of an evaluation: the four terms and the total to 6 significant digits,
+/// and the counts — the same text on every backend.
+#[must_use]
+pub fn snapshot_text(eval: &ssdkd::Evaluation) -> String {
+    let t = eval.terms;
+    let s = eval.sums;
+    format!(
+        "soft_loss {}\nl2_loss {}\nloss_c {}\nloss_l {}\ntotal {}\nnum_pos {}\nnum_neg {}\nnum_bounded {}\n",
+        significant(t.soft_loss, 6),
+        significant(t.l2_loss, 6),
+        significant(t.loss_c, 6),
+        significant(t.loss_l, 6),
+        significant(t.total, 6),
+        s.num_pos,
+        s.num_neg,
+        s.num_bounded
+    )
+}

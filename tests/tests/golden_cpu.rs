@@ -14,6 +14,7 @@ fn golden_files_match_on_cpu() {
             Request {
                 gradients: true,
                 decisions: true,
+                ..Request::default()
             },
         )
         .unwrap();

@@ -30,7 +30,12 @@ impl GpuBackend {
     ///
     /// # Errors
     /// GPU failures.
-    pub fn evaluate(&mut self, _batch: &Batch<'_>, _config: &LossConfig, _request: Request) -> Result<Evaluation> {
+    pub fn evaluate(
+        &mut self,
+        _batch: &Batch<'_>,
+        _config: &LossConfig,
+        _request: Request,
+    ) -> Result<Evaluation> {
         Err(Error::Gpu("not built yet".into()))
     }
 }

@@ -1,0 +1,66 @@
+//! Backend selection: the CPU reference or the GPU, behind one `evaluate`.
+
+use crate::batch::{Batch, Evaluation, Request};
+use crate::error::Result;
+use crate::gpu::GpuBackend;
+use ssdkd_core::LossConfig;
+
+/// A backend that evaluates batches.
+pub enum Backend {
+    /// The core's stages on every CPU core.
+    Cpu,
+    /// The WGSL kernels on a GPU adapter.
+    Gpu(Box<GpuBackend>),
+}
+
+impl Backend {
+    /// The GPU backend.
+    ///
+    /// # Errors
+    /// [`crate::Error::NoAdapter`] when no adapter is found.
+    pub fn gpu() -> Result<Self> {
+        Ok(Backend::Gpu(Box::new(GpuBackend::new()?)))
+    }
+
+    /// A GPU when one is found, else the CPU; `on_fallback` hears why the GPU was not used.
+    pub fn auto(on_fallback: impl FnOnce(&crate::Error)) -> Self {
+        Self::gpu().unwrap_or_else(|e| {
+            on_fallback(&e);
+            Backend::Cpu
+        })
+    }
+
+    /// `"cpu"` or `"gpu"`.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Gpu(_) => "gpu",
+        }
+    }
+
+    /// The device that runs it: the GPU adapter's name, or the CPU thread count.
+    #[must_use]
+    pub fn adapter(&self) -> String {
+        match self {
+            Backend::Cpu => format!("CPU ({} threads)", rayon::current_num_threads()),
+            Backend::Gpu(gpu) => gpu.adapter_name(),
+        }
+    }
+
+    /// Evaluates `batch`.
+    ///
+    /// # Errors
+    /// Bad input (see [`Batch::check`]) or a GPU failure.
+    pub fn evaluate(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: Request,
+    ) -> Result<Evaluation> {
+        match self {
+            Backend::Cpu => crate::cpu::evaluate(batch, config, request),
+            Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
+        }
+    }
+}

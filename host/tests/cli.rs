@@ -1,0 +1,191 @@
+//! The `ssdkd` binary end to end: `eval` on every golden file (JSON and `--grad-out` to
+//! SPEC §7), `demo`, `priors`, and exit codes.
+
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ssdkd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ssdkd"))
+        .args(args)
+        .output()
+        .expect("ssdkd runs")
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+fn golden_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5);
+    files
+}
+
+fn numbers<const W: usize, T>(st: &SafeTensors<'_>, name: &str, from: fn([u8; W]) -> T) -> Vec<T> {
+    let view = st.tensor(name).unwrap_or_else(|_| panic!("tensor {name}"));
+    view.data()
+        .chunks_exact(W)
+        .map(|b| from(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn eval_golden_files_json_and_grad_out() {
+    let out_dir = tempfile::tempdir().unwrap();
+    for path in golden_files() {
+        let grad_path = out_dir.path().join("grads.safetensors");
+        let output = ssdkd(&[
+            "eval",
+            path.to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--json",
+            "--grad-out",
+            grad_path.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{}: {stderr}", path.display());
+        let json: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("one JSON object");
+        for key in [
+            "backend",
+            "adapter",
+            "num_pos",
+            "num_neg",
+            "num_bounded",
+            "elapsed_ms",
+        ] {
+            assert!(json.get(key).is_some(), "missing key {key}");
+        }
+        assert_eq!(json["backend"], "cpu");
+
+        let golden_bytes = std::fs::read(&path).unwrap();
+        let golden = SafeTensors::deserialize(&golden_bytes).unwrap();
+        let losses = numbers(&golden, "expected_losses", f64::from_le_bytes);
+        for (key, expected) in ["soft_loss", "l2_loss", "loss_c", "loss_l", "total"]
+            .iter()
+            .zip(&losses)
+        {
+            let got = json[key].as_f64().unwrap();
+            let diff = (got - expected).abs();
+            let tol = if expected.abs() < 1e-2 {
+                1e-6
+            } else {
+                1e-4 * expected.abs()
+            };
+            assert!(diff <= tol, "{} {key}: {got} vs {expected}", path.display());
+        }
+        let counts = numbers(&golden, "expected_counts", i64::from_le_bytes);
+        assert_eq!(
+            [
+                json["num_pos"].as_i64(),
+                json["num_neg"].as_i64(),
+                json["num_bounded"].as_i64()
+            ],
+            [Some(counts[0]), Some(counts[1]), Some(counts[2])]
+        );
+
+        let grad_bytes = std::fs::read(&grad_path).unwrap();
+        let grads = SafeTensors::deserialize(&grad_bytes).unwrap();
+        for name in ["grad_student_conf", "grad_student_loc"] {
+            let view = grads.tensor(name).unwrap();
+            assert_eq!(
+                view.shape(),
+                golden.tensor(&format!("expected_{name}")).unwrap().shape(),
+                "{name} shape"
+            );
+            let ours = numbers(&grads, name, f32::from_le_bytes);
+            let expected = numbers(&golden, &format!("expected_{name}"), f32::from_le_bytes);
+            for (i, (a, e)) in ours.iter().zip(&expected).enumerate() {
+                assert!(
+                    (a - e).abs() <= 1e-3 * e.abs() + 1e-7,
+                    "{} {name}[{i}]: {a} vs {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn demo_prints_the_four_terms() {
+    let output = ssdkd(&["demo", "--backend", "cpu", "--batch", "2"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for term in ["soft_loss", "l2_loss", "loss_c", "loss_l", "total"] {
+        assert!(stdout.contains(term), "{term} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn priors_out_writes_the_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    let output = ssdkd(&[
+        "priors",
+        "--preset",
+        "mobilenet300",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("priors").unwrap().shape(), &[3000, 4]);
+}
+
+#[test]
+fn usage_errors_exit_2_naming_the_flag() {
+    let golden = golden_files()[0].clone();
+    let output = ssdkd(&["eval", golden.to_str().unwrap(), "--preset", "ssd301"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--preset"));
+
+    let output = ssdkd(&["eval", "/nonexistent/batch.safetensors", "--backend", "cpu"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/batch.safetensors"));
+}
+
+#[test]
+fn bench_smoke() {
+    let output = ssdkd(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--batch",
+        "2",
+        "--iters",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for key in [
+        "backend",
+        "adapter",
+        "batch",
+        "priors",
+        "classes",
+        "forward_ms",
+        "forward_backward_ms",
+        "iters",
+    ] {
+        assert!(line.get(key).is_some(), "missing key {key}");
+    }
+    assert_eq!(line["batch"], 2);
+    assert_eq!(line["priors"], 8732);
+}

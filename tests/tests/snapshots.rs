@@ -1,0 +1,29 @@
+//! `insta` snapshots of the four terms and the total (6 significant digits) for every golden
+//! file and the demo batch. Every backend asserts the same snapshot names, so the GPU must
+//! reproduce the CPU's text.
+
+use ssdkd::demo::{synthetic_batch, SyntheticSpec};
+use ssdkd::{LossConfig, Request};
+use ssdkd_tests::{golden_files, load_golden, snapshot_text};
+
+#[test]
+fn cpu_snapshots() {
+    for path in golden_files() {
+        let case = load_golden(&path);
+        let eval = ssdkd::cpu::evaluate(
+            &case.file.batch().unwrap(),
+            &case.file.config,
+            Request::losses(),
+        )
+        .unwrap();
+        insta::assert_snapshot!(format!("golden_{}", case.name), snapshot_text(&eval));
+    }
+    let demo = synthetic_batch(&SyntheticSpec::demo(8));
+    let eval = ssdkd::cpu::evaluate(
+        &demo.batch().unwrap(),
+        &LossConfig::DEFAULT,
+        Request::losses(),
+    )
+    .unwrap();
+    insta::assert_snapshot!("demo_b8", snapshot_text(&eval));
+}
