@@ -124,9 +124,16 @@ impl ConfigOverrides {
                     .map(|v| v as f32)
                     .ok_or_else(|| bad(key, format!("expected a number, found {value}")))
             };
+            // Integers may arrive as `3` or `3.0` (Python's json writes either).
             let count = || {
                 value
                     .as_u64()
+                    .or_else(|| {
+                        value
+                            .as_f64()
+                            .filter(|v| v.fract() == 0.0 && *v >= 0.0)
+                            .map(|v| v as u64)
+                    })
                     .and_then(|v| u32::try_from(v).ok())
                     .ok_or_else(|| {
                         bad(
