@@ -58,11 +58,26 @@ impl<'a> Batch<'a> {
             classes: c,
             objects: m,
         } = shape;
-        for (name, value) in [("B", b), ("P", p), ("C", c), ("M", m)] {
+        let dims = [
+            ("student_loc", "B", b),
+            ("student_loc", "P", p),
+            ("student_conf", "C", c),
+            ("targets", "M", m),
+        ];
+        for (tensor, name, value) in dims {
             if value == 0 {
-                return Err(Error::shape("batch", format!("dimension {name} is 0")));
+                return Err(Error::shape(tensor, format!("dimension {name} is 0")));
             }
         }
+        let too_large = || {
+            Error::shape(
+                "student_conf",
+                format!("shape [{b}, {p}, {c}] is too large"),
+            )
+        };
+        b.checked_mul(p.max(m))
+            .and_then(|n| n.checked_mul(c.max(5)))
+            .ok_or_else(too_large)?;
         if c < 2 {
             return Err(Error::shape(
                 "student_conf",
@@ -125,7 +140,7 @@ impl<'a> Batch<'a> {
     pub fn check(&self, config: &LossConfig, scan_values: bool) -> Result<()> {
         validate_config(config).map_err(|e| Error::Config {
             key: e.key.into(),
-            problem: e.to_string(),
+            problem: format!("{e} (flag --{})", crate::file::flag_for_key(e.key)),
         })?;
         if config.num_classes as usize != self.shape.classes {
             return Err(Error::Config {

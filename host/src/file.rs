@@ -23,6 +23,15 @@ pub const CONFIG_KEYS: [&str; 11] = [
     "weights",
 ];
 
+/// The command-line flag (without `--`) that sets a `config` key.
+#[must_use]
+pub fn flag_for_key(key: &str) -> String {
+    match key {
+        "overlap_threshold" => "threshold".into(),
+        other => other.replace('_', "-"),
+    }
+}
+
 /// Config values given explicitly (file metadata or flags); `None` keeps what is below.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigOverrides {
@@ -214,14 +223,25 @@ impl BatchFile {
     /// [`Error::File`] for an unreadable or malformed file, [`Error::Shape`] naming a
     /// missing or mis-shaped tensor, [`Error::Config`] for bad metadata.
     pub fn read(path: &Path, flags: &ConfigOverrides) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::File {
+            path: path.to_owned(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::from_bytes(&bytes, path, flags)
+    }
+
+    /// Parses a batch file's bytes; `path` only names the file in errors.
+    ///
+    /// # Errors
+    /// As [`BatchFile::read`].
+    pub fn from_bytes(bytes: &[u8], path: &Path, flags: &ConfigOverrides) -> Result<Self> {
         let file_error = |problem: String| Error::File {
             path: path.to_owned(),
             problem,
         };
-        let bytes = std::fs::read(path).map_err(|e| file_error(format!("cannot read: {e}")))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
+        let (_, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| file_error(format!("not a valid safetensors file: {e}")))?;
-        let tensors = SafeTensors::deserialize(&bytes)
+        let tensors = SafeTensors::deserialize(bytes)
             .map_err(|e| file_error(format!("not a valid safetensors file: {e}")))?;
 
         let metadata = header.metadata().clone().unwrap_or_default();
@@ -402,4 +422,50 @@ pub fn write_f32_tensors(
     std::io::Write::write_all(&mut temp, &bytes).map_err(io)?;
     temp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
+}
+
+/// The `config` metadata JSON of SPEC §8 for `config`, every key written.
+#[must_use]
+pub fn config_json(config: &LossConfig) -> String {
+    let w = config.weights;
+    serde_json::json!({
+        "num_classes": config.num_classes,
+        "overlap_threshold": config.overlap_threshold,
+        "negpos_ratio": config.negpos_ratio,
+        "negatives_for_hard": config.negatives_for_hard,
+        "variance": config.variance,
+        "temperature": config.temperature,
+        "pos_w": config.pos_w,
+        "neg_w": config.neg_w,
+        "reg_m": config.reg_m,
+        "eps": config.eps,
+        "weights": [w.soft, w.conf, w.l2, w.loc],
+    })
+    .to_string()
+}
+
+/// Writes `tensors` as a batch file (SPEC §8) with `config` in the metadata, atomically.
+///
+/// # Errors
+/// [`Error::Io`] when the folder is not writable.
+pub fn write_batch_file(path: &Path, tensors: &OwnedBatch, config: &LossConfig) -> Result<()> {
+    let BatchShape {
+        batch: b,
+        priors: p,
+        classes: c,
+        objects: m,
+    } = tensors.shape;
+    let metadata = [("config".to_owned(), config_json(config))].into();
+    write_f32_tensors(
+        path,
+        &[
+            ("student_loc", vec![b, p, 4], &tensors.student_loc),
+            ("student_conf", vec![b, p, c], &tensors.student_conf),
+            ("teacher_loc", vec![b, p, 4], &tensors.teacher_loc),
+            ("teacher_conf", vec![b, p, c], &tensors.teacher_conf),
+            ("targets", vec![b, m, 5], &tensors.targets),
+            ("priors", vec![p, 4], &tensors.priors),
+        ],
+        Some(metadata),
+    )
 }

@@ -180,7 +180,26 @@ fn floats<const N: usize>(text: &str) -> std::result::Result<[f32; N], String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // A usage error: one line on stderr (clap's first), exit code 2.
+            let text = e.render().to_string();
+            eprintln!(
+                "ssdkd: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or("invalid usage")
+                    .trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     let outcome = match cli.command {
         Command::Demo(args) => demo(&args),
         Command::Eval(args) => eval(&args),
