@@ -7,7 +7,7 @@ use crate::config::LossConfig;
 use crate::stages::grad::{grad_image, GradScale};
 use crate::stages::mine::{mine, num_negatives};
 use crate::stages::prior_terms::prior_terms_image;
-use crate::stages::r#match::{match_image, ObjectScratch};
+use crate::stages::r#match::{match_image, ObjectScratch, Offsets};
 use crate::stages::reduce::{reduce_image, LossSums};
 
 /// One image's input tensors (SPEC §1), rows as arrays.
@@ -52,13 +52,15 @@ pub struct ImageScratch<'a> {
 }
 
 /// Runs one image forward and returns its un-normalised sums and counts; `targets` receives
-/// the labels, offsets and negative mask.
+/// the labels, offsets (of every prior or of the positives only, per `offsets`) and the
+/// negative mask.
 ///
 /// # Panics
 /// If the slices disagree on P, C or M.
 pub fn forward_image(
     inputs: &ImageInputs<'_>,
     config: &LossConfig,
+    offsets: Offsets,
     scratch: &mut ImageScratch<'_>,
     targets: &mut ImageTargets<'_>,
 ) -> LossSums {
@@ -67,6 +69,7 @@ pub fn forward_image(
         inputs.priors,
         config.overlap_threshold,
         config.variance,
+        offsets,
         scratch.objects,
         targets.conf_target,
         targets.loc_target,

@@ -4,6 +4,7 @@
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::error::Result;
 use rayon::prelude::*;
+use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
 
 /// Evaluates the loss of `batch` (and what `request` asks for) on the CPU.
@@ -19,7 +20,12 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
         .map(|i| {
             let mut workspace = ImageWorkspace::new(p, shape.objects);
             let (mut scratch, mut targets) = workspace.split();
-            let sums = forward_image(&batch.image(i), config, &mut scratch, &mut targets);
+            let offsets = if request.decisions {
+                Offsets::All
+            } else {
+                Offsets::Positives
+            };
+            let sums = forward_image(&batch.image(i), config, offsets, &mut scratch, &mut targets);
             (sums, workspace)
         })
         .unzip();

@@ -3,7 +3,7 @@
 //! than the student's.
 
 use crate::batch::{BatchShape, OwnedBatch};
-use ssdkd_core::stages::r#match::{match_image, ObjectScratch};
+use ssdkd_core::stages::r#match::{match_image, ObjectScratch, Offsets};
 use ssdkd_core::{LossConfig, PriorPreset};
 
 /// What to generate.
@@ -132,6 +132,7 @@ pub fn synthetic_batch(spec: &SyntheticSpec) -> OwnedBatch {
             &priors_rows,
             config.overlap_threshold,
             config.variance,
+            Offsets::All,
             &mut objects,
             &mut conf_target,
             &mut loc_target,

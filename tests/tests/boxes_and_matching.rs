@@ -2,7 +2,7 @@
 
 use ssdkd::{Batch, BatchShape, LossConfig, Request};
 use ssdkd_core::boxes::{decode, encode, CenterBox, CornerBox, Overlap};
-use ssdkd_core::stages::r#match::{match_image, ObjectScratch};
+use ssdkd_core::stages::r#match::{match_image, ObjectScratch, Offsets};
 use ssdkd_core::PriorPreset;
 use ssdkd_tests::{golden_files, load_golden};
 
@@ -63,6 +63,7 @@ fn image_without_objects_is_all_background() {
         &priors,
         0.5,
         [0.1, 0.2],
+        Offsets::All,
         &mut objects,
         &mut conf_target,
         &mut loc_target,
@@ -85,6 +86,7 @@ fn every_object_gets_its_best_prior() {
         &priors,
         0.5,
         [0.1, 0.2],
+        Offsets::All,
         &mut objects,
         &mut conf_target,
         &mut loc_target,
@@ -138,4 +140,31 @@ fn padding_rows_anywhere() {
     let plain = ssdkd::cpu::evaluate(&case.file.batch().unwrap(), &config, request).unwrap();
     assert_eq!(with_padding, plain);
     ssdkd_tests::check_golden(&case, &with_padding);
+}
+
+/// Encoding only the positives (the loss's fast path) changes no loss, count or gradient.
+#[test]
+fn positives_only_offsets_change_nothing() {
+    for path in golden_files() {
+        let case = load_golden(&path);
+        let batch = case.file.batch().unwrap();
+        let config = &case.file.config;
+        let all = ssdkd::cpu::evaluate(
+            &batch,
+            config,
+            Request {
+                gradients: true,
+                decisions: true,
+                ..Request::default()
+            },
+        )
+        .unwrap();
+        let fast = ssdkd::cpu::evaluate(&batch, config, Request::with_gradients()).unwrap();
+        assert_eq!(
+            (all.terms, all.sums, &all.gradients),
+            (fast.terms, fast.sums, &fast.gradients),
+            "{}",
+            case.name
+        );
+    }
 }

@@ -11,10 +11,27 @@ use ssdkd_core::stages::prior_terms::soft_term;
 /// 4×4 and 2×2 maps with one extra ratio: 80 small and large priors.
 fn priors() -> Vec<[f32; 4]> {
     let maps = [
-        FeatureMap { size: 4, step: None, min_size: 60.0, max_size: 110.0, aspect_ratios: &[2.0] },
-        FeatureMap { size: 2, step: None, min_size: 130.0, max_size: 220.0, aspect_ratios: &[2.0] },
+        FeatureMap {
+            size: 4,
+            step: None,
+            min_size: 60.0,
+            max_size: 110.0,
+            aspect_ratios: &[2.0],
+        },
+        FeatureMap {
+            size: 2,
+            step: None,
+            min_size: 130.0,
+            max_size: 220.0,
+            aspect_ratios: &[2.0],
+        },
     ];
-    PriorConfig { image_size: 300.0, feature_maps: &maps, clip: true }.priors()
+    PriorConfig {
+        image_size: 300.0,
+        feature_maps: &maps,
+        clip: true,
+    }
+    .priors()
 }
 
 /// Owned tensors of one generated batch.
@@ -31,7 +48,16 @@ struct Tensors {
 
 impl Tensors {
     fn batch(&self) -> Batch<'_> {
-        Batch::new(self.shape, &self.student_loc, &self.student_conf, &self.teacher_loc, &self.teacher_conf, &self.targets, &self.priors).unwrap()
+        Batch::new(
+            self.shape,
+            &self.student_loc,
+            &self.student_conf,
+            &self.teacher_loc,
+            &self.teacher_conf,
+            &self.targets,
+            &self.priors,
+        )
+        .unwrap()
     }
 
     fn evaluate(&self, config: &LossConfig, request: Request) -> Evaluation {
@@ -85,7 +111,13 @@ prop_compose! {
 fn config_for(t: &Tensors, temperature: f32, weighted: bool) -> LossConfig {
     // The class-weighted form is a divergence (>= 0) only with equal class weights.
     let (pos_w, neg_w) = if weighted { (1.5, 1.5) } else { (1.0, 1.0) };
-    LossConfig { num_classes: t.shape.classes as u32, temperature, pos_w, neg_w, ..LossConfig::DEFAULT }
+    LossConfig {
+        num_classes: t.shape.classes as u32,
+        temperature,
+        pos_w,
+        neg_w,
+        ..LossConfig::DEFAULT
+    }
 }
 
 fn terms(e: &Evaluation) -> [f64; 5] {

@@ -33,11 +33,22 @@ impl Default for ObjectScratch {
     }
 }
 
+/// Which priors get encoded offsets in `loc_target`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offsets {
+    /// Every prior, against its best object (SPEC §3 step 5): what the decisions report.
+    All,
+    /// Only the positives, the others left at 0: all the loss and its gradient read, and it
+    /// saves two logarithms per negative prior.
+    Positives,
+}
+
 /// Flag kept in `conf_target` between the passes: the prior is positive.
 const POSITIVE: u32 = 1 << 31;
 
 /// Matches the priors of one image to its objects and writes, for every prior, the label
-/// `conf_target` (0 = background) and the encoded offsets `loc_target`. Returns the number of
+/// `conf_target` (0 = background) and the encoded offsets `loc_target` (of every prior, or
+/// of the positives only: see [`Offsets`]). Returns the number of
 /// positive priors.
 ///
 /// `targets` rows are `xmin, ymin, xmax, ymax, label`; rows with a negative label are padding
@@ -51,6 +62,7 @@ pub fn match_image(
     priors: &[[f32; 4]],
     threshold: f32,
     variance: [f32; 2],
+    offsets: Offsets,
     objects: &mut [ObjectScratch],
     conf_target: &mut [u32],
     loc_target: &mut [[f32; 4]],
@@ -117,14 +129,19 @@ pub fn match_image(
 
     // Steps 4 and 5: labels and offsets.
     let mut num_pos = 0;
-    for ((target, offsets), prior) in conf_target
+    for ((target, loc), prior) in conf_target
         .iter_mut()
         .zip(loc_target.iter_mut())
         .zip(priors)
     {
         let object = &objects[(*target & !POSITIVE) as usize];
-        *offsets = encode(object.truth, CenterBox::from_row(*prior), variance);
-        *target = if *target & POSITIVE != 0 {
+        let positive = *target & POSITIVE != 0;
+        *loc = if positive || offsets == Offsets::All {
+            encode(object.truth, CenterBox::from_row(*prior), variance)
+        } else {
+            [0.0; 4]
+        };
+        *target = if positive {
             num_pos += 1;
             object.label + 1
         } else {
