@@ -86,9 +86,9 @@ prop_compose! {
         let p = priors.len();
         let mut targets = Vec::new();
         for (count, u, labels) in &objects {
-            for slot in 0..4 {
+            for (slot, label) in labels.iter().enumerate().take(4) {
                 if slot < *count {
-                    targets.extend(object_in(slot, *u, labels[slot] % (c as u32 - 1)));
+                    targets.extend(object_in(slot, *u, label % (c as u32 - 1)));
                 } else {
                     targets.extend([0.0, 0.0, 0.0, 0.0, -1.0]);
                 }

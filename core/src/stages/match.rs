@@ -57,6 +57,7 @@ const POSITIVE: u32 = 1 << 31;
 ///
 /// # Panics
 /// If `objects` is shorter than `targets`, or the output slices are not `priors.len()` long.
+#[allow(clippy::too_many_arguments)] // one slice per tensor, as the shader binds them
 pub fn match_image(
     targets: &[[f32; 5]],
     priors: &[[f32; 4]],
@@ -115,8 +116,7 @@ pub fn match_image(
 
     // Steps 2 and 3: the best prior of each object (lowest tied index), forced onto that
     // object in object order so that a later object wins a prior two objects both want.
-    for m in 0..n {
-        let object = objects[m];
+    for (m, object) in objects.iter().enumerate() {
         let best_prior = priors
             .iter()
             .position(|prior| {
