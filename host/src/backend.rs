@@ -2,6 +2,7 @@
 
 use crate::batch::{Batch, Evaluation, Request};
 use crate::error::Result;
+#[cfg(feature = "gpu")]
 use crate::gpu::GpuBackend;
 use ssdkd_core::LossConfig;
 
@@ -10,6 +11,7 @@ pub enum Backend {
     /// The core's stages on every CPU core.
     Cpu,
     /// The WGSL kernels on a GPU adapter.
+    #[cfg(feature = "gpu")]
     Gpu(Box<GpuBackend>),
 }
 
@@ -19,7 +21,12 @@ impl Backend {
     /// # Errors
     /// [`crate::Error::NoAdapter`] when no adapter is found.
     pub fn gpu() -> Result<Self> {
-        Ok(Backend::Gpu(Box::new(GpuBackend::new()?)))
+        #[cfg(feature = "gpu")]
+        return Ok(Backend::Gpu(Box::new(GpuBackend::new()?)));
+        #[cfg(not(feature = "gpu"))]
+        Err(crate::Error::NoAdapter(
+            "this build of ssdkd has no GPU backend (feature `gpu`)".into(),
+        ))
     }
 
     /// A GPU when one is found, else the CPU; `on_fallback` hears why the GPU was not used.
@@ -35,6 +42,7 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
+            #[cfg(feature = "gpu")]
             Backend::Gpu(_) => "gpu",
         }
     }
@@ -44,6 +52,7 @@ impl Backend {
     pub fn adapter(&self) -> String {
         match self {
             Backend::Cpu => format!("CPU ({} threads)", rayon::current_num_threads()),
+            #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.adapter_name(),
         }
     }
@@ -60,6 +69,7 @@ impl Backend {
     ) -> Result<Evaluation> {
         match self {
             Backend::Cpu => crate::cpu::evaluate(batch, config, request),
+            #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
         }
     }

@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod file;
+#[cfg(feature = "gpu")]
 pub mod gpu;
 
 pub use backend::Backend;
