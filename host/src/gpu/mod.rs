@@ -1,41 +1,241 @@
-//! The GPU backend: the five stages as WGSL compute kernels (`shaders/`), dispatched by wgpu.
-//! (Being written: see the GPU issue.)
+//! The GPU backend: the five stages as WGSL compute kernels (`shaders/<stage>.wgsl`, each
+//! the twin of `ssdkd_core::stages::<stage>`), dispatched by wgpu.
+//!
+//! - `params.rs`: the uniform shared with the WGSL, and the sums record;
+//! - `plan.rs`: how a batch is split into chunks and which kernels run, in what order;
+//! - `engine.rs`: every wgpu call — device, pipelines, cached buffers and bind groups,
+//!   the one command encoder and submit of an evaluation, the readback.
+//!
+//! One evaluation records, in one command encoder submitted once, every chunk forward
+//! (match → prior terms → mine → per-image reduce), the batch reduce (which gives N), then
+//! every chunk's gradients. A batch whose tensors exceed the adapter's
+//! `max_storage_buffer_binding_size` is bound as windows of whole images (chunks) of the
+//! same buffers, so it still takes one submit; the per-image sums of every chunk are added
+//! by one batch reduce, so results do not depend on the chunking. Only the batch sums are
+//! read back, plus the gradients and decisions when asked.
 
-use crate::batch::{Batch, Evaluation, Request};
+mod engine;
+mod params;
+mod plan;
+
+pub use engine::{GpuBatch, GpuTensors};
+/// The wgpu this backend is built with, for callers that make their own buffers.
+pub use wgpu;
+
+use crate::batch::{Batch, BatchShape, Evaluation, Request};
 use crate::error::{Error, Result};
-use ssdkd_core::LossConfig;
+use engine::Engine;
+use params::Params;
+use plan::{ReadBack, Recording};
+use ssdkd_core::{LossConfig, LossSums};
 
-/// A GPU context: adapter, device, queue and every pipeline, created once.
+/// What a resident evaluation computes and reads back beyond the losses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuRequest {
+    /// Compute both gradients into the batch's gradient buffers
+    /// ([`GpuBatch::grad_student_conf`], [`GpuBatch::grad_student_loc`]).
+    pub gradients: bool,
+    /// Also read the gradients back into [`Evaluation::gradients`] (implies `gradients`).
+    pub read_gradients: bool,
+    /// Read the per-prior decisions back into [`Evaluation::decisions`].
+    pub decisions: bool,
+}
+
+/// A GPU context: adapter, device, queue and every pipeline, created once; buffers and
+/// bind groups cached per shape and per batch.
 pub struct GpuBackend {
-    _private: (),
+    engine: Engine,
+    /// A cap on the bytes of one storage binding below the adapter's limit, if set.
+    binding_cap: Option<u64>,
+    /// The buffers [`GpuBackend::evaluate`] uploads host batches into, kept per shape.
+    uploaded: Option<GpuBatch>,
 }
 
 impl GpuBackend {
-    /// Picks an adapter (high performance; `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` respected)
-    /// and creates every pipeline.
+    /// Picks an adapter (high performance; `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` respected),
+    /// opens a device with the adapter's own limits and creates every pipeline.
     ///
     /// # Errors
-    /// [`Error::NoAdapter`] when no adapter is found.
+    /// [`Error::NoAdapter`] when no adapter is found (or none matches `WGPU_ADAPTER_NAME`);
+    /// [`Error::Gpu`] when the device cannot be opened or a pipeline fails to build.
     pub fn new() -> Result<Self> {
-        Err(Error::NoAdapter("the GPU backend is not built yet".into()))
+        Ok(Self {
+            engine: Engine::new()?,
+            binding_cap: None,
+            uploaded: None,
+        })
     }
 
     /// The adapter's name, as `eval --json` reports it.
     #[must_use]
     pub fn adapter_name(&self) -> String {
-        String::new()
+        self.engine.adapter_name()
     }
 
-    /// Evaluates `batch` on the GPU.
+    /// The device, to create buffers for [`GpuBackend::wrap`] on.
+    #[must_use]
+    pub fn device(&self) -> &wgpu::Device {
+        self.engine.device()
+    }
+
+    /// The queue.
+    #[must_use]
+    pub fn queue(&self) -> &wgpu::Queue {
+        self.engine.queue()
+    }
+
+    /// The most bytes one storage binding may hold: the adapter's
+    /// `max_storage_buffer_binding_size`, or less after [`GpuBackend::set_binding_cap`].
+    /// Batches whose tensors exceed it are split by images into chunks.
+    #[must_use]
+    pub fn binding_limit(&self) -> u64 {
+        // Element indices in the kernels are u32: keep windows under 2 GiB.
+        let (adapter, _, _) = self.engine.binding_limits();
+        let limit = adapter.min(1 << 31);
+        self.binding_cap.map_or(limit, |cap| cap.min(limit))
+    }
+
+    /// Caps the bytes of one storage binding below the adapter's limit (`None` lifts the
+    /// cap), so that smaller batches are split into chunks: for tests and tuning.
+    pub fn set_binding_cap(&mut self, bytes: Option<u64>) {
+        self.binding_cap = bytes;
+    }
+
+    /// Evaluates `batch` on the GPU: uploads it (into buffers kept for its shape), runs
+    /// every stage and reads back the sums, and the gradients and decisions when requested.
     ///
     /// # Errors
-    /// GPU failures.
+    /// What [`Batch::check`] finds; [`Error::Gpu`] on out-of-memory, device loss or a
+    /// validation error.
     pub fn evaluate(
         &mut self,
-        _batch: &Batch<'_>,
-        _config: &LossConfig,
-        _request: Request,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: Request,
     ) -> Result<Evaluation> {
-        Err(Error::Gpu("not built yet".into()))
+        batch.check(config, request.validate)?;
+        let gpu = match self.uploaded.take() {
+            Some(gpu) if gpu.shape() == batch.shape => gpu,
+            _ => self.engine.create_batch(batch.shape)?,
+        };
+        let result = self.engine.write_batch(&gpu, batch).and_then(|()| {
+            self.run(
+                &gpu,
+                config,
+                GpuRequest {
+                    gradients: request.gradients,
+                    read_gradients: request.gradients,
+                    decisions: request.decisions,
+                },
+            )
+        });
+        self.uploaded = Some(gpu);
+        result
+    }
+
+    /// Uploads `batch` into new GPU buffers, for [`GpuBackend::evaluate_resident`].
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] when a tensor exceeds the adapter's `max_buffer_size` or memory runs out.
+    pub fn upload(&mut self, batch: &Batch<'_>) -> Result<GpuBatch> {
+        let gpu = self.engine.create_batch(batch.shape)?;
+        self.engine.write_batch(&gpu, batch)?;
+        Ok(gpu)
+    }
+
+    /// Overwrites the buffers of `gpu` with `batch`, of the same shape.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the shapes differ; [`Error::Gpu`] on a GPU failure.
+    pub fn write(&mut self, gpu: &GpuBatch, batch: &Batch<'_>) -> Result<()> {
+        if gpu.shape() != batch.shape {
+            return Err(Error::Shape {
+                tensor: "batch",
+                problem: format!(
+                    "shape {:?} where the GPU batch has {:?}",
+                    batch.shape,
+                    gpu.shape()
+                ),
+            });
+        }
+        self.engine.write_batch(gpu, batch)
+    }
+
+    /// A batch over buffers the caller already has on this backend's device (no upload).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when a buffer is smaller than `shape` needs or lacks `STORAGE`
+    /// usage; [`Error::Gpu`] when the gradient buffers cannot be allocated.
+    pub fn wrap(&mut self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
+        let dims = [shape.batch, shape.priors, shape.classes, shape.objects];
+        if dims.contains(&0) || shape.classes < 2 {
+            return Err(Error::Shape {
+                tensor: "batch",
+                problem: format!("shape {shape:?}: every dimension > 0 and C >= 2"),
+            });
+        }
+        self.engine.wrap_batch(shape, tensors)
+    }
+
+    /// Evaluates a batch already on the GPU. Input values are not scanned (they stay on the
+    /// GPU); the config is checked. With `request.gradients` the gradients are left in the
+    /// batch's gradient buffers and only read back with `request.read_gradients`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a config that cannot work or disagrees with C; [`Error::Gpu`]
+    /// on out-of-memory, device loss or a validation error.
+    pub fn evaluate_resident(
+        &mut self,
+        batch: &GpuBatch,
+        config: &LossConfig,
+        request: GpuRequest,
+    ) -> Result<Evaluation> {
+        ssdkd_core::validate::validate_config(config).map_err(|e| Error::Config {
+            key: e.key.into(),
+            problem: e.to_string(),
+        })?;
+        if config.num_classes as usize != batch.shape().classes {
+            return Err(Error::Config {
+                key: "num_classes".into(),
+                problem: format!(
+                    "{}, but the batch has C = {} classes",
+                    config.num_classes,
+                    batch.shape().classes
+                ),
+            });
+        }
+        self.run(batch, config, request)
+    }
+
+    fn run(
+        &mut self,
+        batch: &GpuBatch,
+        config: &LossConfig,
+        request: GpuRequest,
+    ) -> Result<Evaluation> {
+        let shape = batch.shape();
+        let (_, alignment, _) = self.engine.binding_limits();
+        let chunks = plan::chunks(&shape, self.binding_limit(), alignment)?;
+        let params: Vec<Params> = chunks
+            .iter()
+            .map(|c| Params::new(&shape, config, c.first_image, c.images, c.bases))
+            .collect();
+        let recording = Recording::evaluation(
+            &shape,
+            &chunks,
+            request.gradients || request.read_gradients,
+            ReadBack {
+                gradients: request.read_gradients,
+                decisions: request.decisions,
+            },
+        );
+        let output = self.engine.run(batch, &chunks, &params, &recording)?;
+        let sums = LossSums::from(output.sums);
+        Ok(Evaluation {
+            terms: sums.finish(config),
+            sums,
+            gradients: output.gradients,
+            decisions: output.decisions,
+        })
     }
 }

@@ -1,0 +1,127 @@
+// Stage **grad** (SPEC §6): ∂total/∂student_conf and ∂total/∂student_loc, with matching,
+// mining and the teacher bound held fixed. Twin of core/src/stages/grad.rs: `grad_conf` is
+// `conf_grad_row`, `grad_loc` is `loc_grad_row`, one thread per prior each. N comes from
+// the batch totals of the reduce stage, recorded before in the same command encoder.
+
+@group(0) @binding(1) var<storage, read> student_conf: array<f32>;
+@group(0) @binding(2) var<storage, read> teacher_conf: array<f32>;
+@group(0) @binding(3) var<storage, read> conf_target: array<u32>;
+@group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
+@group(0) @binding(5) var<storage, read> batch_sums: array<Sums>;
+@group(0) @binding(6) var<storage, read_write> grad_student_conf: array<f32>;
+@group(0) @binding(7) var<storage, read> student_loc: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> loc_target: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> prior_loss: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> grad_student_loc: array<vec4<f32>>;
+
+// N = max(total positives over the batch, 1) (SPEC §5).
+fn normaliser() -> f32 {
+    return f32(max(batch_sums[0].num_pos, 1u));
+}
+
+fn student_log_sum_exp(base: u32, scale: f32) -> f32 {
+    var m = -3.4028235e38;
+    for (var c = 0u; c < params.num_classes; c++) {
+        m = max(m, student_conf[base + c] * scale);
+    }
+    var sum = 0.0;
+    for (var c = 0u; c < params.num_classes; c++) {
+        sum += exp(student_conf[base + c] * scale - m);
+    }
+    return m + log(sum);
+}
+
+fn teacher_log_sum_exp(base: u32, scale: f32) -> f32 {
+    var m = -3.4028235e38;
+    for (var c = 0u; c < params.num_classes; c++) {
+        m = max(m, teacher_conf[base + c] * scale);
+    }
+    var sum = 0.0;
+    for (var c = 0u; c < params.num_classes; c++) {
+        sum += exp(teacher_conf[base + c] * scale - m);
+    }
+    return m + log(sum);
+}
+
+// The gradient of one selected row's w_conf·CE + w_soft·soft:
+// - cross-entropy: softmax(s)_c − [c = target];
+// - plain KL: T (p_c − q_c);
+// - class-weighted: T p_c (G − h_c) with h_c = w_c (q_c + ε) / (p_c + ε), G = Σ h_c p_c.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn grad_conf(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let index = thread_index(workgroup, num_workgroups, lid);
+    if index >= params.num_images * params.num_priors {
+        return;
+    }
+    let base = params.conf_base + index * params.num_classes;
+    let target_class = conf_target[params.prior_base + index];
+    if target_class == 0u && neg_mask[params.prior_base + index] == 0u {
+        for (var c = 0u; c < params.num_classes; c++) {
+            grad_student_conf[base + c] = 0.0;
+        }
+        return;
+    }
+    let n = normaliser();
+    let scale_conf = params.w_conf / n;
+    let t = params.temperature;
+    let inv_t = 1.0 / t;
+    let lse = student_log_sum_exp(base, 1.0);
+    let lse_s = student_log_sum_exp(base, inv_t);
+    let lse_t = teacher_log_sum_exp(base, inv_t);
+    let soft_scale = params.w_soft / n * t;
+    if params.weighted_soft != 0u {
+        let eps = params.eps;
+        var g_sum = 0.0;
+        for (var c = 0u; c < params.num_classes; c++) {
+            let q = exp(teacher_conf[base + c] * inv_t - lse_t);
+            let p = exp(student_conf[base + c] * inv_t - lse_s);
+            let w = select(params.pos_w, params.neg_w, c == 0u);
+            g_sum += w * (q + eps) / (p + eps) * p;
+        }
+        for (var c = 0u; c < params.num_classes; c++) {
+            let s = student_conf[base + c];
+            let q = exp(teacher_conf[base + c] * inv_t - lse_t);
+            let p = exp(s * inv_t - lse_s);
+            let w = select(params.pos_w, params.neg_w, c == 0u);
+            let h = w * (q + eps) / (p + eps);
+            let ce = exp(s - lse) - select(0.0, 1.0, c == target_class);
+            grad_student_conf[base + c] = scale_conf * ce + soft_scale * p * (g_sum - h);
+        }
+    } else {
+        for (var c = 0u; c < params.num_classes; c++) {
+            let s = student_conf[base + c];
+            let q = exp(teacher_conf[base + c] * inv_t - lse_t);
+            let p = exp(s * inv_t - lse_s);
+            let ce = exp(s - lse) - select(0.0, 1.0, c == target_class);
+            grad_student_conf[base + c] = scale_conf * ce + soft_scale * (p - q);
+        }
+    }
+}
+
+// The gradient of one positive prior's w_loc·smooth-L1 + w_l2·bounded L2, zero elsewhere.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn grad_loc(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let index = thread_index(workgroup, num_workgroups, lid);
+    if index >= params.num_images * params.num_priors {
+        return;
+    }
+    let at = params.loc_base + index;
+    if conf_target[params.prior_base + index] == 0u {
+        grad_student_loc[at] = vec4<f32>(0.0);
+        return;
+    }
+    let n = normaliser();
+    let bounded = prior_loss[at].w != 0.0;
+    let l2 = select(0.0, 2.0 * (params.w_l2 / n), bounded);
+    let d = student_loc[at] - loc_target[at];
+    let smooth_grad = vec4<f32>(smooth_l1_grad(d.x), smooth_l1_grad(d.y), smooth_l1_grad(d.z), smooth_l1_grad(d.w));
+    grad_student_loc[at] = (params.w_loc / n) * smooth_grad + l2 * d;
+}

@@ -1,0 +1,145 @@
+// Stage **reduce** (SPEC §5): the sums over the selected rows of an image, then the batch
+// totals. Twin of core/src/stages/reduce.rs. Every sum is taken in a fixed order — each
+// thread's strided rows in prior order, then a pairwise tree in workgroup memory — so the
+// same input gives the same bits run after run. No float atomics.
+
+@group(0) @binding(1) var<storage, read> student_conf: array<f32>;
+@group(0) @binding(2) var<storage, read> teacher_conf: array<f32>;
+@group(0) @binding(3) var<storage, read> conf_target: array<u32>;
+@group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
+@group(0) @binding(5) var<storage, read> prior_loss: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> image_sums: array<Sums>;
+@group(0) @binding(7) var<storage, read_write> batch_sums: array<Sums>;
+
+fn student_log_sum_exp(base: u32, scale: f32) -> f32 {
+    var m = -3.4028235e38;
+    for (var c = 0u; c < params.num_classes; c++) {
+        m = max(m, student_conf[base + c] * scale);
+    }
+    var sum = 0.0;
+    for (var c = 0u; c < params.num_classes; c++) {
+        sum += exp(student_conf[base + c] * scale - m);
+    }
+    return m + log(sum);
+}
+
+fn teacher_log_sum_exp(base: u32, scale: f32) -> f32 {
+    var m = -3.4028235e38;
+    for (var c = 0u; c < params.num_classes; c++) {
+        m = max(m, teacher_conf[base + c] * scale);
+    }
+    var sum = 0.0;
+    for (var c = 0u; c < params.num_classes; c++) {
+        sum += exp(teacher_conf[base + c] * scale - m);
+    }
+    return m + log(sum);
+}
+
+// The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
+// class-weighted `T² Σ w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))` when neg_w > 1, else the
+// plain KL `T² Σ q_c (ln q_c − ln p_c)` with q_c = 0 terms counting 0.
+fn soft_term(base: u32) -> f32 {
+    let t = params.temperature;
+    let inv_t = 1.0 / t;
+    let lse_s = student_log_sum_exp(base, inv_t);
+    let lse_t = teacher_log_sum_exp(base, inv_t);
+    var sum = 0.0;
+    if params.weighted_soft != 0u {
+        let eps = params.eps;
+        for (var c = 0u; c < params.num_classes; c++) {
+            let q = exp(teacher_conf[base + c] * inv_t - lse_t) + eps;
+            let p = exp(student_conf[base + c] * inv_t - lse_s) + eps;
+            let w = select(params.pos_w, params.neg_w, c == 0u);
+            sum += w * q * (log(q) - log(p));
+        }
+    } else {
+        for (var c = 0u; c < params.num_classes; c++) {
+            let log_q = teacher_conf[base + c] * inv_t - lse_t;
+            let q = exp(log_q);
+            if q > 0.0 {
+                sum += q * (log_q - (student_conf[base + c] * inv_t - lse_s));
+            }
+        }
+    }
+    return t * t * sum;
+}
+
+// (soft, l2, conf, loc) and the counts of each thread, then of each tree node.
+var<workgroup> partial_sums: array<vec4<f32>, WORKGROUP_SIZE>;
+var<workgroup> partial_counts: array<vec3<u32>, WORKGROUP_SIZE>;
+
+// Sums the workgroup's partials into entry 0 by a fixed pairwise tree.
+fn tree_sum(lid: u32) {
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {
+        workgroupBarrier();
+        if lid < stride {
+            partial_sums[lid] += partial_sums[lid + stride];
+            partial_counts[lid] += partial_counts[lid + stride];
+        }
+    }
+    workgroupBarrier();
+}
+
+// One workgroup per image: the image's sums over its selected rows and positives.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn reduce_image(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let image = workgroup_index(workgroup, num_workgroups);
+    if image >= params.num_images {
+        return;
+    }
+    let num_priors = params.num_priors;
+    var sums = vec4<f32>(0.0); // soft, l2, conf, loc
+    var num_bounded = 0u;
+    for (var p = lid; p < num_priors; p += WORKGROUP_SIZE) {
+        let index = image * num_priors + p;
+        let positive = conf_target[params.prior_base + index] > 0u;
+        let loss = prior_loss[params.loc_base + index];
+        if positive || neg_mask[params.prior_base + index] != 0u {
+            sums.x += soft_term(params.conf_base + index * params.num_classes);
+            sums.z += loss.x;
+        }
+        if positive {
+            sums.y += loss.z;
+            sums.w += loss.y;
+            num_bounded += u32(loss.w);
+        }
+    }
+    partial_sums[lid] = sums;
+    partial_counts[lid] = vec3<u32>(num_bounded, 0u, 0u);
+    tree_sum(lid);
+    if lid == 0u {
+        let total = partial_sums[0];
+        let sums_index = params.first_image + image;
+        var out = image_sums[sums_index]; // num_pos (match) and num_neg (mine) kept
+        out.soft = total.x;
+        out.l2 = total.y;
+        out.conf = total.z;
+        out.loc = total.w;
+        out.num_bounded = partial_counts[0].x;
+        image_sums[sums_index] = out;
+    }
+}
+
+// One workgroup: the batch totals over every image of the batch (all chunks).
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn reduce_batch(@builtin(local_invocation_index) lid: u32) {
+    var sums = vec4<f32>(0.0);
+    var counts = vec3<u32>(0u);
+    for (var i = lid; i < params.batch_images; i += WORKGROUP_SIZE) {
+        let image = image_sums[i];
+        sums += vec4<f32>(image.soft, image.l2, image.conf, image.loc);
+        counts += vec3<u32>(image.num_pos, image.num_neg, image.num_bounded);
+    }
+    partial_sums[lid] = sums;
+    partial_counts[lid] = counts;
+    tree_sum(lid);
+    if lid == 0u {
+        let total = partial_sums[0];
+        let c = partial_counts[0];
+        batch_sums[0] = Sums(total.x, total.y, total.z, total.w, c.x, c.y, c.z, 0u);
+    }
+}
