@@ -291,6 +291,7 @@ fn agreement(a: &Evaluation, b: &Evaluation) -> (f64, f64, bool) {
 }
 
 fn demo(args: &DemoArgs) -> Result<()> {
+    let chosen = backends(args.backend)?;
     let tensors = synthetic_batch(&SyntheticSpec::demo(args.batch as usize));
     let batch = tensors.batch()?;
     let config = LossConfig::DEFAULT;
@@ -300,7 +301,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         shape.batch, shape.priors, shape.classes, shape.objects
     );
     let mut results = Vec::new();
-    for mut backend in backends(args.backend)? {
+    for mut backend in chosen {
         let (eval, elapsed) = timed(&mut backend, &batch, &config, Request::with_gradients())?;
         print_terms(&backend, &eval, elapsed);
         results.push(eval);
@@ -387,40 +388,117 @@ fn eval(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn median_ms(samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    samples[samples.len() / 2].as_secs_f64() * 1e3
+/// Where the inputs of a timed evaluation live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Inputs {
+    /// Host memory: uploaded by every evaluation (gradients read back).
+    Host,
+    /// Already in GPU buffers, as a training loop's outputs are (gradients stay there).
+    Device,
+}
+
+impl Inputs {
+    fn name(self) -> &'static str {
+        match self {
+            Inputs::Host => "host",
+            Inputs::Device => "gpu",
+        }
+    }
+}
+
+/// One timed configuration: a backend, a batch and where its inputs live.
+struct Timed<'a> {
+    backend: &'a mut Backend,
+    batch: ssdkd::Batch<'a>,
+    config: LossConfig,
+    #[cfg(feature = "gpu")]
+    resident: Option<ssdkd::gpu::GpuBatch>,
+}
+
+impl<'a> Timed<'a> {
+    fn new(
+        backend: &'a mut Backend,
+        batch: ssdkd::Batch<'a>,
+        config: LossConfig,
+        inputs: Inputs,
+    ) -> Result<Self> {
+        #[cfg(feature = "gpu")]
+        let resident = match (&mut *backend, inputs) {
+            (Backend::Gpu(gpu), Inputs::Device) => Some(gpu.upload(&batch)?),
+            _ => None,
+        };
+        #[cfg(not(feature = "gpu"))]
+        let _ = inputs;
+        Ok(Self {
+            backend,
+            batch,
+            config,
+            #[cfg(feature = "gpu")]
+            resident,
+        })
+    }
+
+    /// One evaluation, forward only or forward and backward. The value scan is skipped, as a
+    /// trusted training loop would.
+    fn once(&mut self, gradients: bool) -> Result<()> {
+        #[cfg(feature = "gpu")]
+        if let (Backend::Gpu(gpu), Some(resident)) = (&mut *self.backend, &self.resident) {
+            let request = ssdkd::gpu::GpuRequest {
+                gradients,
+                ..Default::default()
+            };
+            return gpu
+                .evaluate_resident(resident, &self.config, request)
+                .map(drop);
+        }
+        let request = Request {
+            gradients,
+            validate: false,
+            ..Request::default()
+        };
+        self.backend
+            .evaluate(&self.batch, &self.config, request)
+            .map(drop)
+    }
+
+    /// Median milliseconds of `iters` evaluations.
+    fn median_ms(&mut self, gradients: bool, iters: u32, bar: &ProgressBar) -> Result<f64> {
+        let mut samples = (0..iters)
+            .map(|_| {
+                let start = Instant::now();
+                self.once(gradients)?;
+                bar.inc(1);
+                Ok(start.elapsed())
+            })
+            .collect::<Result<Vec<Duration>>>()?;
+        samples.sort();
+        Ok(samples[samples.len() / 2].as_secs_f64() * 1e3)
+    }
 }
 
 fn bench(args: &BenchArgs) -> Result<()> {
-    let choice = match args.backend {
-        BackendChoice::Both => {
-            return Err(Error::Config {
-                key: "--backend".into(),
-                problem: "bench times one backend at a time: cpu, gpu or auto".into(),
-            })
-        }
-        other => other,
-    };
-    let mut backend = backends(choice)?.remove(0);
+    if args.backend == BackendChoice::Both {
+        return Err(Error::Config {
+            key: "--backend".into(),
+            problem: "bench times one backend at a time: cpu, gpu or auto".into(),
+        });
+    }
+    let mut backend = backends(args.backend)?.remove(0);
     let config = LossConfig {
         num_classes: args.classes,
         ..LossConfig::DEFAULT
     };
-    // The timed path skips the value scan, as a trusted training loop would.
-    let forward = Request {
-        validate: false,
-        ..Request::default()
-    };
-    let backward = Request {
-        gradients: true,
-        validate: false,
-        ..Request::default()
+    // On a GPU, time inputs already on the device (the training-loop case) and uploaded ones.
+    let modes = if backend.name() == "gpu" {
+        vec![Inputs::Device, Inputs::Host]
+    } else {
+        vec![Inputs::Host]
     };
     if !args.json {
         println!(
-            "{:<5} {:<28} {:>6} {:>7} {:>7} {:>12} {:>18} {:>6}",
+            "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11} {:>20} {:>6}",
             "",
+            "input",
             "adapter",
             "batch",
             "priors",
@@ -430,6 +508,8 @@ fn bench(args: &BenchArgs) -> Result<()> {
             "iters"
         );
     }
+    let adapter = backend.adapter();
+    let name = backend.name();
     for &b in &args.batch {
         let tensors = synthetic_batch(&SyntheticSpec::bench(
             b as usize,
@@ -438,66 +518,59 @@ fn bench(args: &BenchArgs) -> Result<()> {
         ));
         let batch = tensors.batch()?;
         batch.check(&config, true)?;
-        // Warm-up, which also estimates whether a progress bar is worth drawing.
-        let start = Instant::now();
-        for _ in 0..2 {
-            backend.evaluate(&batch, &config, backward)?;
-        }
-        let estimate = start.elapsed() * args.iters;
-        let bar = if estimate > Duration::from_secs(1) {
-            ProgressBar::with_draw_target(
-                Some(2 * u64::from(args.iters)),
-                ProgressDrawTarget::stderr(),
-            )
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
-                .expect("static template"),
-        );
-        bar.set_message(format!("{} B={b}", backend.name()));
-        let mut run = |request: Request| -> Result<Vec<Duration>> {
-            (0..args.iters)
-                .map(|_| {
-                    let start = Instant::now();
-                    backend.evaluate(&batch, &config, request)?;
-                    bar.inc(1);
-                    Ok(start.elapsed())
-                })
-                .collect()
-        };
-        let forward_ms = median_ms(&mut run(forward)?);
-        let forward_backward_ms = median_ms(&mut run(backward)?);
-        bar.finish_and_clear();
         let shape = batch.shape;
-        if args.json {
-            let line = json!({
-                "backend": backend.name(),
-                "adapter": backend.adapter(),
-                "inputs": "host",
-                "preset": args.preset.name(),
-                "batch": shape.batch,
-                "priors": shape.priors,
-                "classes": shape.classes,
-                "objects_per_image": shape.objects,
-                "forward_ms": forward_ms,
-                "forward_backward_ms": forward_backward_ms,
-                "iters": args.iters,
-            });
-            println!("{line}");
-        } else {
-            println!(
-                "{:<5} {:<28} {:>6} {:>7} {:>7} {:>12.3} {:>18.3} {:>6}",
-                backend.name(),
-                backend.adapter(),
-                shape.batch,
-                shape.priors,
-                shape.classes,
-                forward_ms,
-                forward_backward_ms,
-                args.iters
+        for &inputs in &modes {
+            let mut timed = Timed::new(&mut backend, batch, config, inputs)?;
+            // Warm-up, which also tells whether a progress bar is worth drawing.
+            let start = Instant::now();
+            for _ in 0..2 {
+                timed.once(true)?;
+            }
+            let bar = if start.elapsed() * args.iters > Duration::from_secs(1) {
+                ProgressBar::with_draw_target(
+                    Some(2 * u64::from(args.iters)),
+                    ProgressDrawTarget::stderr(),
+                )
+            } else {
+                ProgressBar::hidden()
+            };
+            bar.set_style(
+                ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+                    .expect("static template"),
             );
+            bar.set_message(format!("{name} B={b} inputs={}", inputs.name()));
+            let forward_ms = timed.median_ms(false, args.iters, &bar)?;
+            let forward_backward_ms = timed.median_ms(true, args.iters, &bar)?;
+            bar.finish_and_clear();
+            if args.json {
+                let line = json!({
+                    "backend": name,
+                    "adapter": adapter,
+                    "inputs": inputs.name(),
+                    "preset": args.preset.name(),
+                    "batch": shape.batch,
+                    "priors": shape.priors,
+                    "classes": shape.classes,
+                    "objects_per_image": shape.objects,
+                    "forward_ms": forward_ms,
+                    "forward_backward_ms": forward_backward_ms,
+                    "iters": args.iters,
+                });
+                println!("{line}");
+            } else {
+                println!(
+                    "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11.3} {:>20.3} {:>6}",
+                    name,
+                    inputs.name(),
+                    adapter,
+                    shape.batch,
+                    shape.priors,
+                    shape.classes,
+                    forward_ms,
+                    forward_backward_ms,
+                    args.iters
+                );
+            }
         }
     }
     Ok(())

@@ -189,3 +189,37 @@ fn bench_smoke() {
     assert_eq!(line["batch"], 2);
     assert_eq!(line["priors"], 8732);
 }
+
+/// With no adapter to be had (DX12 is not built on Linux): `--backend gpu` is exit code 3,
+/// `--backend auto` says on stderr that it falls back to the CPU and succeeds.
+#[cfg(target_os = "linux")]
+#[test]
+fn missing_adapter_exit_code_and_fallback() {
+    let golden = golden_files()[0].clone();
+    let run = |backend: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ssdkd"))
+            .args([
+                "eval",
+                golden.to_str().unwrap(),
+                "--json",
+                "--backend",
+                backend,
+            ])
+            .env("WGPU_BACKEND", "dx12")
+            .output()
+            .unwrap()
+    };
+    let gpu = run("gpu");
+    assert_eq!(
+        gpu.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&gpu.stderr)
+    );
+    assert!(gpu.stdout.is_empty());
+    let auto = run("auto");
+    assert!(auto.status.success());
+    assert!(String::from_utf8_lossy(&auto.stderr).contains("falling back to the CPU"));
+    let json: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
+    assert_eq!(json["backend"], "cpu");
+}

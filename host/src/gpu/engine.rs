@@ -209,9 +209,22 @@ impl Engine {
     /// Picks the adapter, opens a device with the adapter's own limits, and creates every
     /// pipeline.
     pub fn new() -> Result<Self> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = pollster::block_on(pick_adapter(&instance))?;
+        let instance = |backends: Option<wgpu::Backends>| {
+            let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            if let Some(backends) = backends {
+                descriptor.backends = backends;
+            }
+            wgpu::Instance::new(descriptor)
+        };
+        // Without WGPU_BACKEND: Vulkan, Metal or DX12 first, GL only when none is found, so
+        // that probing GL (EGL) does not run, and complain, on machines that need it not.
+        let adapter = if wgpu::Backends::from_env().is_some() {
+            pollster::block_on(pick_adapter(&instance(None)))?
+        } else {
+            pollster::block_on(pick_adapter(&instance(Some(wgpu::Backends::PRIMARY)))).or_else(
+                |_| pollster::block_on(pick_adapter(&instance(Some(wgpu::Backends::GL)))),
+            )?
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("ssdkd"),
             required_features: wgpu::Features::empty(),
