@@ -35,79 +35,96 @@ fn numbers<const W: usize, T>(st: &SafeTensors<'_>, name: &str, from: fn([u8; W]
         .collect()
 }
 
+/// The backends to run `eval` with: the CPU, and the GPU when an adapter is found (with
+/// `SSDKD_REQUIRE_GPU=1`, a missing adapter fails the test instead of skipping it).
+fn eval_backends() -> Vec<&'static str> {
+    match ssdkd::Backend::gpu() {
+        Ok(_) => vec!["cpu", "gpu"],
+        Err(e) if std::env::var("SSDKD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("SSDKD_REQUIRE_GPU=1 but no GPU adapter: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: `ssdkd eval --backend gpu` (no GPU adapter: {e})");
+            vec!["cpu"]
+        }
+    }
+}
+
 #[test]
 fn eval_golden_files_json_and_grad_out() {
     let out_dir = tempfile::tempdir().unwrap();
-    for path in golden_files() {
-        let grad_path = out_dir.path().join("grads.safetensors");
-        let output = ssdkd(&[
-            "eval",
-            path.to_str().unwrap(),
-            "--backend",
-            "cpu",
-            "--json",
-            "--grad-out",
-            grad_path.to_str().unwrap(),
-        ]);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{}: {stderr}", path.display());
-        let json: serde_json::Value =
-            serde_json::from_slice(&output.stdout).expect("one JSON object");
-        for key in [
-            "backend",
-            "adapter",
-            "num_pos",
-            "num_neg",
-            "num_bounded",
-            "elapsed_ms",
-        ] {
-            assert!(json.get(key).is_some(), "missing key {key}");
-        }
-        assert_eq!(json["backend"], "cpu");
+    for backend in eval_backends() {
+        for path in golden_files() {
+            let grad_path = out_dir.path().join("grads.safetensors");
+            let output = ssdkd(&[
+                "eval",
+                path.to_str().unwrap(),
+                "--backend",
+                backend,
+                "--json",
+                "--grad-out",
+                grad_path.to_str().unwrap(),
+            ]);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{}: {stderr}", path.display());
+            let json: serde_json::Value =
+                serde_json::from_slice(&output.stdout).expect("one JSON object");
+            for key in [
+                "backend",
+                "adapter",
+                "num_pos",
+                "num_neg",
+                "num_bounded",
+                "elapsed_ms",
+            ] {
+                assert!(json.get(key).is_some(), "missing key {key}");
+            }
+            assert_eq!(json["backend"], backend);
 
-        let golden_bytes = std::fs::read(&path).unwrap();
-        let golden = SafeTensors::deserialize(&golden_bytes).unwrap();
-        let losses = numbers(&golden, "expected_losses", f64::from_le_bytes);
-        for (key, expected) in ["soft_loss", "l2_loss", "loss_c", "loss_l", "total"]
-            .iter()
-            .zip(&losses)
-        {
-            let got = json[key].as_f64().unwrap();
-            let diff = (got - expected).abs();
-            let tol = if expected.abs() < 1e-2 {
-                1e-6
-            } else {
-                1e-4 * expected.abs()
-            };
-            assert!(diff <= tol, "{} {key}: {got} vs {expected}", path.display());
-        }
-        let counts = numbers(&golden, "expected_counts", i64::from_le_bytes);
-        assert_eq!(
-            [
-                json["num_pos"].as_i64(),
-                json["num_neg"].as_i64(),
-                json["num_bounded"].as_i64()
-            ],
-            [Some(counts[0]), Some(counts[1]), Some(counts[2])]
-        );
-
-        let grad_bytes = std::fs::read(&grad_path).unwrap();
-        let grads = SafeTensors::deserialize(&grad_bytes).unwrap();
-        for name in ["grad_student_conf", "grad_student_loc"] {
-            let view = grads.tensor(name).unwrap();
+            let golden_bytes = std::fs::read(&path).unwrap();
+            let golden = SafeTensors::deserialize(&golden_bytes).unwrap();
+            let losses = numbers(&golden, "expected_losses", f64::from_le_bytes);
+            for (key, expected) in ["soft_loss", "l2_loss", "loss_c", "loss_l", "total"]
+                .iter()
+                .zip(&losses)
+            {
+                let got = json[key].as_f64().unwrap();
+                let diff = (got - expected).abs();
+                let tol = if expected.abs() < 1e-2 {
+                    1e-6
+                } else {
+                    1e-4 * expected.abs()
+                };
+                assert!(diff <= tol, "{} {key}: {got} vs {expected}", path.display());
+            }
+            let counts = numbers(&golden, "expected_counts", i64::from_le_bytes);
             assert_eq!(
-                view.shape(),
-                golden.tensor(&format!("expected_{name}")).unwrap().shape(),
-                "{name} shape"
+                [
+                    json["num_pos"].as_i64(),
+                    json["num_neg"].as_i64(),
+                    json["num_bounded"].as_i64()
+                ],
+                [Some(counts[0]), Some(counts[1]), Some(counts[2])]
             );
-            let ours = numbers(&grads, name, f32::from_le_bytes);
-            let expected = numbers(&golden, &format!("expected_{name}"), f32::from_le_bytes);
-            for (i, (a, e)) in ours.iter().zip(&expected).enumerate() {
-                assert!(
-                    (a - e).abs() <= 1e-3 * e.abs() + 1e-7,
-                    "{} {name}[{i}]: {a} vs {e}",
-                    path.display()
+
+            let grad_bytes = std::fs::read(&grad_path).unwrap();
+            let grads = SafeTensors::deserialize(&grad_bytes).unwrap();
+            for name in ["grad_student_conf", "grad_student_loc"] {
+                let view = grads.tensor(name).unwrap();
+                assert_eq!(
+                    view.shape(),
+                    golden.tensor(&format!("expected_{name}")).unwrap().shape(),
+                    "{name} shape"
                 );
+                let ours = numbers(&grads, name, f32::from_le_bytes);
+                let expected = numbers(&golden, &format!("expected_{name}"), f32::from_le_bytes);
+                for (i, (a, e)) in ours.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-3 * e.abs() + 1e-7,
+                        "{} {name}[{i}]: {a} vs {e}",
+                        path.display()
+                    );
+                }
             }
         }
     }
