@@ -99,7 +99,8 @@ pub fn forward_image(
 }
 
 /// Writes one image's gradients (SPEC §6) from its forward decisions; `scale` comes from the
-/// whole batch's positives ([`GradScale::new`]).
+/// whole batch's positives ([`GradScale::new`]). With `already_zero` the caller promises
+/// zeroed outputs, and only the selected rows and positive priors are written.
 pub fn backward_image(
     inputs: &ImageInputs<'_>,
     config: &LossConfig,
@@ -107,6 +108,7 @@ pub fn backward_image(
     scale: &GradScale,
     grad_conf: &mut [f32],
     grad_loc: &mut [[f32; 4]],
+    already_zero: bool,
 ) {
     grad_image(
         inputs.student_conf,
@@ -120,6 +122,7 @@ pub fn backward_image(
         config,
         grad_conf,
         grad_loc,
+        already_zero,
     );
 }
 

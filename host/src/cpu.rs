@@ -6,6 +6,32 @@ use crate::error::Result;
 use rayon::prelude::*;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
+use std::sync::Mutex;
+
+/// Workspaces kept between evaluations, so that a training loop's repeated calls neither
+/// allocate nor zero-fill them again.
+static WORKSPACES: Mutex<Vec<ImageWorkspace>> = Mutex::new(Vec::new());
+
+/// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
+const MAX_POOLED: usize = 256;
+
+fn take_workspaces(count: usize) -> Vec<ImageWorkspace> {
+    let mut pool = WORKSPACES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let keep = pool.len().saturating_sub(count);
+    let mut taken = pool.split_off(keep);
+    taken.resize_with(count, ImageWorkspace::default);
+    taken
+}
+
+fn return_workspaces(workspaces: Vec<ImageWorkspace>) {
+    let mut pool = WORKSPACES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let room = MAX_POOLED.saturating_sub(pool.len());
+    pool.extend(workspaces.into_iter().take(room));
+}
 
 /// Evaluates the loss of `batch` (and what `request` asks for) on the CPU.
 ///
@@ -15,10 +41,12 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
     batch.check(config, request.validate)?;
     let shape = batch.shape;
     let (p, c) = (shape.priors, shape.classes);
+    let mut pooled = take_workspaces(shape.batch);
     let (per_image, mut workspaces): (Vec<LossSums>, Vec<ImageWorkspace>) = (0..shape.batch)
         .into_par_iter()
-        .map(|i| {
-            let mut workspace = ImageWorkspace::new(p, shape.objects);
+        .zip(pooled.par_drain(..))
+        .map(|(i, mut workspace)| {
+            workspace.resize(p, shape.objects);
             let (mut scratch, mut targets) = workspace.split();
             let offsets = if request.decisions {
                 Offsets::All
@@ -55,6 +83,7 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
                     &scale,
                     grad_conf,
                     bytemuck::cast_slice_mut(grad_loc),
+                    true, // vec![0.0; n] is zeroed (and untouched pages stay unmapped)
                 );
             });
         grads
@@ -73,6 +102,7 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
         decisions
     });
 
+    return_workspaces(workspaces);
     Ok(Evaluation {
         terms: sums.finish(config),
         sums,

@@ -168,3 +168,47 @@ fn positives_only_offsets_change_nothing() {
         );
     }
 }
+
+/// The core's per-image path over caller scratch, as a microcontroller would run it: dirty
+/// gradient buffers (`already_zero = false`) come out equal to the batch API's gradients.
+#[test]
+fn per_image_path_with_dirty_buffers() {
+    use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossSums};
+    let case = load_golden(
+        &golden_files()
+            .into_iter()
+            .find(|p| p.ends_with("voc_unweighted_t2_b2.safetensors"))
+            .unwrap(),
+    );
+    let batch = case.file.batch().unwrap();
+    let config = &case.file.config;
+    let s = batch.shape;
+    let mut workspaces: Vec<ImageWorkspace> = (0..s.batch)
+        .map(|_| ImageWorkspace::new(s.priors, s.objects))
+        .collect();
+    let mut sums = LossSums::default();
+    for (i, workspace) in workspaces.iter_mut().enumerate() {
+        let (mut scratch, mut targets) = workspace.split();
+        sums.add(&forward_image(
+            &batch.image(i),
+            config,
+            Offsets::Positives,
+            &mut scratch,
+            &mut targets,
+        ));
+    }
+    let scale = GradScale::new(config, sums.num_pos);
+    let mut grad_conf = vec![f32::NAN; s.batch * s.priors * s.classes];
+    let mut grad_loc = vec![[f32::NAN; 4]; s.batch * s.priors];
+    for (i, workspace) in workspaces.iter_mut().enumerate() {
+        let (_, targets) = workspace.split();
+        let conf = &mut grad_conf[i * s.priors * s.classes..(i + 1) * s.priors * s.classes];
+        let loc = &mut grad_loc[i * s.priors..(i + 1) * s.priors];
+        backward_image(&batch.image(i), config, &targets, &scale, conf, loc, false);
+    }
+    let reference = ssdkd::cpu::evaluate(&batch, config, Request::with_gradients()).unwrap();
+    assert_eq!(sums, reference.sums);
+    let grads = reference.gradients.unwrap();
+    assert_eq!(grad_conf, grads.student_conf);
+    assert_eq!(grad_loc.as_flattened(), grads.student_loc.as_slice());
+}

@@ -105,7 +105,9 @@ pub fn loc_grad_row(
 }
 
 /// Writes both gradients of one image: rows outside the selection get a zero conf gradient,
-/// non-positive priors a zero loc gradient (SPEC §6).
+/// non-positive priors a zero loc gradient (SPEC §6). With `already_zero` the caller
+/// promises zeroed outputs and those rows are not written at all (on a fresh allocation,
+/// their memory is then never touched).
 ///
 /// # Panics
 /// If the slices do not agree on P and C.
@@ -122,6 +124,7 @@ pub fn grad_image(
     config: &LossConfig,
     grad_conf: &mut [f32],
     grad_loc: &mut [[f32; 4]],
+    already_zero: bool,
 ) {
     let num_classes = config.num_classes as usize;
     assert_eq!(grad_conf.len(), student_conf.len());
@@ -133,13 +136,14 @@ pub fn grad_image(
         let target = conf_target[p];
         if target > 0 || neg_mask[p] != 0 {
             conf_grad_row(student_row, teacher_row, target, scale, config, out);
-        } else {
+        } else if !already_zero {
             out.fill(0.0);
         }
-        grad_loc[p] = if target > 0 {
-            loc_grad_row(student_loc[p], teacher_loc[p], loc_target[p], scale, config)
-        } else {
-            [0.0; 4]
-        };
+        if target > 0 {
+            grad_loc[p] =
+                loc_grad_row(student_loc[p], teacher_loc[p], loc_target[p], scale, config);
+        } else if !already_zero {
+            grad_loc[p] = [0.0; 4];
+        }
     }
 }
