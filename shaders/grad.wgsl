@@ -3,8 +3,7 @@
 // `conf_grad_row`, `grad_loc` is `loc_grad_row`, one thread per prior each. N comes from
 // the batch totals of the reduce stage, recorded before in the same command encoder.
 
-@group(0) @binding(1) var<storage, read> student_conf: array<f32>;
-@group(0) @binding(2) var<storage, read> teacher_conf: array<f32>;
+// Bindings 1 and 2 (student_conf, teacher_conf) and their rows' log-sum-exp: logits.wgsl.
 @group(0) @binding(3) var<storage, read> conf_target: array<u32>;
 @group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
 @group(0) @binding(5) var<storage, read> batch_sums: array<Sums>;
@@ -17,30 +16,6 @@
 // N = max(total positives over the batch, 1) (SPEC §5).
 fn normaliser() -> f32 {
     return f32(max(batch_sums[0].num_pos, 1u));
-}
-
-fn student_log_sum_exp(base: u32, scale: f32) -> f32 {
-    var m = -3.4028235e38;
-    for (var c = 0u; c < params.num_classes; c++) {
-        m = max(m, student_conf[base + c] * scale);
-    }
-    var sum = 0.0;
-    for (var c = 0u; c < params.num_classes; c++) {
-        sum += exp(student_conf[base + c] * scale - m);
-    }
-    return m + log(sum);
-}
-
-fn teacher_log_sum_exp(base: u32, scale: f32) -> f32 {
-    var m = -3.4028235e38;
-    for (var c = 0u; c < params.num_classes; c++) {
-        m = max(m, teacher_conf[base + c] * scale);
-    }
-    var sum = 0.0;
-    for (var c = 0u; c < params.num_classes; c++) {
-        sum += exp(teacher_conf[base + c] * scale - m);
-    }
-    return m + log(sum);
 }
 
 // The gradient of one selected row's w_conf·CE + w_soft·soft:

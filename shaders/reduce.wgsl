@@ -3,37 +3,12 @@
 // thread's strided rows in prior order, then a pairwise tree in workgroup memory — so the
 // same input gives the same bits run after run. No float atomics.
 
-@group(0) @binding(1) var<storage, read> student_conf: array<f32>;
-@group(0) @binding(2) var<storage, read> teacher_conf: array<f32>;
+// Bindings 1 and 2 (student_conf, teacher_conf) and their rows' log-sum-exp: logits.wgsl.
 @group(0) @binding(3) var<storage, read> conf_target: array<u32>;
 @group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
 @group(0) @binding(5) var<storage, read> prior_loss: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> image_sums: array<Sums>;
 @group(0) @binding(7) var<storage, read_write> batch_sums: array<Sums>;
-
-fn student_log_sum_exp(base: u32, scale: f32) -> f32 {
-    var m = -3.4028235e38;
-    for (var c = 0u; c < params.num_classes; c++) {
-        m = max(m, student_conf[base + c] * scale);
-    }
-    var sum = 0.0;
-    for (var c = 0u; c < params.num_classes; c++) {
-        sum += exp(student_conf[base + c] * scale - m);
-    }
-    return m + log(sum);
-}
-
-fn teacher_log_sum_exp(base: u32, scale: f32) -> f32 {
-    var m = -3.4028235e38;
-    for (var c = 0u; c < params.num_classes; c++) {
-        m = max(m, teacher_conf[base + c] * scale);
-    }
-    var sum = 0.0;
-    for (var c = 0u; c < params.num_classes; c++) {
-        sum += exp(teacher_conf[base + c] * scale - m);
-    }
-    return m + log(sum);
-}
 
 // The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
 // class-weighted `T² Σ w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))` when neg_w > 1, else the

@@ -3,7 +3,7 @@
 //! ties, and bit-identical results run after run. Skipped loudly without an adapter.
 
 use ssdkd::gpu::{GpuBackend, GpuRequest};
-use ssdkd::{Batch, BatchShape, Evaluation, LossConfig, PriorPreset, Request};
+use ssdkd::{BatchShape, Evaluation, LossConfig, OwnedBatch, PriorPreset, Request};
 use ssdkd_tests::{assert_elements_close, assert_loss_close};
 
 const ALL: Request = Request {
@@ -34,32 +34,6 @@ impl Lcg {
     }
 }
 
-/// Owned tensors of a generated batch.
-struct Generated {
-    shape: BatchShape,
-    student_loc: Vec<f32>,
-    student_conf: Vec<f32>,
-    teacher_loc: Vec<f32>,
-    teacher_conf: Vec<f32>,
-    targets: Vec<f32>,
-    priors: Vec<f32>,
-}
-
-impl Generated {
-    fn batch(&self) -> Batch<'_> {
-        Batch::new(
-            self.shape,
-            &self.student_loc,
-            &self.student_conf,
-            &self.teacher_loc,
-            &self.teacher_conf,
-            &self.targets,
-            &self.priors,
-        )
-        .unwrap()
-    }
-}
-
 fn ssd300_priors() -> Vec<[f32; 4]> {
     PriorPreset::Ssd300.config().priors()
 }
@@ -73,7 +47,7 @@ fn generate(
     batch: usize,
     seed: u64,
     object_rows: impl Fn(&mut Lcg, usize) -> Vec<[f32; 5]>,
-) -> Generated {
+) -> OwnedBatch {
     let priors = ssd300_priors();
     let (p, c, m) = (priors.len(), 21, 6);
     let mut rng = Lcg(seed);
@@ -116,7 +90,7 @@ fn generate(
         }
         targets.extend(slots.iter().flatten());
     }
-    Generated {
+    OwnedBatch {
         shape: BatchShape {
             batch,
             priors: p,
@@ -260,10 +234,10 @@ fn assert_agree(what: &str, gpu: &Evaluation, cpu: &Evaluation) {
 fn compare(
     gpu: &mut GpuBackend,
     what: &str,
-    generated: &Generated,
+    generated: &OwnedBatch,
     config: &LossConfig,
 ) -> Evaluation {
-    let batch = generated.batch();
+    let batch = generated.batch().unwrap();
     let cpu_eval = ssdkd::cpu::evaluate(&batch, config, ALL).unwrap();
     let gpu_eval = gpu
         .evaluate(&batch, config, ALL)
@@ -349,7 +323,7 @@ fn repeated_runs_are_bit_identical() {
         return;
     };
     let generated = generate(8, 31, random_objects);
-    let batch = generated.batch();
+    let batch = generated.batch().unwrap();
     let config = LossConfig::default();
     let first = gpu.evaluate(&batch, &config, ALL).unwrap();
     for run in 1..4 {
@@ -440,7 +414,7 @@ fn caller_buffers_are_evaluated_in_place() {
         return;
     };
     let generated = generate(2, 71, random_objects);
-    let batch = generated.batch();
+    let batch = generated.batch().unwrap();
     let config = LossConfig::default();
     let expected = gpu.evaluate(&batch, &config, ALL).unwrap();
 

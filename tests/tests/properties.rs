@@ -3,7 +3,7 @@
 //! temperature, and the gradients agree with central finite differences.
 
 use proptest::prelude::*;
-use ssdkd::{Batch, BatchShape, Evaluation, LossConfig, Request};
+use ssdkd::{BatchShape, Evaluation, LossConfig, OwnedBatch, Request};
 use ssdkd_core::boxes::{CenterBox, CornerBox, Overlap};
 use ssdkd_core::prior::{FeatureMap, PriorConfig};
 use ssdkd_core::stages::prior_terms::soft_term;
@@ -34,35 +34,9 @@ fn priors() -> Vec<[f32; 4]> {
     .priors()
 }
 
-/// Owned tensors of one generated batch.
-#[derive(Clone, Debug)]
-struct Tensors {
-    shape: BatchShape,
-    student_loc: Vec<f32>,
-    student_conf: Vec<f32>,
-    teacher_loc: Vec<f32>,
-    teacher_conf: Vec<f32>,
-    targets: Vec<f32>,
-    priors: Vec<f32>,
-}
-
-impl Tensors {
-    fn batch(&self) -> Batch<'_> {
-        Batch::new(
-            self.shape,
-            &self.student_loc,
-            &self.student_conf,
-            &self.teacher_loc,
-            &self.teacher_conf,
-            &self.targets,
-            &self.priors,
-        )
-        .unwrap()
-    }
-
-    fn evaluate(&self, config: &LossConfig, request: Request) -> Evaluation {
-        ssdkd::cpu::evaluate(&self.batch(), config, request).unwrap()
-    }
+/// Evaluates a generated batch on the CPU.
+fn evaluate(t: &OwnedBatch, config: &LossConfig, request: Request) -> Evaluation {
+    ssdkd::cpu::evaluate(&t.batch().unwrap(), config, request).unwrap()
 }
 
 /// An object inside quadrant `cell` of the image (so objects of one image never overlap).
@@ -80,7 +54,7 @@ prop_compose! {
          objects in prop::collection::vec((0usize..=4, prop::array::uniform4(0.0f32..1.0), prop::array::uniform4(0u32..16)), b),
          conf in prop::collection::vec(-4.0f32..4.0, 2 * b * 80 * c),
          loc in prop::collection::vec(-1.5f32..1.5, 2 * b * 80 * 4))
-        -> Tensors
+        -> OwnedBatch
     {
         let priors = priors();
         let p = priors.len();
@@ -96,7 +70,7 @@ prop_compose! {
         }
         let (student_conf, teacher_conf) = conf.split_at(b * p * c);
         let (student_loc, teacher_loc) = loc.split_at(b * p * 4);
-        Tensors {
+        OwnedBatch {
             shape: BatchShape { batch: b, priors: p, classes: c, objects: 4 },
             student_loc: student_loc.to_vec(),
             student_conf: student_conf.to_vec(),
@@ -108,7 +82,7 @@ prop_compose! {
     }
 }
 
-fn config_for(t: &Tensors, temperature: f32, weighted: bool) -> LossConfig {
+fn config_for(t: &OwnedBatch, temperature: f32, weighted: bool) -> LossConfig {
     // The class-weighted form is a divergence (>= 0) only with equal class weights.
     let (pos_w, neg_w) = if weighted { (1.5, 1.5) } else { (1.0, 1.0) };
     LossConfig {
@@ -130,7 +104,7 @@ proptest! {
 
     #[test]
     fn terms_are_finite_and_non_negative(t in tensors(), temperature in 0.5f32..4.0, weighted: bool) {
-        let e = t.evaluate(&config_for(&t, temperature, weighted), Request::losses());
+        let e = evaluate(&t, &config_for(&t, temperature, weighted), Request::losses());
         for v in terms(&e) {
             prop_assert!(v.is_finite());
         }
@@ -139,7 +113,7 @@ proptest! {
         prop_assert!(e.terms.l2_loss >= 0.0 && e.terms.loss_c >= 0.0 && e.terms.loss_l >= 0.0);
         // Unequal class weights: no sign, but finite.
         let config = LossConfig { neg_w: 2.0, pos_w: 0.5, ..config_for(&t, temperature, true) };
-        prop_assert!(terms(&t.evaluate(&config, Request::losses())).iter().all(|v| v.is_finite()));
+        prop_assert!(terms(&evaluate(&t, &config, Request::losses())).iter().all(|v| v.is_finite()));
     }
 
     #[test]
@@ -165,12 +139,12 @@ proptest! {
             }
         }
         let config = config_for(&t, 1.0, true);
-        let before = t.evaluate(&config, Request::losses());
+        let before = evaluate(&t, &config, Request::losses());
         let mut rotated = t.clone();
         for image in rotated.targets.chunks_exact_mut(4 * 5) {
             image.rotate_left(5 * rotate);
         }
-        let after = rotated.evaluate(&config, Request::losses());
+        let after = evaluate(&rotated, &config, Request::losses());
         prop_assert_eq!(before.sums.num_pos, after.sums.num_pos);
         for (a, b) in terms(&before).iter().zip(terms(&after)) {
             prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
@@ -202,13 +176,13 @@ proptest! {
             row[4] = -1.0;
         }
         let config = LossConfig { negatives_for_hard: t.shape.priors as u32, ..config_for(&t, 2.0, weighted) };
-        let base = t.evaluate(&config, Request::losses()).terms.soft_loss / 4.0;
+        let base = evaluate(&t, &config, Request::losses()).terms.soft_loss / 4.0;
         let mut s = t.clone();
         for v in s.student_conf.iter_mut().chain(s.teacher_conf.iter_mut()) {
             *v *= factor;
         }
         let scaled = LossConfig { temperature: 2.0 * factor, ..config };
-        let moved = s.evaluate(&scaled, Request::losses()).terms.soft_loss / f64::from(2.0 * factor).powi(2);
+        let moved = evaluate(&s, &scaled, Request::losses()).terms.soft_loss / f64::from(2.0 * factor).powi(2);
         prop_assert!((base - moved).abs() <= 1e-4 * base.abs() + 1e-6, "{base} vs {moved}");
     }
 
@@ -222,7 +196,7 @@ proptest! {
         let config = LossConfig { reg_m: 0.1, ..config_for(&t, temperature, weighted) };
         let config = if weighted { LossConfig { pos_w: 0.8, neg_w: 2.0, ..config } } else { config };
         let request = Request { gradients: true, decisions: true, ..Request::default() };
-        let e = t.evaluate(&config, request);
+        let e = evaluate(&t, &config, request);
         let grads = e.gradients.as_ref().unwrap();
         let decisions = e.decisions.as_ref().unwrap();
         let h = 1e-2f32;
@@ -246,7 +220,7 @@ proptest! {
             let at = |delta: f32| {
                 let mut moved = t.clone();
                 if conf { moved.student_conf[i] += delta } else { moved.student_loc[i] += delta }
-                moved.evaluate(&config, request)
+                evaluate(&moved, &config, request)
             };
             let (plus, minus) = (at(h), at(-h));
             if !same_decisions(&plus) || !same_decisions(&minus) {

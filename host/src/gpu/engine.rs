@@ -11,24 +11,25 @@ use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-/// A stage's WGSL: the shared include followed by the stage's own file.
+/// A stage's WGSL: the shared include, any further includes, then the stage's own file.
 macro_rules! stage_source {
-    ($file:literal) => {
+    ($($file:literal),+) => {
         concat!(
             include_str!("../../../shaders/shared.wgsl"),
-            include_str!(concat!("../../../shaders/", $file))
+            $(include_str!(concat!("../../../shaders/", $file))),+
         )
     };
 }
 
-/// The WGSL of a stage (`shaders/<stage>.wgsl` after `shaders/shared.wgsl`).
+/// The WGSL of a stage (`shaders/<stage>.wgsl` after `shaders/shared.wgsl`, and after
+/// `shaders/logits.wgsl` for the stages that read both logit tensors).
 pub(crate) fn stage_source(stage: &str) -> &'static str {
     match stage {
         "match" => stage_source!("match.wgsl"),
         "prior_terms" => stage_source!("prior_terms.wgsl"),
         "mine" => stage_source!("mine.wgsl"),
-        "reduce" => stage_source!("reduce.wgsl"),
-        "grad" => stage_source!("grad.wgsl"),
+        "reduce" => stage_source!("logits.wgsl", "reduce.wgsl"),
+        "grad" => stage_source!("logits.wgsl", "grad.wgsl"),
         other => unreachable!("no stage {other}"),
     }
 }
