@@ -32,6 +32,19 @@ pub fn flag_for_key(key: &str) -> String {
     }
 }
 
+/// The `__metadata__` keys a batch file may hold: SPEC §8's `config` and `prior_preset`,
+/// and informational keys that the reference generator and `safetensors`' PyTorch helpers
+/// write (read and ignored). Any other key is an error, so that a misspelt `config` or
+/// `prior_preset` is not silently ignored.
+pub const METADATA_KEYS: [&str; 6] = [
+    "config",
+    "prior_preset",
+    "seed",
+    "losses_order",
+    "counts_order",
+    "format",
+];
+
 /// Config values given explicitly (file metadata or flags); `None` keeps what is below.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigOverrides {
@@ -245,6 +258,17 @@ impl BatchFile {
             .map_err(|e| file_error(format!("not a valid safetensors file: {e}")))?;
 
         let metadata = header.metadata().clone().unwrap_or_default();
+        let mut keys: Vec<&String> = metadata.keys().collect();
+        keys.sort();
+        if let Some(key) = keys
+            .into_iter()
+            .find(|k| !METADATA_KEYS.contains(&k.as_str()))
+        {
+            return Err(file_error(format!(
+                "unknown metadata key `{key}` (known: {})",
+                METADATA_KEYS.join(", ")
+            )));
+        }
         let mut from_file = match metadata.get("config") {
             Some(json) => ConfigOverrides::from_config_json(json)?,
             None => ConfigOverrides::default(),

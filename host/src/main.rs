@@ -477,22 +477,10 @@ impl<'a> Timed<'a> {
 }
 
 fn bench(args: &BenchArgs) -> Result<()> {
-    if args.backend == BackendChoice::Both {
-        return Err(Error::Config {
-            key: "--backend".into(),
-            problem: "bench times one backend at a time: cpu, gpu or auto".into(),
-        });
-    }
-    let mut backend = backends(args.backend)?.remove(0);
+    let chosen = backends(args.backend)?;
     let config = LossConfig {
         num_classes: args.classes,
         ..LossConfig::DEFAULT
-    };
-    // On a GPU, time inputs already on the device (the training-loop case) and uploaded ones.
-    let modes = if backend.name() == "gpu" {
-        vec![Inputs::Device, Inputs::Host]
-    } else {
-        vec![Inputs::Host]
     };
     if !args.json {
         println!(
@@ -508,68 +496,76 @@ fn bench(args: &BenchArgs) -> Result<()> {
             "iters"
         );
     }
-    let adapter = backend.adapter();
-    let name = backend.name();
-    for &b in &args.batch {
-        let tensors = synthetic_batch(&SyntheticSpec::bench(
-            b as usize,
-            args.classes as usize,
-            args.preset,
-        ));
-        let batch = tensors.batch()?;
-        batch.check(&config, true)?;
-        let shape = batch.shape;
-        for &inputs in &modes {
-            let mut timed = Timed::new(&mut backend, batch, config, inputs)?;
-            // Warm-up, which also tells whether a progress bar is worth drawing.
-            let start = Instant::now();
-            for _ in 0..2 {
-                timed.once(true)?;
-            }
-            let bar = if start.elapsed() * args.iters > Duration::from_secs(1) {
-                ProgressBar::with_draw_target(
-                    Some(2 * u64::from(args.iters)),
-                    ProgressDrawTarget::stderr(),
-                )
-            } else {
-                ProgressBar::hidden()
-            };
-            bar.set_style(
-                ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
-                    .expect("static template"),
-            );
-            bar.set_message(format!("{name} B={b} inputs={}", inputs.name()));
-            let forward_ms = timed.median_ms(false, args.iters, &bar)?;
-            let forward_backward_ms = timed.median_ms(true, args.iters, &bar)?;
-            bar.finish_and_clear();
-            if args.json {
-                let line = json!({
-                    "backend": name,
-                    "adapter": adapter,
-                    "inputs": inputs.name(),
-                    "preset": args.preset.name(),
-                    "batch": shape.batch,
-                    "priors": shape.priors,
-                    "classes": shape.classes,
-                    "objects_per_image": shape.objects,
-                    "forward_ms": forward_ms,
-                    "forward_backward_ms": forward_backward_ms,
-                    "iters": args.iters,
-                });
-                println!("{line}");
-            } else {
-                println!(
-                    "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11.3} {:>20.3} {:>6}",
-                    name,
-                    inputs.name(),
-                    adapter,
-                    shape.batch,
-                    shape.priors,
-                    shape.classes,
-                    forward_ms,
-                    forward_backward_ms,
-                    args.iters
+    for mut backend in chosen {
+        // On a GPU, time inputs already on the device (the training-loop case) and uploaded ones.
+        let modes = if backend.name() == "gpu" {
+            vec![Inputs::Device, Inputs::Host]
+        } else {
+            vec![Inputs::Host]
+        };
+        let adapter = backend.adapter();
+        let name = backend.name();
+        for &b in &args.batch {
+            let tensors = synthetic_batch(&SyntheticSpec::bench(
+                b as usize,
+                args.classes as usize,
+                args.preset,
+            ));
+            let batch = tensors.batch()?;
+            batch.check(&config, true)?;
+            let shape = batch.shape;
+            for &inputs in &modes {
+                let mut timed = Timed::new(&mut backend, batch, config, inputs)?;
+                // Warm-up, which also tells whether a progress bar is worth drawing.
+                let start = Instant::now();
+                for _ in 0..2 {
+                    timed.once(true)?;
+                }
+                let bar = if start.elapsed() * args.iters > Duration::from_secs(1) {
+                    ProgressBar::with_draw_target(
+                        Some(2 * u64::from(args.iters)),
+                        ProgressDrawTarget::stderr(),
+                    )
+                } else {
+                    ProgressBar::hidden()
+                };
+                bar.set_style(
+                    ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+                        .expect("static template"),
                 );
+                bar.set_message(format!("{name} B={b} inputs={}", inputs.name()));
+                let forward_ms = timed.median_ms(false, args.iters, &bar)?;
+                let forward_backward_ms = timed.median_ms(true, args.iters, &bar)?;
+                bar.finish_and_clear();
+                if args.json {
+                    let line = json!({
+                        "backend": name,
+                        "adapter": adapter,
+                        "inputs": inputs.name(),
+                        "preset": args.preset.name(),
+                        "batch": shape.batch,
+                        "priors": shape.priors,
+                        "classes": shape.classes,
+                        "objects_per_image": shape.objects,
+                        "forward_ms": forward_ms,
+                        "forward_backward_ms": forward_backward_ms,
+                        "iters": args.iters,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11.3} {:>20.3} {:>6}",
+                        name,
+                        inputs.name(),
+                        adapter,
+                        shape.batch,
+                        shape.priors,
+                        shape.classes,
+                        forward_ms,
+                        forward_backward_ms,
+                        args.iters
+                    );
+                }
             }
         }
     }

@@ -279,6 +279,11 @@ fn cases() -> Vec<Case> {
             &["teacher_conf", "missing"],
         ),
         bytes_case(
+            "unknown metadata key",
+            |b| edit_header(b, |h| h["__metadata__"]["prior_presett"] = "ssd300".into()),
+            &["prior_presett", "unknown metadata key"],
+        ),
+        bytes_case(
             "unknown config key",
             |b| set_config(b, r#"{"num_classes": 5, "temprature": 2.0}"#),
             &["temprature", "unknown"],
