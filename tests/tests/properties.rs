@@ -236,3 +236,85 @@ proptest! {
         }
     }
 }
+
+/// The match stage against a direct transcription of SPEC §3 (two passes per argmax), on
+/// grid-aligned boxes whose overlaps tie exactly or within the tolerance, nudged by a few
+/// ulps so that maxima rise inside the tie band.
+mod match_reference {
+    use super::*;
+    use ssdkd_core::stages::r#match::{match_image, ObjectScratch, Offsets};
+
+    fn spec_labels(targets: &[[f32; 5]], priors: &[[f32; 4]], threshold: f32) -> Vec<u32> {
+        let objects: Vec<[f32; 5]> = targets.iter().copied().filter(|r| r[4] >= 0.0).collect();
+        if objects.is_empty() {
+            return vec![0; priors.len()];
+        }
+        let overlap = |o: &[f32; 5], p: &[f32; 4]| {
+            Overlap::of(CornerBox::from_row(o), CenterBox::from_row(*p).to_corners())
+        };
+        let first_tied = |values: &[Overlap]| {
+            let max = values
+                .iter()
+                .copied()
+                .fold(values[0], |m, v| if v.beats(m) { v } else { m });
+            (values.iter().position(|v| v.ties_with(max)).unwrap(), max)
+        };
+        let mut best_object = Vec::new();
+        let mut forced = vec![false; priors.len()];
+        for p in priors {
+            let values: Vec<Overlap> = objects.iter().map(|o| overlap(o, p)).collect();
+            let (m, max) = first_tied(&values);
+            best_object.push((m, max.reaches(threshold)));
+        }
+        for (m, o) in objects.iter().enumerate() {
+            let values: Vec<Overlap> = priors.iter().map(|p| overlap(o, p)).collect();
+            let (p, _) = first_tied(&values);
+            best_object[p] = (m, true);
+            forced[p] = true;
+        }
+        best_object
+            .iter()
+            .map(|&(m, positive)| {
+                if positive {
+                    objects[m][4] as u32 + 1
+                } else {
+                    0
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn match_follows_the_spec_tie_rules(
+            cells in prop::collection::vec((0u32..8, 0u32..8, 1u32..4, 1u32..4, -3i32..=3), 12..40),
+            boxes in prop::collection::vec((0u32..8, 0u32..8, 1u32..5, 1u32..5, 0u32..4, -2i32..=2, any::<bool>()), 1..5),
+            threshold in prop::sample::select(vec![0.3f32, 0.5, 0.7]),
+        ) {
+            // Priors and objects on a 1/8 grid, a few ulps off it: exact and near ties.
+            let nudge = |v: f32, ulps: i32| f32::from_bits((v.to_bits() as i32 + ulps) as u32);
+            let priors: Vec<[f32; 4]> = cells
+                .iter()
+                .map(|&(i, j, w, h, u)| {
+                    let (w, h) = (w as f32 / 8.0, h as f32 / 8.0);
+                    [nudge(i as f32 / 8.0 + w / 2.0, u), j as f32 / 8.0 + h / 2.0, w, nudge(h, -u)]
+                })
+                .collect();
+            let targets: Vec<[f32; 5]> = boxes
+                .iter()
+                .map(|&(i, j, w, h, label, u, padding)| {
+                    let (x0, y0) = (i as f32 / 8.0, j as f32 / 8.0);
+                    let label = if padding { -1.0 } else { label as f32 };
+                    [x0, y0, nudge(x0 + w as f32 / 8.0, u), y0 + h as f32 / 8.0, label]
+                })
+                .collect();
+            let mut objects = vec![ObjectScratch::default(); targets.len()];
+            let mut labels = vec![0u32; priors.len()];
+            let mut offsets = vec![[0.0f32; 4]; priors.len()];
+            match_image(&targets, &priors, threshold, [0.1, 0.2], Offsets::Positives, &mut objects, &mut labels, &mut offsets);
+            prop_assert_eq!(labels, spec_labels(&targets, &priors, threshold));
+        }
+    }
+}

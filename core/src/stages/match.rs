@@ -8,8 +8,13 @@ use crate::boxes::{encode, CenterBox, CornerBox, Overlap};
 pub struct ObjectScratch {
     truth: CornerBox,
     label: u32,
-    /// The object's best overlap over all priors.
+    /// The object's best overlap over the priors visited so far.
     best: Overlap,
+    /// The lowest prior index tied with `best`, unless `rescan`.
+    best_prior: u32,
+    /// `best` rose from a value within the tie tolerance of it, so an earlier prior may tie
+    /// with it too: the best prior is found by a second scan (rare).
+    rescan: bool,
     /// The overlap with the prior being visited.
     current: Overlap,
 }
@@ -28,6 +33,8 @@ impl Default for ObjectScratch {
             },
             label: 0,
             best: none,
+            best_prior: 0,
+            rescan: false,
             current: none,
         }
     }
@@ -102,7 +109,18 @@ pub fn match_image(
             if m == 0 || overlap.beats(best) {
                 best = overlap;
             }
-            if p == 0 || overlap.beats(object.best) {
+            // The object's best prior in the same pass: when its best overlap rises clear of
+            // the tolerance, every earlier prior lies below the new maximum's tie band, so
+            // this prior is the lowest tied one; a rise within the band needs a rescan.
+            if p == 0 {
+                object.best = overlap;
+            } else if overlap.beats(object.best) {
+                if object.best.ties_with(overlap) {
+                    object.rescan = true;
+                } else {
+                    object.best_prior = p as u32;
+                    object.rescan = false;
+                }
                 object.best = overlap;
             }
         }
@@ -117,13 +135,17 @@ pub fn match_image(
     // Steps 2 and 3: the best prior of each object (lowest tied index), forced onto that
     // object in object order so that a later object wins a prior two objects both want.
     for (m, object) in objects.iter().enumerate() {
-        let best_prior = priors
-            .iter()
-            .position(|prior| {
-                let prior_box = CenterBox::from_row(*prior).to_corners();
-                Overlap::of(object.truth, prior_box).ties_with(object.best)
-            })
-            .unwrap_or(0); // only NaN input (rejected by validation) finds no tie
+        let best_prior = if object.rescan {
+            priors
+                .iter()
+                .position(|prior| {
+                    let prior_box = CenterBox::from_row(*prior).to_corners();
+                    Overlap::of(object.truth, prior_box).ties_with(object.best)
+                })
+                .unwrap_or(0) // only NaN input (rejected by validation) finds no tie
+        } else {
+            object.best_prior as usize
+        };
         conf_target[best_prior] = m as u32 | POSITIVE;
     }
 
