@@ -1,5 +1,11 @@
 // Stage **match** (SPEC §3): each prior's matched object, its label and encoded offsets.
-// Twin of core/src/stages/match.rs. One workgroup per image.
+// Twin of core/src/stages/match.rs, in three kernels so that no invocation loops over more
+// than M objects or P / WORKGROUP_SIZE priors (a long-running workgroup is slow on a GPU,
+// and lavapipe silently cuts loops that run too long):
+// - `match_priors`, a thread per prior: steps 1 and 4, its best object and the threshold;
+// - `match_objects`, a workgroup per (image, object row): step 2, the object's best prior,
+//   forced with an atomic maximum so that the later object wins (step 3) in any order;
+// - `match_finish`, a workgroup per image: step 5's labels and offsets, and num_pos.
 //
 // Objects are named by their row in `targets` (padding rows skipped wherever they stand);
 // the CPU numbers the real objects 0..n instead, which orders them the same way, so
@@ -7,14 +13,19 @@
 
 @group(0) @binding(1) var<storage, read> targets: array<f32>;
 @group(0) @binding(2) var<storage, read> priors: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> conf_target: array<u32>;
+// Atomic so that `match_objects` can force priors with atomicMax; plain loads and stores
+// elsewhere.
+@group(0) @binding(3) var<storage, read_write> conf_target: array<atomic<u32>>;
 @group(0) @binding(4) var<storage, read_write> loc_target: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> image_sums: array<Sums>;
 
 // Relative tolerance under which two overlaps count as tied (SPEC §3); core/src/boxes.rs.
 const TIE_TOLERANCE: f32 = 1e-5;
-// Flag kept in `conf_target` between the passes: the prior is positive.
-const POSITIVE: u32 = 0x80000000u;
+// Flags kept in `conf_target` between the kernels: the prior is positive; the prior is some
+// object's best prior (the largest forcing row wins, as the later object does in step 3).
+const POSITIVE: u32 = 0x40000000u;
+const FORCED: u32 = 0x80000000u;
+const ROW: u32 = 0x3fffffffu;
 const NONE: u32 = 0xffffffffu;
 
 // The Jaccard overlap as (intersection, union): decisions use products, never quotients.
@@ -82,15 +93,126 @@ fn encode(t: Corners, prior: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(c, log(s) / params.variance1);
 }
 
-var<workgroup> first_object: u32;
-var<workgroup> object_row_real: u32;
+// The first real object row of `image`, or NONE.
+fn first_object(image: u32) -> u32 {
+    for (var m = 0u; m < params.num_objects; m++) {
+        if is_object(image, m) {
+            return m;
+        }
+    }
+    return NONE;
+}
+
+// Steps 1 and 4: the best object of each prior (lowest tied row), and whether the maximum
+// reaches the threshold. An image without objects gets 0 (background).
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn match_priors(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let index = thread_index(workgroup, num_workgroups, lid);
+    if index >= params.num_images * params.num_priors {
+        return;
+    }
+    let image = index / params.num_priors;
+    let p = index % params.num_priors;
+    let first = first_object(image);
+    if first == NONE {
+        atomicStore(&conf_target[params.prior_base + index], 0u);
+        return;
+    }
+    let prior_box = prior_corners(p);
+    var best = overlap_of(truth(image, first), prior_box);
+    for (var m = first + 1u; m < params.num_objects; m++) {
+        if is_object(image, m) {
+            let overlap = overlap_of(truth(image, m), prior_box);
+            if beats(overlap, best) {
+                best = overlap;
+            }
+        }
+    }
+    var best_object = first;
+    for (var m = first; m < params.num_objects; m++) {
+        if is_object(image, m) && ties_with(overlap_of(truth(image, m), prior_box), best) {
+            best_object = m;
+            break;
+        }
+    }
+    let word = best_object | select(0u, POSITIVE, reaches(best, params.overlap_threshold));
+    atomicStore(&conf_target[params.prior_base + index], word);
+}
+
 var<workgroup> best_inter: array<f32, WORKGROUP_SIZE>;
 var<workgroup> best_union: array<f32, WORKGROUP_SIZE>;
 var<workgroup> tied_prior: atomic<u32>;
 var<workgroup> num_pos: atomic<u32>;
 
+// Steps 2 and 3: the best prior of one object row (lowest tied index), forced onto it. The
+// atomic maximum keeps the largest forcing row, so a later object wins a prior two objects
+// both want, whatever order the workgroups run in.
 @compute @workgroup_size(WORKGROUP_SIZE)
-fn match_image(
+fn match_objects(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let index = workgroup_index(workgroup, num_workgroups);
+    if index >= params.num_images * params.num_objects {
+        return;
+    }
+    let image = index / params.num_objects;
+    let m = index % params.num_objects;
+    if !is_object(image, m) {
+        return;
+    }
+    if lid == 0u {
+        atomicStore(&tied_prior, NONE);
+    }
+    let object = truth(image, m);
+    // The object's best overlap: per-thread maxima, then a fixed pairwise tree.
+    var best = Overlap(0.0, 1.0);
+    for (var p = lid; p < params.num_priors; p += WORKGROUP_SIZE) {
+        let overlap = overlap_of(object, prior_corners(p));
+        if p == lid || beats(overlap, best) {
+            best = overlap;
+        }
+    }
+    best_inter[lid] = best.inter;
+    best_union[lid] = best.union_;
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {
+        workgroupBarrier();
+        if lid < stride {
+            let other = Overlap(best_inter[lid + stride], best_union[lid + stride]);
+            if beats(other, Overlap(best_inter[lid], best_union[lid])) {
+                best_inter[lid] = other.inter;
+                best_union[lid] = other.union_;
+            }
+        }
+    }
+    workgroupBarrier();
+    let object_best = Overlap(best_inter[0], best_union[0]);
+    // The lowest prior tied with it (an integer minimum: the same whatever the order).
+    for (var p = lid; p < params.num_priors; p += WORKGROUP_SIZE) {
+        if ties_with(overlap_of(object, prior_corners(p)), object_best) {
+            atomicMin(&tied_prior, p);
+            break;
+        }
+    }
+    workgroupBarrier();
+    if lid == 0u {
+        var best_prior = atomicLoad(&tied_prior);
+        if best_prior == NONE {
+            best_prior = 0u; // only NaN input (rejected by validation) finds no tie
+        }
+        atomicMax(&conf_target[params.prior_base + image * params.num_priors + best_prior], FORCED | m);
+    }
+}
+
+// Step 5 and the labels: offsets of every prior against its object, labels of the
+// positives (forced or over the threshold), and the image's positive count.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn match_finish(
     @builtin(workgroup_id) workgroup: vec3<u32>,
     @builtin(num_workgroups) num_workgroups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -99,122 +221,27 @@ fn match_image(
     if image >= params.num_images {
         return;
     }
-    let num_priors = params.num_priors;
-    let num_objects = params.num_objects;
-    let prior_base = params.prior_base + image * num_priors;
-    let loc_base = params.loc_base + image * num_priors;
-
     if lid == 0u {
-        var first = NONE;
-        for (var m = 0u; m < num_objects; m++) {
-            if is_object(image, m) {
-                first = m;
-                break;
-            }
-        }
-        first_object = first;
         atomicStore(&num_pos, 0u);
     }
-    let first = workgroupUniformLoad(&first_object);
-    if first == NONE {
-        // No objects: every prior is background with zero offsets.
-        for (var p = lid; p < num_priors; p += WORKGROUP_SIZE) {
-            conf_target[prior_base + p] = 0u;
+    workgroupBarrier();
+    let prior_base = params.prior_base + image * params.num_priors;
+    let loc_base = params.loc_base + image * params.num_priors;
+    let has_objects = first_object(image) != NONE;
+    for (var p = lid; p < params.num_priors; p += WORKGROUP_SIZE) {
+        if !has_objects {
             loc_target[loc_base + p] = vec4<f32>(0.0);
-        }
-        if lid == 0u {
-            image_sums[params.first_image + image].num_pos = 0u;
-        }
-        return;
-    }
-
-    // Steps 1 and 4: the best object of each prior (lowest tied row), and whether the
-    // maximum reaches the threshold.
-    for (var p = lid; p < num_priors; p += WORKGROUP_SIZE) {
-        let prior_box = prior_corners(p);
-        var best = overlap_of(truth(image, first), prior_box);
-        for (var m = first + 1u; m < num_objects; m++) {
-            if is_object(image, m) {
-                let overlap = overlap_of(truth(image, m), prior_box);
-                if beats(overlap, best) {
-                    best = overlap;
-                }
-            }
-        }
-        var best_object = first;
-        for (var m = first; m < num_objects; m++) {
-            if is_object(image, m) && ties_with(overlap_of(truth(image, m), prior_box), best) {
-                best_object = m;
-                break;
-            }
-        }
-        conf_target[prior_base + p] = best_object | select(0u, POSITIVE, reaches(best, params.overlap_threshold));
-    }
-    storageBarrier();
-
-    // Steps 2 and 3: the best prior of each object (lowest tied index), forced onto that
-    // object in object order so that a later object wins a prior two objects both want.
-    for (var m = first; m < num_objects; m++) {
-        if lid == 0u {
-            object_row_real = u32(is_object(image, m));
-            atomicStore(&tied_prior, NONE);
-        }
-        if workgroupUniformLoad(&object_row_real) == 0u {
+            atomicStore(&conf_target[prior_base + p], 0u);
             continue;
         }
-        let object = truth(image, m);
-        // The object's best overlap: per-thread maxima, then a fixed pairwise tree.
-        var best = Overlap(0.0, 1.0);
-        for (var p = lid; p < num_priors; p += WORKGROUP_SIZE) {
-            let overlap = overlap_of(object, prior_corners(p));
-            if p == lid || beats(overlap, best) {
-                best = overlap;
-            }
-        }
-        best_inter[lid] = best.inter;
-        best_union[lid] = best.union_;
-        for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {
-            workgroupBarrier();
-            if lid < stride {
-                let other = Overlap(best_inter[lid + stride], best_union[lid + stride]);
-                if beats(other, Overlap(best_inter[lid], best_union[lid])) {
-                    best_inter[lid] = other.inter;
-                    best_union[lid] = other.union_;
-                }
-            }
-        }
-        workgroupBarrier();
-        let object_best = Overlap(best_inter[0], best_union[0]);
-        // The lowest prior tied with it (an integer minimum: the same whatever the order).
-        for (var p = lid; p < num_priors; p += WORKGROUP_SIZE) {
-            if ties_with(overlap_of(object, prior_corners(p)), object_best) {
-                atomicMin(&tied_prior, p);
-                break;
-            }
-        }
-        workgroupBarrier();
-        if lid == 0u {
-            var best_prior = atomicLoad(&tied_prior);
-            if best_prior == NONE {
-                best_prior = 0u; // only NaN input (rejected by validation) finds no tie
-            }
-            conf_target[prior_base + best_prior] = m | POSITIVE;
-        }
-        // Everyone has read best_inter[0] before the next object overwrites it.
-        workgroupBarrier();
-    }
-    storageBarrier();
-
-    // Steps 4 and 5: labels and offsets.
-    for (var p = lid; p < num_priors; p += WORKGROUP_SIZE) {
-        let word = conf_target[prior_base + p];
-        let row = word & ~POSITIVE;
+        let word = atomicLoad(&conf_target[prior_base + p]);
+        let row = word & ROW;
         loc_target[loc_base + p] = encode(truth(image, row), priors[p]);
-        if (word & POSITIVE) != 0u {
+        if (word & (POSITIVE | FORCED)) != 0u {
             atomicAdd(&num_pos, 1u);
-            conf_target[prior_base + p] = u32(targets[target_offset(image, row) + 4u]) + 1u;
+            atomicStore(&conf_target[prior_base + p], u32(targets[target_offset(image, row) + 4u]) + 1u);
         } else {
-            conf_target[prior_base + p] = 0u;
+            atomicStore(&conf_target[prior_base + p], 0u);
         }
     }
     workgroupBarrier();

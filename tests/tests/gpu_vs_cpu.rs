@@ -469,3 +469,37 @@ fn caller_buffers_are_evaluated_in_place() {
     let again = gpu.evaluate(&batch, &config, ALL).unwrap();
     assert_identical("after a failure", &expected, &again);
 }
+
+/// Hundreds of objects in an image: no GPU invocation may loop over P × M (lavapipe cuts
+/// loops that run too long, and took wrong decisions here before the match stage was split
+/// into per-prior, per-object and per-image kernels).
+#[test]
+fn hundreds_of_objects_agree_with_the_cpu() {
+    let Some(mut gpu) = ssdkd_tests::gpu::backend("hundreds_of_objects_agree_with_the_cpu") else {
+        return;
+    };
+    let mut generated = generate(2, 31, random_objects);
+    let mut rng = Lcg(32);
+    let objects = 500;
+    generated.shape.objects = objects;
+    generated.targets.clear();
+    for image in 0..2 {
+        for row in 0..objects {
+            if (row + image) % 7 == 3 {
+                generated.targets.extend([0.0, 0.0, 0.0, 0.0, -1.0]); // padding, anywhere
+                continue;
+            }
+            let (w, h) = (rng.uniform(0.02, 0.5), rng.uniform(0.02, 0.5));
+            let (x, y) = (rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h));
+            generated
+                .targets
+                .extend([x, y, x + w, y + h, rng.below(20) as f32]);
+        }
+    }
+    compare(
+        &mut gpu,
+        "500 object rows",
+        &generated,
+        &LossConfig::default(),
+    );
+}

@@ -114,9 +114,12 @@ struct Pipeline {
     layout: wgpu::BindGroupLayout,
 }
 
-/// Every pipeline, named like the stages (`reduce` and `grad` have two entry points each).
+/// Every pipeline, named like the stages' entry points (`match` has three, `reduce` and
+/// `grad` two each).
 struct Pipelines {
-    r#match: Pipeline,
+    match_priors: Pipeline,
+    match_objects: Pipeline,
+    match_finish: Pipeline,
     prior_terms: Pipeline,
     mine: Pipeline,
     reduce_image: Pipeline,
@@ -128,7 +131,9 @@ struct Pipelines {
 impl Pipelines {
     fn get(&self, kernel: Kernel) -> &Pipeline {
         match kernel {
-            Kernel::Match => &self.r#match,
+            Kernel::MatchPriors => &self.match_priors,
+            Kernel::MatchObjects => &self.match_objects,
+            Kernel::MatchFinish => &self.match_finish,
             Kernel::PriorTerms => &self.prior_terms,
             Kernel::Mine => &self.mine,
             Kernel::ReduceImage => &self.reduce_image,
@@ -736,7 +741,9 @@ fn create_pipelines(device: &wgpu::Device) -> Pipelines {
         Pipeline { pipeline, layout }
     };
     Pipelines {
-        r#match: pipeline(Kernel::Match),
+        match_priors: pipeline(Kernel::MatchPriors),
+        match_objects: pipeline(Kernel::MatchObjects),
+        match_finish: pipeline(Kernel::MatchFinish),
         prior_terms: pipeline(Kernel::PriorTerms),
         mine: pipeline(Kernel::Mine),
         reduce_image: pipeline(Kernel::ReduceImage),

@@ -147,8 +147,12 @@ pub(crate) fn chunks(shape: &BatchShape, binding_limit: u64, alignment: u64) -> 
 /// A kernel of the pipeline: one WGSL entry point of one stage file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Kernel {
-    /// `match.wgsl` `match_image`: one workgroup per image.
-    Match,
+    /// `match.wgsl` `match_priors`: one thread per prior (each prior's best object).
+    MatchPriors,
+    /// `match.wgsl` `match_objects`: one workgroup per object row (its best prior, forced).
+    MatchObjects,
+    /// `match.wgsl` `match_finish`: one workgroup per image (labels, offsets, num_pos).
+    MatchFinish,
     /// `prior_terms.wgsl` `prior_terms`: one thread per prior.
     PriorTerms,
     /// `mine.wgsl` `mine`: one workgroup per image.
@@ -227,13 +231,16 @@ const fn write(binding: u32, resource: Resource) -> Binding {
 pub(crate) enum Launch {
     PerImage,
     PerPrior,
+    PerObjectRow,
     Single,
 }
 
 impl Kernel {
     /// Every kernel, in pipeline order.
-    pub const ALL: [Kernel; 7] = [
-        Kernel::Match,
+    pub const ALL: [Kernel; 9] = [
+        Kernel::MatchPriors,
+        Kernel::MatchObjects,
+        Kernel::MatchFinish,
         Kernel::PriorTerms,
         Kernel::Mine,
         Kernel::ReduceImage,
@@ -245,7 +252,7 @@ impl Kernel {
     /// The stage it belongs to, as the WGSL file and the core module are named.
     pub fn stage(self) -> &'static str {
         match self {
-            Kernel::Match => "match",
+            Kernel::MatchPriors | Kernel::MatchObjects | Kernel::MatchFinish => "match",
             Kernel::PriorTerms => "prior_terms",
             Kernel::Mine => "mine",
             Kernel::ReduceImage | Kernel::ReduceBatch => "reduce",
@@ -257,7 +264,9 @@ impl Kernel {
     /// stage has two.
     pub fn label(self) -> &'static str {
         match self {
-            Kernel::Match => "ssdkd.match",
+            Kernel::MatchPriors => "ssdkd.match.match_priors",
+            Kernel::MatchObjects => "ssdkd.match.match_objects",
+            Kernel::MatchFinish => "ssdkd.match.match_finish",
             Kernel::PriorTerms => "ssdkd.prior_terms",
             Kernel::Mine => "ssdkd.mine",
             Kernel::ReduceImage => "ssdkd.reduce.reduce_image",
@@ -270,7 +279,9 @@ impl Kernel {
     /// The WGSL entry point.
     pub fn entry_point(self) -> &'static str {
         match self {
-            Kernel::Match => "match_image",
+            Kernel::MatchPriors => "match_priors",
+            Kernel::MatchObjects => "match_objects",
+            Kernel::MatchFinish => "match_finish",
             Kernel::PriorTerms => "prior_terms",
             Kernel::Mine => "mine",
             Kernel::ReduceImage => "reduce_image",
@@ -283,8 +294,11 @@ impl Kernel {
     /// Its launch shape.
     pub fn launch(self) -> Launch {
         match self {
-            Kernel::Match | Kernel::Mine | Kernel::ReduceImage => Launch::PerImage,
-            Kernel::PriorTerms | Kernel::GradConf | Kernel::GradLoc => Launch::PerPrior,
+            Kernel::MatchFinish | Kernel::Mine | Kernel::ReduceImage => Launch::PerImage,
+            Kernel::MatchPriors | Kernel::PriorTerms | Kernel::GradConf | Kernel::GradLoc => {
+                Launch::PerPrior
+            }
+            Kernel::MatchObjects => Launch::PerObjectRow,
             Kernel::ReduceBatch => Launch::Single,
         }
     }
@@ -335,7 +349,7 @@ impl Kernel {
             write(10, GradStudentLoc),
         ];
         match self {
-            Kernel::Match => MATCH,
+            Kernel::MatchPriors | Kernel::MatchObjects | Kernel::MatchFinish => MATCH,
             Kernel::PriorTerms => PRIOR_TERMS,
             Kernel::Mine => MINE,
             Kernel::ReduceImage => REDUCE_IMAGE,
@@ -349,6 +363,7 @@ impl Kernel {
     pub fn workgroups(self, shape: &BatchShape, images: usize) -> u32 {
         match self.launch() {
             Launch::PerImage => images as u32,
+            Launch::PerObjectRow => (images * shape.objects) as u32,
             Launch::PerPrior => (images * shape.priors).div_ceil(WORKGROUP_SIZE as usize) as u32,
             Launch::Single => 1,
         }
@@ -398,7 +413,9 @@ impl Recording {
         };
         for (i, chunk) in chunks.iter().enumerate() {
             for kernel in [
-                Kernel::Match,
+                Kernel::MatchPriors,
+                Kernel::MatchObjects,
+                Kernel::MatchFinish,
                 Kernel::PriorTerms,
                 Kernel::Mine,
                 Kernel::ReduceImage,
@@ -492,6 +509,8 @@ mod tests {
         assert!(recording.dispatches[..reduce]
             .iter()
             .all(|d| !matches!(d.kernel, Kernel::GradConf | Kernel::GradLoc)));
-        assert_eq!(recording.dispatches.len(), chunks.len() * 6 + 1);
+        // Per chunk: three match kernels, prior terms, mine, reduce_image and two gradient
+        // kernels; then one batch reduce.
+        assert_eq!(recording.dispatches.len(), chunks.len() * 8 + 1);
     }
 }
