@@ -1,5 +1,6 @@
-// Stage **reduce** (SPEC §5): the sums over the selected rows of an image, then the batch
-// totals. Twin of core/src/stages/reduce.rs. Every sum is taken in a fixed order — each
+// Stage **reduce** (SPEC §5): each selected row's soft term (`reduce_rows`, a thread per
+// prior, so that no invocation loops over more than one row's C classes), the sums over the
+// selected rows of an image (`reduce_image`), then the batch totals (`reduce_batch`). Twin of core/src/stages/reduce.rs. Every sum is taken in a fixed order — each
 // thread's strided rows in prior order, then a pairwise tree in workgroup memory — so the
 // same input gives the same bits run after run. No float atomics.
 
@@ -9,6 +10,8 @@
 @group(0) @binding(5) var<storage, read> prior_loss: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> image_sums: array<Sums>;
 @group(0) @binding(7) var<storage, read_write> batch_sums: array<Sums>;
+// Per prior: the soft term of a selected row, 0 elsewhere.
+@group(0) @binding(8) var<storage, read_write> row_soft: array<f32>;
 
 // The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
 // class-weighted `T² Σ w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))` when neg_w > 1, else the
@@ -55,6 +58,25 @@ fn tree_sum(lid: u32) {
     workgroupBarrier();
 }
 
+// A thread per prior: the soft term of each selected row.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn reduce_rows(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let index = thread_index(workgroup, num_workgroups, lid);
+    if index >= params.num_images * params.num_priors {
+        return;
+    }
+    let selected = conf_target[params.prior_base + index] > 0u || neg_mask[params.prior_base + index] != 0u;
+    var soft = 0.0;
+    if selected {
+        soft = soft_term(params.conf_base + index * params.num_classes);
+    }
+    row_soft[params.prior_base + index] = soft;
+}
+
 // One workgroup per image: the image's sums over its selected rows and positives.
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn reduce_image(
@@ -74,7 +96,7 @@ fn reduce_image(
         let positive = conf_target[params.prior_base + index] > 0u;
         let loss = prior_loss[params.loc_base + index];
         if positive || neg_mask[params.prior_base + index] != 0u {
-            sums.x += soft_term(params.conf_base + index * params.num_classes);
+            sums.x += row_soft[params.prior_base + index];
             sums.z += loss.x;
         }
         if positive {

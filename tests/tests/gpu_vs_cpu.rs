@@ -503,3 +503,38 @@ fn hundreds_of_objects_agree_with_the_cpu() {
         &LossConfig::default(),
     );
 }
+
+/// Many classes and every row selected (no objects, negatives_for_hard = P): the soft terms
+/// are taken a thread per row, not a loop per image (lavapipe cut that loop before).
+#[test]
+fn many_classes_every_row_selected_agree_with_the_cpu() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("many_classes_every_row_selected_agree_with_the_cpu")
+    else {
+        return;
+    };
+    let priors = ssd300_priors();
+    let (p, c) = (priors.len(), 300);
+    let mut rng = Lcg(41);
+    let mut logits = |n: usize| (0..n).map(|_| rng.uniform(-4.0, 4.0)).collect::<Vec<f32>>();
+    let generated = OwnedBatch {
+        shape: BatchShape {
+            batch: 1,
+            priors: p,
+            classes: c,
+            objects: 1,
+        },
+        student_conf: logits(p * c),
+        teacher_conf: logits(p * c),
+        student_loc: logits(p * 4),
+        teacher_loc: logits(p * 4),
+        targets: vec![0.0, 0.0, 0.0, 0.0, -1.0],
+        priors: priors.iter().flatten().copied().collect(),
+    };
+    let config = LossConfig {
+        num_classes: c as u32,
+        negatives_for_hard: p as u32,
+        ..LossConfig::default()
+    };
+    compare(&mut gpu, "C = 300, every row selected", &generated, &config);
+}

@@ -114,14 +114,15 @@ struct Pipeline {
     layout: wgpu::BindGroupLayout,
 }
 
-/// Every pipeline, named like the stages' entry points (`match` has three, `reduce` and
-/// `grad` two each).
+/// Every pipeline, named like the stages' entry points (`match` and `reduce` have three,
+/// `grad` two).
 struct Pipelines {
     match_priors: Pipeline,
     match_objects: Pipeline,
     match_finish: Pipeline,
     prior_terms: Pipeline,
     mine: Pipeline,
+    reduce_rows: Pipeline,
     reduce_image: Pipeline,
     reduce_batch: Pipeline,
     grad_conf: Pipeline,
@@ -136,6 +137,7 @@ impl Pipelines {
             Kernel::MatchFinish => &self.match_finish,
             Kernel::PriorTerms => &self.prior_terms,
             Kernel::Mine => &self.mine,
+            Kernel::ReduceRows => &self.reduce_rows,
             Kernel::ReduceImage => &self.reduce_image,
             Kernel::ReduceBatch => &self.reduce_batch,
             Kernel::GradConf => &self.grad_conf,
@@ -162,6 +164,7 @@ struct Workspace {
     neg_mask: wgpu::Buffer,
     mining_score: wgpu::Buffer,
     prior_loss: wgpu::Buffer,
+    row_soft: wgpu::Buffer,
     image_sums: wgpu::Buffer,
     batch_sums: wgpu::Buffer,
     staging: Option<wgpu::Buffer>,
@@ -467,6 +470,7 @@ impl Engine {
             neg_mask: self.buffer("ssdkd.neg_mask", prior, usage),
             mining_score: self.buffer("ssdkd.mining_score", prior, usage),
             prior_loss: self.buffer("ssdkd.prior_loss", loc, usage),
+            row_soft: self.buffer("ssdkd.row_soft", prior, usage),
             image_sums: self.buffer("ssdkd.image_sums", sums * b, usage),
             batch_sums: self.buffer("ssdkd.batch_sums", sums, usage),
             staging: None,
@@ -746,6 +750,7 @@ fn create_pipelines(device: &wgpu::Device) -> Pipelines {
         match_finish: pipeline(Kernel::MatchFinish),
         prior_terms: pipeline(Kernel::PriorTerms),
         mine: pipeline(Kernel::Mine),
+        reduce_rows: pipeline(Kernel::ReduceRows),
         reduce_image: pipeline(Kernel::ReduceImage),
         reduce_batch: pipeline(Kernel::ReduceBatch),
         grad_conf: pipeline(Kernel::GradConf),
@@ -808,6 +813,7 @@ fn bind(
                             Resource::NegMask => &workspace.neg_mask,
                             Resource::MiningScore => &workspace.mining_score,
                             Resource::PriorLoss => &workspace.prior_loss,
+                            Resource::RowSoft => &workspace.row_soft,
                             Resource::ImageSums => &workspace.image_sums,
                             Resource::BatchSums => &workspace.batch_sums,
                             Resource::GradStudentConf => &batch.grad_student_conf,

@@ -157,6 +157,8 @@ pub(crate) enum Kernel {
     PriorTerms,
     /// `mine.wgsl` `mine`: one workgroup per image.
     Mine,
+    /// `reduce.wgsl` `reduce_rows`: one thread per prior (the soft term of selected rows).
+    ReduceRows,
     /// `reduce.wgsl` `reduce_image`: one workgroup per image.
     ReduceImage,
     /// `reduce.wgsl` `reduce_batch`: one workgroup for the batch.
@@ -181,6 +183,7 @@ pub(crate) enum Resource {
     NegMask,
     MiningScore,
     PriorLoss,
+    RowSoft,
     ImageSums,
     BatchSums,
     GradStudentConf,
@@ -195,7 +198,7 @@ impl Resource {
             StudentConf | TeacherConf | GradStudentConf => Some(Layout::Conf),
             StudentLoc | TeacherLoc | LocTarget | PriorLoss | GradStudentLoc => Some(Layout::Loc),
             Targets => Some(Layout::Target),
-            ConfTarget | NegMask | MiningScore => Some(Layout::Prior),
+            ConfTarget | NegMask | MiningScore | RowSoft => Some(Layout::Prior),
             Priors | ImageSums | BatchSums => None,
         }
     }
@@ -237,12 +240,13 @@ pub(crate) enum Launch {
 
 impl Kernel {
     /// Every kernel, in pipeline order.
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::MatchPriors,
         Kernel::MatchObjects,
         Kernel::MatchFinish,
         Kernel::PriorTerms,
         Kernel::Mine,
+        Kernel::ReduceRows,
         Kernel::ReduceImage,
         Kernel::ReduceBatch,
         Kernel::GradConf,
@@ -255,7 +259,7 @@ impl Kernel {
             Kernel::MatchPriors | Kernel::MatchObjects | Kernel::MatchFinish => "match",
             Kernel::PriorTerms => "prior_terms",
             Kernel::Mine => "mine",
-            Kernel::ReduceImage | Kernel::ReduceBatch => "reduce",
+            Kernel::ReduceRows | Kernel::ReduceImage | Kernel::ReduceBatch => "reduce",
             Kernel::GradConf | Kernel::GradLoc => "grad",
         }
     }
@@ -269,6 +273,7 @@ impl Kernel {
             Kernel::MatchFinish => "ssdkd.match.match_finish",
             Kernel::PriorTerms => "ssdkd.prior_terms",
             Kernel::Mine => "ssdkd.mine",
+            Kernel::ReduceRows => "ssdkd.reduce.reduce_rows",
             Kernel::ReduceImage => "ssdkd.reduce.reduce_image",
             Kernel::ReduceBatch => "ssdkd.reduce.reduce_batch",
             Kernel::GradConf => "ssdkd.grad.grad_conf",
@@ -284,6 +289,7 @@ impl Kernel {
             Kernel::MatchFinish => "match_finish",
             Kernel::PriorTerms => "prior_terms",
             Kernel::Mine => "mine",
+            Kernel::ReduceRows => "reduce_rows",
             Kernel::ReduceImage => "reduce_image",
             Kernel::ReduceBatch => "reduce_batch",
             Kernel::GradConf => "grad_conf",
@@ -295,9 +301,11 @@ impl Kernel {
     pub fn launch(self) -> Launch {
         match self {
             Kernel::MatchFinish | Kernel::Mine | Kernel::ReduceImage => Launch::PerImage,
-            Kernel::MatchPriors | Kernel::PriorTerms | Kernel::GradConf | Kernel::GradLoc => {
-                Launch::PerPrior
-            }
+            Kernel::MatchPriors
+            | Kernel::PriorTerms
+            | Kernel::ReduceRows
+            | Kernel::GradConf
+            | Kernel::GradLoc => Launch::PerPrior,
             Kernel::MatchObjects => Launch::PerObjectRow,
             Kernel::ReduceBatch => Launch::Single,
         }
@@ -323,13 +331,19 @@ impl Kernel {
             write(7, PriorLoss),
         ];
         const MINE: &[Binding] = &[read(1, MiningScore), write(2, ImageSums), write(3, NegMask)];
-        const REDUCE_IMAGE: &[Binding] = &[
+        const REDUCE_ROWS: &[Binding] = &[
             read(1, StudentConf),
             read(2, TeacherConf),
             read(3, ConfTarget),
             read(4, NegMask),
+            write(8, RowSoft),
+        ];
+        const REDUCE_IMAGE: &[Binding] = &[
+            read(3, ConfTarget),
+            read(4, NegMask),
             read(5, PriorLoss),
             write(6, ImageSums),
+            write(8, RowSoft),
         ];
         const REDUCE_BATCH: &[Binding] = &[write(6, ImageSums), write(7, BatchSums)];
         const GRAD_CONF: &[Binding] = &[
@@ -352,6 +366,7 @@ impl Kernel {
             Kernel::MatchPriors | Kernel::MatchObjects | Kernel::MatchFinish => MATCH,
             Kernel::PriorTerms => PRIOR_TERMS,
             Kernel::Mine => MINE,
+            Kernel::ReduceRows => REDUCE_ROWS,
             Kernel::ReduceImage => REDUCE_IMAGE,
             Kernel::ReduceBatch => REDUCE_BATCH,
             Kernel::GradConf => GRAD_CONF,
@@ -418,6 +433,7 @@ impl Recording {
                 Kernel::MatchFinish,
                 Kernel::PriorTerms,
                 Kernel::Mine,
+                Kernel::ReduceRows,
                 Kernel::ReduceImage,
             ] {
                 launch(kernel, i, chunk.images);
@@ -509,8 +525,8 @@ mod tests {
         assert!(recording.dispatches[..reduce]
             .iter()
             .all(|d| !matches!(d.kernel, Kernel::GradConf | Kernel::GradLoc)));
-        // Per chunk: three match kernels, prior terms, mine, reduce_image and two gradient
-        // kernels; then one batch reduce.
-        assert_eq!(recording.dispatches.len(), chunks.len() * 8 + 1);
+        // Per chunk: three match kernels, prior terms, mine, reduce_rows, reduce_image and
+        // two gradient kernels; then one batch reduce.
+        assert_eq!(recording.dispatches.len(), chunks.len() * 9 + 1);
     }
 }
