@@ -1,5 +1,5 @@
-// Included after shared.wgsl by the stages that read both logit tensors (reduce, grad):
-// the tensors at bindings 1 and 2 and the log-sum-exp of a row of each.
+// Included after shared.wgsl by the stages that read the logits (prior terms, reduce,
+// grad): the tensors at bindings 1 and 2 and the log-sum-exp of a row of each.
 // Twin of core/src/stages/prior_terms.rs `log_sum_exp`.
 
 @group(0) @binding(1) var<storage, read> student_conf: array<f32>;

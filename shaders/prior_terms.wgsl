@@ -3,8 +3,9 @@
 // core/src/stages/prior_terms.rs. One thread per prior. The soft term, needed only on the
 // selected rows, is taken by the reduce stage once mining has chosen them.
 
-@group(0) @binding(1) var<storage, read> student_conf: array<f32>;
-@group(0) @binding(2) var<storage, read> student_loc: array<vec4<f32>>;
+// Binding 1 (student_conf) and `student_log_sum_exp`: logits.wgsl (its binding 2, the
+// teacher's logits, is not used here).
+@group(0) @binding(9) var<storage, read> student_loc: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> teacher_loc: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> conf_target: array<u32>;
 @group(0) @binding(5) var<storage, read> loc_target: array<vec4<f32>>;
@@ -12,19 +13,6 @@
 // Per prior: (cross_entropy, smooth-L1 over the 4 coordinates, d_s where the teacher
 // bound holds else 0, 1 where it holds else 0); the loc entries are 0 off the positives.
 @group(0) @binding(7) var<storage, read_write> prior_loss: array<vec4<f32>>;
-
-// ln Σ exp(row[c] · scale), stable (max first); `row` starts at `base` in student_conf.
-fn log_sum_exp(base: u32, scale: f32) -> f32 {
-    var m = -3.4028235e38;
-    for (var c = 0u; c < params.num_classes; c++) {
-        m = max(m, student_conf[base + c] * scale);
-    }
-    var sum = 0.0;
-    for (var c = 0u; c < params.num_classes; c++) {
-        sum += exp(student_conf[base + c] * scale - m);
-    }
-    return m + log(sum);
-}
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn prior_terms(
@@ -39,7 +27,7 @@ fn prior_terms(
     let row = params.conf_base + index * params.num_classes;
     let target_class = conf_target[params.prior_base + index];
     let positive = target_class > 0u;
-    let cross_entropy = log_sum_exp(row, 1.0) - student_conf[row + target_class];
+    let cross_entropy = student_log_sum_exp(row, 1.0) - student_conf[row + target_class];
     // Positives score 0 (SPEC §4); `+ 0.0` keeps the score off −0 as on the CPU.
     mining_score[params.prior_base + index] = select(cross_entropy + 0.0, 0.0, positive);
 

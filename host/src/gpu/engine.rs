@@ -22,11 +22,11 @@ macro_rules! stage_source {
 }
 
 /// The WGSL of a stage (`shaders/<stage>.wgsl` after `shaders/shared.wgsl`, and after
-/// `shaders/logits.wgsl` for the stages that read both logit tensors).
+/// `shaders/logits.wgsl` for the stages that read the logits).
 pub(crate) fn stage_source(stage: &str) -> &'static str {
     match stage {
         "match" => stage_source!("match.wgsl"),
-        "prior_terms" => stage_source!("prior_terms.wgsl"),
+        "prior_terms" => stage_source!("logits.wgsl", "prior_terms.wgsl"),
         "mine" => stage_source!("mine.wgsl"),
         "reduce" => stage_source!("logits.wgsl", "reduce.wgsl"),
         "grad" => stage_source!("logits.wgsl", "grad.wgsl"),

@@ -323,7 +323,7 @@ impl Kernel {
         ];
         const PRIOR_TERMS: &[Binding] = &[
             read(1, StudentConf),
-            read(2, StudentLoc),
+            read(9, StudentLoc),
             read(3, TeacherLoc),
             read(4, ConfTarget),
             read(5, LocTarget),
