@@ -48,32 +48,54 @@ fn grad_conf(
     let lse_s = student_log_sum_exp(base, inv_t);
     let lse_t = teacher_log_sum_exp(base, inv_t);
     let soft_scale = params.w_soft / n * t;
-    if params.weighted_soft != 0u {
-        let eps = params.eps;
-        var g_sum = 0.0;
-        for (var c = 0u; c < params.num_classes; c++) {
-            let q = exp(teacher_conf[base + c] * inv_t - lse_t);
-            let p = exp(student_conf[base + c] * inv_t - lse_s);
-            let w = select(params.pos_w, params.neg_w, c == 0u);
-            g_sum += w * (q + eps) / (p + eps) * p;
+    let eps = params.eps;
+    let weighted = params.weighted_soft != 0u;
+    // In f32, softmax − 1 at the target and p − q or G − h at a class whose p is near 1
+    // lose their digits. Those are taken from the other classes' sums instead: the target's
+    // cross-entropy term is −Σ_{c≠t} softmax_c, and the class `top` of largest logit (the
+    // only p that can be near 1) gets Σ_{c≠top} q_c − Σ_{c≠top} p_c, or
+    // G − h_top = Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c.
+    var top = 0u;
+    for (var c = 1u; c < params.num_classes; c++) {
+        if student_conf[base + c] > student_conf[base + top] {
+            top = c;
         }
-        for (var c = 0u; c < params.num_classes; c++) {
-            let s = student_conf[base + c];
-            let q = exp(teacher_conf[base + c] * inv_t - lse_t);
-            let p = exp(s * inv_t - lse_s);
+    }
+    var g_sum = 0.0;
+    var rest_p = 0.0;
+    var rest_q = 0.0;
+    var rest_ph = 0.0;
+    var rest_ce = 0.0;
+    for (var c = 0u; c < params.num_classes; c++) {
+        let s = student_conf[base + c];
+        let q = exp(teacher_conf[base + c] * inv_t - lse_t);
+        let p = exp(s * inv_t - lse_s);
+        let w = select(params.pos_w, params.neg_w, c == 0u);
+        let h = w * (q + eps) / (p + eps);
+        g_sum += h * p;
+        if c != top {
+            rest_p += p;
+            rest_q += q;
+            rest_ph += p * h;
+        }
+        if c != target_class {
+            rest_ce += exp(s - lse);
+        }
+    }
+    for (var c = 0u; c < params.num_classes; c++) {
+        let s = student_conf[base + c];
+        let q = exp(teacher_conf[base + c] * inv_t - lse_t);
+        let p = exp(s * inv_t - lse_s);
+        let ce = select(exp(s - lse), -rest_ce, c == target_class);
+        var soft = 0.0;
+        if weighted {
             let w = select(params.pos_w, params.neg_w, c == 0u);
             let h = w * (q + eps) / (p + eps);
-            let ce = exp(s - lse) - select(0.0, 1.0, c == target_class);
-            grad_student_conf[base + c] = scale_conf * ce + soft_scale * p * (g_sum - h);
+            soft = p * select(g_sum - h, rest_ph - h * rest_p, c == top);
+        } else {
+            soft = select(p - q, rest_q - rest_p, c == top);
         }
-    } else {
-        for (var c = 0u; c < params.num_classes; c++) {
-            let s = student_conf[base + c];
-            let q = exp(teacher_conf[base + c] * inv_t - lse_t);
-            let p = exp(s * inv_t - lse_s);
-            let ce = exp(s - lse) - select(0.0, 1.0, c == target_class);
-            grad_student_conf[base + c] = scale_conf * ce + soft_scale * (p - q);
-        }
+        grad_student_conf[base + c] = scale_conf * ce + soft_scale * soft;
     }
 }
 

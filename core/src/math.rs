@@ -18,6 +18,16 @@ mod imp {
     pub fn sqrt_f64(x: f64) -> f64 {
         x.sqrt()
     }
+    /// `e^x` in f64 (the selected rows' soft terms and gradients).
+    #[inline(always)]
+    pub fn exp_f64(x: f64) -> f64 {
+        x.exp()
+    }
+    /// Natural logarithm in f64.
+    #[inline(always)]
+    pub fn ln_f64(x: f64) -> f64 {
+        x.ln()
+    }
     /// Integer part, rounding toward zero.
     #[inline(always)]
     pub fn trunc(x: f32) -> f32 {
@@ -42,6 +52,16 @@ mod imp {
     pub fn sqrt_f64(x: f64) -> f64 {
         libm::sqrt(x)
     }
+    /// `e^x` in f64 (the selected rows' soft terms and gradients).
+    #[inline(always)]
+    pub fn exp_f64(x: f64) -> f64 {
+        libm::exp(x)
+    }
+    /// Natural logarithm in f64.
+    #[inline(always)]
+    pub fn ln_f64(x: f64) -> f64 {
+        libm::log(x)
+    }
     /// Integer part, rounding toward zero.
     #[inline(always)]
     pub fn trunc(x: f32) -> f32 {
@@ -49,4 +69,4 @@ mod imp {
     }
 }
 
-pub use imp::{exp, ln, sqrt_f64, trunc};
+pub use imp::{exp, exp_f64, ln, ln_f64, sqrt_f64, trunc};

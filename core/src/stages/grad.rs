@@ -3,7 +3,7 @@
 
 use crate::config::LossConfig;
 use crate::math;
-use crate::stages::prior_terms::{loc_terms, log_sum_exp, smooth_l1_grad};
+use crate::stages::prior_terms::{loc_terms, log_sum_exp_f64, smooth_l1_grad};
 
 /// The factors `w_term / N` that the gradients of the four terms carry.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,6 +37,10 @@ impl GradScale {
 /// - cross-entropy: `softmax(s)_c − [c = target]`;
 /// - plain KL: `T (p_c − q_c)`;
 /// - class-weighted: `T p_c (G − h_c)` with `h_c = w_c (q_c + ε) / (p_c + ε)`, `G = Σ h_c p_c`.
+///
+/// Computed in f64 and rounded once: with few positives the factors `w / N` are large, and
+/// `softmax − 1` or `p − q` near 1 would lose the small results' digits in f32. Only the
+/// selected rows come here, so the cost is small.
 pub fn conf_grad_row(
     student_row: &[f32],
     teacher_row: &[f32],
@@ -45,44 +49,39 @@ pub fn conf_grad_row(
     config: &LossConfig,
     out: &mut [f32],
 ) {
-    let t = config.temperature;
+    let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let lse = log_sum_exp(student_row, 1.0);
-    let lse_s = log_sum_exp(student_row, inv_t);
-    let lse_t = log_sum_exp(teacher_row, inv_t);
-    let soft_scale = scale.soft * t;
+    let lse = log_sum_exp_f64(student_row, 1.0);
+    let lse_s = log_sum_exp_f64(student_row, inv_t);
+    let lse_t = log_sum_exp_f64(teacher_row, inv_t);
+    let conf_scale = f64::from(scale.conf);
+    let soft_scale = f64::from(scale.soft) * t;
+    let probabilities = |c: usize| {
+        let p = math::exp_f64(f64::from(student_row[c]) * inv_t - lse_s);
+        let q = math::exp_f64(f64::from(teacher_row[c]) * inv_t - lse_t);
+        (p, q)
+    };
+    let cross_entropy = |c: usize| {
+        math::exp_f64(f64::from(student_row[c]) - lse) - f64::from(u8::from(c as u32 == target))
+    };
     if config.weighted_soft_loss() {
-        let eps = config.eps;
-        let class_w = |c: usize| if c == 0 { config.neg_w } else { config.pos_w };
-        let mut g_sum = 0.0;
-        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
-            let q = math::exp(te * inv_t - lse_t);
-            let p = math::exp(s * inv_t - lse_s);
-            g_sum += class_w(c) * (q + eps) / (p + eps) * p;
-        }
-        for (c, ((&s, &te), o)) in student_row
-            .iter()
-            .zip(teacher_row)
-            .zip(out.iter_mut())
-            .enumerate()
-        {
-            let q = math::exp(te * inv_t - lse_t);
-            let p = math::exp(s * inv_t - lse_s);
+        let eps = f64::from(config.eps);
+        let class_w = |c: usize| f64::from(if c == 0 { config.neg_w } else { config.pos_w });
+        let g_sum: f64 = (0..out.len())
+            .map(|c| {
+                let (p, q) = probabilities(c);
+                class_w(c) * (q + eps) / (p + eps) * p
+            })
+            .sum();
+        for (c, o) in out.iter_mut().enumerate() {
+            let (p, q) = probabilities(c);
             let h = class_w(c) * (q + eps) / (p + eps);
-            let ce = math::exp(s - lse) - f32::from(u8::from(c as u32 == target));
-            *o = scale.conf * ce + soft_scale * p * (g_sum - h);
+            *o = (conf_scale * cross_entropy(c) + soft_scale * p * (g_sum - h)) as f32;
         }
     } else {
-        for (c, ((&s, &te), o)) in student_row
-            .iter()
-            .zip(teacher_row)
-            .zip(out.iter_mut())
-            .enumerate()
-        {
-            let q = math::exp(te * inv_t - lse_t);
-            let p = math::exp(s * inv_t - lse_s);
-            let ce = math::exp(s - lse) - f32::from(u8::from(c as u32 == target));
-            *o = scale.conf * ce + soft_scale * (p - q);
+        for (c, o) in out.iter_mut().enumerate() {
+            let (p, q) = probabilities(c);
+            *o = (conf_scale * cross_entropy(c) + soft_scale * (p - q)) as f32;
         }
     }
 }

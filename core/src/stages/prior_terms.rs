@@ -13,6 +13,19 @@ pub fn log_sum_exp(row: &[f32], scale: f32) -> f32 {
     max + math::ln(sum)
 }
 
+/// [`log_sum_exp`] in f64, for the selected rows' soft terms and gradients.
+#[must_use]
+pub fn log_sum_exp_f64(row: &[f32], scale: f64) -> f64 {
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x) * scale));
+    let sum: f64 = row
+        .iter()
+        .map(|&x| math::exp_f64(f64::from(x) * scale - max))
+        .sum();
+    max + math::ln_f64(sum)
+}
+
 /// Cross-entropy of a logit row against class `target`, given the row's log-sum-exp.
 #[must_use]
 pub fn cross_entropy(lse: f32, row: &[f32], target: u32) -> f32 {
@@ -93,27 +106,30 @@ pub fn loc_terms(
 /// `q = softmax(teacher / T)`, `p = softmax(student / T)`,
 /// - class-weighted (`neg_w > 1`): `T² Σ_c w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))`;
 /// - otherwise plain KL: `T² Σ_c q_c (ln q_c − ln p_c)`, with `q_c = 0` terms counting 0.
+///
+/// Computed in f64 (only the selected rows come here): a student close to its teacher makes
+/// the terms cancel.
 #[must_use]
-pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f32 {
-    let t = config.temperature;
+pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
+    let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let lse_s = log_sum_exp(student_row, inv_t);
-    let lse_t = log_sum_exp(teacher_row, inv_t);
+    let lse_s = log_sum_exp_f64(student_row, inv_t);
+    let lse_t = log_sum_exp_f64(teacher_row, inv_t);
     let mut sum = 0.0;
     if config.weighted_soft_loss() {
-        let eps = config.eps;
+        let eps = f64::from(config.eps);
         for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
-            let q = math::exp(te * inv_t - lse_t) + eps;
-            let p = math::exp(s * inv_t - lse_s) + eps;
-            let w = if c == 0 { config.neg_w } else { config.pos_w };
-            sum += w * q * (math::ln(q) - math::ln(p));
+            let q = math::exp_f64(f64::from(te) * inv_t - lse_t) + eps;
+            let p = math::exp_f64(f64::from(s) * inv_t - lse_s) + eps;
+            let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
+            sum += w * q * (math::ln_f64(q) - math::ln_f64(p));
         }
     } else {
         for (&s, &te) in student_row.iter().zip(teacher_row) {
-            let log_q = te * inv_t - lse_t;
-            let q = math::exp(log_q);
+            let log_q = f64::from(te) * inv_t - lse_t;
+            let q = math::exp_f64(log_q);
             if q > 0.0 {
-                sum += q * (log_q - (s * inv_t - lse_s));
+                sum += q * (log_q - (f64::from(s) * inv_t - lse_s));
             }
         }
     }

@@ -115,7 +115,7 @@ pub fn reduce_image(
         sums.num_pos += u32::from(positive);
         if positive || neg_mask[p] != 0 {
             sums.conf += f64::from(cross_entropy[p]);
-            sums.soft += f64::from(soft_term(student_row, teacher_row, config));
+            sums.soft += soft_term(student_row, teacher_row, config);
         }
     }
     sums
