@@ -180,6 +180,14 @@ fn floats<const N: usize>(text: &str) -> std::result::Result<[f32; N], String> {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan device-select layer prints "XDG_RUNTIME_DIR is invalid" on a headless
+    // machine. It only reorders adapters, which the adapter choice here does not rely on, so
+    // the binary turns it off there (before any thread exists).
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none()
+        && std::env::var_os("NODEVICE_SELECT").is_none()
+    {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
