@@ -51,15 +51,15 @@ fn encode_decode_round_trip() {
     assert!(zero.iter().all(|v| v.abs() < 1e-6), "{zero:?}");
 }
 
-#[test]
-fn image_without_objects_is_all_background() {
+/// Matches `targets` against the SSD300 priors (threshold 0.5, variance (0.1, 0.2)) into
+/// outputs pre-filled with `fill`, so that a test sees every value the stage writes.
+fn match_on_ssd300(targets: &[[f32; 5]], fill: (u32, f32)) -> (u32, Vec<u32>, Vec<[f32; 4]>) {
     let priors = PriorPreset::Ssd300.config().priors();
-    let targets = [[0.0, 0.0, 0.0, 0.0, -1.0f32]; 3];
-    let mut objects = [ObjectScratch::default(); 3];
-    let mut conf_target = vec![7u32; priors.len()];
-    let mut loc_target = vec![[1.0f32; 4]; priors.len()];
+    let mut objects = vec![ObjectScratch::default(); targets.len()];
+    let mut conf_target = vec![fill.0; priors.len()];
+    let mut loc_target = vec![[fill.1; 4]; priors.len()];
     let num_pos = match_image(
-        &targets,
+        targets,
         &priors,
         0.5,
         [0.1, 0.2],
@@ -68,6 +68,13 @@ fn image_without_objects_is_all_background() {
         &mut conf_target,
         &mut loc_target,
     );
+    (num_pos, conf_target, loc_target)
+}
+
+#[test]
+fn image_without_objects_is_all_background() {
+    let targets = [[0.0, 0.0, 0.0, 0.0, -1.0f32]; 3];
+    let (num_pos, conf_target, loc_target) = match_on_ssd300(&targets, (7, 1.0));
     assert_eq!(num_pos, 0);
     assert!(conf_target.iter().all(|&l| l == 0));
     assert!(loc_target.iter().all(|&t| t == [0.0; 4]));
@@ -76,21 +83,8 @@ fn image_without_objects_is_all_background() {
 #[test]
 fn every_object_gets_its_best_prior() {
     // A tiny object overlaps no prior by 0.5, yet its best prior is forced positive.
-    let priors = PriorPreset::Ssd300.config().priors();
     let targets = [[0.40, 0.40, 0.41, 0.41, 4.0f32]];
-    let mut objects = [ObjectScratch::default(); 1];
-    let mut conf_target = vec![0u32; priors.len()];
-    let mut loc_target = vec![[0.0f32; 4]; priors.len()];
-    let num_pos = match_image(
-        &targets,
-        &priors,
-        0.5,
-        [0.1, 0.2],
-        Offsets::All,
-        &mut objects,
-        &mut conf_target,
-        &mut loc_target,
-    );
+    let (num_pos, conf_target, _) = match_on_ssd300(&targets, (0, 0.0));
     assert_eq!(num_pos, 1);
     assert_eq!(conf_target.iter().filter(|&&l| l == 5).count(), 1);
 }
