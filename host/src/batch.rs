@@ -19,6 +19,31 @@ pub struct BatchShape {
     pub objects: usize,
 }
 
+impl BatchShape {
+    /// Checks that `config` can work and that its `num_classes` equals C: what every
+    /// evaluation checks, whether or not the values are scanned (and for batches already
+    /// on the GPU, whose values cannot be).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the key (and the flag that sets it).
+    pub fn check_config(&self, config: &LossConfig) -> Result<()> {
+        validate_config(config).map_err(|e| Error::Config {
+            key: e.key.into(),
+            problem: format!("{e} (flag --{})", crate::file::flag_for_key(e.key)),
+        })?;
+        if config.num_classes as usize != self.classes {
+            return Err(Error::Config {
+                key: "num_classes".into(),
+                problem: format!(
+                    "{}, but student_conf has C = {} classes",
+                    config.num_classes, self.classes
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Borrowed batch tensors (SPEC §1), flat row-major f32.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
@@ -138,19 +163,7 @@ impl<'a> Batch<'a> {
     /// # Errors
     /// [`Error::Config`] naming the key, or [`Error::Value`] naming the tensor, image and index.
     pub fn check(&self, config: &LossConfig, scan_values: bool) -> Result<()> {
-        validate_config(config).map_err(|e| Error::Config {
-            key: e.key.into(),
-            problem: format!("{e} (flag --{})", crate::file::flag_for_key(e.key)),
-        })?;
-        if config.num_classes as usize != self.shape.classes {
-            return Err(Error::Config {
-                key: "num_classes".into(),
-                problem: format!(
-                    "{}, but student_conf has C = {} classes",
-                    config.num_classes, self.shape.classes
-                ),
-            });
-        }
+        self.shape.check_config(config)?;
         if !scan_values {
             return Ok(());
         }

@@ -190,20 +190,7 @@ impl GpuBackend {
         config: &LossConfig,
         request: GpuRequest,
     ) -> Result<Evaluation> {
-        ssdkd_core::validate::validate_config(config).map_err(|e| Error::Config {
-            key: e.key.into(),
-            problem: e.to_string(),
-        })?;
-        if config.num_classes as usize != batch.shape().classes {
-            return Err(Error::Config {
-                key: "num_classes".into(),
-                problem: format!(
-                    "{}, but the batch has C = {} classes",
-                    config.num_classes,
-                    batch.shape().classes
-                ),
-            });
-        }
+        batch.shape().check_config(config)?;
         self.run(batch, config, request)
     }
 
