@@ -137,7 +137,7 @@ def compare(loss_fn, batch=None, *, config=None, seed=0, batch_size=2, preset="s
 
     rows = []
     ours = [ev.soft_loss, ev.l2_loss, ev.loss_c, ev.loss_l, ev.total]
-    for name, a, b in zip(_TERMS + ("total",), [float(x) for x in theirs] + [float(total)],
+    for name, a, b in zip(_TERMS + ("total",), [float(x.detach()) for x in theirs] + [float(total.detach())],
                           ours):
         tol = atol if abs(b) < 1e-2 else rtol * abs(b)
         ok = math.isfinite(a) and abs(a - b) <= tol
@@ -148,9 +148,10 @@ def compare(loss_fn, batch=None, *, config=None, seed=0, batch_size=2, preset="s
         got = (np.zeros_like(want) if grad is None
                else grad.detach().to("cpu", torch.float64).numpy())
         diff = np.abs(got - want)
-        excess = diff - (grad_rtol * np.abs(want) + grad_atol)
-        worst = int(np.argmax(excess)) if excess.size else 0
-        ok = bool(np.all(np.isfinite(got))) and bool(np.all(excess <= 0))
+        # The element nearest to (or furthest past) its tolerance is the one shown.
+        ratio = diff / (grad_rtol * np.abs(want) + grad_atol)
+        worst = int(np.argmax(ratio)) if ratio.size else 0
+        ok = bool(np.all(np.isfinite(got))) and bool(np.all(ratio <= 1.0))
         a, b = float(got.flat[worst]), float(want.flat[worst])
         rows.append(Row(name, a, b, _rel(a, b), ok))
     note = f"{ev.num_pos} positives, backend {ev.backend}"
