@@ -111,7 +111,9 @@ pub fn evaluate(
     };
     let mut cpu = Backend::Cpu;
     let mut fallback = None;
-    let mut gpu_slot = GPU.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut gpu_slot = GPU
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let backend: &mut Backend = if choice == Choice::Cpu {
         &mut cpu
     } else {
@@ -255,10 +257,16 @@ pub fn custom_priors(image_size: f32, maps: &[MapSpec], clip: bool) -> Result<Ve
             return Err(bad("steps", format!("map {k}: step is not > 0")));
         }
         if !positive(map.min_size) {
-            return Err(bad("min_sizes", format!("map {k}: {} is not > 0", map.min_size)));
+            return Err(bad(
+                "min_sizes",
+                format!("map {k}: {} is not > 0", map.min_size),
+            ));
         }
         if !positive(map.max_size) {
-            return Err(bad("max_sizes", format!("map {k}: {} is not > 0", map.max_size)));
+            return Err(bad(
+                "max_sizes",
+                format!("map {k}: {} is not > 0", map.max_size),
+            ));
         }
         if let Some(ar) = map.aspect_ratios.iter().find(|&&a| !positive(a)) {
             return Err(bad("aspect_ratios", format!("map {k}: {ar} is not > 0")));

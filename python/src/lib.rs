@@ -82,7 +82,10 @@ fn shape_of(
 ) -> PyResult<Vec<usize>> {
     let shape = array.shape().to_vec();
     let ok = shape.len() == want.len()
-        && shape.iter().zip(want).all(|(s, w)| w.is_none_or(|w| *s == w));
+        && shape
+            .iter()
+            .zip(want)
+            .all(|(s, w)| w.is_none_or(|w| *s == w));
     if ok {
         return Ok(shape);
     }
@@ -167,14 +170,25 @@ fn evaluate<'py>(
         (Some(tl), Some(tc)) => {
             shape_of(py, "teacher_loc", tl, &[Some(b), Some(p), Some(4)])?;
             shape_of(py, "teacher_conf", tc, &[Some(b), Some(p), Some(c)])?;
-            Some((slice(py, "teacher_loc", tl)?, slice(py, "teacher_conf", tc)?))
+            Some((
+                slice(py, "teacher_loc", tl)?,
+                slice(py, "teacher_conf", tc)?,
+            ))
         }
         (None, None) => None,
         (None, Some(_)) => {
-            return Err(input_error(py, "teacher_loc", "missing while teacher_conf is given".into()))
+            return Err(input_error(
+                py,
+                "teacher_loc",
+                "missing while teacher_conf is given".into(),
+            ))
         }
         (Some(_), None) => {
-            return Err(input_error(py, "teacher_conf", "missing while teacher_loc is given".into()))
+            return Err(input_error(
+                py,
+                "teacher_conf",
+                "missing while teacher_loc is given".into(),
+            ))
         }
     };
     let inputs = api::Inputs {
@@ -198,7 +212,10 @@ fn evaluate<'py>(
     for (name, value) in names.iter().zip(out.terms) {
         d.set_item(name, value)?;
     }
-    for (name, value) in ["soft_sum", "l2_sum", "conf_sum", "loc_sum"].iter().zip(out.sums) {
+    for (name, value) in ["soft_sum", "l2_sum", "conf_sum", "loc_sum"]
+        .iter()
+        .zip(out.sums)
+    {
         d.set_item(name, value)?;
     }
     for (name, value) in ["num_pos", "num_neg", "num_bounded"].iter().zip(out.counts) {
@@ -257,8 +274,18 @@ fn write_batch(
     let sl = shape_of(py, "student_loc", &student_loc, &[None, None, Some(4)])?;
     let (b, p) = (sl[0], sl[1]);
     let c = shape_of(py, "student_conf", &student_conf, &[Some(b), Some(p), None])?[2];
-    shape_of(py, "teacher_loc", &teacher_loc, &[Some(b), Some(p), Some(4)])?;
-    shape_of(py, "teacher_conf", &teacher_conf, &[Some(b), Some(p), Some(c)])?;
+    shape_of(
+        py,
+        "teacher_loc",
+        &teacher_loc,
+        &[Some(b), Some(p), Some(4)],
+    )?;
+    shape_of(
+        py,
+        "teacher_conf",
+        &teacher_conf,
+        &[Some(b), Some(p), Some(c)],
+    )?;
     let m = shape_of(py, "targets", &targets, &[Some(b), None, Some(5)])?[1];
     shape_of(py, "priors", &priors, &[Some(p), Some(4)])?;
     let tensors = api::Tensors {
@@ -294,13 +321,15 @@ fn custom_priors<'py>(
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let maps: Vec<api::MapSpec> = maps
         .into_iter()
-        .map(|(size, step, min_size, max_size, aspect_ratios)| api::MapSpec {
-            size,
-            step,
-            min_size,
-            max_size,
-            aspect_ratios,
-        })
+        .map(
+            |(size, step, min_size, max_size, aspect_ratios)| api::MapSpec {
+                size,
+                step,
+                min_size,
+                max_size,
+                aspect_ratios,
+            },
+        )
         .collect();
     let flat = api::custom_priors(image_size, &maps, clip).map_err(|e| to_py(py, &e))?;
     let p = flat.len() / 4;

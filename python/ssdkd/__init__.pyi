@@ -1,0 +1,73 @@
+"""Type stubs of the public `ssdkd` API."""
+
+from os import PathLike
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ._ssdkd import GpuError as GpuError
+from ._ssdkd import InputError as InputError
+from ._ssdkd import NoAdapterError as NoAdapterError
+
+_F32 = npt.NDArray[np.float32]
+_Array = npt.NDArray[np.floating[Any]]
+_Path = Union[str, "PathLike[str]"]
+
+__version__: str
+DEFAULT_CONFIG: dict[str, Any]
+CONFIG_KEYS: tuple[str, ...]
+PRESETS: tuple[str, ...]
+
+class Evaluation:
+    soft_loss: float
+    l2_loss: float
+    loss_c: float
+    loss_l: float
+    total: float
+    num_pos: int
+    num_neg: int
+    num_bounded: int
+    soft_sum: float
+    l2_sum: float
+    conf_sum: float
+    loc_sum: float
+    backend: str
+    adapter: str
+    grad_student_conf: Optional[_F32]
+    grad_student_loc: Optional[_F32]
+    conf_target: Optional[npt.NDArray[np.uint32]]
+    loc_target: Optional[_F32]
+    neg_mask: Optional[npt.NDArray[np.uint8]]
+    def terms(self) -> dict[str, float]: ...
+
+def evaluate(
+    student_loc: _Array,
+    student_conf: _Array,
+    teacher_loc: Optional[_Array],
+    teacher_conf: Optional[_Array],
+    targets: _Array,
+    priors: Union[_Array, str],
+    *,
+    backend: str = "auto",
+    gradients: bool = False,
+    decisions: bool = False,
+    validate: bool = True,
+    **config: Any,
+) -> Evaluation: ...
+def priors(
+    preset_or_config: Union[str, Mapping[str, Any], None] = None,
+    /,
+    *,
+    image_size: Optional[float] = None,
+    feature_maps: Optional[Sequence[int]] = None,
+    steps: Optional[Sequence[float]] = None,
+    min_sizes: Sequence[float] = ...,
+    max_sizes: Sequence[float] = ...,
+    aspect_ratios: Optional[Sequence[Sequence[float]]] = None,
+    clip: bool = True,
+) -> _F32: ...
+def read_batch(path: _Path) -> tuple[dict[str, _F32], dict[str, Any]]: ...
+def write_batch(
+    path: _Path, tensors: Mapping[str, Union[_Array, str]], config: Optional[Mapping[str, Any]] = None
+) -> None: ...
