@@ -85,3 +85,35 @@ def test_requested_outputs_only():
     ev = ssdkd.evaluate(**tensors, **config, backend="cpu")
     assert ev.grad_student_conf is None and ev.conf_target is None
     assert "CPU" in ev.adapter and ev.backend == "cpu"
+
+
+def test_the_gil_is_released_while_the_loss_runs():
+    """Another Python thread keeps running during a long evaluation: the largest pause
+    it sees is well below the evaluation's duration."""
+    import threading
+    import time
+
+    from ssdkd.testing import synthetic_batch
+
+    t = synthetic_batch(batch=8, classes=21, preset="ssd300", seed=5)
+    ssdkd.evaluate(**t, backend="cpu", gradients=True)  # warm-up
+    done = threading.Event()
+    span = []
+
+    def run():
+        start = time.perf_counter()
+        for _ in range(3):
+            ssdkd.evaluate(**t, backend="cpu", gradients=True)
+        span.append(time.perf_counter() - start)
+        done.set()
+
+    worker = threading.Thread(target=run)
+    stamps = [time.perf_counter()]
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.001)
+        stamps.append(time.perf_counter())
+    worker.join()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert len(stamps) > 10
+    assert max(gaps) < 0.5 * span[0] / 3, (max(gaps), span[0])

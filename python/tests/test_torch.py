@@ -73,7 +73,7 @@ def test_kd_forward_backward_matches_peer(peer, case):
                neg_w=neg_w, reg_m=reg_m)
     want, g_loc, g_conf = peer_terms(peer, t, cfg, weights)
     for got, w in zip(out, want):
-        assert_term(float(got), w)
+        assert_term(float(got.detach()), w)
     assert_grad(sl.grad, g_loc)
     assert_grad(sc.grad, g_conf)
 
@@ -106,7 +106,7 @@ def test_kd_float64_inputs_keep_their_dtype(peer):
     assert sl.grad.dtype == torch.float64 and sc.grad.dtype == torch.float64
     want, g_loc, g_conf = peer_terms(peer, t, dict(peer.DEFAULT_CONFIG), [1.0] * 4)
     for got, w in zip(out, want):
-        assert_term(float(got), w)
+        assert_term(float(got.detach()), w)
     assert_grad(sl.grad.float(), g_loc)
     assert_grad(sc.grad.float(), g_conf)
 
@@ -121,8 +121,8 @@ def test_plain_multibox_matches_peer(peer, form):
     (loss_l + 0.7 * loss_c).backward()
     cfg = dict(peer.DEFAULT_CONFIG, num_classes=7)
     want, g_loc, g_conf = peer_terms(peer, t, cfg, [0.0, 0.0, 0.7, 1.0], teacher=False)
-    assert_term(float(loss_c), want[2])
-    assert_term(float(loss_l), want[3])
+    assert_term(float(loss_c.detach()), want[2])
+    assert_term(float(loss_l.detach()), want[3])
     assert_grad(sl.grad, g_loc)
     assert_grad(sc.grad, g_conf)
 
@@ -148,10 +148,10 @@ def test_reduction_sum_gives_unnormalised_sums_and_their_gradient(peer):
     assert num_pos.dtype == torch.int64 and not num_pos.requires_grad
     n = max(int(num_pos), 1)
     want, g_loc, g_conf = peer_terms(peer, t, dict(peer.DEFAULT_CONFIG), [n, 0.0, n, 0.0])
-    assert_term(float(soft) / n, want[0])
-    assert_term(float(l2) / n, want[1])
-    assert_term(float(conf) / n, want[2])
-    assert_term(float(loc) / n, want[3])
+    assert_term(float(soft.detach()) / n, want[0])
+    assert_term(float(l2.detach()) / n, want[1])
+    assert_term(float(conf.detach()) / n, want[2])
+    assert_term(float(loc.detach()) / n, want[3])
     (soft + conf).backward()
     assert_grad(sl.grad, g_loc)
     assert_grad(sc.grad, g_conf)
@@ -183,7 +183,7 @@ def test_kd_on_gpu_backend_matches_cpu(gpu_available):
         sc = t["student_conf"].clone().requires_grad_(True)
         out = crit((sl, sc, t["priors"]), (t["teacher_loc"], t["teacher_conf"]), t["targets"])
         (0.3 * out[0] + 0.5 * out[1] + 0.7 * out[2] + out[3]).backward()
-        results.append(([float(o) for o in out], sl.grad, sc.grad))
+        results.append(([float(o.detach()) for o in out], sl.grad, sc.grad))
     (a, la, ca), (b, lb, cb) = results
     for x, y in zip(a, b):
         assert_term(y, x)
