@@ -121,7 +121,6 @@ class _SsdkdLoss(_torch.autograd.Function):
             grad_loc = _torch.from_numpy(ev.grad_student_loc).to(dtype=dt_loc, device=dev_loc)
             grad_conf = _torch.from_numpy(ev.grad_student_conf).to(dtype=dt_conf,
                                                                   device=dev_conf)
-        ctx.arrays = None
         return grad_loc, grad_conf, None, None, None, None, None
 
 

@@ -189,3 +189,18 @@ def test_kd_on_gpu_backend_matches_cpu(gpu_available):
         assert_term(y, x)
     assert_grad(lb, la.double())
     assert_grad(cb, ca.double())
+
+
+def test_backward_twice_with_retained_graph_accumulates(peer):
+    t = tensors("mobilenet300", 21, 61)
+    crit = st.MultiBoxLoss_KD(21, backend="cpu")
+    sl = t["student_loc"].clone().requires_grad_(True)
+    sc = t["student_conf"].clone().requires_grad_(True)
+    out = crit((sl, sc, t["priors"]), (t["teacher_loc"], t["teacher_conf"]), t["targets"])
+    loss = out[0] + out[2]
+    loss.backward(retain_graph=True)
+    first = sc.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(sc.grad, 2 * first)
+    _, _, g_conf = peer_terms(peer, t, dict(peer.DEFAULT_CONFIG), [1.0, 0.0, 1.0, 0.0])
+    assert_grad(first, g_conf)
