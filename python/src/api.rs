@@ -22,20 +22,28 @@ pub enum Choice {
 
 /// Borrowed input tensors, flat row-major f32, with `[B, P, C, M]`.
 pub struct Inputs<'a> {
+    /// `[B, P, C, M]`.
     pub dims: [usize; 4],
+    /// `[B, P, 4]`.
     pub student_loc: &'a [f32],
+    /// `[B, P, C]`.
     pub student_conf: &'a [f32],
     /// `(teacher_loc, teacher_conf)`; `None` is the plain MultiBox loss (SPEC §10).
     pub teacher: Option<(&'a [f32], &'a [f32])>,
+    /// `[B, M, 5]`.
     pub targets: &'a [f32],
+    /// `[P, 4]`.
     pub priors: &'a [f32],
 }
 
 /// What to compute beyond the losses.
 #[derive(Clone, Copy, Debug)]
 pub struct Wanted {
+    /// Both gradients (SPEC §6).
     pub gradients: bool,
+    /// Labels, offsets and the negative mask.
     pub decisions: bool,
+    /// Scan every input value first.
     pub validate: bool,
 }
 
@@ -164,6 +172,7 @@ pub fn evaluate(
 
 /// Owned tensors of a batch file, flat, with `[B, P, C, M]`.
 pub struct Tensors {
+    /// `[B, P, C, M]`; the vectors below are the SPEC §1 tensors, flat.
     pub dims: [usize; 4],
     pub student_loc: Vec<f32>,
     pub student_conf: Vec<f32>,
@@ -224,10 +233,15 @@ pub fn preset_priors(name: &str) -> Result<Vec<f32>, Error> {
 
 /// One feature map of a custom prior configuration, owned.
 pub struct MapSpec {
+    /// f: the map is f × f cells.
     pub size: u32,
+    /// Explicit step in pixels, if any.
     pub step: Option<f32>,
+    /// Minimum box size in pixels.
     pub min_size: f32,
+    /// Maximum box size in pixels.
     pub max_size: f32,
+    /// Aspect ratios beyond 1.
     pub aspect_ratios: Vec<f32>,
 }
 
@@ -348,12 +362,19 @@ pub enum Kind {
 
 /// An error's class, one-line message (the CLI's) and structured fields.
 pub struct ErrorInfo {
+    /// The Python class.
     pub kind: Kind,
+    /// The command line's one-line message.
     pub message: String,
+    /// The tensor at fault.
     pub tensor: Option<String>,
+    /// The config key at fault.
     pub key: Option<String>,
+    /// The image at fault.
     pub image: Option<usize>,
+    /// The prior or object row at fault.
     pub index: Option<usize>,
+    /// The file at fault.
     pub path: Option<String>,
 }
 
