@@ -117,3 +117,13 @@ def test_the_gil_is_released_while_the_loss_runs():
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert len(stamps) > 10
     assert max(gaps) < 0.5 * span[0] / 3, (max(gaps), span[0])
+
+
+def test_c_contiguous_float32_is_passed_through_and_others_converted_once():
+    a = np.zeros((2, 3, 4), np.float32)
+    assert ssdkd._as_f32("student_loc", a) is a
+    b = np.zeros((2, 3, 4), np.float64)
+    c = ssdkd._as_f32("student_loc", b)
+    assert c.dtype == np.float32 and c.flags.c_contiguous
+    f = np.asfortranarray(a)
+    assert ssdkd._as_f32("student_loc", f).flags.c_contiguous
