@@ -95,6 +95,8 @@ pub enum InputError {
     },
 }
 
+impl core::error::Error for InputError {}
+
 impl InputError {
     /// The tensor at fault.
     #[must_use]
@@ -152,6 +154,8 @@ pub struct ConfigError {
     /// What it must be.
     pub requirement: &'static str,
 }
+
+impl core::error::Error for ConfigError {}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -223,6 +227,7 @@ fn check_finite(
     data: &[f32],
     width: usize,
 ) -> Result<(), InputError> {
+    let width = width.max(1);
     match data.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(InputError::NonFinite {
@@ -273,7 +278,11 @@ pub fn validate_image(
         if label < 0.0 {
             continue; // padding, wherever it stands
         }
-        if label != math::trunc(label) || label > (num_classes - 2) as f32 {
+        // With C < 2 there is no object class, so every real label is out of range.
+        let out_of_range = num_classes
+            .checked_sub(2)
+            .is_none_or(|max| label > max as f32);
+        if label != math::trunc(label) || out_of_range {
             return Err(InputError::BadLabel {
                 image,
                 object,

@@ -1,4 +1,5 @@
-//! Backend selection: the CPU reference or the GPU, behind one `evaluate`.
+//! Backend selection: the CPU reference or the GPU, behind one `evaluate`; and inputs
+//! prepared once for repeated evaluations (on a GPU, uploaded once).
 
 use crate::batch::{Batch, Evaluation, Request};
 use crate::error::Result;
@@ -57,20 +58,91 @@ impl Backend {
         }
     }
 
-    /// Evaluates `batch`.
+    /// Evaluates `batch`. Results are checked to be finite.
     ///
     /// # Errors
-    /// Bad input (see [`Batch::check`]) or a GPU failure.
+    /// Bad input (see [`Batch::check`]), a GPU failure, or [`crate::Error::Numerical`]
+    /// for a non-finite term or gradient element.
     pub fn evaluate(
         &mut self,
         batch: &Batch<'_>,
         config: &LossConfig,
         request: Request,
     ) -> Result<Evaluation> {
-        match self {
+        let eval = match self {
             Backend::Cpu => crate::cpu::evaluate(batch, config, request),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
+        }?;
+        eval.check_finite()?;
+        Ok(eval)
+    }
+
+    /// Prepares `batch` for repeated evaluations with [`Backend::evaluate_prepared`], as a
+    /// training loop's inputs are: the value scan is done here once, and on a GPU the
+    /// tensors are uploaded once, so that later evaluations time the kernels alone.
+    ///
+    /// # Errors
+    /// Shapes disagreeing with `config` or a value the loss cannot take (as
+    /// [`Batch::check`]); a GPU failure while uploading.
+    pub fn prepare<'a>(&mut self, batch: &Batch<'a>, config: &LossConfig) -> Result<Prepared<'a>> {
+        batch.check(config, true)?;
+        Ok(Prepared {
+            batch: *batch,
+            #[cfg(feature = "gpu")]
+            resident: match self {
+                Backend::Cpu => None,
+                Backend::Gpu(gpu) => Some(gpu.upload(batch)?),
+            },
+        })
+    }
+
+    /// Evaluates a batch [`Backend::prepare`]d on this backend (its values are not scanned
+    /// again). On a GPU with `gradients`, the gradients stay in GPU buffers and
+    /// [`Evaluation::gradients`] is `None`.
+    ///
+    /// # Errors
+    /// As [`Backend::evaluate`].
+    pub fn evaluate_prepared(
+        &mut self,
+        prepared: &Prepared<'_>,
+        config: &LossConfig,
+        gradients: bool,
+    ) -> Result<Evaluation> {
+        #[cfg(feature = "gpu")]
+        if let (Backend::Gpu(gpu), Some(resident)) = (&mut *self, &prepared.resident) {
+            let request = crate::gpu::GpuRequest {
+                gradients,
+                ..Default::default()
+            };
+            let eval = gpu.evaluate_resident(resident, config, request)?;
+            eval.check_finite()?;
+            return Ok(eval);
         }
+        let request = Request {
+            gradients,
+            validate: false,
+            ..Request::default()
+        };
+        self.evaluate(&prepared.batch, config, request)
+    }
+}
+
+/// A batch ready for repeated evaluations on the backend that prepared it (see
+/// [`Backend::prepare`]).
+pub struct Prepared<'a> {
+    batch: Batch<'a>,
+    #[cfg(feature = "gpu")]
+    resident: Option<crate::gpu::GpuBatch>,
+}
+
+impl Prepared<'_> {
+    /// Whether the inputs live on a GPU (uploaded once) rather than in host memory.
+    #[must_use]
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        return self.resident.is_some();
+        #[cfg(not(feature = "gpu"))]
+        false
     }
 }

@@ -39,7 +39,7 @@ fn return_workspaces(workspaces: Vec<ImageWorkspace>) {
 /// What [`Batch::check`] finds (the value scan only when `request.validate`).
 pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Result<Evaluation> {
     batch.check(config, request.validate)?;
-    let shape = batch.shape;
+    let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
     let mut pooled = take_workspaces(shape.batch);
     let (per_image, mut workspaces): (Vec<LossSums>, Vec<ImageWorkspace>) = (0..shape.batch)

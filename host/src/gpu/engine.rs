@@ -443,12 +443,12 @@ impl Engine {
         self.guarded("uploading the batch", || {
             let t = &gpu.tensors;
             for (buffer, data) in [
-                (&t.student_loc, batch.student_loc),
-                (&t.student_conf, batch.student_conf),
-                (&t.teacher_loc, batch.teacher_loc),
-                (&t.teacher_conf, batch.teacher_conf),
-                (&t.targets, batch.targets),
-                (&t.priors, batch.priors),
+                (&t.student_loc, batch.student_loc()),
+                (&t.student_conf, batch.student_conf()),
+                (&t.teacher_loc, batch.teacher_loc()),
+                (&t.teacher_conf, batch.teacher_conf()),
+                (&t.targets, batch.targets()),
+                (&t.priors, batch.priors()),
             ] {
                 self.queue
                     .write_buffer(buffer, 0, bytemuck::cast_slice(data));

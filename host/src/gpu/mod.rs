@@ -115,8 +115,8 @@ impl GpuBackend {
     ) -> Result<Evaluation> {
         batch.check(config, request.validate)?;
         let gpu = match self.uploaded.take() {
-            Some(gpu) if gpu.shape() == batch.shape => gpu,
-            _ => self.engine.create_batch(batch.shape)?,
+            Some(gpu) if gpu.shape() == batch.shape() => gpu,
+            _ => self.engine.create_batch(batch.shape())?,
         };
         let result = self.engine.write_batch(&gpu, batch).and_then(|()| {
             self.run(
@@ -138,7 +138,7 @@ impl GpuBackend {
     /// # Errors
     /// [`Error::Gpu`] when a tensor exceeds the adapter's `max_buffer_size` or memory runs out.
     pub fn upload(&mut self, batch: &Batch<'_>) -> Result<GpuBatch> {
-        let gpu = self.engine.create_batch(batch.shape)?;
+        let gpu = self.engine.create_batch(batch.shape())?;
         self.engine.write_batch(&gpu, batch)?;
         Ok(gpu)
     }
@@ -148,12 +148,12 @@ impl GpuBackend {
     /// # Errors
     /// [`Error::Shape`] when the shapes differ; [`Error::Gpu`] on a GPU failure.
     pub fn write(&mut self, gpu: &GpuBatch, batch: &Batch<'_>) -> Result<()> {
-        if gpu.shape() != batch.shape {
+        if gpu.shape() != batch.shape() {
             return Err(Error::Shape {
                 tensor: "batch",
                 problem: format!(
                     "shape {:?} where the GPU batch has {:?}",
-                    batch.shape,
+                    batch.shape(),
                     gpu.shape()
                 ),
             });
