@@ -375,6 +375,15 @@ fn agreement_line(agreement: &Agreement) -> String {
     format!("agreement: {verdict}: gpu against cpu, {agreement}")
 }
 
+/// `--backend both` as a verifier: disagreement beyond SPEC §7 is a failure (exit code 4).
+fn verdict(agreement: &Agreement) -> Outcome {
+    if agreement.agrees() {
+        Ok(())
+    } else {
+        Err(Failure::Disagree)
+    }
+}
+
 fn demo(args: &DemoArgs, out: &mut Out) -> Outcome {
     let chosen = backends(args.backend)?;
     let tensors = synthetic_batch(&SyntheticSpec::demo(args.batch as usize));
@@ -394,9 +403,7 @@ fn demo(args: &DemoArgs, out: &mut Out) -> Outcome {
     if let [cpu, gpu] = results.as_slice() {
         let agreement = compare(gpu, cpu);
         out.line(format_args!("{}", agreement_line(&agreement)))?;
-        if !agreement.agrees() {
-            return Err(Failure::Disagree);
-        }
+        verdict(&agreement)?;
     }
     Ok(())
 }
@@ -451,9 +458,7 @@ fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
         // The results reach the reader before the verdict.
         out.flush()?;
         eprintln!("ssdkd: {}", agreement_line(&agreement));
-        if !agreement.agrees() {
-            return Err(Failure::Disagree);
-        }
+        verdict(&agreement)?;
     }
     Ok(())
 }
@@ -677,4 +682,132 @@ fn priors(args: &PriorsArgs, out: &mut Out) -> Outcome {
 /// A path in a message: one line, control characters escaped.
 fn shown(path: &Path) -> String {
     one_line(&path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssdkd::{Gradients, InputError, Tensor};
+
+    #[test]
+    fn exit_codes_of_every_failure() {
+        let io = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let cases: [(Failure, u8); 9] = [
+            (Error::NoAdapter("none".into()).into(), 3),
+            (Error::Gpu("device lost".into()).into(), 1),
+            (
+                Error::Numerical {
+                    what: "total",
+                    index: None,
+                    value: f64::NAN,
+                }
+                .into(),
+                1,
+            ),
+            (
+                Error::Input(InputError::BadPrior {
+                    index: 3,
+                    prior: [0.5, 0.5, 0.0, 0.1],
+                })
+                .into(),
+                2,
+            ),
+            (
+                Error::Config {
+                    key: "temperature".into(),
+                    problem: "temperature = 0: must be finite and > 0".into(),
+                }
+                .into(),
+                2,
+            ),
+            (
+                Error::Io {
+                    path: "<stdout>".into(),
+                    source: io(),
+                }
+                .into(),
+                2,
+            ),
+            (
+                Error::Shape {
+                    tensor: "targets",
+                    problem: "dimension M is 0".into(),
+                }
+                .into(),
+                2,
+            ),
+            (Failure::Usage("--grad-out needs a single backend".into()), 2),
+            (Failure::Disagree, 4),
+        ];
+        for (failure, code) in cases {
+            assert_eq!(failure.exit_code(), code, "{:?}", failure.message());
+        }
+        let config: Failure = Error::Config {
+            key: "overlap_threshold".into(),
+            problem: "overlap_threshold = 2: must be in (0, 1]".into(),
+        }
+        .into();
+        assert!(config.message().unwrap().ends_with("(flag --threshold)"));
+        let pipe: Failure = Error::Io {
+            path: "<stdout>".into(),
+            source: std::io::ErrorKind::BrokenPipe.into(),
+        }
+        .into();
+        assert_eq!(pipe.message(), None);
+        let input: Failure = Error::Input(InputError::NonFinite {
+            tensor: Tensor::StudentConf,
+            image: Some(1),
+            row: 7,
+            column: 2,
+            value: f32::NAN,
+        })
+        .into();
+        assert_eq!(
+            input.message().unwrap(),
+            "tensor `student_conf`: non-finite value NaN at image 1, prior 7, column 2"
+        );
+    }
+
+    #[test]
+    fn disagreement_beyond_spec_7_exits_4_naming_the_element() {
+        let cpu = Evaluation {
+            gradients: Some(Gradients {
+                student_conf: vec![0.25, -0.5, 0.125],
+                student_loc: vec![0.0; 4],
+            }),
+            ..Evaluation::default()
+        };
+        assert!(verdict(&compare(&cpu, &cpu)).is_ok());
+        let mut gpu = cpu.clone();
+        gpu.gradients.as_mut().unwrap().student_conf[1] = -0.51;
+        let agreement = compare(&gpu, &cpu);
+        let line = agreement_line(&agreement);
+        assert!(line.contains("DISAGREE") && line.contains("grad_student_conf[1]"), "{line}");
+        assert_eq!(verdict(&agreement).unwrap_err().exit_code(), 4);
+    }
+
+    #[test]
+    fn the_flags_are_the_config_keys() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let eval = cli.find_subcommand("eval").unwrap();
+        for key in CONFIG_KEYS {
+            let arg = eval
+                .get_arguments()
+                .find(|a| a.get_long() == Some(key.flag))
+                .unwrap_or_else(|| panic!("no flag --{}", key.flag));
+            assert_eq!(arg.get_id().as_str(), key.key);
+        }
+        let cli = Cli::try_parse_from([
+            "ssdkd", "eval", "f", "--reg-m", "-0.2", "--variance", "-0.1,0.2", "--threshold",
+            "0.4",
+        ])
+        .unwrap();
+        let Command::Eval(args) = cli.command else {
+            panic!("eval")
+        };
+        assert_eq!(args.config.0.reg_m, Some(-0.2));
+        assert_eq!(args.config.0.variance, Some([-0.1, 0.2]));
+        assert_eq!(args.config.0.overlap_threshold, Some(0.4));
+    }
 }
