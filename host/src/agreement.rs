@@ -210,7 +210,11 @@ impl fmt::Display for Agreement {
 #[must_use]
 pub fn compare(actual: &Evaluation, expected: &Evaluation) -> Agreement {
     let mut worst_term: Option<Difference> = None;
-    for ((what, a), e) in TERM_NAMES.into_iter().zip(terms(actual)).zip(terms(expected)) {
+    for ((what, a), e) in TERM_NAMES
+        .into_iter()
+        .zip(terms(actual))
+        .zip(terms(expected))
+    {
         let d = loss_difference(what, a, e);
         if worst_term.is_none_or(|w| d.units > w.units) {
             worst_term = Some(d);
@@ -284,7 +288,10 @@ mod tests {
         assert_eq!((g.what, g.index), ("grad_student_conf", Some(2)));
         assert_eq!(a.gradient_failures, 1);
         let line = a.to_string();
-        assert!(line.contains("total") && line.contains("grad_student_conf[2]"), "{line}");
+        assert!(
+            line.contains("total") && line.contains("grad_student_conf[2]"),
+            "{line}"
+        );
 
         let short = eval(5.0, vec![0.1, 0.2]);
         let a = compare(&short, &reference);

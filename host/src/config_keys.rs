@@ -68,12 +68,9 @@ fn text_numbers<const N: usize>(text: &str) -> std::result::Result<[f32; N], Str
         .split(',')
         .map(text_number)
         .collect::<std::result::Result<Vec<f32>, String>>()?;
-    numbers.try_into().map_err(|v: Vec<f32>| {
-        format!(
-            "expected {N} comma-separated numbers, found {}",
-            v.len()
-        )
-    })
+    numbers
+        .try_into()
+        .map_err(|v: Vec<f32>| format!("expected {N} comma-separated numbers, found {}", v.len()))
 }
 
 impl ConfigValue for f32 {
@@ -317,7 +314,9 @@ mod tests {
     #[test]
     fn unknown_keys_and_wrong_types_name_the_key() {
         let e = ConfigOverrides::from_config_json(r#"{"temprature": 2}"#).unwrap_err();
-        assert!(matches!(&e, Error::Config { key, problem } if key == "temprature" && problem.contains("unknown")));
+        assert!(
+            matches!(&e, Error::Config { key, problem } if key == "temprature" && problem.contains("unknown"))
+        );
         let e = ConfigOverrides::from_config_json(r#"{"negpos_ratio": -3}"#).unwrap_err();
         assert!(matches!(&e, Error::Config { key, .. } if key == "negpos_ratio"));
         let e = ConfigOverrides::from_config_json(r#"{"num_classes": 5,"#).unwrap_err();

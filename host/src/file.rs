@@ -2,8 +2,8 @@
 //! in the metadata; and the gradient files `eval --grad-out` writes.
 
 use crate::batch::{Batch, BatchShape, Gradients, OwnedBatch};
-use crate::error::{shown, Error, Result};
 pub use crate::config_keys::{config_json, ConfigOverrides};
+use crate::error::{shown, Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use ssdkd_core::{LossConfig, PriorPreset};
 use std::collections::HashMap;

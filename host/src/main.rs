@@ -736,7 +736,10 @@ mod tests {
                 .into(),
                 2,
             ),
-            (Failure::Usage("--grad-out needs a single backend".into()), 2),
+            (
+                Failure::Usage("--grad-out needs a single backend".into()),
+                2,
+            ),
             (Failure::Disagree, 4),
         ];
         for (failure, code) in cases {
@@ -782,7 +785,10 @@ mod tests {
         gpu.gradients.as_mut().unwrap().student_conf[1] = -0.51;
         let agreement = compare(&gpu, &cpu);
         let line = agreement_line(&agreement);
-        assert!(line.contains("DISAGREE") && line.contains("grad_student_conf[1]"), "{line}");
+        assert!(
+            line.contains("DISAGREE") && line.contains("grad_student_conf[1]"),
+            "{line}"
+        );
         assert_eq!(verdict(&agreement).unwrap_err().exit_code(), 4);
     }
 
@@ -799,7 +805,14 @@ mod tests {
             assert_eq!(arg.get_id().as_str(), key.key);
         }
         let cli = Cli::try_parse_from([
-            "ssdkd", "eval", "f", "--reg-m", "-0.2", "--variance", "-0.1,0.2", "--threshold",
+            "ssdkd",
+            "eval",
+            "f",
+            "--reg-m",
+            "-0.2",
+            "--variance",
+            "-0.1,0.2",
+            "--threshold",
             "0.4",
         ])
         .unwrap();

@@ -37,7 +37,13 @@ fn a_full_disk_on_stdout_is_an_error() {
         return;
     };
     for args in [
-        vec!["eval", golden().to_str().unwrap(), "--backend", "cpu", "--json"],
+        vec![
+            "eval",
+            golden().to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--json",
+        ],
         vec!["demo", "--backend", "cpu", "--batch", "1"],
         vec!["priors", "--preset", "mobilenet300"],
     ] {
@@ -58,7 +64,13 @@ fn a_full_disk_on_stdout_is_an_error() {
 fn a_closed_pipe_ends_quietly_without_a_panic() {
     for args in [
         vec!["demo", "--backend", "cpu", "--batch", "1"],
-        vec!["eval", golden().to_str().unwrap(), "--backend", "cpu", "--json"],
+        vec![
+            "eval",
+            golden().to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--json",
+        ],
         vec!["priors", "--preset", "ssd512"],
     ] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ssdkd"))
@@ -86,7 +98,15 @@ fn a_closed_pipe_ends_quietly_without_a_panic() {
 fn negative_numbers_are_flag_values() {
     let file = golden();
     let file = file.to_str().unwrap();
-    let spaced = ssdkd(&["eval", file, "--backend", "cpu", "--json", "--reg-m", "-0.2"]);
+    let spaced = ssdkd(&[
+        "eval",
+        file,
+        "--backend",
+        "cpu",
+        "--json",
+        "--reg-m",
+        "-0.2",
+    ]);
     assert!(spaced.status.success(), "{}", stderr(&spaced));
     let joined = ssdkd(&["eval", file, "--backend", "cpu", "--json", "--reg-m=-0.2"]);
     let default = ssdkd(&["eval", file, "--backend", "cpu", "--json"]);
@@ -98,7 +118,10 @@ fn negative_numbers_are_flag_values() {
     // A negative list is taken as the value, then refused by validation naming key and flag.
     let output = ssdkd(&["eval", file, "--backend", "cpu", "--variance", "-0.1,0.2"]);
     let text = one_line_failure(&output, 2);
-    assert!(text.contains("variance = -0.1") && text.contains("--variance"), "{text}");
+    assert!(
+        text.contains("variance = -0.1") && text.contains("--variance"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -150,7 +173,10 @@ fn a_non_finite_result_is_a_numerical_failure() {
             "{text}"
         ),
         // Refused up front by a validated range: also no number escapes.
-        Some(2) => assert!(text.contains("temperature") || text.contains("weights"), "{text}"),
+        Some(2) => assert!(
+            text.contains("temperature") || text.contains("weights"),
+            "{text}"
+        ),
         other => panic!("exit {other:?}: {text}"),
     }
     assert!(output.stdout.is_empty(), "printed a result");
@@ -177,7 +203,14 @@ fn numerical_failures_name_the_term_through_the_library() {
     eval.terms.soft_loss = f64::NAN;
     let e = eval.check_finite().unwrap_err();
     assert!(
-        matches!(e, ssdkd::Error::Numerical { what: "soft_loss", index: None, .. }),
+        matches!(
+            e,
+            ssdkd::Error::Numerical {
+                what: "soft_loss",
+                index: None,
+                ..
+            }
+        ),
         "{e:?}"
     );
     assert!(e.to_string().starts_with("numerical failure: soft_loss"));
@@ -195,10 +228,19 @@ fn both_backends_agree_and_say_where_they_differ_most() {
         eprintln!("skipped: no GPU adapter");
         return;
     }
-    let output = ssdkd(&["eval", golden().to_str().unwrap(), "--backend", "both", "--json"]);
+    let output = ssdkd(&[
+        "eval",
+        golden().to_str().unwrap(),
+        "--backend",
+        "both",
+        "--json",
+    ]);
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(0), "{text}");
     assert!(text.contains("agree to SPEC §7"), "{text}");
-    assert!(text.contains("worst term") && text.contains("worst gradient element grad_student_"), "{text}");
+    assert!(
+        text.contains("worst term") && text.contains("worst gradient element grad_student_"),
+        "{text}"
+    );
     assert!(text.contains('['), "no element index: {text}");
 }

@@ -90,8 +90,8 @@ fn generate(
         }
         targets.extend(slots.iter().flatten());
     }
-    OwnedBatch {
-        shape: BatchShape {
+    OwnedBatch::new(
+        BatchShape {
             batch,
             priors: p,
             classes: c,
@@ -102,8 +102,9 @@ fn generate(
         teacher_loc,
         teacher_conf,
         targets,
-        priors: priors.iter().flatten().copied().collect(),
-    }
+        priors.iter().flatten().copied().collect(),
+    )
+    .unwrap()
 }
 
 /// 0 to 4 random objects (image 1 of every 8 has none).
@@ -237,7 +238,7 @@ fn compare(
     generated: &OwnedBatch,
     config: &LossConfig,
 ) -> Evaluation {
-    let batch = generated.batch().unwrap();
+    let batch = generated.batch();
     let cpu_eval = ssdkd::cpu::evaluate(&batch, config, ALL).unwrap();
     let gpu_eval = gpu
         .evaluate(&batch, config, ALL)
@@ -323,7 +324,7 @@ fn repeated_runs_are_bit_identical() {
         return;
     };
     let generated = generate(8, 31, random_objects);
-    let batch = generated.batch().unwrap();
+    let batch = generated.batch();
     let config = LossConfig::default();
     let first = gpu.evaluate(&batch, &config, ALL).unwrap();
     for run in 1..4 {
@@ -385,7 +386,7 @@ fn a_batch_over_128_mib_agrees_with_the_cpu() {
     };
     // student_conf alone: 184 · 8732 · 21 · 4 bytes > 128 MiB.
     let generated = generate(184, 51, random_objects);
-    assert!(generated.student_conf.len() * 4 > 128 << 20);
+    assert!(generated.student_conf().len() * 4 > 128 << 20);
     eprintln!("binding limit {} bytes", gpu.binding_limit());
     compare(&mut gpu, "B=184", &generated, &LossConfig::default());
 }
@@ -398,8 +399,8 @@ fn equal_mining_scores_rank_by_lower_index() {
     // Three row patterns of logits in multiples of 0.25: three levels of mining score, so
     // the k-th rank falls inside a run of exactly equal scores.
     let mut generated = generate(2, 61, random_objects);
-    let c = generated.shape.classes;
-    for (row, logits) in generated.student_conf.chunks_exact_mut(c).enumerate() {
+    let c = generated.shape().classes;
+    for (row, logits) in generated.student_conf_mut().chunks_exact_mut(c).enumerate() {
         for (k, x) in logits.iter_mut().enumerate() {
             *x = 0.25 * ((row % 3 + k * 5) % 9) as f32;
         }
@@ -414,7 +415,7 @@ fn caller_buffers_are_evaluated_in_place() {
         return;
     };
     let generated = generate(2, 71, random_objects);
-    let batch = generated.batch().unwrap();
+    let batch = generated.batch();
     let config = LossConfig::default();
     let expected = gpu.evaluate(&batch, &config, ALL).unwrap();
 
@@ -431,14 +432,14 @@ fn caller_buffers_are_evaluated_in_place() {
     };
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
     let tensors = ssdkd::gpu::GpuTensors {
-        student_loc: make(&gpu, batch.student_loc, usage),
-        student_conf: make(&gpu, batch.student_conf, usage),
-        teacher_loc: make(&gpu, batch.teacher_loc, usage),
-        teacher_conf: make(&gpu, batch.teacher_conf, usage),
-        targets: make(&gpu, batch.targets, usage),
-        priors: make(&gpu, batch.priors, usage),
+        student_loc: make(&gpu, batch.student_loc(), usage),
+        student_conf: make(&gpu, batch.student_conf(), usage),
+        teacher_loc: make(&gpu, batch.teacher_loc(), usage),
+        teacher_conf: make(&gpu, batch.teacher_conf(), usage),
+        targets: make(&gpu, batch.targets(), usage),
+        priors: make(&gpu, batch.priors(), usage),
     };
-    let resident = gpu.wrap(batch.shape, tensors.clone()).unwrap();
+    let resident = gpu.wrap(batch.shape(), tensors.clone()).unwrap();
     let request = GpuRequest {
         gradients: true,
         read_gradients: true,
@@ -449,9 +450,9 @@ fn caller_buffers_are_evaluated_in_place() {
 
     // A buffer the kernels cannot bind is refused up front.
     let mut no_storage = tensors.clone();
-    no_storage.targets = make(&gpu, batch.targets, wgpu::BufferUsages::COPY_DST);
+    no_storage.targets = make(&gpu, batch.targets(), wgpu::BufferUsages::COPY_DST);
     assert!(matches!(
-        gpu.wrap(batch.shape, no_storage),
+        gpu.wrap(batch.shape(), no_storage),
         Err(ssdkd::Error::Shape {
             tensor: "targets",
             ..
@@ -461,7 +462,7 @@ fn caller_buffers_are_evaluated_in_place() {
     // A GPU failure (a destroyed buffer) is an error, not a panic, and the backend recovers.
     let broken = tensors.clone();
     broken.student_conf.destroy();
-    let broken = gpu.wrap(batch.shape, broken).unwrap();
+    let broken = gpu.wrap(batch.shape(), broken).unwrap();
     match gpu.evaluate_resident(&broken, &config, request) {
         Err(ssdkd::Error::Gpu(message)) => eprintln!("destroyed buffer: {message}"),
         other => panic!("a destroyed buffer gave {other:?}"),
@@ -478,24 +479,35 @@ fn hundreds_of_objects_agree_with_the_cpu() {
     let Some(mut gpu) = ssdkd_tests::gpu::backend("hundreds_of_objects_agree_with_the_cpu") else {
         return;
     };
-    let mut generated = generate(2, 31, random_objects);
+    let generated = generate(2, 31, random_objects);
+    let mut shape = generated.shape();
+    let [student_loc, student_conf, teacher_loc, teacher_conf, _, priors] =
+        generated.into_tensors();
     let mut rng = Lcg(32);
     let objects = 500;
-    generated.shape.objects = objects;
-    generated.targets.clear();
+    shape.objects = objects;
+    let mut targets = Vec::new();
     for image in 0..2 {
         for row in 0..objects {
             if (row + image) % 7 == 3 {
-                generated.targets.extend([0.0, 0.0, 0.0, 0.0, -1.0]); // padding, anywhere
+                targets.extend([0.0, 0.0, 0.0, 0.0, -1.0]); // padding, anywhere
                 continue;
             }
             let (w, h) = (rng.uniform(0.02, 0.5), rng.uniform(0.02, 0.5));
             let (x, y) = (rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h));
-            generated
-                .targets
-                .extend([x, y, x + w, y + h, rng.below(20) as f32]);
+            targets.extend([x, y, x + w, y + h, rng.below(20) as f32]);
         }
     }
+    let generated = OwnedBatch::new(
+        shape,
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        targets,
+        priors,
+    )
+    .unwrap();
     compare(
         &mut gpu,
         "500 object rows",
@@ -517,20 +529,23 @@ fn many_classes_every_row_selected_agree_with_the_cpu() {
     let (p, c) = (priors.len(), 300);
     let mut rng = Lcg(41);
     let mut logits = |n: usize| (0..n).map(|_| rng.uniform(-4.0, 4.0)).collect::<Vec<f32>>();
-    let generated = OwnedBatch {
-        shape: BatchShape {
+    let (student_conf, teacher_conf) = (logits(p * c), logits(p * c));
+    let (student_loc, teacher_loc) = (logits(p * 4), logits(p * 4));
+    let generated = OwnedBatch::new(
+        BatchShape {
             batch: 1,
             priors: p,
             classes: c,
             objects: 1,
         },
-        student_conf: logits(p * c),
-        teacher_conf: logits(p * c),
-        student_loc: logits(p * 4),
-        teacher_loc: logits(p * 4),
-        targets: vec![0.0, 0.0, 0.0, 0.0, -1.0],
-        priors: priors.iter().flatten().copied().collect(),
-    };
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        vec![0.0, 0.0, 0.0, 0.0, -1.0],
+        priors.iter().flatten().copied().collect(),
+    )
+    .unwrap();
     let config = LossConfig {
         num_classes: c as u32,
         negatives_for_hard: p as u32,
