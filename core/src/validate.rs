@@ -311,3 +311,43 @@ pub fn validate_image(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `validate_image` is public: called directly with any C (0 and 1 included) it reports
+    /// a real object's label as out of range instead of underflowing `C - 2`.
+    #[test]
+    fn validate_image_is_safe_for_any_number_of_classes() {
+        let targets = [[0.1, 0.1, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, -1.0]];
+        let loc = [[0.0f32; 4]];
+        let priors = [[0.5, 0.5, 0.2, 0.2]];
+        for c in 0..4u32 {
+            let conf = [0.5f32; 3];
+            let conf = &conf[..c.min(3) as usize];
+            let inputs = ImageInputs {
+                student_loc: &loc,
+                student_conf: conf,
+                teacher_loc: &loc,
+                teacher_conf: conf,
+                targets: &targets,
+                priors: &priors,
+            };
+            let result = validate_image(&inputs, c, 0);
+            if c < 2 {
+                assert_eq!(
+                    result,
+                    Err(InputError::BadLabel {
+                        image: 0,
+                        object: 0,
+                        label: 0.0,
+                        num_classes: c
+                    })
+                );
+            } else {
+                assert_eq!(result, Ok(()), "C = {c}");
+            }
+        }
+    }
+}

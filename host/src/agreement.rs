@@ -18,14 +18,14 @@ pub const GRAD_REL: f64 = 1e-3;
 /// Absolute tolerance of a gradient element (SPEC §7).
 pub const GRAD_ABS: f64 = 1e-7;
 
-/// The names of the four terms and the total, in [`terms`]' order.
+/// The names of the four terms and the total, in [`terms`]' order (those of
+/// [`Evaluation::named_terms`]).
 pub const TERM_NAMES: [&str; 5] = ["soft_loss", "l2_loss", "loss_c", "loss_l", "total"];
 
 /// The four terms and the total of an evaluation, in [`TERM_NAMES`]' order.
 #[must_use]
 pub fn terms(eval: &Evaluation) -> [f64; 5] {
-    let t = eval.terms;
-    [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l, t.total]
+    eval.named_terms().map(|(_, value)| value)
 }
 
 /// One compared value: what it is, where, both values, and the difference in units of its
@@ -258,6 +258,12 @@ mod tests {
             student_loc: vec![0.5; 4],
         });
         e
+    }
+
+    #[test]
+    fn term_names_follow_the_evaluation() {
+        let names = Evaluation::default().named_terms().map(|(name, _)| name);
+        assert_eq!(names, TERM_NAMES);
     }
 
     #[test]

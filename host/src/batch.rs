@@ -305,15 +305,27 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
+    /// The four terms and the total with their names (SPEC §5; as `eval --json` writes
+    /// them): `soft_loss`, `l2_loss`, `loss_c`, `loss_l`, `total`.
+    #[must_use]
+    pub fn named_terms(&self) -> [(&'static str, f64); 5] {
+        let t = self.terms;
+        [
+            ("soft_loss", t.soft_loss),
+            ("l2_loss", t.l2_loss),
+            ("loss_c", t.loss_c),
+            ("loss_l", t.loss_l),
+            ("total", t.total),
+        ]
+    }
+
     /// Checks that every term, and every gradient element present, is finite: inputs that
     /// pass validation must give finite results, so anything else is a numerical failure.
     ///
     /// # Errors
     /// [`Error::Numerical`] naming the first non-finite term or gradient element.
     pub fn check_finite(&self) -> Result<()> {
-        let terms = crate::agreement::TERM_NAMES
-            .into_iter()
-            .zip(crate::agreement::terms(self));
+        let terms = self.named_terms();
         if let Some((what, value)) = terms.into_iter().find(|(_, v)| !v.is_finite()) {
             return Err(Error::Numerical {
                 what,
