@@ -276,7 +276,7 @@ mod tests {
         assert!(!loss_difference("x", f64::NAN, 0.005).agrees());
         let e = gradient_elements("g", &[1.0, 2.0011, 0.0], &[1.0, 2.0, 0.0]);
         assert_eq!(e.failures, 0);
-        let e = gradient_elements("g", &[1.0, 2.003, 3.0e-7], &[1.0, 2.0, 0.0]);
+        let e = gradient_elements("g", &[1.0, 2.003, 1.2e-7], &[1.0, 2.0, 0.0]);
         assert_eq!(e.failures, 2);
         assert_eq!(e.worst.unwrap().index, Some(1));
     }

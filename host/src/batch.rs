@@ -338,7 +338,7 @@ impl Evaluation {
                 ("grad_student_conf", &g.student_conf),
                 ("grad_student_loc", &g.student_loc),
             ] {
-                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                if let Some(i) = values.par_iter().position_first(|v| !v.is_finite()) {
                     return Err(Error::Numerical {
                         what,
                         index: Some(i),

@@ -277,6 +277,12 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!(
+                "ssdkd: a command is required: demo, eval, bench or priors (see ssdkd --help)"
+            );
+            return ExitCode::from(2);
+        }
         Err(e) if e.use_stderr() => {
             // A usage error: its message (clap's first paragraph, which names the argument)
             // as one line on stderr, exit code 2.
