@@ -130,6 +130,7 @@ impl Backend {
 
 /// A batch ready for repeated evaluations on the backend that prepared it (see
 /// [`Backend::prepare`]).
+#[derive(Debug)]
 pub struct Prepared<'a> {
     batch: Batch<'a>,
     #[cfg(feature = "gpu")]

@@ -76,7 +76,17 @@ impl From<ConfigError> for Error {
 /// A path as error messages show it: one line, control characters escaped.
 #[must_use]
 pub(crate) fn shown(path: &std::path::Path) -> String {
-    path.display().to_string().escape_debug().to_string()
+    path.display()
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 impl Error {
