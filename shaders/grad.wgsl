@@ -4,14 +4,14 @@
 // the batch totals of the reduce stage, recorded before in the same command encoder.
 
 // Bindings 1 and 2 (student_conf, teacher_conf) and their rows' log-sum-exp: logits.wgsl.
-@group(0) @binding(3) var<storage, read> conf_target: array<u32>;
-@group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
-@group(0) @binding(5) var<storage, read> batch_sums: array<Sums>;
-@group(0) @binding(6) var<storage, read_write> grad_student_conf: array<f32>;
-@group(0) @binding(7) var<storage, read> student_loc: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> conf_target: array<u32>;
+@group(0) @binding(9) var<storage, read> neg_mask: array<u32>;
+@group(0) @binding(14) var<storage, read> batch_sums: array<Sums>;
+@group(0) @binding(15) var<storage, read_write> grad_student_conf: array<f32>;
+@group(0) @binding(3) var<storage, read> student_loc: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> loc_target: array<vec4<f32>>;
-@group(0) @binding(9) var<storage, read> prior_loss: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> grad_student_loc: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read> prior_loss: array<vec4<f32>>;
+@group(0) @binding(16) var<storage, read_write> grad_student_loc: array<vec4<f32>>;
 
 // N = max(total positives over the batch, 1) (SPEC §5).
 fn normaliser() -> f32 {

@@ -5,13 +5,13 @@
 // same input gives the same bits run after run. No float atomics.
 
 // Bindings 1 and 2 (student_conf, teacher_conf) and their rows' log-sum-exp: logits.wgsl.
-@group(0) @binding(3) var<storage, read> conf_target: array<u32>;
-@group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
-@group(0) @binding(5) var<storage, read> prior_loss: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> image_sums: array<Sums>;
-@group(0) @binding(7) var<storage, read_write> batch_sums: array<Sums>;
+@group(0) @binding(7) var<storage, read> conf_target: array<u32>;
+@group(0) @binding(9) var<storage, read> neg_mask: array<u32>;
+@group(0) @binding(11) var<storage, read> prior_loss: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> image_sums: array<Sums>;
+@group(0) @binding(14) var<storage, read_write> batch_sums: array<Sums>;
 // Per prior: the soft term of a selected row, 0 elsewhere.
-@group(0) @binding(8) var<storage, read_write> row_soft: array<f32>;
+@group(0) @binding(12) var<storage, read_write> row_soft: array<f32>;
 
 // The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
 // class-weighted `T² Σ w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))` when neg_w > 1, else the

@@ -29,9 +29,15 @@ impl Backend {
         ))
     }
 
-    /// A GPU when one is found, else the CPU; `on_fallback` hears why the GPU was not used.
+    /// The fastest device known: a hardware GPU adapter when one is found, else the CPU (a
+    /// software adapter such as lavapipe, slower than the CPU backend, is passed over);
+    /// `on_fallback` hears why the GPU was not used, naming a software adapter passed over.
     pub fn auto(on_fallback: impl FnOnce(&crate::Error)) -> Self {
-        Self::gpu().unwrap_or_else(|e| {
+        #[cfg(feature = "gpu")]
+        let gpu = GpuBackend::hardware().map(|gpu| Backend::Gpu(Box::new(gpu)));
+        #[cfg(not(feature = "gpu"))]
+        let gpu = Self::gpu();
+        gpu.unwrap_or_else(|e| {
             on_fallback(&e);
             Backend::Cpu
         })

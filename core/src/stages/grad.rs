@@ -173,7 +173,11 @@ pub fn conf_grad_row_complement(
         };
         let soft = if weighted {
             let h = class_w(c) * (q + eps) / (p + eps);
-            p * if c == top { rest_ph - h * rest_p } else { g_sum - h }
+            p * if c == top {
+                rest_ph - h * rest_p
+            } else {
+                g_sum - h
+            }
         } else if c == top {
             rest_q - rest_p
         } else {

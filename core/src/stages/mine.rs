@@ -75,7 +75,15 @@ mod tests {
     fn ordered_bits_orders_like_the_floats_and_merges_the_zeros() {
         assert_eq!(ordered_bits(0.0), 0x8000_0000);
         assert_eq!(ordered_bits(-0.0), 0x8000_0000);
-        let values = [f32::NEG_INFINITY, -3.5, -1e-30, -0.0, 1e-30, 2.0, f32::INFINITY];
+        let values = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            1e-30,
+            2.0,
+            f32::INFINITY,
+        ];
         for pair in values.windows(2) {
             if pair[0] < pair[1] {
                 assert!(ordered_bits(pair[0]) < ordered_bits(pair[1]), "{pair:?}");

@@ -2,9 +2,12 @@
 //! the twin of `ssdkd_core::stages::<stage>`), dispatched by wgpu.
 //!
 //! - `params.rs`: the uniform shared with the WGSL, and the sums record;
-//! - `plan.rs`: how a batch is split into chunks and which kernels run, in what order;
-//! - `engine.rs`: every wgpu call — device, pipelines, cached buffers and bind groups,
-//!   the one command encoder and submit of an evaluation, the readback.
+//! - `plan.rs`: the resources and the kernel table, how a batch is split into chunks,
+//!   and the [`Recording`](plan::Recording) of an evaluation — parameter uploads,
+//!   dispatches folded to `[x, y, 1]`, downloads with their layout — and its decoding;
+//! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
+//!   cache), cached buffers, bind groups kept by their batch, the execution of a
+//!   recording in one command encoder and one submit, returning the downloaded bytes.
 //!
 //! One evaluation records, in one command encoder submitted once, every chunk forward
 //! (match → prior terms → mine → per-image reduce), the batch reduce (which gives N), then
@@ -25,8 +28,7 @@ pub use wgpu;
 use crate::batch::{Batch, BatchShape, Evaluation, Request};
 use crate::error::{Error, Result};
 use engine::Engine;
-use params::Params;
-use plan::{ReadBack, Recording};
+use plan::{Recording, Wanted};
 use ssdkd_core::{LossConfig, LossSums};
 
 /// What a resident evaluation computes and reads back beyond the losses.
@@ -60,7 +62,22 @@ impl GpuBackend {
     /// [`Error::Gpu`] when the device cannot be opened or a pipeline fails to build.
     pub fn new() -> Result<Self> {
         Ok(Self {
-            engine: Engine::new()?,
+            engine: Engine::new(false)?,
+            binding_cap: None,
+            uploaded: None,
+        })
+    }
+
+    /// [`GpuBackend::new`], but refusing a software adapter (wgpu `DeviceType::Cpu`, such
+    /// as lavapipe or llvmpipe), which is slower than the CPU backend: what
+    /// [`crate::Backend::auto`] uses.
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`] also when the only adapter found is a software one (the
+    /// message names it); else as [`GpuBackend::new`].
+    pub fn hardware() -> Result<Self> {
+        Ok(Self {
+            engine: Engine::new(true)?,
             binding_cap: None,
             uploaded: None,
         })
@@ -89,10 +106,7 @@ impl GpuBackend {
     /// Batches whose tensors exceed it are split by images into chunks.
     #[must_use]
     pub fn binding_limit(&self) -> u64 {
-        // Element indices in the kernels are u32: keep windows under 2 GiB.
-        let (adapter, _, _) = self.engine.binding_limits();
-        let limit = adapter.min(1 << 31);
-        self.binding_cap.map_or(limit, |cap| cap.min(limit))
+        self.engine.limits(self.binding_cap).binding_limit
     }
 
     /// Caps the bytes of one storage binding below the adapter's limit (`None` lifts the
@@ -201,22 +215,16 @@ impl GpuBackend {
         request: GpuRequest,
     ) -> Result<Evaluation> {
         let shape = batch.shape();
-        let (_, alignment, _) = self.engine.binding_limits();
-        let chunks = plan::chunks(&shape, self.binding_limit(), alignment)?;
-        let params: Vec<Params> = chunks
-            .iter()
-            .map(|c| Params::new(&shape, config, c.first_image, c.images, c.bases))
-            .collect();
-        let recording = Recording::evaluation(
-            &shape,
-            &chunks,
-            request.gradients || request.read_gradients,
-            ReadBack {
-                gradients: request.read_gradients,
-                decisions: request.decisions,
-            },
-        );
-        let output = self.engine.run(batch, &chunks, &params, &recording)?;
+        let limits = self.engine.limits(self.binding_cap);
+        let wanted = Wanted {
+            gradients: request.gradients,
+            read_gradients: request.read_gradients,
+            decisions: request.decisions,
+        };
+        let recording = Recording::evaluation(&shape, config, &limits, wanted)?;
+        let output = self
+            .engine
+            .execute(batch, &recording, |bytes| recording.decode(bytes))?;
         let sums = LossSums::from(output.sums);
         Ok(Evaluation {
             terms: sums.finish(config),
@@ -224,5 +232,48 @@ impl GpuBackend {
             gradients: output.gradients,
             decisions: output.decisions,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch's bind groups are released when it is dropped: after many batches, each
+    /// evaluated and dropped, at most the live ones keep a set.
+    #[test]
+    fn dropped_batches_release_their_bind_groups() {
+        let mut gpu = match GpuBackend::new() {
+            Ok(gpu) => gpu,
+            Err(Error::NoAdapter(why)) => {
+                eprintln!("skipped: no GPU adapter ({why})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let shape = BatchShape {
+            batch: 1,
+            priors: 4,
+            classes: 3,
+            objects: 1,
+        };
+        let config = LossConfig {
+            num_classes: 3,
+            ..LossConfig::DEFAULT
+        };
+        let kept = gpu.engine.create_batch(shape).unwrap();
+        gpu.evaluate_resident(&kept, &config, GpuRequest::default())
+            .unwrap();
+        assert_eq!(gpu.engine.live_bind_group_sets(), 1);
+        for _ in 0..20 {
+            let batch = gpu.engine.create_batch(shape).unwrap();
+            gpu.evaluate_resident(&batch, &config, GpuRequest::default())
+                .unwrap();
+            assert_eq!(gpu.engine.live_bind_group_sets(), 2);
+            drop(batch);
+            assert_eq!(gpu.engine.live_bind_group_sets(), 1);
+        }
+        drop(kept);
+        assert_eq!(gpu.engine.live_bind_group_sets(), 0);
     }
 }
