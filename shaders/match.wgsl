@@ -7,9 +7,8 @@
 //   forced with an atomic maximum so that the later object wins (step 3) in any order;
 // - `match_finish`, a workgroup per image: step 5's labels and offsets, and num_pos.
 //
-// Objects are named by their row in `targets` (padding rows skipped wherever they stand);
-// the CPU numbers the real objects 0..n instead, which orders them the same way, so
-// "lowest index wins" takes the same decisions.
+// Objects are named by their row in `targets` (padding rows skipped wherever they stand),
+// on both sides; the flag words below are the CPU's `POSITIVE`, `FORCED` and `ROW`.
 
 @group(0) @binding(5) var<storage, read> targets: array<f32>;
 @group(0) @binding(6) var<storage, read> priors: array<vec4<f32>>;

@@ -1,6 +1,7 @@
 // Stage **reduce** (SPEC §5): each selected row's soft term (`reduce_rows`, a thread per
 // prior, so that no invocation loops over more than one row's C classes), the sums over the
-// selected rows of an image (`reduce_image`), then the batch totals (`reduce_batch`). Twin of core/src/stages/reduce.rs. Every sum is taken in a fixed order — each
+// selected rows of an image (`reduce_image`), then the batch totals (`reduce_batch`). Twin
+// of core/src/stages/reduce.rs, kernel by kernel. Every sum is taken in a fixed order — each
 // thread's strided rows in prior order, then a pairwise tree in workgroup memory — so the
 // same input gives the same bits run after run. No float atomics.
 
