@@ -32,9 +32,14 @@ impl Backend {
     /// The fastest device known: a hardware GPU adapter when one is found, else the CPU (a
     /// software adapter such as lavapipe, slower than the CPU backend, is passed over);
     /// `on_fallback` hears why the GPU was not used, naming a software adapter passed over.
+    /// A GPU chosen so hands a batch over its limits (README "GPU limits") to the CPU
+    /// backend, saying why on stderr (`GpuBackend::fall_back_to_cpu`).
     pub fn auto(on_fallback: impl FnOnce(&crate::Error)) -> Self {
         #[cfg(feature = "gpu")]
-        let gpu = GpuBackend::hardware().map(|gpu| Backend::Gpu(Box::new(gpu)));
+        let gpu = GpuBackend::hardware().map(|mut gpu| {
+            gpu.fall_back_to_cpu(|why| eprintln!("ssdkd: {why}; using the CPU backend"));
+            Backend::Gpu(Box::new(gpu))
+        });
         #[cfg(not(feature = "gpu"))]
         let gpu = Self::gpu();
         gpu.unwrap_or_else(|e| {

@@ -51,11 +51,16 @@ pub enum Error {
     /// The GPU failed: out of memory, device lost, a validation error.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The batch's shape is over a documented limit of the GPU backend (README "GPU
+    /// limits"), checked before anything runs; the CPU backend takes it.
+    #[error("the GPU backend cannot take this batch: {0}")]
+    GpuUnsupported(String),
 }
 
 impl Error {
     /// The process exit code of SPEC §9: 3 for a missing adapter, 1 for a GPU
-    /// failure, 2 for bad input or usage (an unwritable output included).
+    /// failure, 2 for bad input or usage (an unwritable output, and a batch over the GPU
+    /// backend's limits, included).
     #[must_use]
     pub fn exit_code(&self) -> i32 {
         match self {

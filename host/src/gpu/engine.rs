@@ -239,8 +239,8 @@ impl Engine {
         let info = adapter.get_info();
         if hardware_only && info.device_type == wgpu::DeviceType::Cpu {
             return Err(Error::NoAdapter(format!(
-                "the only GPU adapter is {} ({:?}), a software rasterizer slower than the CPU \
-                 backend",
+                "only the software adapter {} ({:?}) was found, passed over as slower than \
+                 the CPU backend",
                 info.name, info.backend
             )));
         }
@@ -376,7 +376,7 @@ impl Engine {
     fn check_buffer_size(&self, tensor: &'static str, bytes: u64) -> Result<()> {
         let max = self.device.limits().max_buffer_size;
         if bytes > max {
-            return Err(Error::Gpu(format!(
+            return Err(Error::GpuUnsupported(format!(
                 "tensor `{tensor}` takes {bytes} bytes, over the adapter's max_buffer_size of {max}"
             )));
         }

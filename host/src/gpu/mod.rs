@@ -43,10 +43,16 @@ pub struct GpuRequest {
     pub decisions: bool,
 }
 
-/// A GPU context: adapter, device, queue and every pipeline, created once; buffers and
-/// bind groups cached per shape and per batch.
+/// Hears why a batch went to the CPU backend ([`GpuBackend::fall_back_to_cpu`]).
+type FallbackNotice = Box<dyn Fn(&Error) + Send + Sync>;
+
+/// A GPU context: adapter, device, queue and every pipeline, created once; buffers cached
+/// per shape, bind groups kept by their batch.
 pub struct GpuBackend {
     engine: Engine,
+    /// Where set, [`GpuBackend::evaluate`] hands a batch over the GPU's limits to the CPU
+    /// backend and tells this why.
+    cpu_fallback: Option<FallbackNotice>,
     /// A cap on the bytes of one storage binding below the adapter's limit, if set.
     binding_cap: Option<u64>,
     /// The buffers [`GpuBackend::evaluate`] uploads host batches into, kept per shape.
@@ -63,6 +69,7 @@ impl GpuBackend {
     pub fn new() -> Result<Self> {
         Ok(Self {
             engine: Engine::new(false)?,
+            cpu_fallback: None,
             binding_cap: None,
             uploaded: None,
         })
@@ -78,6 +85,7 @@ impl GpuBackend {
     pub fn hardware() -> Result<Self> {
         Ok(Self {
             engine: Engine::new(true)?,
+            cpu_fallback: None,
             binding_cap: None,
             uploaded: None,
         })
@@ -109,6 +117,14 @@ impl GpuBackend {
         self.engine.limits(self.binding_cap).binding_limit
     }
 
+    /// From now on, [`GpuBackend::evaluate`] gives a batch the GPU backend refuses
+    /// ([`Error::GpuUnsupported`]: a shape over the limits of README "GPU limits", an
+    /// image over the adapter's binding size) to the CPU backend instead, after telling
+    /// `notice` why: what [`crate::Backend::auto`] sets up.
+    pub fn fall_back_to_cpu(&mut self, notice: impl Fn(&Error) + Send + Sync + 'static) {
+        self.cpu_fallback = Some(Box::new(notice));
+    }
+
     /// Caps the bytes of one storage binding below the adapter's limit (`None` lifts the
     /// cap), so that smaller batches are split into chunks: for tests and tuning.
     pub fn set_binding_cap(&mut self, bytes: Option<u64>) {
@@ -119,7 +135,9 @@ impl GpuBackend {
     /// every stage and reads back the sums, and the gradients and decisions when requested.
     ///
     /// # Errors
-    /// What [`Batch::check`] finds; [`Error::Gpu`] on out-of-memory, device loss or a
+    /// What [`Batch::check`] finds; [`Error::GpuUnsupported`] for a batch over the GPU
+    /// backend's limits (checked before anything is uploaded; see
+    /// [`GpuBackend::fall_back_to_cpu`]); [`Error::Gpu`] on out-of-memory, device loss or a
     /// validation error.
     pub fn evaluate(
         &mut self,
@@ -128,21 +146,45 @@ impl GpuBackend {
         request: Request,
     ) -> Result<Evaluation> {
         batch.check(config, request.validate)?;
+        let gpu_request = GpuRequest {
+            gradients: request.gradients,
+            read_gradients: request.gradients,
+            decisions: request.decisions,
+        };
+        match self.evaluate_checked(batch, config, gpu_request) {
+            Err(e @ Error::GpuUnsupported(_)) => match &self.cpu_fallback {
+                Some(notice) => {
+                    notice(&e);
+                    crate::cpu::evaluate(
+                        batch,
+                        config,
+                        Request {
+                            validate: false,
+                            ..request
+                        },
+                    )
+                }
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    fn evaluate_checked(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: GpuRequest,
+    ) -> Result<Evaluation> {
+        let recording = self.record(batch.shape, config, request)?;
         let gpu = match self.uploaded.take() {
             Some(gpu) if gpu.shape() == batch.shape => gpu,
             _ => self.engine.create_batch(batch.shape)?,
         };
-        let result = self.engine.write_batch(&gpu, batch).and_then(|()| {
-            self.run(
-                &gpu,
-                config,
-                GpuRequest {
-                    gradients: request.gradients,
-                    read_gradients: request.gradients,
-                    decisions: request.decisions,
-                },
-            )
-        });
+        let result = self
+            .engine
+            .write_batch(&gpu, batch)
+            .and_then(|()| self.execute(&gpu, config, &recording));
         self.uploaded = Some(gpu);
         result
     }
@@ -205,26 +247,39 @@ impl GpuBackend {
         request: GpuRequest,
     ) -> Result<Evaluation> {
         batch.shape().check_config(config)?;
-        self.run(batch, config, request)
+        let recording = self.record(batch.shape(), config, request)?;
+        self.execute(batch, config, &recording)
     }
 
-    fn run(
-        &mut self,
-        batch: &GpuBatch,
+    /// The recording of one evaluation of a batch of `shape`.
+    fn record(
+        &self,
+        shape: BatchShape,
         config: &LossConfig,
         request: GpuRequest,
-    ) -> Result<Evaluation> {
-        let shape = batch.shape();
-        let limits = self.engine.limits(self.binding_cap);
+    ) -> Result<Recording> {
         let wanted = Wanted {
             gradients: request.gradients,
             read_gradients: request.read_gradients,
             decisions: request.decisions,
         };
-        let recording = Recording::evaluation(&shape, config, &limits, wanted)?;
+        Recording::evaluation(
+            &shape,
+            config,
+            &self.engine.limits(self.binding_cap),
+            wanted,
+        )
+    }
+
+    fn execute(
+        &mut self,
+        batch: &GpuBatch,
+        config: &LossConfig,
+        recording: &Recording,
+    ) -> Result<Evaluation> {
         let output = self
             .engine
-            .execute(batch, &recording, |bytes| recording.decode(bytes))?;
+            .execute(batch, recording, |bytes| recording.decode(bytes))?;
         let sums = LossSums::from(output.sums);
         Ok(Evaluation {
             terms: sums.finish(config),

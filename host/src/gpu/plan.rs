@@ -120,7 +120,7 @@ pub(crate) fn chunks(shape: &BatchShape, binding_limit: u64, alignment: u64) -> 
     let priors_bytes = shape.priors as u64 * 16;
     let sums_bytes = shape.batch as u64 * std::mem::size_of::<GpuSums>() as u64;
     if priors_bytes > binding_limit || sums_bytes > binding_limit {
-        return Err(Error::Gpu(format!(
+        return Err(Error::GpuUnsupported(format!(
             "the priors ({priors_bytes} bytes) or the per-image sums ({sums_bytes} bytes) \
              exceed the adapter's storage binding limit of {binding_limit} bytes"
         )));
@@ -140,7 +140,7 @@ pub(crate) fn chunks(shape: &BatchShape, binding_limit: u64, alignment: u64) -> 
         (usable / widest) as usize
     };
     if per_chunk == 0 {
-        return Err(Error::Gpu(format!(
+        return Err(Error::GpuUnsupported(format!(
             "one image needs {widest} bytes in a storage binding, over the adapter's limit of \
              {binding_limit} bytes"
         )));
@@ -314,7 +314,7 @@ pub(crate) enum Phase {
 
 /// A kernel: one WGSL entry point of one stage file, with its CPU twin of the same name
 /// in `ssdkd_core::stages::<stage>`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Kernel {
     pub stage: Stage,
     pub entry_point: &'static str,
@@ -322,6 +322,78 @@ pub(crate) struct Kernel {
     pub phase: Phase,
     /// The storage buffers it binds, as its WGSL declares them.
     pub bindings: &'static [Binding],
+    /// An upper bound on the loop iterations one invocation runs over a batch of this
+    /// shape: every loop of the entry point and the functions it calls, on every path,
+    /// added up (a SIMD group of invocations that diverge runs the loops of both paths).
+    pub iterations: fn(&BatchShape) -> u64,
+}
+
+/// The most loop iterations one invocation may run. llvmpipe (lavapipe) silently stops
+/// the loops of a SIMD group of invocations after 65,535 iterations in all, and the kernel
+/// then returns wrong numbers (seen: gradients from C ≈ 7000, mined rows from P ≈ 1.85 M);
+/// the limit is checked on every adapter, so that what the GPU backend accepts does not
+/// depend on the driver. Shapes over it are refused with
+/// [`Error::GpuUnsupported`] (README "GPU limits").
+pub(crate) const MAX_LOOP_ITERATIONS: u64 = 65_535;
+
+/// Iterations kept free of the counted loops: each loop's exit test and the like count
+/// too on llvmpipe (measured: `grad_conf` at C = 6553 ran about 19 past its 10 C − 1).
+pub(crate) const LOOP_SLACK: u64 = 256;
+
+/// Rounds of a fixed pairwise tree over a workgroup (`log2 WORKGROUP_SIZE`).
+const TREE_ROUNDS: u64 = WORKGROUP_SIZE.trailing_zeros() as u64;
+
+/// Iterations of a loop that strides over P by the workgroup size.
+fn strided_priors(s: &BatchShape) -> u64 {
+    (s.priors as u64).div_ceil(u64::from(WORKGROUP_SIZE))
+}
+
+// Loop counts per kernel, read off its WGSL (C = classes, M = object rows):
+/// `match_priors`: first_object, the maximum and the lowest tied row, M each.
+fn match_priors_iterations(s: &BatchShape) -> u64 {
+    3 * s.objects as u64
+}
+/// `match_objects`: two strided loops over the priors and the tree.
+fn match_objects_iterations(s: &BatchShape) -> u64 {
+    2 * strided_priors(s) + TREE_ROUNDS
+}
+/// `match_finish`: first_object (M) and a strided loop over the priors.
+fn match_finish_iterations(s: &BatchShape) -> u64 {
+    s.objects as u64 + strided_priors(s)
+}
+/// `prior_terms`: one log-sum-exp (two loops over C).
+fn prior_terms_iterations(s: &BatchShape) -> u64 {
+    2 * s.classes as u64
+}
+/// `mine`: the strided loop of k = 0; else 8 radix rounds of (histogram clear, strided
+/// priors, up to 256 digits), the final strided loop, and the rounds themselves.
+fn mine_iterations(s: &BatchShape) -> u64 {
+    let radix = 256;
+    strided_priors(s)
+        + 8 * (u64::from(radix / WORKGROUP_SIZE).max(1) + strided_priors(s) + u64::from(radix))
+        + strided_priors(s)
+        + 8
+}
+/// `reduce_rows`: two log-sum-exps (four loops over C) and the sum over C of either form.
+fn reduce_rows_iterations(s: &BatchShape) -> u64 {
+    6 * s.classes as u64
+}
+/// `reduce_image`: a strided loop over the priors and the tree.
+fn reduce_image_iterations(s: &BatchShape) -> u64 {
+    strided_priors(s) + TREE_ROUNDS
+}
+/// `reduce_batch`: a strided loop over the images and the tree.
+fn reduce_batch_iterations(s: &BatchShape) -> u64 {
+    (s.batch as u64).div_ceil(u64::from(WORKGROUP_SIZE)) + TREE_ROUNDS
+}
+/// `grad_conf`: the zeroing of an unselected row (C); the top class (C), three
+/// log-sum-exps (6 C) and two passes over C of a selected one.
+fn grad_conf_iterations(s: &BatchShape) -> u64 {
+    10 * s.classes as u64
+}
+/// `grad_loc`: no loop.
+fn no_loop(_: &BatchShape) -> u64 {
+    0
 }
 
 /// Every kernel, in pipeline order (the order of `ssdkd_core::KERNELS`, checked by a
@@ -334,6 +406,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
         launch: Launch,
         phase: Phase,
         bindings: &'static [Binding],
+        iterations: fn(&BatchShape) -> u64,
     ) -> Kernel {
         Kernel {
             stage,
@@ -341,6 +414,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
             launch,
             phase,
             bindings,
+            iterations,
         }
     }
     const MATCH: &[Binding] = &[
@@ -353,9 +427,30 @@ pub(crate) const KERNELS: [Kernel; 10] = {
     use Launch::*;
     use Phase::*;
     [
-        kernel(Stage::Match, "match_priors", PerPrior, Forward, MATCH),
-        kernel(Stage::Match, "match_objects", PerObjectRow, Forward, MATCH),
-        kernel(Stage::Match, "match_finish", PerImage, Forward, MATCH),
+        kernel(
+            Stage::Match,
+            "match_priors",
+            PerPrior,
+            Forward,
+            MATCH,
+            match_priors_iterations,
+        ),
+        kernel(
+            Stage::Match,
+            "match_objects",
+            PerObjectRow,
+            Forward,
+            MATCH,
+            match_objects_iterations,
+        ),
+        kernel(
+            Stage::Match,
+            "match_finish",
+            PerImage,
+            Forward,
+            MATCH,
+            match_finish_iterations,
+        ),
         kernel(
             Stage::PriorTerms,
             "prior_terms",
@@ -370,6 +465,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
                 write(MiningScore),
                 write(PriorLoss),
             ],
+            prior_terms_iterations,
         ),
         kernel(
             Stage::Mine,
@@ -377,6 +473,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
             PerImage,
             Forward,
             &[read(MiningScore), write(ImageSums), write(NegMask)],
+            mine_iterations,
         ),
         kernel(
             Stage::Reduce,
@@ -390,6 +487,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
                 read(NegMask),
                 write(RowSoft),
             ],
+            reduce_rows_iterations,
         ),
         kernel(
             Stage::Reduce,
@@ -403,6 +501,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
                 write(ImageSums),
                 write(RowSoft),
             ],
+            reduce_image_iterations,
         ),
         kernel(
             Stage::Reduce,
@@ -410,6 +509,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
             Single,
             Batch,
             &[write(ImageSums), write(BatchSums)],
+            reduce_batch_iterations,
         ),
         kernel(
             Stage::Grad,
@@ -424,6 +524,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
                 read(BatchSums),
                 write(GradStudentConf),
             ],
+            grad_conf_iterations,
         ),
         kernel(
             Stage::Grad,
@@ -438,6 +539,7 @@ pub(crate) const KERNELS: [Kernel; 10] = {
                 read(BatchSums),
                 write(GradStudentLoc),
             ],
+            no_loop,
         ),
     ]
 };
@@ -560,13 +662,13 @@ pub(crate) struct Wanted {
 /// Folds `workgroups` into `[x, y, 1]` with `x, y ≤ max`.
 ///
 /// # Errors
-/// [`Error::Gpu`] when even `max²` workgroups are too few.
+/// [`Error::GpuUnsupported`] when even `max²` workgroups are too few.
 fn fold(kernel: &Kernel, workgroups: u64, max: u32) -> Result<[u32; 3]> {
     let max = u64::from(max.max(1));
     let x = workgroups.clamp(1, max);
     let y = workgroups.div_ceil(x).max(1);
     if y > max {
-        return Err(Error::Gpu(format!(
+        return Err(Error::GpuUnsupported(format!(
             "{} needs {workgroups} workgroups, over the adapter's {max}²",
             kernel.label()
         )));
@@ -578,7 +680,8 @@ impl Recording {
     /// The recording of one evaluation of a batch of `shape`.
     ///
     /// # Errors
-    /// [`Error::Gpu`] when the batch cannot be bound or launched within `limits`.
+    /// [`Error::GpuUnsupported`] when the batch cannot be bound or launched within
+    /// `limits`, or a kernel would loop more than [`MAX_LOOP_ITERATIONS`] times.
     pub fn evaluation(
         shape: &BatchShape,
         config: &LossConfig,
@@ -594,6 +697,19 @@ impl Recording {
         let mut launch = |phase: Phase, chunk: usize, images: usize| -> Result<()> {
             for (index, kernel) in KERNELS.iter().enumerate() {
                 if kernel.phase == phase {
+                    let iterations = (kernel.iterations)(shape) + LOOP_SLACK;
+                    if iterations > MAX_LOOP_ITERATIONS {
+                        return Err(Error::GpuUnsupported(format!(
+                            "{} would loop {iterations} times in one invocation at B = {}, \
+                             P = {}, C = {}, M = {}, over the limit of {MAX_LOOP_ITERATIONS} \
+                             (README \"GPU limits\")",
+                            kernel.label(),
+                            shape.batch,
+                            shape.priors,
+                            shape.classes,
+                            shape.objects
+                        )));
+                    }
                     dispatches.push(Dispatch {
                         kernel: index,
                         chunk,
@@ -749,7 +865,7 @@ mod tests {
     fn an_image_over_the_limit_is_an_error() {
         assert!(matches!(
             chunks(&shape(2), 512 << 10, 256),
-            Err(Error::Gpu(_))
+            Err(Error::GpuUnsupported(_))
         ));
     }
 
