@@ -20,27 +20,31 @@
 fn soft_term(base: u32) -> f32 {
     let t = params.temperature;
     let inv_t = 1.0 / t;
-    let lse_s = student_log_sum_exp(base, inv_t);
-    let lse_t = teacher_log_sum_exp(base, inv_t);
+    // Log-probabilities as (x − max) / T − ln Σ: no large numbers cancel.
+    let max_s = student_max(base);
+    let max_t = teacher_max(base);
+    let lse_s = student_shifted_lse(base, max_s, inv_t);
+    let lse_t = teacher_shifted_lse(base, max_t, inv_t);
     var sum = 0.0;
     if params.weighted_soft != 0u {
         let eps = params.eps;
         for (var c = 0u; c < params.num_classes; c++) {
-            let q = exp(teacher_conf[base + c] * inv_t - lse_t) + eps;
-            let p = exp(student_conf[base + c] * inv_t - lse_s) + eps;
+            let q = exp((teacher_conf[base + c] - max_t) * inv_t - lse_t) + eps;
+            let p = exp((student_conf[base + c] - max_s) * inv_t - lse_s) + eps;
             let w = select(params.pos_w, params.neg_w, c == 0u);
             sum += w * q * (log(q) - log(p));
         }
     } else {
         for (var c = 0u; c < params.num_classes; c++) {
-            let log_q = teacher_conf[base + c] * inv_t - lse_t;
+            let log_q = (teacher_conf[base + c] - max_t) * inv_t - lse_t;
             let q = exp(log_q);
             if q > 0.0 {
-                sum += q * (log_q - (student_conf[base + c] * inv_t - lse_s));
+                sum += q * (log_q - ((student_conf[base + c] - max_s) * inv_t - lse_s));
             }
         }
     }
-    return t * t * sum;
+    // t · (t · sum), not t² · sum: T² overflows f32 from T ≈ 1.8e19, and ∞ · 0 is NaN.
+    return t * (t * sum);
 }
 
 // (soft, l2, conf, loc) and the counts of each thread, then of each tree node.

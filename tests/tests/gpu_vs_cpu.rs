@@ -713,3 +713,106 @@ fn priors_at_the_limit_agree_and_beyond_are_refused_or_fall_back() {
     assert_eq!(heard.len(), 1);
     assert!(heard[0].contains("ssdkd.mine.mine"), "{heard:?}");
 }
+
+#[test]
+fn object_rows_at_the_limit_agree_and_beyond_are_refused() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("object_rows_at_the_limit_agree_and_beyond_are_refused")
+    else {
+        return;
+    };
+    // `match_priors` loops 3 M times in an invocation.
+    let m = BUDGET / 3;
+    let with_rows = |m: usize| {
+        let mut generated = many_classes(21);
+        generated.shape.objects = m;
+        generated.targets = [0.0, 0.0, 0.0, 0.0, -1.0].repeat(m);
+        for (row, object) in [
+            (0, [0.1, 0.1, 0.4, 0.4, 3.0]),
+            (m / 2, [0.5, 0.5, 0.9, 0.8, 7.0]),
+            (m - 1, [0.3, 0.3, 0.6, 0.6, 1.0]),
+        ] {
+            generated.targets[5 * row..5 * row + 5].copy_from_slice(&object);
+        }
+        generated
+    };
+    let config = LossConfig {
+        num_classes: 21,
+        ..LossConfig::default()
+    };
+    compare(&mut gpu, "M at the limit", &with_rows(m), &config);
+    unsupported(&mut gpu, "M over the limit", &with_rows(m + 1), ALL);
+}
+
+/// Random configurations over the range the GPU accepts (temperature up to its limit of
+/// 20, plain and class-weighted soft terms, any weights) and logits from ±1 up to ±1e6:
+/// CPU = GPU to SPEC §7, every loss and gradient finite; a temperature over the limit is
+/// refused.
+#[test]
+fn random_configs_and_extreme_logits_agree_with_the_cpu() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("random_configs_and_extreme_logits_agree_with_the_cpu")
+    else {
+        return;
+    };
+    let mut rng = Lcg(97);
+    for case in 0..24 {
+        let c = 2 + rng.below(30) as usize;
+        let mut generated = many_classes(c);
+        let magnitude = [1.0, 30.0, 1e3, 1e4, 1e6][case % 5];
+        for v in generated
+            .student_conf
+            .iter_mut()
+            .chain(generated.teacher_conf.iter_mut())
+        {
+            *v *= magnitude / 4.0;
+        }
+        let temperature = [0.05, 0.5, 1.0, 3.0, 8.0, 20.0][case % 6];
+        let config = LossConfig {
+            num_classes: c as u32,
+            temperature,
+            neg_w: if case % 2 == 0 {
+                1.0
+            } else {
+                rng.uniform(1.01, 4.0)
+            },
+            pos_w: rng.uniform(0.1, 3.0),
+            negatives_for_hard: rng.below(16),
+            weights: ssdkd::LossWeights {
+                soft: rng.uniform(0.0, 5.0),
+                conf: rng.uniform(0.0, 5.0),
+                l2: rng.uniform(0.0, 5.0),
+                loc: rng.uniform(0.0, 5.0),
+            },
+            ..LossConfig::default()
+        };
+        let what = format!("case {case}: C {c}, |logits| ≤ {magnitude:e}, T {temperature}");
+        let eval = compare(&mut gpu, &what, &generated, &config);
+        let t = eval.terms;
+        assert!(
+            [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l, t.total]
+                .iter()
+                .all(|v| v.is_finite()),
+            "{what}: {t:?}"
+        );
+        let g = eval.gradients.unwrap();
+        assert!(
+            g.student_conf
+                .iter()
+                .chain(&g.student_loc)
+                .all(|v| v.is_finite()),
+            "{what}"
+        );
+    }
+    let generated = many_classes(5);
+    let config = LossConfig {
+        num_classes: 5,
+        temperature: 20.5,
+        ..LossConfig::default()
+    };
+    let batch = generated.batch().unwrap();
+    assert!(matches!(
+        gpu.evaluate(&batch, &config, ALL),
+        Err(ssdkd::Error::GpuUnsupported(_))
+    ));
+}

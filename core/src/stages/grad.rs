@@ -10,7 +10,9 @@
 
 use crate::config::LossConfig;
 use crate::math;
-use crate::stages::prior_terms::{loc_terms, log_sum_exp, log_sum_exp_f64, smooth_l1_grad};
+use crate::stages::prior_terms::{
+    loc_terms, row_max, shifted_log_sum_exp, shifted_log_sum_exp_f64, smooth_l1_grad,
+};
 
 /// The factors `w_term / N` that the gradients of the four terms carry.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,18 +60,22 @@ pub fn conf_grad_row(
 ) {
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let lse = log_sum_exp_f64(student_row, 1.0);
-    let lse_s = log_sum_exp_f64(student_row, inv_t);
-    let lse_t = log_sum_exp_f64(teacher_row, inv_t);
+    // Log-probabilities as (x − max) · scale − ln Σ: no large numbers cancel.
+    let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
+    let lse = shifted_log_sum_exp_f64(student_row, max_s, 1.0);
+    let lse_s = shifted_log_sum_exp_f64(student_row, max_s, inv_t);
+    let lse_t = shifted_log_sum_exp_f64(teacher_row, max_t, inv_t);
+    let shifted = |x: f32, max: f32| f64::from(x) - f64::from(max);
     let conf_scale = f64::from(scale.conf);
     let soft_scale = f64::from(scale.soft) * t;
     let probabilities = |c: usize| {
-        let p = math::exp_f64(f64::from(student_row[c]) * inv_t - lse_s);
-        let q = math::exp_f64(f64::from(teacher_row[c]) * inv_t - lse_t);
+        let p = math::exp_f64(shifted(student_row[c], max_s) * inv_t - lse_s);
+        let q = math::exp_f64(shifted(teacher_row[c], max_t) * inv_t - lse_t);
         (p, q)
     };
     let cross_entropy = |c: usize| {
-        math::exp_f64(f64::from(student_row[c]) - lse) - f64::from(u8::from(c as u32 == target))
+        math::exp_f64(shifted(student_row[c], max_s) - lse)
+            - f64::from(u8::from(c as u32 == target))
     };
     if config.weighted_soft_loss() {
         let eps = f64::from(config.eps);
@@ -113,10 +119,12 @@ pub fn loc_grad_row(
 /// The GPU's f32 algorithm for one selected row's conf gradient (`grad_conf` in
 /// `grad.wgsl`), ported line by line: the same result as [`conf_grad_row`] where f32
 /// suffices, the form the GPU runs. In f32, `softmax − 1` at the target and `p − q` or
-/// `G − h` at a class whose `p` is near 1 lose their digits; those are taken from the other
-/// classes' sums instead: the target's cross-entropy term is `−Σ_{c≠t} softmax_c`, and the
-/// class `top` of largest logit (the only `p` that can be near 1) gets
-/// `Σ_{c≠top} q_c − Σ_{c≠top} p_c`, or `G − h_top = Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c`.
+/// `G − h` at a class whose `p` is near 1 lose their digits; where that probability is over
+/// 1/2 they are taken from the other classes' sums instead: the target's cross-entropy
+/// term is `−Σ_{c≠t} softmax_c`, and the class `top` of largest logit (the only `p` that
+/// can be over 1/2) gets `Σ_{c≠top} q_c − Σ_{c≠top} p_c`, or
+/// `G − h_top = Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c`. (Below 1/2 the direct form is
+/// the exact one: the complements would cancel instead, e.g. at a large temperature.)
 pub fn conf_grad_row_complement(
     student_row: &[f32],
     teacher_row: &[f32],
@@ -129,19 +137,22 @@ pub fn conf_grad_row_complement(
     let target_class = target as usize;
     let t = config.temperature;
     let inv_t = 1.0 / t;
-    let lse = log_sum_exp(student_row, 1.0);
-    let lse_s = log_sum_exp(student_row, inv_t);
-    let lse_t = log_sum_exp(teacher_row, inv_t);
-    let soft_scale = scale.soft * t;
-    let eps = config.eps;
-    let weighted = config.weighted_soft_loss();
-    let class_w = |c: usize| if c == 0 { config.neg_w } else { config.pos_w };
     let mut top = 0;
     for c in 1..num_classes {
         if student_row[c] > student_row[top] {
             top = c;
         }
     }
+    // Log-probabilities as (x − max) · scale − ln Σ: no large numbers cancel.
+    let max_s = student_row[top];
+    let max_t = row_max(teacher_row);
+    let lse = shifted_log_sum_exp(student_row, max_s, 1.0);
+    let lse_s = shifted_log_sum_exp(student_row, max_s, inv_t);
+    let lse_t = shifted_log_sum_exp(teacher_row, max_t, inv_t);
+    let soft_scale = scale.soft * t;
+    let eps = config.eps;
+    let weighted = config.weighted_soft_loss();
+    let class_w = |c: usize| if c == 0 { config.neg_w } else { config.pos_w };
     let mut g_sum = 0.0;
     let mut rest_p = 0.0;
     let mut rest_q = 0.0;
@@ -149,8 +160,8 @@ pub fn conf_grad_row_complement(
     let mut rest_ce = 0.0;
     for c in 0..num_classes {
         let s = student_row[c];
-        let q = math::exp(teacher_row[c] * inv_t - lse_t);
-        let p = math::exp(s * inv_t - lse_s);
+        let q = math::exp((teacher_row[c] - max_t) * inv_t - lse_t);
+        let p = math::exp((s - max_s) * inv_t - lse_s);
         let h = class_w(c) * (q + eps) / (p + eps);
         g_sum += h * p;
         if c != top {
@@ -159,26 +170,33 @@ pub fn conf_grad_row_complement(
             rest_ph += p * h;
         }
         if c != target_class {
-            rest_ce += math::exp(s - lse);
+            rest_ce += math::exp((s - max_s) - lse);
         }
     }
     for c in 0..num_classes {
         let s = student_row[c];
-        let q = math::exp(teacher_row[c] * inv_t - lse_t);
-        let p = math::exp(s * inv_t - lse_s);
+        let q = math::exp((teacher_row[c] - max_t) * inv_t - lse_t);
+        let p = math::exp((s - max_s) * inv_t - lse_s);
+        let softmax = math::exp((s - max_s) - lse);
+        // The complements only where they are the exact side: a probability over 1/2.
         let ce = if c == target_class {
-            -rest_ce
+            if softmax > 0.5 {
+                -rest_ce
+            } else {
+                softmax - 1.0
+            }
         } else {
-            math::exp(s - lse)
+            softmax
         };
+        let complement = c == top && p > 0.5;
         let soft = if weighted {
             let h = class_w(c) * (q + eps) / (p + eps);
-            p * if c == top {
+            p * if complement {
                 rest_ph - h * rest_p
             } else {
                 g_sum - h
             }
-        } else if c == top {
+        } else if complement {
             rest_q - rest_p
         } else {
             p - q
@@ -271,21 +289,22 @@ mod tests {
     /// The GPU's f32 complement algorithm agrees with the f64 reference to SPEC §7
     /// (1e-3 relative + 1e-7 absolute) on rows with one positive in the batch (N = 1, the
     /// largest w/N), plain and class-weighted, with a confident top class (p near 1), where
-    /// the direct f32 formula would lose the small entries' digits.
+    /// the direct f32 formula would lose the small entries' digits; over the temperatures
+    /// the GPU takes (up to 20) and logits up to ±1e6.
     #[test]
     fn the_complement_port_agrees_with_the_f64_reference_with_few_positives() {
         let mut rng = Lcg(7);
         let mut worst: f64 = 0.0;
-        for case in 0..400 {
+        for case in 0..1200 {
             let num_classes = 2 + case % 30;
             let weighted = case % 2 == 1;
             let config = LossConfig {
                 num_classes: num_classes as u32,
-                temperature: [1.0, 2.0, 4.0, 0.5][case % 4],
+                temperature: [1.0, 2.0, 4.0, 0.5, 20.0, 0.05, 10.0][case % 7],
                 neg_w: if weighted { 1.5 } else { 1.0 },
                 ..LossConfig::DEFAULT
             };
-            let sharp = [1.0, 4.0, 12.0][case % 3];
+            let sharp = [1.0, 4.0, 12.0, 1e3, 1e6][case % 5];
             let student: Vec<f32> = (0..num_classes).map(|_| rng.next() * sharp).collect();
             let teacher: Vec<f32> = (0..num_classes).map(|_| rng.next() * sharp).collect();
             let target = (case % num_classes) as u32;

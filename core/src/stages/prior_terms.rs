@@ -26,6 +26,31 @@ pub fn log_sum_exp_f64(row: &[f32], scale: f64) -> f64 {
     max + math::ln_f64(sum)
 }
 
+/// The largest value of a row.
+#[must_use]
+pub fn row_max(row: &[f32]) -> f32 {
+    row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
+/// `ln Σ exp((row[c] − max) · scale)` for the row's `max` ([`row_max`]): in `[0, ln C]`, so
+/// that a log-probability `(x − max) · scale − ln Σ` never subtracts two large numbers
+/// (with logits of 1e6, `x · scale − lse` would lose every digit of f32).
+#[must_use]
+pub fn shifted_log_sum_exp(row: &[f32], max: f32, scale: f32) -> f32 {
+    let sum: f32 = row.iter().map(|&x| math::exp((x - max) * scale)).sum();
+    math::ln(sum)
+}
+
+/// [`shifted_log_sum_exp`] in f64.
+#[must_use]
+pub fn shifted_log_sum_exp_f64(row: &[f32], max: f32, scale: f64) -> f64 {
+    let sum: f64 = row
+        .iter()
+        .map(|&x| math::exp_f64((f64::from(x) - f64::from(max)) * scale))
+        .sum();
+    math::ln_f64(sum)
+}
+
 /// Cross-entropy of a logit row against class `target`, given the row's log-sum-exp.
 #[must_use]
 pub fn cross_entropy(lse: f32, row: &[f32], target: u32) -> f32 {

@@ -9,7 +9,7 @@
 
 use crate::config::LossConfig;
 use crate::math;
-use crate::stages::prior_terms::log_sum_exp_f64;
+use crate::stages::prior_terms::{row_max, shifted_log_sum_exp_f64};
 
 /// Un-normalised sums and counts of one image or of a whole batch (SPEC §5). A
 /// data-parallel trainer adds these over its workers before normalising.
@@ -98,23 +98,26 @@ pub struct LossTerms {
 pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let lse_s = log_sum_exp_f64(student_row, inv_t);
-    let lse_t = log_sum_exp_f64(teacher_row, inv_t);
+    // Log-probabilities as (x − max) / T − ln Σ: no large numbers cancel.
+    let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
+    let lse_s = shifted_log_sum_exp_f64(student_row, max_s, inv_t);
+    let lse_t = shifted_log_sum_exp_f64(teacher_row, max_t, inv_t);
+    let shifted = |x: f32, max: f32| f64::from(x) - f64::from(max);
     let mut sum = 0.0;
     if config.weighted_soft_loss() {
         let eps = f64::from(config.eps);
         for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
-            let q = math::exp_f64(f64::from(te) * inv_t - lse_t) + eps;
-            let p = math::exp_f64(f64::from(s) * inv_t - lse_s) + eps;
+            let q = math::exp_f64(shifted(te, max_t) * inv_t - lse_t) + eps;
+            let p = math::exp_f64(shifted(s, max_s) * inv_t - lse_s) + eps;
             let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
             sum += w * q * (math::ln_f64(q) - math::ln_f64(p));
         }
     } else {
         for (&s, &te) in student_row.iter().zip(teacher_row) {
-            let log_q = f64::from(te) * inv_t - lse_t;
+            let log_q = shifted(te, max_t) * inv_t - lse_t;
             let q = math::exp_f64(log_q);
             if q > 0.0 {
-                sum += q * (log_q - (f64::from(s) * inv_t - lse_s));
+                sum += q * (log_q - (shifted(s, max_s) * inv_t - lse_s));
             }
         }
     }

@@ -192,7 +192,8 @@ impl GpuBackend {
     /// Uploads `batch` into new GPU buffers, for [`GpuBackend::evaluate_resident`].
     ///
     /// # Errors
-    /// [`Error::Gpu`] when a tensor exceeds the adapter's `max_buffer_size` or memory runs out.
+    /// [`Error::GpuUnsupported`] when a tensor exceeds the adapter's `max_buffer_size`;
+    /// [`Error::Gpu`] when memory runs out.
     pub fn upload(&mut self, batch: &Batch<'_>) -> Result<GpuBatch> {
         let gpu = self.engine.create_batch(batch.shape)?;
         self.engine.write_batch(&gpu, batch)?;

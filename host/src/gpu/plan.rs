@@ -114,7 +114,7 @@ impl Chunk {
 /// start at multiples of `alignment` bytes (a power of two).
 ///
 /// # Errors
-/// [`Error::Gpu`] when a single image, or the priors, do not fit in one binding.
+/// [`Error::GpuUnsupported`] when a single image, or the priors, do not fit in one binding.
 pub(crate) fn chunks(shape: &BatchShape, binding_limit: u64, alignment: u64) -> Result<Vec<Chunk>> {
     let alignment = alignment.max(4);
     let priors_bytes = shape.priors as u64 * 16;
@@ -335,6 +335,11 @@ pub(crate) struct Kernel {
 /// depend on the driver. Shapes over it are refused with
 /// [`Error::GpuUnsupported`] (README "GPU limits").
 pub(crate) const MAX_LOOP_ITERATIONS: u64 = 65_535;
+
+/// The largest temperature the GPU backend takes: above it, f32 cannot give the gradient
+/// of the soft term to SPEC §7 where a student and its teacher nearly agree (`p − q` then
+/// loses its digits, and `T` scales the loss); the CPU backend computes those rows in f64.
+pub(crate) const MAX_TEMPERATURE: f32 = 20.0;
 
 /// Iterations kept free of the counted loops: each loop's exit test and the like count
 /// too on llvmpipe (measured: `grad_conf` at C = 6553 ran about 19 past its 10 C − 1).
@@ -688,6 +693,13 @@ impl Recording {
         limits: &DeviceLimits,
         wanted: Wanted,
     ) -> Result<Self> {
+        if config.temperature > MAX_TEMPERATURE {
+            return Err(Error::GpuUnsupported(format!(
+                "temperature {} is over the GPU backend's {MAX_TEMPERATURE} \
+                 (README \"GPU limits\")",
+                config.temperature
+            )));
+        }
         let chunks = chunks(shape, limits.binding_limit, limits.alignment)?;
         let uploads = chunks
             .iter()
