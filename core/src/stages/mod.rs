@@ -16,7 +16,7 @@ pub mod reduce;
 /// A stage of the pipeline: one WGSL file `shaders/<name>.wgsl`, one module here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
-    /// SPEC §3, [`r#match`].
+    /// SPEC §3, the `match` module.
     Match,
     /// SPEC §4–5 per prior, [`prior_terms`].
     PriorTerms,

@@ -3,7 +3,7 @@
 //!
 //! - `params.rs`: the uniform shared with the WGSL, and the sums record;
 //! - `plan.rs`: the resources and the kernel table, how a batch is split into chunks,
-//!   and the [`Recording`](plan::Recording) of an evaluation — parameter uploads,
+//!   and the `Recording` of an evaluation — parameter uploads,
 //!   dispatches folded to `[x, y, 1]`, downloads with their layout — and its decoding;
 //! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
 //!   cache), cached buffers, bind groups kept by their batch, the execution of a
