@@ -12,13 +12,15 @@
 
 use crate::boxes::{encode, CenterBox, CornerBox, Overlap};
 
-/// Per-row scratch of the match stage; a caller provides at least one per `targets` row.
+/// Per-object scratch of the match stage; a caller provides at least one per `targets` row.
+/// The real objects are kept in row order, each with its row (padding rows are left out:
+/// the CPU's loops visit only real objects, and name them by row as the GPU does).
 #[derive(Clone, Copy, Debug)]
 pub struct ObjectScratch {
     truth: CornerBox,
     label: u32,
-    /// A real object (label ≥ 0), not padding.
-    is_object: bool,
+    /// Its row in `targets`.
+    row: u32,
     /// The object's best overlap over the priors visited so far.
     best: Overlap,
     /// The lowest prior index tied with `best`, unless `rescan`.
@@ -39,7 +41,7 @@ impl Default for ObjectScratch {
                 max: zero,
             },
             label: 0,
-            is_object: false,
+            row: 0,
             best: NO_OVERLAP,
             best_prior: 0,
             rescan: false,
@@ -49,14 +51,14 @@ impl Default for ObjectScratch {
 }
 
 impl ObjectScratch {
-    /// The scratch of one `targets` row `xmin, ymin, xmax, ymax, label` (negative label =
-    /// padding).
+    /// The scratch of the real object (label ≥ 0) at `targets` row `row`:
+    /// `xmin, ymin, xmax, ymax, label`.
     #[must_use]
-    pub fn from_row(row: &[f32; 5]) -> Self {
+    pub fn new(target: &[f32; 5], row: u32) -> Self {
         Self {
-            truth: CornerBox::from_row(row),
-            label: if row[4] >= 0.0 { row[4] as u32 } else { 0 },
-            is_object: row[4] >= 0.0,
+            truth: CornerBox::from_row(target),
+            label: target[4] as u32,
+            row,
             ..Self::default()
         }
     }
@@ -89,6 +91,7 @@ pub const ROW: u32 = 0x3fff_ffff;
 /// Steps 1 and 4, a loop over priors (`match_priors` in `match.wgsl`, a thread per
 /// prior): each prior's best object row (the lowest tied row) and [`POSITIVE`] when the
 /// maximum reaches the threshold; 0 for every prior of an image without objects.
+/// `objects` holds the image's real objects in row order ([`ObjectScratch::new`]).
 ///
 /// CPU fusion: the same loop also gathers each object's best overlap over the priors and
 /// its lowest best prior, which `match_objects` on the GPU finds by a loop of its own.
@@ -102,20 +105,17 @@ pub fn match_priors(
     conf_target: &mut [u32],
 ) {
     assert_eq!(conf_target.len(), priors.len());
-    let Some(first) = objects.iter().position(|o| o.is_object) else {
+    if objects.is_empty() {
         conf_target.fill(0);
         return;
-    };
+    }
     for (p, prior) in priors.iter().enumerate() {
         let prior_box = CenterBox::from_row(*prior).to_corners();
         let mut best = NO_OVERLAP;
-        for (m, object) in objects.iter_mut().enumerate().skip(first) {
-            if !object.is_object {
-                continue;
-            }
+        for (m, object) in objects.iter_mut().enumerate() {
             let overlap = Overlap::of(object.truth, prior_box);
             object.current = overlap;
-            if m == first || overlap.beats(best) {
+            if m == 0 || overlap.beats(best) {
                 best = overlap;
             }
             // CPU fusion, the object's best prior: when its best overlap rises clear of the
@@ -136,12 +136,10 @@ pub fn match_priors(
         // The lowest row tied with the maximum (the GPU recomputes the overlaps here).
         let best_object = objects
             .iter()
-            .enumerate()
-            .skip(first)
-            .find(|(_, o)| o.is_object && o.current.ties_with(best))
-            .map_or(first, |(m, _)| m); // only NaN input (rejected by validation) finds no tie
+            .find(|o| o.current.ties_with(best))
+            .unwrap_or(&objects[0]); // only NaN input (rejected by validation) finds no tie
         let positive = if best.reaches(threshold) { POSITIVE } else { 0 };
-        conf_target[p] = best_object as u32 | positive;
+        conf_target[p] = best_object.row | positive;
     }
 }
 
@@ -153,10 +151,7 @@ pub fn match_priors(
 /// Reads the best overlaps `match_priors` gathered; rescans the priors only for an object
 /// whose best overlap rose within the tie tolerance.
 pub fn match_objects(objects: &[ObjectScratch], priors: &[[f32; 4]], conf_target: &mut [u32]) {
-    for (m, object) in objects.iter().enumerate() {
-        if !object.is_object {
-            continue;
-        }
+    for object in objects {
         let best_prior = if object.rescan {
             priors
                 .iter()
@@ -169,7 +164,7 @@ pub fn match_objects(objects: &[ObjectScratch], priors: &[[f32; 4]], conf_target
             object.best_prior as usize
         };
         let word = &mut conf_target[best_prior];
-        *word = (*word).max(FORCED | m as u32);
+        *word = (*word).max(FORCED | object.row);
     }
 }
 
@@ -190,7 +185,7 @@ pub fn match_finish(
 ) -> u32 {
     assert_eq!(conf_target.len(), priors.len());
     assert_eq!(loc_target.len(), priors.len());
-    if !objects.iter().any(|o| o.is_object) {
+    if objects.is_empty() {
         conf_target.fill(0);
         loc_target.fill([0.0; 4]);
         return 0;
@@ -201,7 +196,12 @@ pub fn match_finish(
         .zip(loc_target.iter_mut())
         .zip(priors)
     {
-        let object = &objects[(*word & ROW) as usize];
+        let row = *word & ROW;
+        // Rows are ascending: the object of a row by bisection (few objects, so cheap).
+        let object = match objects.binary_search_by_key(&row, |o| o.row) {
+            Ok(i) => &objects[i],
+            Err(_) => &objects[0], // unreachable: every word names a real object's row
+        };
         let positive = *word & (POSITIVE | FORCED) != 0;
         *loc = if positive || offsets == Offsets::All {
             encode(object.truth, CenterBox::from_row(*prior), variance)
@@ -241,10 +241,14 @@ pub fn match_image(
     loc_target: &mut [[f32; 4]],
 ) -> u32 {
     assert!(objects.len() >= targets.len(), "object scratch too short");
-    let objects = &mut objects[..targets.len()];
-    for (object, row) in objects.iter_mut().zip(targets) {
-        *object = ObjectScratch::from_row(row);
+    let mut n = 0;
+    for (row, target) in targets.iter().enumerate() {
+        if target[4] >= 0.0 {
+            objects[n] = ObjectScratch::new(target, row as u32);
+            n += 1;
+        }
     }
+    let objects = &mut objects[..n];
     match_priors(objects, priors, threshold, conf_target);
     match_objects(objects, priors, conf_target);
     match_finish(objects, priors, variance, offsets, conf_target, loc_target)
