@@ -11,7 +11,7 @@
 use crate::config::LossConfig;
 use crate::math;
 use crate::stages::prior_terms::{
-    loc_terms, row_max, shifted_log_sum_exp, shifted_log_sum_exp_f64, smooth_l1_grad,
+    classes_of, loc_terms, row_max, shifted_log_sum_exp, shifted_log_sum_exp_f64, smooth_l1_grad,
 };
 
 /// The factors `w_term / N` that the gradients of the four terms carry.
@@ -223,8 +223,11 @@ pub fn grad_conf(
     grad_student_conf: &mut [f32],
     already_zero: bool,
 ) {
-    let num_classes = config.num_classes as usize;
+    let num_classes = classes_of(student_conf.len(), conf_target.len());
     assert_eq!(grad_student_conf.len(), student_conf.len());
+    if num_classes == 0 {
+        return;
+    }
     let rows = student_conf
         .chunks_exact(num_classes)
         .zip(teacher_conf.chunks_exact(num_classes))

@@ -26,6 +26,22 @@ pub fn log_sum_exp_f64(row: &[f32], scale: f64) -> f64 {
     max + math::ln_f64(sum)
 }
 
+/// C of a `[P, C]` row-major tensor of `len` values over `num_priors` rows (0 when P is 0):
+/// the stages take C from their slices, not from the config.
+///
+/// # Panics
+/// If `len` is not a multiple of `num_priors`.
+#[must_use]
+pub fn classes_of(len: usize, num_priors: usize) -> usize {
+    let num_classes = len.checked_div(num_priors).unwrap_or(0);
+    assert_eq!(
+        num_classes * num_priors,
+        len,
+        "a [P, C] tensor of {len} values over P = {num_priors}"
+    );
+    num_classes
+}
+
 /// The largest value of a row.
 #[must_use]
 pub fn row_max(row: &[f32]) -> f32 {
@@ -147,8 +163,10 @@ pub fn prior_terms(
     mining_score_out: &mut [f32],
     prior_loss: &mut [[f32; 4]],
 ) {
-    let num_classes = config.num_classes as usize;
-    assert_eq!(student_conf.len(), conf_target.len() * num_classes);
+    let num_classes = classes_of(student_conf.len(), conf_target.len());
+    if num_classes == 0 {
+        return;
+    }
     for (p, row) in student_conf.chunks_exact(num_classes).enumerate() {
         let target_class = conf_target[p];
         let positive = target_class > 0;

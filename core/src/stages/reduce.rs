@@ -9,7 +9,7 @@
 
 use crate::config::LossConfig;
 use crate::math;
-use crate::stages::prior_terms::{row_max, shifted_log_sum_exp_f64};
+use crate::stages::prior_terms::{classes_of, row_max, shifted_log_sum_exp_f64};
 
 /// Un-normalised sums and counts of one image or of a whole batch (SPEC §5). A
 /// data-parallel trainer adds these over its workers before normalising.
@@ -137,7 +137,10 @@ pub fn reduce_rows(
     config: &LossConfig,
     row_soft: &mut [f64],
 ) {
-    let num_classes = config.num_classes as usize;
+    let num_classes = classes_of(student_conf.len(), conf_target.len());
+    if num_classes == 0 {
+        return;
+    }
     let rows = student_conf
         .chunks_exact(num_classes)
         .zip(teacher_conf.chunks_exact(num_classes));
