@@ -816,3 +816,34 @@ fn random_configs_and_extreme_logits_agree_with_the_cpu() {
         Err(ssdkd::Error::GpuUnsupported(_))
     ));
 }
+
+/// An image over the storage-binding size is refused with the typed error (before any
+/// upload), and handed to the CPU backend where the GPU was set to fall back.
+#[test]
+fn an_image_over_the_binding_size_is_refused_or_falls_back() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("an_image_over_the_binding_size_is_refused_or_falls_back")
+    else {
+        return;
+    };
+    let generated = many_classes(300); // 16 × 300 × 4 = 19,200 bytes of logits per image
+    gpu.set_binding_cap(Some(16 << 10));
+    unsupported(&mut gpu, "an image over a 16 KiB binding", &generated, ALL);
+    gpu.fall_back_to_cpu(|e| eprintln!("fell back: {e}"));
+    let config = LossConfig {
+        num_classes: 300,
+        ..LossConfig::default()
+    };
+    let batch = generated.batch().unwrap();
+    assert_eq!(
+        gpu.evaluate(&batch, &config, ALL).unwrap(),
+        ssdkd::cpu::evaluate(&batch, &config, ALL).unwrap()
+    );
+    gpu.set_binding_cap(None);
+    compare(
+        &mut gpu,
+        "the same image within the binding",
+        &generated,
+        &config,
+    );
+}
