@@ -30,9 +30,20 @@ impl Backend {
         ))
     }
 
-    /// A GPU when one is found, else the CPU; `on_fallback` hears why the GPU was not used.
+    /// The fastest device known: a hardware GPU adapter when one is found, else the CPU (a
+    /// software adapter such as lavapipe, slower than the CPU backend, is passed over);
+    /// `on_fallback` hears why the GPU was not used, naming a software adapter passed over.
+    /// A GPU chosen so hands a batch over its limits (README "GPU limits") to the CPU
+    /// backend, saying why on stderr (`GpuBackend::fall_back_to_cpu`).
     pub fn auto(on_fallback: impl FnOnce(&crate::Error)) -> Self {
-        Self::gpu().unwrap_or_else(|e| {
+        #[cfg(feature = "gpu")]
+        let gpu = GpuBackend::hardware().map(|mut gpu| {
+            gpu.fall_back_to_cpu(|why| eprintln!("ssdkd: {why}; using the CPU backend"));
+            Backend::Gpu(Box::new(gpu))
+        });
+        #[cfg(not(feature = "gpu"))]
+        let gpu = Self::gpu();
+        gpu.unwrap_or_else(|e| {
             on_fallback(&e);
             Backend::Cpu
         })

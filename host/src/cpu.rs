@@ -5,6 +5,7 @@ use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::error::Result;
 use rayon::prelude::*;
 use ssdkd_core::stages::r#match::Offsets;
+use ssdkd_core::stages::reduce::reduce_batch;
 use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
 use std::sync::Mutex;
 
@@ -57,10 +58,7 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
             (sums, workspace)
         })
         .unzip();
-    let mut sums = LossSums::default();
-    for image in &per_image {
-        sums.add(image);
-    }
+    let sums = reduce_batch(&per_image);
 
     let gradients = request.gradients.then(|| {
         let scale = GradScale::new(config, sums.num_pos);

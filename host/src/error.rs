@@ -52,6 +52,10 @@ pub enum Error {
     /// The GPU failed: out of memory, device lost, a validation error.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The batch's shape is over a documented limit of the GPU backend (README "GPU
+    /// limits"), checked before anything runs; the CPU backend takes it.
+    #[error("the GPU backend cannot take this batch: {0}")]
+    GpuUnsupported(String),
     /// A loss or gradient came out NaN or infinite although the inputs were accepted.
     #[error("numerical failure: {what}{} is {value} (not finite)", index.map(|i| format!(" at flat index {i}")).unwrap_or_default())]
     Numerical {

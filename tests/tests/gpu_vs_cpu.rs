@@ -553,3 +553,312 @@ fn many_classes_every_row_selected_agree_with_the_cpu() {
     };
     compare(&mut gpu, "C = 300, every row selected", &generated, &config);
 }
+
+// ---------------------------------------------------------------------------------------
+// The GPU backend's shape limits (README "GPU limits"): CPU = GPU at each limit, a typed
+// refusal (`Error::GpuUnsupported`, before anything is uploaded) just beyond it, and the
+// CPU backend taking the batch where the GPU was set to fall back.
+
+/// Loop iterations an invocation may count, less the slack kept for exit tests.
+const BUDGET: usize = 65_535 - 256;
+/// The largest C with gradients (`grad_conf` loops 10 C times in an invocation).
+const MAX_CLASSES_WITH_GRADIENTS: usize = BUDGET / 10;
+/// The largest C without gradients (`reduce_rows` loops 6 C times).
+const MAX_CLASSES: usize = BUDGET / 6;
+/// The largest P (`mine` loops 10 ⌈P / 256⌉ + 2064 times).
+const MAX_PRIORS: usize = (BUDGET - 2064) / 10 * 256;
+
+/// One image of P = 16 priors (a 4 × 4 grid) and C classes, random logits, one object.
+fn many_classes(c: usize) -> OwnedBatch {
+    let p = 16;
+    let mut rng = Lcg(c as u64);
+    let mut values = |n: usize, r: f32| (0..n).map(|_| rng.uniform(-r, r)).collect::<Vec<f32>>();
+    let priors: Vec<f32> = (0..p)
+        .flat_map(|i| {
+            let (x, y) = ((i % 4) as f32 * 0.25 + 0.125, (i / 4) as f32 * 0.25 + 0.125);
+            [x, y, 0.3, 0.3]
+        })
+        .collect();
+    OwnedBatch {
+        shape: BatchShape {
+            batch: 1,
+            priors: p,
+            classes: c,
+            objects: 1,
+        },
+        student_conf: values(p * c, 4.0),
+        teacher_conf: values(p * c, 4.0),
+        student_loc: values(p * 4, 1.0),
+        teacher_loc: values(p * 4, 1.0),
+        targets: vec![0.3, 0.3, 0.6, 0.6, (c - 2) as f32],
+        priors,
+    }
+}
+
+fn unsupported(gpu: &mut GpuBackend, what: &str, generated: &OwnedBatch, request: Request) {
+    let config = LossConfig {
+        num_classes: generated.shape.classes as u32,
+        ..LossConfig::default()
+    };
+    match gpu.evaluate(&generated.batch().unwrap(), &config, request) {
+        Err(e @ ssdkd::Error::GpuUnsupported(_)) => {
+            assert_eq!(e.exit_code(), 2);
+            assert!(
+                e.to_string()
+                    .starts_with("the GPU backend cannot take this batch: "),
+                "{e}"
+            );
+            eprintln!("{what}: refused: {e}");
+        }
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+#[test]
+fn classes_at_the_limit_agree_and_beyond_are_refused() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("classes_at_the_limit_agree_and_beyond_are_refused")
+    else {
+        return;
+    };
+    let config = |c: usize| LossConfig {
+        num_classes: c as u32,
+        ..LossConfig::default()
+    };
+    let c = MAX_CLASSES_WITH_GRADIENTS;
+    compare(
+        &mut gpu,
+        "C at the limit with gradients",
+        &many_classes(c),
+        &config(c),
+    );
+    unsupported(
+        &mut gpu,
+        "C over the limit with gradients",
+        &many_classes(c + 1),
+        ALL,
+    );
+
+    let losses = Request {
+        gradients: false,
+        decisions: true,
+        validate: true,
+    };
+    let c = MAX_CLASSES;
+    let generated = many_classes(c);
+    let batch = generated.batch().unwrap();
+    let cpu_eval = ssdkd::cpu::evaluate(&batch, &config(c), losses).unwrap();
+    let gpu_eval = gpu.evaluate(&batch, &config(c), losses).unwrap();
+    assert_agree("C at the limit without gradients", &gpu_eval, &cpu_eval);
+    assert!(cpu_eval.terms.soft_loss > 1.0, "a soft loss worth checking");
+    unsupported(&mut gpu, "C over the limit", &many_classes(c + 1), losses);
+}
+
+/// One image of P priors (a grid of small, disjoint boxes), C = 2, one object equal to
+/// prior 1000 (one positive). Every negative row has the same logits, so mining selects
+/// the lowest-index negatives on both sides exactly.
+fn many_priors(p: usize) -> OwnedBatch {
+    let side = (p as f64).sqrt().ceil() as usize;
+    let cell = 1.0 / side as f32;
+    let priors: Vec<f32> = (0..p)
+        .flat_map(|i| {
+            let (x, y) = (
+                ((i % side) as f32 + 0.5) * cell,
+                ((i / side) as f32 + 0.5) * cell,
+            );
+            [x, y, 0.6 * cell, 0.6 * cell]
+        })
+        .collect();
+    let object = &priors[4000..4004];
+    let (hw, hh) = (object[2] * 0.5, object[3] * 0.5);
+    let mut rng = Lcg(p as u64);
+    let mut values = |n: usize| (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+    OwnedBatch {
+        shape: BatchShape {
+            batch: 1,
+            priors: p,
+            classes: 2,
+            objects: 1,
+        },
+        student_conf: [0.5, -0.5].repeat(p),
+        teacher_conf: [0.2, 0.1].repeat(p),
+        student_loc: values(p * 4),
+        teacher_loc: values(p * 4),
+        targets: vec![
+            object[0] - hw,
+            object[1] - hh,
+            object[0] + hw,
+            object[1] + hh,
+            0.0,
+        ],
+        priors,
+    }
+}
+
+#[test]
+fn priors_at_the_limit_agree_and_beyond_are_refused_or_fall_back() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("priors_at_the_limit_agree_and_beyond_are_refused_or_fall_back")
+    else {
+        return;
+    };
+    let config = LossConfig {
+        num_classes: 2,
+        ..LossConfig::default()
+    };
+    let eval = compare(
+        &mut gpu,
+        "P at the limit",
+        &many_priors(MAX_PRIORS),
+        &config,
+    );
+    assert_eq!((eval.sums.num_pos, eval.sums.num_neg), (1, 3));
+    let over = many_priors(MAX_PRIORS + 1);
+    unsupported(&mut gpu, "P over the limit", &over, ALL);
+
+    // Set to fall back (as `Backend::auto` sets it), the GPU backend hands it to the CPU.
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&heard);
+    gpu.fall_back_to_cpu(move |e| sink.lock().unwrap().push(e.to_string()));
+    let batch = over.batch().unwrap();
+    let fallback = gpu.evaluate(&batch, &config, ALL).unwrap();
+    let cpu_eval = ssdkd::cpu::evaluate(&batch, &config, ALL).unwrap();
+    assert_eq!(fallback, cpu_eval);
+    let heard = heard.lock().unwrap();
+    assert_eq!(heard.len(), 1);
+    assert!(heard[0].contains("ssdkd.mine.mine"), "{heard:?}");
+}
+
+#[test]
+fn object_rows_at_the_limit_agree_and_beyond_are_refused() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("object_rows_at_the_limit_agree_and_beyond_are_refused")
+    else {
+        return;
+    };
+    // `match_priors` loops 3 M times in an invocation.
+    let m = BUDGET / 3;
+    let with_rows = |m: usize| {
+        let mut generated = many_classes(21);
+        generated.shape.objects = m;
+        generated.targets = [0.0, 0.0, 0.0, 0.0, -1.0].repeat(m);
+        for (row, object) in [
+            (0, [0.1, 0.1, 0.4, 0.4, 3.0]),
+            (m / 2, [0.5, 0.5, 0.9, 0.8, 7.0]),
+            (m - 1, [0.3, 0.3, 0.6, 0.6, 1.0]),
+        ] {
+            generated.targets[5 * row..5 * row + 5].copy_from_slice(&object);
+        }
+        generated
+    };
+    let config = LossConfig {
+        num_classes: 21,
+        ..LossConfig::default()
+    };
+    compare(&mut gpu, "M at the limit", &with_rows(m), &config);
+    unsupported(&mut gpu, "M over the limit", &with_rows(m + 1), ALL);
+}
+
+/// Random configurations over the range the GPU accepts (temperature up to its limit of
+/// 20, plain and class-weighted soft terms, any weights) and logits from ±1 up to ±1e6:
+/// CPU = GPU to SPEC §7, every loss and gradient finite; a temperature over the limit is
+/// refused.
+#[test]
+fn random_configs_and_extreme_logits_agree_with_the_cpu() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("random_configs_and_extreme_logits_agree_with_the_cpu")
+    else {
+        return;
+    };
+    let mut rng = Lcg(97);
+    for case in 0..24 {
+        let c = 2 + rng.below(30) as usize;
+        let mut generated = many_classes(c);
+        let magnitude = [1.0, 30.0, 1e3, 1e4, 1e6][case % 5];
+        for v in generated
+            .student_conf
+            .iter_mut()
+            .chain(generated.teacher_conf.iter_mut())
+        {
+            *v *= magnitude / 4.0;
+        }
+        let temperature = [0.05, 0.5, 1.0, 3.0, 8.0, 20.0][case % 6];
+        let config = LossConfig {
+            num_classes: c as u32,
+            temperature,
+            neg_w: if case % 2 == 0 {
+                1.0
+            } else {
+                rng.uniform(1.01, 4.0)
+            },
+            pos_w: rng.uniform(0.1, 3.0),
+            negatives_for_hard: rng.below(16),
+            weights: ssdkd::LossWeights {
+                soft: rng.uniform(0.0, 5.0),
+                conf: rng.uniform(0.0, 5.0),
+                l2: rng.uniform(0.0, 5.0),
+                loc: rng.uniform(0.0, 5.0),
+            },
+            ..LossConfig::default()
+        };
+        let what = format!("case {case}: C {c}, |logits| ≤ {magnitude:e}, T {temperature}");
+        let eval = compare(&mut gpu, &what, &generated, &config);
+        let t = eval.terms;
+        assert!(
+            [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l, t.total]
+                .iter()
+                .all(|v| v.is_finite()),
+            "{what}: {t:?}"
+        );
+        let g = eval.gradients.unwrap();
+        assert!(
+            g.student_conf
+                .iter()
+                .chain(&g.student_loc)
+                .all(|v| v.is_finite()),
+            "{what}"
+        );
+    }
+    let generated = many_classes(5);
+    let config = LossConfig {
+        num_classes: 5,
+        temperature: 20.5,
+        ..LossConfig::default()
+    };
+    let batch = generated.batch().unwrap();
+    assert!(matches!(
+        gpu.evaluate(&batch, &config, ALL),
+        Err(ssdkd::Error::GpuUnsupported(_))
+    ));
+}
+
+/// An image over the storage-binding size is refused with the typed error (before any
+/// upload), and handed to the CPU backend where the GPU was set to fall back.
+#[test]
+fn an_image_over_the_binding_size_is_refused_or_falls_back() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("an_image_over_the_binding_size_is_refused_or_falls_back")
+    else {
+        return;
+    };
+    let generated = many_classes(300); // 16 × 300 × 4 = 19,200 bytes of logits per image
+    gpu.set_binding_cap(Some(16 << 10));
+    unsupported(&mut gpu, "an image over a 16 KiB binding", &generated, ALL);
+    gpu.fall_back_to_cpu(|e| eprintln!("fell back: {e}"));
+    let config = LossConfig {
+        num_classes: 300,
+        ..LossConfig::default()
+    };
+    let batch = generated.batch().unwrap();
+    assert_eq!(
+        gpu.evaluate(&batch, &config, ALL).unwrap(),
+        ssdkd::cpu::evaluate(&batch, &config, ALL).unwrap()
+    );
+    gpu.set_binding_cap(None);
+    compare(
+        &mut gpu,
+        "the same image within the binding",
+        &generated,
+        &config,
+    );
+}

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use ssdkd::{BatchShape, Evaluation, LossConfig, OwnedBatch, Request};
 use ssdkd_core::boxes::{CenterBox, CornerBox, Overlap};
 use ssdkd_core::prior::{FeatureMap, PriorConfig};
-use ssdkd_core::stages::prior_terms::soft_term;
+use ssdkd_core::stages::reduce::soft_term;
 
 /// 4×4 and 2×2 maps with one extra ratio: 80 small and large priors.
 fn priors() -> Vec<[f32; 4]> {
