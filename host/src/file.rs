@@ -3,7 +3,7 @@
 
 use crate::batch::{Batch, BatchShape, OwnedBatch};
 use crate::error::{Error, Result};
-use safetensors::{Dtype, SafeTensors};
+use crate::input::SafetensorsInput;
 use ssdkd_core::{LossConfig, PriorPreset};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -135,6 +135,10 @@ impl ConfigOverrides {
         };
         let value: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| bad("config", format!("malformed JSON: {e}")))?;
+        // serde_json keeps the last of a repeated key; a repeated setting is an error.
+        if let Ok(Some(path)) = crate::input::duplicate_key(json) {
+            return Err(bad(&path.join("."), "given more than once".into()));
+        }
         let object = value
             .as_object()
             .ok_or_else(|| bad("config", "not a JSON object".into()))?;
@@ -236,11 +240,8 @@ impl BatchFile {
     /// [`Error::File`] for an unreadable or malformed file, [`Error::Shape`] naming a
     /// missing or mis-shaped tensor, [`Error::Config`] for bad metadata.
     pub fn read(path: &Path, flags: &ConfigOverrides) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::File {
-            path: path.to_owned(),
-            problem: format!("cannot read: {e}"),
-        })?;
-        Self::from_bytes(&bytes, path, flags)
+        // Bounded reading: file type and header first, then only the tensors (input.rs).
+        crate::input::read_batch_file(path, flags, &crate::batch::Request::losses(), 1)
     }
 
     /// Parses a batch file's bytes; `path` only names the file in errors.
@@ -248,16 +249,20 @@ impl BatchFile {
     /// # Errors
     /// As [`BatchFile::read`].
     pub fn from_bytes(bytes: &[u8], path: &Path, flags: &ConfigOverrides) -> Result<Self> {
+        Self::from_input(&SafetensorsInput::from_bytes(bytes, path)?, flags)
+    }
+
+    /// Builds the batch from a file whose header has been checked, reading its tensors.
+    pub(crate) fn from_input(
+        tensors: &SafetensorsInput<'_>,
+        flags: &ConfigOverrides,
+    ) -> Result<Self> {
+        let path = tensors.path();
         let file_error = |problem: String| Error::File {
             path: path.to_owned(),
             problem,
         };
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| file_error(format!("not a valid safetensors file: {e}")))?;
-        let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| file_error(format!("not a valid safetensors file: {e}")))?;
-
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let metadata = tensors.metadata().cloned().unwrap_or_default();
         let mut keys: Vec<&String> = metadata.keys().collect();
         keys.sort();
         if let Some(key) = keys
@@ -278,23 +283,7 @@ impl BatchFile {
         }
         let resolved = from_file.then(flags);
 
-        let read = |name: &'static str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let view = tensors
-                .tensor(name)
-                .map_err(|_| Error::shape(name, format!("missing from {}", path.display())))?;
-            if view.dtype() != Dtype::F32 {
-                return Err(Error::shape(
-                    name,
-                    format!("dtype {:?}, expected F32", view.dtype()),
-                ));
-            }
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Ok((view.shape().to_vec(), data))
-        };
+        let read = |name: &'static str| tensors.read_f32(name);
         let (loc_dims, student_loc) = read("student_loc")?;
         let (conf_dims, student_conf) = read("student_conf")?;
         let (target_dims, targets) = read("targets")?;
@@ -345,7 +334,7 @@ impl BatchFile {
 
         let priors = match (
             resolved.preset,
-            flags.preset.is_some() || tensors.tensor("priors").is_err(),
+            flags.preset.is_some() || !tensors.has("priors"),
         ) {
             (Some(preset), true) => {
                 let config = preset.config();
@@ -410,42 +399,18 @@ impl BatchFile {
     }
 }
 
-/// Writes f32 tensors to a safetensors file atomically: a temporary file in the same folder,
-/// renamed over `path` once complete, so a failure leaves nothing behind.
+/// Writes f32 tensors to a safetensors file safely and atomically
+/// ([`crate::output::write_f32_tensors`], with no inputs to protect).
 ///
 /// # Errors
-/// [`Error::Io`] when the folder is not writable.
+/// [`Error::File`] for a target that is not a regular file; [`Error::Io`] when the folder
+/// is not writable.
 pub fn write_f32_tensors(
     path: &Path,
     tensors: &[(&str, Vec<usize>, &[f32])],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let io = |source: std::io::Error| Error::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let views = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            let view = safetensors::tensor::TensorView::new(
-                Dtype::F32,
-                shape.clone(),
-                bytemuck::cast_slice(data),
-            )
-            .map_err(|e| Error::shape("output", format!("{name}: {e}")))?;
-            Ok((name.to_string(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-    let folder = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let mut temp = tempfile::NamedTempFile::new_in(folder).map_err(io)?;
-    std::io::Write::write_all(&mut temp, &bytes).map_err(io)?;
-    temp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    crate::output::write_f32_tensors(path, &[], tensors, metadata)
 }
 
 /// The `config` metadata JSON of SPEC §8 for `config`, every key written.

@@ -10,6 +10,9 @@ pub mod error;
 pub mod file;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod input;
+pub mod limits;
+pub mod output;
 
 pub use backend::Backend;
 pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request};

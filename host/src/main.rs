@@ -4,7 +4,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use ssdkd::demo::{synthetic_batch, SyntheticSpec};
-use ssdkd::file::{parse_preset, write_f32_tensors, BatchFile, ConfigOverrides};
+use ssdkd::file::{parse_preset, write_f32_tensors, ConfigOverrides};
 use ssdkd::{Backend, Error, Evaluation, LossConfig, PriorPreset, Request, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -298,9 +298,41 @@ fn agreement(a: &Evaluation, b: &Evaluation) -> (f64, f64, bool) {
     )
 }
 
+/// Refuses a synthetic batch (`demo`, `bench`) that would not fit in memory, naming the
+/// flags and the estimate (limits.rs).
+fn check_synthetic(
+    spec: &SyntheticSpec,
+    request: &Request,
+    backend: BackendChoice,
+    flag: &str,
+) -> Result<()> {
+    let shape = ssdkd::BatchShape {
+        batch: spec.batch,
+        priors: spec.preset.config().num_priors(),
+        classes: spec.classes,
+        objects: spec.objects.max(1),
+    };
+    let evaluations = if backend == BackendChoice::Both { 2 } else { 1 };
+    let estimate = ssdkd::limits::Estimate::evaluations(&shape, request, evaluations).generated();
+    let what = format!(
+        "{flag} {} × {}'s {} priors × {} classes",
+        shape.batch,
+        spec.preset.name(),
+        shape.priors,
+        shape.classes
+    );
+    ssdkd::limits::check_estimate(&estimate, &what).map_err(|problem| Error::Config {
+        key: flag.into(),
+        problem,
+    })
+}
+
 fn demo(args: &DemoArgs) -> Result<()> {
+    // Memory check before generating the batch (limits.rs).
+    let spec = SyntheticSpec::demo(args.batch as usize);
+    check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
     let chosen = backends(args.backend)?;
-    let tensors = synthetic_batch(&SyntheticSpec::demo(args.batch as usize));
+    let tensors = synthetic_batch(&spec);
     let batch = tensors.batch()?;
     let config = LossConfig::DEFAULT;
     let shape = batch.shape;
@@ -326,7 +358,22 @@ fn demo(args: &DemoArgs) -> Result<()> {
 }
 
 fn eval(args: &EvalArgs) -> Result<()> {
-    let file = BatchFile::read(&args.file, &args.config.overrides())?;
+    // The output must not be a special file or the input; checked before anything is read.
+    if let Some(path) = &args.grad_out {
+        ssdkd::output::check_target(path, &[&args.file])?;
+    }
+    let request = Request {
+        gradients: args.grad_out.is_some() || args.backend == BackendChoice::Both,
+        ..Request::default()
+    };
+    let evaluations = if args.backend == BackendChoice::Both {
+        2
+    } else {
+        1
+    };
+    // Bounded reading, and the memory check before the tensors are read (input.rs).
+    let file =
+        ssdkd::input::read_batch_file(&args.file, &args.config.overrides(), &request, evaluations)?;
     let batch = file.batch()?;
     if args.grad_out.is_some() && args.backend == BackendChoice::Both {
         return Err(Error::Config {
@@ -334,10 +381,6 @@ fn eval(args: &EvalArgs) -> Result<()> {
             problem: "needs a single backend (cpu, gpu or auto), not both".into(),
         });
     }
-    let request = Request {
-        gradients: args.grad_out.is_some() || args.backend == BackendChoice::Both,
-        ..Request::default()
-    };
     let mut results = Vec::new();
     for mut backend in backends(args.backend)? {
         let (eval, elapsed) = timed(&mut backend, &batch, &file.config, request)?;
@@ -347,8 +390,9 @@ fn eval(args: &EvalArgs) -> Result<()> {
     if let (Some(path), Some((_, eval, _))) = (&args.grad_out, results.first()) {
         let grads = eval.gradients.as_ref().expect("gradients were requested");
         let s = file.tensors.shape;
-        write_f32_tensors(
+        ssdkd::output::write_f32_tensors(
             path,
+            &[&args.file],
             &[
                 (
                     "grad_student_conf",
@@ -485,6 +529,11 @@ impl<'a> Timed<'a> {
 }
 
 fn bench(args: &BenchArgs) -> Result<()> {
+    // Memory check of every batch size before any is generated (limits.rs).
+    for &b in &args.batch {
+        let spec = SyntheticSpec::bench(b as usize, args.classes as usize, args.preset);
+        check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
+    }
     let chosen = backends(args.backend)?;
     let config = LossConfig {
         num_classes: args.classes,
