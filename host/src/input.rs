@@ -421,7 +421,7 @@ pub fn read_batch_file(
     if let Some(shape) = input.declared_shape() {
         let estimate = crate::limits::Estimate::evaluations(&shape, request, evaluations);
         let what = format!(
-            "its tensors (B = {} × P = {} × C = {}){}",
+            "the batch (B = {} × P = {} × C = {}){}",
             shape.batch,
             shape.priors,
             shape.classes,
