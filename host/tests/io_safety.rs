@@ -22,7 +22,10 @@ fn is_root() -> bool {
 }
 
 fn mkfifo(path: &Path) {
-    let status = Command::new("mkfifo").arg(path).status().expect("mkfifo runs");
+    let status = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
     assert!(status.success());
 }
 
@@ -152,17 +155,20 @@ fn a_target_that_is_an_input_is_refused_directly_via_symlink_and_hard_link() {
     let hard = dir.path().join("hard");
     std::fs::hard_link(&input, &hard).unwrap();
     for target in [&input, &link, &hard] {
-        let err =
-            ssdkd::output::write_file(target, &[&input], |out| out.write_all(b"grads")).unwrap_err();
+        let err = ssdkd::output::write_file(target, &[&input], |out| out.write_all(b"grads"))
+            .unwrap_err();
         assert!(err.to_string().contains("same file as the input"), "{err}");
         assert_eq!(err.exit_code(), 2);
         // And the other way round: the input named through the link.
-        let err =
-            ssdkd::output::write_file(&input, &[target], |out| out.write_all(b"grads")).unwrap_err();
+        let err = ssdkd::output::write_file(&input, &[target], |out| out.write_all(b"grads"))
+            .unwrap_err();
         assert!(err.to_string().contains("same file as the input"), "{err}");
     }
     assert_eq!(std::fs::read(&input).unwrap(), b"the batch");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
@@ -195,14 +201,23 @@ fn symlinked_outputs_replace_the_file_they_point_to_and_keep_the_link() {
     let link = dir.path().join("link.safetensors");
     std::os::unix::fs::symlink("real.safetensors", &link).unwrap();
     ssdkd::output::write_file(&link, &[], |out| out.write_all(b"new")).unwrap();
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(std::fs::read(&real).unwrap(), b"new");
     // A dangling link: the file it names is created, the link stays.
     let dangling = dir.path().join("dangling");
     std::os::unix::fs::symlink("created.safetensors", &dangling).unwrap();
     ssdkd::output::write_file(&dangling, &[], |out| out.write_all(b"made")).unwrap();
-    assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
-    assert_eq!(std::fs::read(dir.path().join("created.safetensors")).unwrap(), b"made");
+    assert!(std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read(dir.path().join("created.safetensors")).unwrap(),
+        b"made"
+    );
     // A link to a FIFO is refused like the FIFO.
     let fifo = dir.path().join("fifo");
     mkfifo(&fifo);
@@ -235,9 +250,13 @@ fn written_tensors_read_back_with_the_safetensors_crate() {
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(header.metadata().as_ref().unwrap()["note"], "x");
     // A shape that disagrees with the data is an error naming the tensor, nothing written.
-    let err = ssdkd::output::write_f32_tensors(&path, &[], &[("c", vec![4], &b)], None)
-        .unwrap_err();
-    assert!(err.to_string().contains("c: shape [4] holds 4 values, 1 given"), "{err}");
+    let err =
+        ssdkd::output::write_f32_tensors(&path, &[], &[("c", vec![4], &b)], None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("c: shape [4] holds 4 values, 1 given"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
 }
 
@@ -253,13 +272,28 @@ fn grad_out_naming_the_input_is_refused_and_the_input_kept() {
     std::os::unix::fs::symlink(&input, &link).unwrap();
     let hard = dir.path().join("hard.safetensors");
     std::fs::hard_link(&input, &hard).unwrap();
-    for (given, target) in [(&input, &input), (&input, &link), (&input, &hard), (&link, &hard)] {
-        let run = run(&eval_args(given.to_str().unwrap(), target.to_str().unwrap()), None);
+    for (given, target) in [
+        (&input, &input),
+        (&input, &link),
+        (&input, &hard),
+        (&link, &hard),
+    ] {
+        let run = run(
+            &eval_args(given.to_str().unwrap(), target.to_str().unwrap()),
+            None,
+        );
         assert_eq!(run.code, Some(2), "{}", run.stderr);
-        assert!(run.stderr.contains("same file as the input"), "{}", run.stderr);
+        assert!(
+            run.stderr.contains("same file as the input"),
+            "{}",
+            run.stderr
+        );
     }
     assert_eq!(std::fs::read(&input).unwrap(), original);
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
@@ -267,7 +301,10 @@ fn grad_out_dev_full_stays_a_device() {
     let run = run(&eval_args(golden().to_str().unwrap(), "/dev/full"), None);
     assert_eq!(run.code, Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("a character device"), "{}", run.stderr);
-    assert!(std::fs::metadata("/dev/full").unwrap().file_type().is_char_device());
+    assert!(std::fs::metadata("/dev/full")
+        .unwrap()
+        .file_type()
+        .is_char_device());
 }
 
 #[test]
@@ -275,7 +312,10 @@ fn grad_out_fifo_is_refused_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo");
     mkfifo(&fifo);
-    let run = run(&eval_args(golden().to_str().unwrap(), fifo.to_str().unwrap()), None);
+    let run = run(
+        &eval_args(golden().to_str().unwrap(), fifo.to_str().unwrap()),
+        None,
+    );
     assert_eq!(run.code, Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("a FIFO"), "{}", run.stderr);
     assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
@@ -319,7 +359,16 @@ fn outputs_honour_the_umask_keep_modes_and_links() {
     }
     // `priors --out` too.
     let priors = dir.path().join("priors.safetensors");
-    let run1 = run(&["priors", "--preset", "ssd300", "--out", priors.to_str().unwrap()], Some("022"));
+    let run1 = run(
+        &[
+            "priors",
+            "--preset",
+            "ssd300",
+            "--out",
+            priors.to_str().unwrap(),
+        ],
+        Some("022"),
+    );
     assert_eq!(run1.code, Some(0), "{}", run1.stderr);
     assert_eq!(mode(&priors), 0o644);
     // A replaced file keeps its permission bits.
@@ -336,10 +385,16 @@ fn outputs_honour_the_umask_keep_modes_and_links() {
     std::fs::write(&kept, b"old").unwrap();
     let run3 = run(&eval_args(input, link.to_str().unwrap()), Some("022"));
     assert_eq!(run3.code, Some(0), "{}", run3.stderr);
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     let bytes = std::fs::read(&kept).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(st.tensor("grad_student_conf").unwrap().shape(), &[4, 8732, 21]);
+    assert_eq!(
+        st.tensor("grad_student_conf").unwrap().shape(),
+        &[4, 8732, 21]
+    );
 }
 
 // ---------------------------------------------------------------- bounded reading
@@ -348,9 +403,24 @@ fn outputs_honour_the_umask_keep_modes_and_links() {
 fn refused_quickly(path: &Path, expect: &str) {
     let run = run(&["eval", path.to_str().unwrap(), "--backend", "cpu"], None);
     assert_eq!(run.code, Some(2), "{}: {}", path.display(), run.stderr);
-    assert!(run.stderr.contains(expect), "{}: {}", path.display(), run.stderr);
-    assert!(run.elapsed < Duration::from_secs(1), "{}: {:?}", path.display(), run.elapsed);
-    assert!(run.max_rss_kib < 100 * 1024, "{}: {} KiB", path.display(), run.max_rss_kib);
+    assert!(
+        run.stderr.contains(expect),
+        "{}: {}",
+        path.display(),
+        run.stderr
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(1),
+        "{}: {:?}",
+        path.display(),
+        run.elapsed
+    );
+    assert!(
+        run.max_rss_kib < 100 * 1024,
+        "{}: {} KiB",
+        path.display(),
+        run.max_rss_kib
+    );
 }
 
 #[test]
@@ -359,7 +429,10 @@ fn special_inputs_are_refused_at_once() {
     let fifo = dir.path().join("fifo");
     mkfifo(&fifo);
     refused_quickly(&fifo, "is a FIFO, not a regular file");
-    refused_quickly(Path::new("/dev/zero"), "is a character device, not a regular file");
+    refused_quickly(
+        Path::new("/dev/zero"),
+        "is a character device, not a regular file",
+    );
     refused_quickly(dir.path(), "is a directory, not a regular file");
     if let Some(device) = char_device(dir.path()) {
         refused_quickly(&device, "is a character device");
@@ -374,7 +447,10 @@ fn sparse_and_truncated_multi_gigabyte_inputs_are_refused_before_reading() {
     let dir = tempfile::tempdir().unwrap();
     // 4 GB of zeros (sparse): a zero header length.
     let sparse = dir.path().join("sparse.safetensors");
-    std::fs::File::create(&sparse).unwrap().set_len(4 << 30).unwrap();
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
     refused_quickly(&sparse, "header length 0 bytes");
     // A valid header declaring 3.6 GB of tensors in a file cut at 2 GB (sparse).
     let (b, p, c) = (2048usize, 8732usize, 21usize);
@@ -416,8 +492,7 @@ fn eval_reads_only_the_tensors_it_needs() {
     // result is the same from the file and from the bytes in memory.
     let from_file = BatchFile::read(&golden(), &ConfigOverrides::default()).unwrap();
     let bytes = std::fs::read(golden()).unwrap();
-    let from_bytes =
-        BatchFile::from_bytes(&bytes, &golden(), &ConfigOverrides::default()).unwrap();
+    let from_bytes = BatchFile::from_bytes(&bytes, &golden(), &ConfigOverrides::default()).unwrap();
     assert_eq!(from_file.tensors, from_bytes.tensors);
     assert_eq!(from_file.config, from_bytes.config);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -451,11 +526,14 @@ fn duplicate_keys_are_found_where_serde_json_would_keep_the_last() {
         Some(vec!["a".to_owned(), "b".to_owned(), "c".to_owned()])
     );
     // The same key in different objects is fine.
-    assert_eq!(duplicate_key(r#"{"a": {"x": 1}, "b": {"x": 1}}"#).unwrap(), None);
+    assert_eq!(
+        duplicate_key(r#"{"a": {"x": 1}, "b": {"x": 1}}"#).unwrap(),
+        None
+    );
     assert!(duplicate_key("{").is_err());
 
-    let err = ConfigOverrides::from_config_json(r#"{"num_classes": 7, "num_classes": 5}"#)
-        .unwrap_err();
+    let err =
+        ConfigOverrides::from_config_json(r#"{"num_classes": 7, "num_classes": 5}"#).unwrap_err();
     match &err {
         Error::Config { key, problem } => {
             assert_eq!(key, "num_classes");
@@ -471,7 +549,11 @@ fn duplicate_keys_in_a_batch_header_are_errors_naming_them() {
     let flags = ConfigOverrides::default();
     // Inside the config JSON string.
     let bytes = with_header(|h| {
-        h.replacen(r#"{\"num_classes\": 21,"#, r#"{\"num_classes\": 21, \"num_classes\": 5,"#, 1)
+        h.replacen(
+            r#"{\"num_classes\": 21,"#,
+            r#"{\"num_classes\": 21, \"num_classes\": 5,"#,
+            1,
+        )
     });
     let err = BatchFile::from_bytes(&bytes, &path, &flags).unwrap_err();
     assert!(
@@ -481,7 +563,11 @@ fn duplicate_keys_in_a_batch_header_are_errors_naming_them() {
     // In __metadata__.
     let bytes = with_header(|h| h.replacen(r#""seed":"2001","#, r#""seed":"2001","seed":"7","#, 1));
     let err = BatchFile::from_bytes(&bytes, &path, &flags).unwrap_err();
-    assert!(err.to_string().contains("`__metadata__` → `seed` appears more than once"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("`__metadata__` → `seed` appears more than once"),
+        "{err}"
+    );
     // A tensor name at the top level.
     let bytes = with_header(|h| {
         let start = h.find(r#""priors":"#).unwrap();
@@ -489,7 +575,10 @@ fn duplicate_keys_in_a_batch_header_are_errors_naming_them() {
         format!("{}{},{}", &h[..start], &h[start..end], &h[start..])
     });
     let err = BatchFile::from_bytes(&bytes, &path, &flags).unwrap_err();
-    assert!(err.to_string().contains("`priors` appears more than once"), "{err}");
+    assert!(
+        err.to_string().contains("`priors` appears more than once"),
+        "{err}"
+    );
 
     // Through the binary: exit 2 naming the key.
     let dir = tempfile::tempdir().unwrap();
@@ -497,11 +586,20 @@ fn duplicate_keys_in_a_batch_header_are_errors_naming_them() {
     std::fs::write(
         &file,
         with_header(|h| {
-            h.replacen(r#"{\"num_classes\": 21,"#, r#"{\"num_classes\": 21, \"num_classes\": 5,"#, 1)
+            h.replacen(
+                r#"{\"num_classes\": 21,"#,
+                r#"{\"num_classes\": 21, \"num_classes\": 5,"#,
+                1,
+            )
         }),
     )
     .unwrap();
     let run = run(&["eval", file.to_str().unwrap(), "--backend", "cpu"], None);
     assert_eq!(run.code, Some(2), "{}", run.stderr);
-    assert!(run.stderr.contains("config `num_classes`: given more than once"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("config `num_classes`: given more than once"),
+        "{}",
+        run.stderr
+    );
 }
