@@ -16,6 +16,16 @@ use std::path::{Path, PathBuf};
 /// The largest safetensors header accepted, in bytes: the safetensors crate's own limit.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// The tensors of SPEC §1 a batch file holds (`priors` may be absent).
+const BATCH_TENSORS: [&str; 6] = [
+    "student_loc",
+    "student_conf",
+    "teacher_loc",
+    "teacher_conf",
+    "targets",
+    "priors",
+];
+
 /// Bytes of the little-endian header length that starts a safetensors file.
 const LENGTH_BYTES: u64 = 8;
 
@@ -272,6 +282,16 @@ impl<'a> SafetensorsInput<'a> {
             .map(|i| (i.dtype, i.shape.as_slice()))
     }
 
+    /// The bytes the header declares for those of `names` the file holds.
+    #[must_use]
+    pub fn declared_bytes(&self, names: &[&str]) -> u64 {
+        names
+            .iter()
+            .filter_map(|name| self.header.info(name))
+            .map(|info| (info.data_offsets.1 - info.data_offsets.0) as u64)
+            .sum()
+    }
+
     /// The batch shape the header declares (B, P, C from `student_conf`, M from `targets`),
     /// when both tensors are present with rank 3; the full shape checks come later.
     #[must_use]
@@ -418,23 +438,30 @@ pub fn read_batch_file(
     evaluations: u64,
 ) -> Result<crate::file::BatchFile> {
     let input = SafetensorsInput::open(path)?;
-    if let Some(shape) = input.declared_shape() {
-        let estimate = crate::limits::Estimate::evaluations(&shape, request, evaluations);
-        let what = format!(
-            "the batch (B = {} × P = {} × C = {}){}",
-            shape.batch,
-            shape.priors,
-            shape.classes,
-            if request.gradients {
-                " with gradients"
-            } else {
-                ""
-            }
-        );
-        crate::limits::check_estimate(&estimate, &what).map_err(|problem| Error::File {
-            path: path.to_owned(),
-            problem,
-        })?;
-    }
+    // What is read is what the header declares, whatever the shapes say (a mis-shaped
+    // tensor is only found once read).
+    let declared = input.declared_bytes(&BATCH_TENSORS);
+    let (mut estimate, what) = match input.declared_shape() {
+        Some(shape) => (
+            crate::limits::Estimate::evaluations(&shape, request, evaluations),
+            format!(
+                "the batch (B = {} × P = {} × C = {}){}",
+                shape.batch,
+                shape.priors,
+                shape.classes,
+                if request.gradients {
+                    " with gradients"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        None => (crate::limits::Estimate::default(), "the batch".to_owned()),
+    };
+    estimate.inputs = estimate.inputs.max(declared);
+    crate::limits::check_estimate(&estimate, &what).map_err(|problem| Error::File {
+        path: path.to_owned(),
+        problem,
+    })?;
     crate::file::BatchFile::from_input(&input, flags)
 }

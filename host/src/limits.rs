@@ -137,7 +137,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
         _ => (text, 1),
     };
     let value: f64 = number.trim().parse().ok()?;
-    (value.is_finite() && value >= 0.0).then(|| (value * scale as f64) as u64)
+    (value.is_finite() && value >= 0.0).then_some((value * scale as f64) as u64)
 }
 
 fn mem_available() -> Option<u64> {

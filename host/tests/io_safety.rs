@@ -74,6 +74,8 @@ fn run(args: &[&str], umask: Option<&str>) -> Run {
         }
     };
     let start = Instant::now();
+    // Reaped below with wait4, which also gives its peak memory.
+    #[allow(clippy::zombie_processes)]
     let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
