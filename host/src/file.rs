@@ -3,8 +3,8 @@
 
 use crate::batch::{Batch, BatchShape, Gradients, OwnedBatch};
 pub use crate::config_keys::{config_json, ConfigOverrides};
-use crate::error::{shown, Error, Result};
-use safetensors::{Dtype, SafeTensors};
+use crate::error::{Error, Result};
+use crate::input::SafetensorsInput;
 use ssdkd_core::{LossConfig, PriorPreset};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,11 +54,8 @@ impl BatchFile {
     /// [`Error::File`] for an unreadable or malformed file, [`Error::Shape`] naming a
     /// missing or mis-shaped tensor, [`Error::Config`] for bad metadata.
     pub fn read(path: &Path, flags: &ConfigOverrides) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::File {
-            path: path.to_owned(),
-            problem: format!("cannot read: {e}"),
-        })?;
-        Self::from_bytes(&bytes, path, flags)
+        // Bounded reading: file type and header first, then only the tensors (input.rs).
+        crate::input::read_batch_file(path, flags, &crate::batch::Request::losses(), 1)
     }
 
     /// Parses a batch file's bytes; `path` only names the file in errors.
@@ -66,16 +63,20 @@ impl BatchFile {
     /// # Errors
     /// As [`BatchFile::read`].
     pub fn from_bytes(bytes: &[u8], path: &Path, flags: &ConfigOverrides) -> Result<Self> {
+        Self::from_input(&SafetensorsInput::from_bytes(bytes, path)?, flags)
+    }
+
+    /// Builds the batch from a file whose header has been checked, reading its tensors.
+    pub(crate) fn from_input(
+        tensors: &SafetensorsInput<'_>,
+        flags: &ConfigOverrides,
+    ) -> Result<Self> {
+        let path = tensors.path();
         let file_error = |problem: String| Error::File {
             path: path.to_owned(),
             problem,
         };
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| file_error(format!("not a valid safetensors file: {e}")))?;
-        let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| file_error(format!("not a valid safetensors file: {e}")))?;
-
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let metadata = tensors.metadata().cloned().unwrap_or_default();
         let mut keys: Vec<&String> = metadata.keys().collect();
         keys.sort();
         if let Some(key) = keys
@@ -96,23 +97,7 @@ impl BatchFile {
         }
         let resolved = from_file.then(flags);
 
-        let read = |name: &'static str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let view = tensors
-                .tensor(name)
-                .map_err(|_| Error::shape(name, format!("missing from {}", shown(path))))?;
-            if view.dtype() != Dtype::F32 {
-                return Err(Error::shape(
-                    name,
-                    format!("dtype {:?}, expected F32", view.dtype()),
-                ));
-            }
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Ok((view.shape().to_vec(), data))
-        };
+        let read = |name: &'static str| tensors.read_f32(name);
         let (loc_dims, student_loc) = read("student_loc")?;
         let (conf_dims, student_conf) = read("student_conf")?;
         let (target_dims, targets) = read("targets")?;
@@ -163,7 +148,7 @@ impl BatchFile {
 
         let priors = match (
             resolved.preset,
-            flags.preset.is_some() || tensors.tensor("priors").is_err(),
+            flags.preset.is_some() || !tensors.has("priors"),
         ) {
             (Some(preset), true) => {
                 let config = preset.config();
@@ -226,59 +211,43 @@ impl BatchFile {
     }
 }
 
-/// Writes f32 tensors to a safetensors file atomically: a temporary file in the same folder,
-/// renamed over `path` once complete, so a failure leaves nothing behind.
+/// Writes f32 tensors to a safetensors file safely and atomically
+/// ([`crate::output::write_f32_tensors`], with no inputs to protect).
 ///
 /// # Errors
-/// [`Error::Io`] when the folder is not writable.
+/// [`Error::File`] for a target that is not a regular file; [`Error::Io`] when the folder
+/// is not writable.
 pub fn write_f32_tensors(
     path: &Path,
     tensors: &[(&str, Vec<usize>, &[f32])],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let io = |source: std::io::Error| Error::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let views = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            let view = safetensors::tensor::TensorView::new(
-                Dtype::F32,
-                shape.clone(),
-                bytemuck::cast_slice(data),
-            )
-            .map_err(|e| Error::shape("output", format!("{name}: {e}")))?;
-            Ok((name.to_string(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-    let folder = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let mut temp = tempfile::NamedTempFile::new_in(folder).map_err(io)?;
-    std::io::Write::write_all(&mut temp, &bytes).map_err(io)?;
-    temp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    crate::output::write_f32_tensors(path, &[], tensors, metadata)
 }
 
 /// Writes the gradients of an evaluation of a batch of `shape` as `grad_student_conf`
-/// `[B, P, C]` and `grad_student_loc` `[B, P, 4]` (f32), atomically (as `eval --grad-out`).
+/// `[B, P, C]` and `grad_student_loc` `[B, P, 4]` (f32), atomically (as `eval --grad-out`),
+/// refusing a target that is a special file or the same file as one of `inputs`
+/// ([`crate::output`]).
 ///
 /// # Errors
-/// [`Error::Shape`] when the gradients' lengths disagree with `shape`; [`Error::Io`] when
-/// the folder is not writable.
-pub fn write_gradients(path: &Path, shape: BatchShape, gradients: &Gradients) -> Result<()> {
+/// [`Error::Shape`] when the gradients' lengths disagree with `shape`; [`Error::File`] when
+/// the target is refused; [`Error::Io`] when the folder is not writable.
+pub fn write_gradients(
+    path: &Path,
+    inputs: &[&Path],
+    shape: BatchShape,
+    gradients: &Gradients,
+) -> Result<()> {
     let BatchShape {
         batch: b,
         priors: p,
         classes: c,
         ..
     } = shape;
-    write_f32_tensors(
+    crate::output::write_f32_tensors(
         path,
+        inputs,
         &[
             ("grad_student_conf", vec![b, p, c], &gradients.student_conf),
             ("grad_student_loc", vec![b, p, 4], &gradients.student_loc),
@@ -291,6 +260,7 @@ pub fn write_gradients(path: &Path, shape: BatchShape, gradients: &Gradients) ->
 /// `num_classes`) in the metadata, atomically.
 ///
 /// # Errors
+/// [`Error::File`] when the target is refused ([`crate::output::check_target`]);
 /// [`Error::Io`] when the folder is not writable.
 pub fn write_batch_file(path: &Path, tensors: &OwnedBatch, config: &LossConfig) -> Result<()> {
     let BatchShape {

@@ -16,6 +16,9 @@ mod error;
 pub mod file;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod input;
+pub mod limits;
+pub mod output;
 
 pub use backend::{Backend, Prepared};
 pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request};

@@ -12,7 +12,7 @@ use serde_json::json;
 use ssdkd::agreement::{compare, Agreement};
 use ssdkd::config_keys::{ConfigKey, CONFIG_KEYS};
 use ssdkd::demo::{synthetic_batch, SyntheticSpec};
-use ssdkd::file::{parse_preset, write_f32_tensors, write_gradients, BatchFile, ConfigOverrides};
+use ssdkd::file::{parse_preset, write_f32_tensors, write_gradients, ConfigOverrides};
 use ssdkd::{Backend, Error, Evaluation, LossConfig, PriorPreset, Request};
 use std::io::{StdoutLock, Write};
 use std::path::{Path, PathBuf};
@@ -390,9 +390,41 @@ fn verdict(agreement: &Agreement) -> Outcome {
     }
 }
 
+/// Refuses a synthetic batch (`demo`, `bench`) that would not fit in memory, naming the
+/// flags and the estimate (limits.rs).
+fn check_synthetic(
+    spec: &SyntheticSpec,
+    request: &Request,
+    backend: BackendChoice,
+    flag: &str,
+) -> ssdkd::Result<()> {
+    let shape = ssdkd::BatchShape {
+        batch: spec.batch,
+        priors: spec.preset.config().num_priors(),
+        classes: spec.classes,
+        objects: spec.objects.max(1),
+    };
+    let evaluations = if backend == BackendChoice::Both { 2 } else { 1 };
+    let estimate = ssdkd::limits::Estimate::evaluations(&shape, request, evaluations).generated();
+    let what = format!(
+        "{flag} {} × {}'s {} priors × {} classes",
+        shape.batch,
+        spec.preset.name(),
+        shape.priors,
+        shape.classes
+    );
+    ssdkd::limits::check_estimate(&estimate, &what).map_err(|problem| Error::Config {
+        key: flag.into(),
+        problem,
+    })
+}
+
 fn demo(args: &DemoArgs, out: &mut Out) -> Outcome {
+    // Memory check before generating the batch (limits.rs).
+    let spec = SyntheticSpec::demo(args.batch as usize);
+    check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
     let chosen = backends(args.backend)?;
-    let tensors = synthetic_batch(&SyntheticSpec::demo(args.batch as usize));
+    let tensors = synthetic_batch(&spec);
     let batch = tensors.batch();
     let config = LossConfig::DEFAULT;
     let shape = batch.shape();
@@ -415,17 +447,27 @@ fn demo(args: &DemoArgs, out: &mut Out) -> Outcome {
 }
 
 fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
+    // The output must not be a special file or the input; checked before anything is read.
+    if let Some(path) = &args.grad_out {
+        ssdkd::output::check_target(path, &[&args.file])?;
+    }
+    let request = Request {
+        gradients: args.grad_out.is_some() || args.backend == BackendChoice::Both,
+        ..Request::default()
+    };
+    let evaluations = if args.backend == BackendChoice::Both {
+        2
+    } else {
+        1
+    };
+    // Bounded reading, and the memory check before the tensors are read (input.rs).
+    let file = ssdkd::input::read_batch_file(&args.file, &args.config.0, &request, evaluations)?;
+    let batch = file.batch();
     if args.grad_out.is_some() && args.backend == BackendChoice::Both {
         return Err(Failure::Usage(
             "--grad-out needs a single backend (cpu, gpu or auto), not both".into(),
         ));
     }
-    let file = BatchFile::read(&args.file, &args.config.0)?;
-    let batch = file.batch();
-    let request = Request {
-        gradients: args.grad_out.is_some() || args.backend == BackendChoice::Both,
-        ..Request::default()
-    };
     let mut results = Vec::new();
     for mut backend in backends(args.backend)? {
         let (eval, elapsed) = timed(&mut backend, &batch, &file.config, request)?;
@@ -434,7 +476,7 @@ fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
     // Write the gradients before printing anything: on failure nothing claims success.
     if let (Some(path), Some((_, eval, _))) = (&args.grad_out, results.first()) {
         if let Some(grads) = &eval.gradients {
-            write_gradients(path, batch.shape(), grads)?;
+            write_gradients(path, &[&args.file], batch.shape(), grads)?;
         }
     }
     for (backend, eval, elapsed) in &results {
@@ -553,6 +595,11 @@ impl<'a> Timed<'a> {
 }
 
 fn bench(args: &BenchArgs, out: &mut Out) -> Outcome {
+    // Memory check of every batch size before any is generated (limits.rs).
+    for &b in &args.batch {
+        let spec = SyntheticSpec::bench(b as usize, args.classes as usize, args.preset);
+        check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
+    }
     let chosen = backends(args.backend)?;
     let config = LossConfig {
         num_classes: args.classes,
