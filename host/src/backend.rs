@@ -2,6 +2,7 @@
 //! prepared once for repeated evaluations (on a GPU, uploaded once).
 
 use crate::batch::{Batch, Evaluation, Request};
+pub use crate::cpu::CpuBackend;
 use crate::error::Result;
 #[cfg(feature = "gpu")]
 use crate::gpu::GpuBackend;
@@ -9,14 +10,20 @@ use ssdkd_core::LossConfig;
 
 /// A backend that evaluates batches.
 pub enum Backend {
-    /// The core's stages on every CPU core.
-    Cpu,
+    /// The core's stages on every CPU core, with the workspaces this backend owns.
+    Cpu(CpuBackend),
     /// The WGSL kernels on a GPU adapter.
     #[cfg(feature = "gpu")]
     Gpu(Box<GpuBackend>),
 }
 
 impl Backend {
+    /// The CPU backend, with no workspaces yet.
+    #[must_use]
+    pub fn cpu() -> Self {
+        Backend::Cpu(CpuBackend::new())
+    }
+
     /// The GPU backend.
     ///
     /// # Errors
@@ -45,7 +52,7 @@ impl Backend {
         let gpu = Self::gpu();
         gpu.unwrap_or_else(|e| {
             on_fallback(&e);
-            Backend::Cpu
+            Backend::cpu()
         })
     }
 
@@ -53,7 +60,7 @@ impl Backend {
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
-            Backend::Cpu => "cpu",
+            Backend::Cpu(_) => "cpu",
             #[cfg(feature = "gpu")]
             Backend::Gpu(_) => "gpu",
         }
@@ -63,7 +70,7 @@ impl Backend {
     #[must_use]
     pub fn adapter(&self) -> String {
         match self {
-            Backend::Cpu => format!("CPU ({} threads)", rayon::current_num_threads()),
+            Backend::Cpu(_) => format!("CPU ({} threads)", rayon::current_num_threads()),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.adapter_name(),
         }
@@ -81,7 +88,7 @@ impl Backend {
         request: Request,
     ) -> Result<Evaluation> {
         let eval = match self {
-            Backend::Cpu => crate::cpu::evaluate(batch, config, request),
+            Backend::Cpu(cpu) => cpu.evaluate(batch, config, request),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
         }?;
@@ -102,7 +109,7 @@ impl Backend {
             batch: *batch,
             #[cfg(feature = "gpu")]
             resident: match self {
-                Backend::Cpu => None,
+                Backend::Cpu(_) => None,
                 Backend::Gpu(gpu) => Some(gpu.upload(batch)?),
             },
         })

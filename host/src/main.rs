@@ -330,9 +330,9 @@ fn main() -> ExitCode {
 /// The backends a choice names, in print order. `auto` says on stderr when it falls back.
 fn backends(choice: BackendChoice) -> Outcome<Vec<Backend>> {
     Ok(match choice {
-        BackendChoice::Cpu => vec![Backend::Cpu],
+        BackendChoice::Cpu => vec![Backend::cpu()],
         BackendChoice::Gpu => vec![Backend::gpu()?],
-        BackendChoice::Both => vec![Backend::Cpu, Backend::gpu()?],
+        BackendChoice::Both => vec![Backend::cpu(), Backend::gpu()?],
         BackendChoice::Auto => vec![Backend::auto(|e| {
             eprintln!(
                 "ssdkd: {}; falling back to the CPU backend",

@@ -53,6 +53,8 @@ pub struct GpuBackend {
     /// Where set, [`GpuBackend::evaluate`] hands a batch over the GPU's limits to the CPU
     /// backend and tells this why.
     cpu_fallback: Option<FallbackNotice>,
+    /// The CPU backend that evaluates what this GPU hands over (its workspaces kept).
+    cpu: crate::cpu::CpuBackend,
     /// A cap on the bytes of one storage binding below the adapter's limit, if set.
     binding_cap: Option<u64>,
     /// The buffers [`GpuBackend::evaluate`] uploads host batches into, kept per shape.
@@ -70,6 +72,7 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::new(false)?,
             cpu_fallback: None,
+            cpu: crate::cpu::CpuBackend::new(),
             binding_cap: None,
             uploaded: None,
         })
@@ -86,6 +89,7 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::new(true)?,
             cpu_fallback: None,
+            cpu: crate::cpu::CpuBackend::new(),
             binding_cap: None,
             uploaded: None,
         })
@@ -155,7 +159,7 @@ impl GpuBackend {
             Err(e @ Error::GpuUnsupported(_)) => match &self.cpu_fallback {
                 Some(notice) => {
                     notice(&e);
-                    crate::cpu::evaluate(
+                    self.cpu.evaluate(
                         batch,
                         config,
                         Request {
