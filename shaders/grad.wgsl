@@ -1,17 +1,18 @@
 // Stage **grad** (SPEC §6): ∂total/∂student_conf and ∂total/∂student_loc, with matching,
-// mining and the teacher bound held fixed. Twin of core/src/stages/grad.rs: `grad_conf` is
-// `conf_grad_row`, `grad_loc` is `loc_grad_row`, one thread per prior each. N comes from
-// the batch totals of the reduce stage, recorded before in the same command encoder.
+// mining and the teacher bound held fixed. Twin of core/src/stages/grad.rs, kernel by
+// kernel (`grad_conf`, `grad_loc`), one thread per prior each; this f32 algorithm is
+// ported there as `conf_grad_row_complement`. N comes from the batch totals of the reduce
+// stage, recorded before in the same command encoder.
 
 // Bindings 1 and 2 (student_conf, teacher_conf) and their rows' log-sum-exp: logits.wgsl.
-@group(0) @binding(3) var<storage, read> conf_target: array<u32>;
-@group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
-@group(0) @binding(5) var<storage, read> batch_sums: array<Sums>;
-@group(0) @binding(6) var<storage, read_write> grad_student_conf: array<f32>;
-@group(0) @binding(7) var<storage, read> student_loc: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> conf_target: array<u32>;
+@group(0) @binding(9) var<storage, read> neg_mask: array<u32>;
+@group(0) @binding(14) var<storage, read> batch_sums: array<Sums>;
+@group(0) @binding(15) var<storage, read_write> grad_student_conf: array<f32>;
+@group(0) @binding(3) var<storage, read> student_loc: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> loc_target: array<vec4<f32>>;
-@group(0) @binding(9) var<storage, read> prior_loss: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> grad_student_loc: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read> prior_loss: array<vec4<f32>>;
+@group(0) @binding(16) var<storage, read_write> grad_student_loc: array<vec4<f32>>;
 
 // N = max(total positives over the batch, 1) (SPEC §5).
 fn normaliser() -> f32 {
@@ -44,14 +45,12 @@ fn grad_conf(
     let scale_conf = params.w_conf / n;
     let t = params.temperature;
     let inv_t = 1.0 / t;
-    let lse = student_log_sum_exp(base, 1.0);
-    let lse_s = student_log_sum_exp(base, inv_t);
-    let lse_t = teacher_log_sum_exp(base, inv_t);
     let soft_scale = params.w_soft / n * t;
     let eps = params.eps;
     let weighted = params.weighted_soft != 0u;
     // In f32, softmax − 1 at the target and p − q or G − h at a class whose p is near 1
-    // lose their digits. Those are taken from the other classes' sums instead: the target's
+    // lose their digits. Where that probability is over 1/2 they are taken from the other
+    // classes' sums instead (below 1/2 the direct form is the exact one): the target's
     // cross-entropy term is −Σ_{c≠t} softmax_c, and the class `top` of largest logit (the
     // only p that can be near 1) gets Σ_{c≠top} q_c − Σ_{c≠top} p_c, or
     // G − h_top = Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c.
@@ -61,6 +60,12 @@ fn grad_conf(
             top = c;
         }
     }
+    // Log-probabilities as (x − max) · scale − ln Σ: no large numbers cancel.
+    let max_s = student_conf[base + top];
+    let max_t = teacher_max(base);
+    let lse = student_shifted_lse(base, max_s, 1.0);
+    let lse_s = student_shifted_lse(base, max_s, inv_t);
+    let lse_t = teacher_shifted_lse(base, max_t, inv_t);
     var g_sum = 0.0;
     var rest_p = 0.0;
     var rest_q = 0.0;
@@ -68,8 +73,8 @@ fn grad_conf(
     var rest_ce = 0.0;
     for (var c = 0u; c < params.num_classes; c++) {
         let s = student_conf[base + c];
-        let q = exp(teacher_conf[base + c] * inv_t - lse_t);
-        let p = exp(s * inv_t - lse_s);
+        let q = exp((teacher_conf[base + c] - max_t) * inv_t - lse_t);
+        let p = exp((s - max_s) * inv_t - lse_s);
         let w = select(params.pos_w, params.neg_w, c == 0u);
         let h = w * (q + eps) / (p + eps);
         g_sum += h * p;
@@ -79,21 +84,24 @@ fn grad_conf(
             rest_ph += p * h;
         }
         if c != target_class {
-            rest_ce += exp(s - lse);
+            rest_ce += exp((s - max_s) - lse);
         }
     }
     for (var c = 0u; c < params.num_classes; c++) {
         let s = student_conf[base + c];
-        let q = exp(teacher_conf[base + c] * inv_t - lse_t);
-        let p = exp(s * inv_t - lse_s);
-        let ce = select(exp(s - lse), -rest_ce, c == target_class);
+        let q = exp((teacher_conf[base + c] - max_t) * inv_t - lse_t);
+        let p = exp((s - max_s) * inv_t - lse_s);
+        let softmax = exp((s - max_s) - lse);
+        // The complements only where they are the exact side: a probability over 1/2.
+        let ce = select(softmax, select(softmax - 1.0, -rest_ce, softmax > 0.5), c == target_class);
+        let complement = c == top && p > 0.5;
         var soft = 0.0;
         if weighted {
             let w = select(params.pos_w, params.neg_w, c == 0u);
             let h = w * (q + eps) / (p + eps);
-            soft = p * select(g_sum - h, rest_ph - h * rest_p, c == top);
+            soft = p * select(g_sum - h, rest_ph - h * rest_p, complement);
         } else {
-            soft = select(p - q, rest_q - rest_p, c == top);
+            soft = select(p - q, rest_q - rest_p, complement);
         }
         grad_student_conf[base + c] = scale_conf * ce + soft_scale * soft;
     }

@@ -31,3 +31,41 @@ fn teacher_log_sum_exp(base: u32, scale: f32) -> f32 {
     return m + log(sum);
 }
 
+
+// The largest value of the student row starting at `base`.
+fn student_max(base: u32) -> f32 {
+    var m = student_conf[base];
+    for (var c = 1u; c < params.num_classes; c++) {
+        m = max(m, student_conf[base + c]);
+    }
+    return m;
+}
+
+// The largest value of the teacher row starting at `base`.
+fn teacher_max(base: u32) -> f32 {
+    var m = teacher_conf[base];
+    for (var c = 1u; c < params.num_classes; c++) {
+        m = max(m, teacher_conf[base + c]);
+    }
+    return m;
+}
+
+// ln Σ exp((row[c] − m) · scale) of the student row at `base`, m its maximum: in [0, ln C],
+// so that a log-probability (x − m) · scale − ln Σ never subtracts two large numbers.
+// Twin of core/src/stages/prior_terms.rs `shifted_log_sum_exp`.
+fn student_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
+    var sum = 0.0;
+    for (var c = 0u; c < params.num_classes; c++) {
+        sum += exp((student_conf[base + c] - m) * scale);
+    }
+    return log(sum);
+}
+
+// The same over the teacher row at `base`.
+fn teacher_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
+    var sum = 0.0;
+    for (var c = 0u; c < params.num_classes; c++) {
+        sum += exp((teacher_conf[base + c] - m) * scale);
+    }
+    return log(sum);
+}

@@ -7,17 +7,16 @@
 //   forced with an atomic maximum so that the later object wins (step 3) in any order;
 // - `match_finish`, a workgroup per image: step 5's labels and offsets, and num_pos.
 //
-// Objects are named by their row in `targets` (padding rows skipped wherever they stand);
-// the CPU numbers the real objects 0..n instead, which orders them the same way, so
-// "lowest index wins" takes the same decisions.
+// Objects are named by their row in `targets` (padding rows skipped wherever they stand),
+// on both sides; the flag words below are the CPU's `POSITIVE`, `FORCED` and `ROW`.
 
-@group(0) @binding(1) var<storage, read> targets: array<f32>;
-@group(0) @binding(2) var<storage, read> priors: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> targets: array<f32>;
+@group(0) @binding(6) var<storage, read> priors: array<vec4<f32>>;
 // Atomic so that `match_objects` can force priors with atomicMax; plain loads and stores
 // elsewhere.
-@group(0) @binding(3) var<storage, read_write> conf_target: array<atomic<u32>>;
-@group(0) @binding(4) var<storage, read_write> loc_target: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> image_sums: array<Sums>;
+@group(0) @binding(7) var<storage, read_write> conf_target: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read_write> loc_target: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> image_sums: array<Sums>;
 
 // Relative tolerance under which two overlaps count as tied (SPEC §3); core/src/boxes.rs.
 const TIE_TOLERANCE: f32 = 1e-5;

@@ -3,9 +3,9 @@
 // the 64-bit rank keys `ordered_bits(score) << 32 | !index` finds the k-th largest key,
 // then every prior whose key is at least that one is marked. No sort.
 
-@group(0) @binding(1) var<storage, read> mining_score: array<f32>;
-@group(0) @binding(2) var<storage, read_write> image_sums: array<Sums>;
-@group(0) @binding(3) var<storage, read_write> neg_mask: array<u32>;
+@group(0) @binding(10) var<storage, read> mining_score: array<f32>;
+@group(0) @binding(13) var<storage, read_write> image_sums: array<Sums>;
+@group(0) @binding(9) var<storage, read_write> neg_mask: array<u32>;
 
 const RADIX_BITS: u32 = 8u;
 const RADIX: u32 = 256u;

@@ -5,14 +5,14 @@
 
 // Binding 1 (student_conf) and `student_log_sum_exp`: logits.wgsl (its binding 2, the
 // teacher's logits, is not used here).
-@group(0) @binding(9) var<storage, read> student_loc: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> teacher_loc: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> conf_target: array<u32>;
-@group(0) @binding(5) var<storage, read> loc_target: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> mining_score: array<f32>;
+@group(0) @binding(3) var<storage, read> student_loc: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> teacher_loc: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> conf_target: array<u32>;
+@group(0) @binding(8) var<storage, read> loc_target: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> mining_score: array<f32>;
 // Per prior: (cross_entropy, smooth-L1 over the 4 coordinates, d_s where the teacher
 // bound holds else 0, 1 where it holds else 0); the loc entries are 0 off the positives.
-@group(0) @binding(7) var<storage, read_write> prior_loss: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read_write> prior_loss: array<vec4<f32>>;
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn prior_terms(

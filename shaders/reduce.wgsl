@@ -1,17 +1,18 @@
 // Stage **reduce** (SPEC §5): each selected row's soft term (`reduce_rows`, a thread per
 // prior, so that no invocation loops over more than one row's C classes), the sums over the
-// selected rows of an image (`reduce_image`), then the batch totals (`reduce_batch`). Twin of core/src/stages/reduce.rs. Every sum is taken in a fixed order — each
+// selected rows of an image (`reduce_image`), then the batch totals (`reduce_batch`). Twin
+// of core/src/stages/reduce.rs, kernel by kernel. Every sum is taken in a fixed order — each
 // thread's strided rows in prior order, then a pairwise tree in workgroup memory — so the
 // same input gives the same bits run after run. No float atomics.
 
 // Bindings 1 and 2 (student_conf, teacher_conf) and their rows' log-sum-exp: logits.wgsl.
-@group(0) @binding(3) var<storage, read> conf_target: array<u32>;
-@group(0) @binding(4) var<storage, read> neg_mask: array<u32>;
-@group(0) @binding(5) var<storage, read> prior_loss: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> image_sums: array<Sums>;
-@group(0) @binding(7) var<storage, read_write> batch_sums: array<Sums>;
+@group(0) @binding(7) var<storage, read> conf_target: array<u32>;
+@group(0) @binding(9) var<storage, read> neg_mask: array<u32>;
+@group(0) @binding(11) var<storage, read> prior_loss: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> image_sums: array<Sums>;
+@group(0) @binding(14) var<storage, read_write> batch_sums: array<Sums>;
 // Per prior: the soft term of a selected row, 0 elsewhere.
-@group(0) @binding(8) var<storage, read_write> row_soft: array<f32>;
+@group(0) @binding(12) var<storage, read_write> row_soft: array<f32>;
 
 // The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
 // class-weighted `T² Σ w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))` when neg_w > 1, else the
@@ -19,27 +20,31 @@
 fn soft_term(base: u32) -> f32 {
     let t = params.temperature;
     let inv_t = 1.0 / t;
-    let lse_s = student_log_sum_exp(base, inv_t);
-    let lse_t = teacher_log_sum_exp(base, inv_t);
+    // Log-probabilities as (x − max) / T − ln Σ: no large numbers cancel.
+    let max_s = student_max(base);
+    let max_t = teacher_max(base);
+    let lse_s = student_shifted_lse(base, max_s, inv_t);
+    let lse_t = teacher_shifted_lse(base, max_t, inv_t);
     var sum = 0.0;
     if params.weighted_soft != 0u {
         let eps = params.eps;
         for (var c = 0u; c < params.num_classes; c++) {
-            let q = exp(teacher_conf[base + c] * inv_t - lse_t) + eps;
-            let p = exp(student_conf[base + c] * inv_t - lse_s) + eps;
+            let q = exp((teacher_conf[base + c] - max_t) * inv_t - lse_t) + eps;
+            let p = exp((student_conf[base + c] - max_s) * inv_t - lse_s) + eps;
             let w = select(params.pos_w, params.neg_w, c == 0u);
             sum += w * q * (log(q) - log(p));
         }
     } else {
         for (var c = 0u; c < params.num_classes; c++) {
-            let log_q = teacher_conf[base + c] * inv_t - lse_t;
+            let log_q = (teacher_conf[base + c] - max_t) * inv_t - lse_t;
             let q = exp(log_q);
             if q > 0.0 {
-                sum += q * (log_q - (student_conf[base + c] * inv_t - lse_s));
+                sum += q * (log_q - ((student_conf[base + c] - max_s) * inv_t - lse_s));
             }
         }
     }
-    return t * t * sum;
+    // t · (t · sum), not t² · sum: T² overflows f32 from T ≈ 1.8e19, and ∞ · 0 is NaN.
+    return t * (t * sum);
 }
 
 // (soft, l2, conf, loc) and the counts of each thread, then of each tree node.

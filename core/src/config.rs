@@ -33,7 +33,8 @@ impl Default for LossWeights {
 /// Everything that shapes the loss apart from the tensors (SPEC §8).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossConfig {
-    /// C, classes including background (class 0).
+    /// C, classes including background (class 0): checked against the tensors' C
+    /// (`BatchShape::check_config` in the host); the stages take C from their slices.
     pub num_classes: u32,
     /// IoU at or above which a prior is matched to an object (SPEC §3, default 0.5).
     pub overlap_threshold: f32,

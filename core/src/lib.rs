@@ -32,3 +32,4 @@ pub use pipeline::{backward_image, forward_image, ImageInputs, ImageScratch, Ima
 pub use prior::{FeatureMap, PriorConfig, PriorPreset};
 pub use stages::grad::GradScale;
 pub use stages::reduce::{LossSums, LossTerms};
+pub use stages::{Stage, KERNELS};

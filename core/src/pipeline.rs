@@ -1,14 +1,15 @@
 //! One image through the stages, forward (match → prior terms → mine → reduce) and
 //! backward (grad), over caller-provided slices: no allocation, so it runs on a
-//! microcontroller. A batch is the images one after another (or in parallel) with their
-//! [`LossSums`] added in image order.
+//! microcontroller. Each stage runs its kernels in the GPU's order
+//! ([`crate::stages::KERNELS`]); a batch is the images one after another (or in parallel)
+//! with their [`LossSums`] added in image order by [`reduce_batch`](crate::stages::reduce::reduce_batch).
 
 use crate::config::LossConfig;
-use crate::stages::grad::{grad_image, GradScale};
+use crate::stages::grad::{grad_conf, grad_loc, GradScale};
 use crate::stages::mine::{mine, num_negatives};
-use crate::stages::prior_terms::prior_terms_image;
+use crate::stages::prior_terms::prior_terms;
 use crate::stages::r#match::{match_image, ObjectScratch, Offsets};
-use crate::stages::reduce::{reduce_image, LossSums};
+use crate::stages::reduce::{reduce_image, reduce_rows, LossSums};
 
 /// One image's input tensors (SPEC §1), rows as arrays.
 #[derive(Clone, Copy, Debug)]
@@ -43,8 +44,11 @@ pub struct ImageTargets<'a> {
 pub struct ImageScratch<'a> {
     /// One per `targets` row.
     pub objects: &'a mut [ObjectScratch],
-    /// `[P]` cross-entropy of each prior.
-    pub cross_entropy: &'a mut [f32],
+    /// `[P]` per-prior loss record of the prior-terms stage: cross-entropy, smooth-L1,
+    /// bounded `d_s`, bound flag.
+    pub prior_loss: &'a mut [[f32; 4]],
+    /// `[P]` soft term of each selected row (reduce stage).
+    pub row_soft: &'a mut [f64],
     /// `[P]` mining score of each prior.
     pub mining_score: &'a mut [f32],
     /// `[P]` ranking keys of the mine stage.
@@ -74,27 +78,33 @@ pub fn forward_image(
         targets.conf_target,
         targets.loc_target,
     );
-    let loc_sums = prior_terms_image(
+    prior_terms(
         inputs.student_conf,
         inputs.student_loc,
         inputs.teacher_loc,
         targets.conf_target,
         targets.loc_target,
         config,
-        scratch.cross_entropy,
         scratch.mining_score,
+        scratch.prior_loss,
     );
     let k = num_negatives(num_pos, inputs.priors.len() as u32, config);
     let num_neg = mine(scratch.mining_score, k, scratch.keys, targets.neg_mask);
-    reduce_image(
+    reduce_rows(
         inputs.student_conf,
         inputs.teacher_conf,
         targets.conf_target,
         targets.neg_mask,
-        scratch.cross_entropy,
-        loc_sums,
-        num_neg,
         config,
+        scratch.row_soft,
+    );
+    reduce_image(
+        targets.conf_target,
+        targets.neg_mask,
+        scratch.prior_loss,
+        scratch.row_soft,
+        num_pos,
+        num_neg,
     )
 }
 
@@ -106,22 +116,28 @@ pub fn backward_image(
     config: &LossConfig,
     targets: &ImageTargets<'_>,
     scale: &GradScale,
-    grad_conf: &mut [f32],
-    grad_loc: &mut [[f32; 4]],
+    grad_student_conf: &mut [f32],
+    grad_student_loc: &mut [[f32; 4]],
     already_zero: bool,
 ) {
-    grad_image(
+    grad_conf(
         inputs.student_conf,
         inputs.teacher_conf,
+        targets.conf_target,
+        targets.neg_mask,
+        scale,
+        config,
+        grad_student_conf,
+        already_zero,
+    );
+    grad_loc(
         inputs.student_loc,
         inputs.teacher_loc,
         targets.conf_target,
         targets.loc_target,
-        targets.neg_mask,
         scale,
         config,
-        grad_conf,
-        grad_loc,
+        grad_student_loc,
         already_zero,
     );
 }
@@ -131,7 +147,8 @@ pub fn backward_image(
 #[derive(Clone, Debug, Default)]
 pub struct ImageWorkspace {
     objects: alloc::vec::Vec<ObjectScratch>,
-    cross_entropy: alloc::vec::Vec<f32>,
+    prior_loss: alloc::vec::Vec<[f32; 4]>,
+    row_soft: alloc::vec::Vec<f64>,
     mining_score: alloc::vec::Vec<f32>,
     keys: alloc::vec::Vec<u64>,
     conf_target: alloc::vec::Vec<u32>,
@@ -152,7 +169,8 @@ impl ImageWorkspace {
     /// Resizes for `num_priors` priors and `num_objects` target rows.
     pub fn resize(&mut self, num_priors: usize, num_objects: usize) {
         self.objects.resize(num_objects, ObjectScratch::default());
-        self.cross_entropy.resize(num_priors, 0.0);
+        self.prior_loss.resize(num_priors, [0.0; 4]);
+        self.row_soft.resize(num_priors, 0.0);
         self.mining_score.resize(num_priors, 0.0);
         self.keys.resize(num_priors, 0);
         self.conf_target.resize(num_priors, 0);
@@ -165,7 +183,8 @@ impl ImageWorkspace {
         (
             ImageScratch {
                 objects: &mut self.objects,
-                cross_entropy: &mut self.cross_entropy,
+                prior_loss: &mut self.prior_loss,
+                row_soft: &mut self.row_soft,
                 mining_score: &mut self.mining_score,
                 keys: &mut self.keys,
             },

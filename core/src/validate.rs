@@ -95,6 +95,8 @@ pub enum InputError {
     },
 }
 
+impl core::error::Error for InputError {}
+
 impl InputError {
     /// The tensor at fault.
     #[must_use]
@@ -152,6 +154,8 @@ pub struct ConfigError {
     /// What it must be.
     pub requirement: &'static str,
 }
+
+impl core::error::Error for ConfigError {}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -223,6 +227,7 @@ fn check_finite(
     data: &[f32],
     width: usize,
 ) -> Result<(), InputError> {
+    let width = width.max(1);
     match data.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(InputError::NonFinite {
@@ -273,7 +278,11 @@ pub fn validate_image(
         if label < 0.0 {
             continue; // padding, wherever it stands
         }
-        if label != math::trunc(label) || label > (num_classes - 2) as f32 {
+        // With C < 2 there is no object class, so every real label is out of range.
+        let out_of_range = num_classes
+            .checked_sub(2)
+            .is_none_or(|max| label > max as f32);
+        if label != math::trunc(label) || out_of_range {
             return Err(InputError::BadLabel {
                 image,
                 object,
@@ -301,4 +310,44 @@ pub fn validate_image(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `validate_image` is public: called directly with any C (0 and 1 included) it reports
+    /// a real object's label as out of range instead of underflowing `C - 2`.
+    #[test]
+    fn validate_image_is_safe_for_any_number_of_classes() {
+        let targets = [[0.1, 0.1, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, -1.0]];
+        let loc = [[0.0f32; 4]];
+        let priors = [[0.5, 0.5, 0.2, 0.2]];
+        for c in 0..4u32 {
+            let conf = [0.5f32; 3];
+            let conf = &conf[..c.min(3) as usize];
+            let inputs = ImageInputs {
+                student_loc: &loc,
+                student_conf: conf,
+                teacher_loc: &loc,
+                teacher_conf: conf,
+                targets: &targets,
+                priors: &priors,
+            };
+            let result = validate_image(&inputs, c, 0);
+            if c < 2 {
+                assert_eq!(
+                    result,
+                    Err(InputError::BadLabel {
+                        image: 0,
+                        object: 0,
+                        label: 0.0,
+                        num_classes: c
+                    })
+                );
+            } else {
+                assert_eq!(result, Ok(()), "C = {c}");
+            }
+        }
+    }
 }

@@ -8,15 +8,15 @@ use ssdkd::Request;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(file) = BatchFile::from_bytes(data, Path::new("fuzz.safetensors"), &ConfigOverrides::default()) else {
+    let path = Path::new("fuzz.safetensors");
+    let Ok(file) = BatchFile::from_bytes(data, path, &ConfigOverrides::default()) else {
         return;
     };
-    let Ok(batch) = file.batch() else {
-        return;
-    };
-    let s = batch.shape;
+    let batch = file.batch();
+    let s = batch.shape();
     // Keep each run cheap: evaluate small batches only (reading and validation run always).
-    if batch.check(&file.config, true).is_ok() && s.batch * s.priors * (s.classes + s.objects) <= 1 << 16 {
+    let small = s.batch * s.priors * (s.classes + s.objects) <= 1 << 16;
+    if batch.check(&file.config, true).is_ok() && small {
         let _ = ssdkd::cpu::evaluate(&batch, &file.config, Request::with_gradients());
     }
 });

@@ -1,6 +1,8 @@
-//! Backend selection: the CPU reference or the GPU, behind one `evaluate`.
+//! Backend selection: the CPU reference or the GPU, behind one `evaluate`; and inputs
+//! prepared once for repeated evaluations (on a GPU, uploaded once).
 
 use crate::batch::{Batch, Evaluation, Request};
+pub use crate::cpu::CpuBackend;
 use crate::error::Result;
 #[cfg(feature = "gpu")]
 use crate::gpu::GpuBackend;
@@ -8,14 +10,20 @@ use ssdkd_core::LossConfig;
 
 /// A backend that evaluates batches.
 pub enum Backend {
-    /// The core's stages on every CPU core.
-    Cpu,
+    /// The core's stages on every CPU core, with the workspaces this backend owns.
+    Cpu(CpuBackend),
     /// The WGSL kernels on a GPU adapter.
     #[cfg(feature = "gpu")]
     Gpu(Box<GpuBackend>),
 }
 
 impl Backend {
+    /// The CPU backend, with no workspaces yet.
+    #[must_use]
+    pub fn cpu() -> Self {
+        Backend::Cpu(CpuBackend::new())
+    }
+
     /// The GPU backend.
     ///
     /// # Errors
@@ -29,11 +37,22 @@ impl Backend {
         ))
     }
 
-    /// A GPU when one is found, else the CPU; `on_fallback` hears why the GPU was not used.
+    /// The fastest device known: a hardware GPU adapter when one is found, else the CPU (a
+    /// software adapter such as lavapipe, slower than the CPU backend, is passed over);
+    /// `on_fallback` hears why the GPU was not used, naming a software adapter passed over.
+    /// A GPU chosen so hands a batch over its limits (README "GPU limits") to the CPU
+    /// backend, saying why on stderr (`GpuBackend::fall_back_to_cpu`).
     pub fn auto(on_fallback: impl FnOnce(&crate::Error)) -> Self {
-        Self::gpu().unwrap_or_else(|e| {
+        #[cfg(feature = "gpu")]
+        let gpu = GpuBackend::hardware().map(|mut gpu| {
+            gpu.fall_back_to_cpu(|why| eprintln!("ssdkd: {why}; using the CPU backend"));
+            Backend::Gpu(Box::new(gpu))
+        });
+        #[cfg(not(feature = "gpu"))]
+        let gpu = Self::gpu();
+        gpu.unwrap_or_else(|e| {
             on_fallback(&e);
-            Backend::Cpu
+            Backend::cpu()
         })
     }
 
@@ -41,7 +60,7 @@ impl Backend {
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
-            Backend::Cpu => "cpu",
+            Backend::Cpu(_) => "cpu",
             #[cfg(feature = "gpu")]
             Backend::Gpu(_) => "gpu",
         }
@@ -51,26 +70,98 @@ impl Backend {
     #[must_use]
     pub fn adapter(&self) -> String {
         match self {
-            Backend::Cpu => format!("CPU ({} threads)", rayon::current_num_threads()),
+            Backend::Cpu(_) => format!("CPU ({} threads)", rayon::current_num_threads()),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.adapter_name(),
         }
     }
 
-    /// Evaluates `batch`.
+    /// Evaluates `batch`. Results are checked to be finite.
     ///
     /// # Errors
-    /// Bad input (see [`Batch::check`]) or a GPU failure.
+    /// Bad input (see [`Batch::check`]), a GPU failure, or [`crate::Error::Numerical`]
+    /// for a non-finite term or gradient element.
     pub fn evaluate(
         &mut self,
         batch: &Batch<'_>,
         config: &LossConfig,
         request: Request,
     ) -> Result<Evaluation> {
-        match self {
-            Backend::Cpu => crate::cpu::evaluate(batch, config, request),
+        let eval = match self {
+            Backend::Cpu(cpu) => cpu.evaluate(batch, config, request),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
+        }?;
+        eval.check_finite()?;
+        Ok(eval)
+    }
+
+    /// Prepares `batch` for repeated evaluations with [`Backend::evaluate_prepared`], as a
+    /// training loop's inputs are: the value scan is done here once, and on a GPU the
+    /// tensors are uploaded once, so that later evaluations time the kernels alone.
+    ///
+    /// # Errors
+    /// Shapes disagreeing with `config` or a value the loss cannot take (as
+    /// [`Batch::check`]); a GPU failure while uploading.
+    pub fn prepare<'a>(&mut self, batch: &Batch<'a>, config: &LossConfig) -> Result<Prepared<'a>> {
+        batch.check(config, true)?;
+        Ok(Prepared {
+            batch: *batch,
+            #[cfg(feature = "gpu")]
+            resident: match self {
+                Backend::Cpu(_) => None,
+                Backend::Gpu(gpu) => Some(gpu.upload(batch)?),
+            },
+        })
+    }
+
+    /// Evaluates a batch [`Backend::prepare`]d on this backend (its values are not scanned
+    /// again). On a GPU with `gradients`, the gradients stay in GPU buffers and
+    /// [`Evaluation::gradients`] is `None`.
+    ///
+    /// # Errors
+    /// As [`Backend::evaluate`].
+    pub fn evaluate_prepared(
+        &mut self,
+        prepared: &Prepared<'_>,
+        config: &LossConfig,
+        gradients: bool,
+    ) -> Result<Evaluation> {
+        #[cfg(feature = "gpu")]
+        if let (Backend::Gpu(gpu), Some(resident)) = (&mut *self, &prepared.resident) {
+            let request = crate::gpu::GpuRequest {
+                gradients,
+                ..Default::default()
+            };
+            let eval = gpu.evaluate_resident(resident, config, request)?;
+            eval.check_finite()?;
+            return Ok(eval);
         }
+        let request = Request {
+            gradients,
+            validate: false,
+            ..Request::default()
+        };
+        self.evaluate(&prepared.batch, config, request)
+    }
+}
+
+/// A batch ready for repeated evaluations on the backend that prepared it (see
+/// [`Backend::prepare`]).
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    batch: Batch<'a>,
+    #[cfg(feature = "gpu")]
+    resident: Option<crate::gpu::GpuBatch>,
+}
+
+impl Prepared<'_> {
+    /// Whether the inputs live on a GPU (uploaded once) rather than in host memory.
+    #[must_use]
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        return self.resident.is_some();
+        #[cfg(not(feature = "gpu"))]
+        false
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use ssdkd_core::validate::{validate_config, validate_image, validate_priors, InputError};
+use ssdkd_core::validate::{validate_config, validate_image, validate_priors};
 use ssdkd_core::{ImageInputs, LossConfig, LossSums, LossTerms};
 
 /// The dimensions of a batch (SPEC §1).
@@ -25,12 +25,10 @@ impl BatchShape {
     /// on the GPU, whose values cannot be).
     ///
     /// # Errors
-    /// [`Error::Config`] naming the key (and the flag that sets it).
+    /// [`Error::Config`] naming the key.
     pub fn check_config(&self, config: &LossConfig) -> Result<()> {
-        validate_config(config).map_err(|e| Error::Config {
-            key: e.key.into(),
-            problem: format!("{e} (flag --{})", crate::file::flag_for_key(e.key)),
-        })?;
+        validate_config(config)?;
+        // The one place where the config's C meets the tensors' C.
         if config.num_classes as usize != self.classes {
             return Err(Error::Config {
                 key: "num_classes".into(),
@@ -44,23 +42,17 @@ impl BatchShape {
     }
 }
 
-/// Borrowed batch tensors (SPEC §1), flat row-major f32.
+/// Borrowed batch tensors (SPEC §1), flat row-major f32, whose lengths agree with their
+/// shape: [`Batch::new`] is the only way to make one.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
-    /// The dimensions.
-    pub shape: BatchShape,
-    /// `[B, P, 4]`.
-    pub student_loc: &'a [f32],
-    /// `[B, P, C]`.
-    pub student_conf: &'a [f32],
-    /// `[B, P, 4]`.
-    pub teacher_loc: &'a [f32],
-    /// `[B, P, C]`.
-    pub teacher_conf: &'a [f32],
-    /// `[B, M, 5]`.
-    pub targets: &'a [f32],
-    /// `[P, 4]`.
-    pub priors: &'a [f32],
+    shape: BatchShape,
+    student_loc: &'a [f32],
+    student_conf: &'a [f32],
+    teacher_loc: &'a [f32],
+    teacher_conf: &'a [f32],
+    targets: &'a [f32],
+    priors: &'a [f32],
 }
 
 impl<'a> Batch<'a> {
@@ -156,28 +148,66 @@ impl<'a> Batch<'a> {
         })
     }
 
+    /// The dimensions.
+    #[must_use]
+    pub fn shape(&self) -> BatchShape {
+        self.shape
+    }
+
+    /// `[B, P, 4]` student box offsets.
+    #[must_use]
+    pub fn student_loc(&self) -> &'a [f32] {
+        self.student_loc
+    }
+
+    /// `[B, P, C]` student logits.
+    #[must_use]
+    pub fn student_conf(&self) -> &'a [f32] {
+        self.student_conf
+    }
+
+    /// `[B, P, 4]` teacher box offsets.
+    #[must_use]
+    pub fn teacher_loc(&self) -> &'a [f32] {
+        self.teacher_loc
+    }
+
+    /// `[B, P, C]` teacher logits.
+    #[must_use]
+    pub fn teacher_conf(&self) -> &'a [f32] {
+        self.teacher_conf
+    }
+
+    /// `[B, M, 5]` ground truth: corners and label (negative labels are padding).
+    #[must_use]
+    pub fn targets(&self) -> &'a [f32] {
+        self.targets
+    }
+
+    /// `[P, 4]` prior boxes, centre form.
+    #[must_use]
+    pub fn priors(&self) -> &'a [f32] {
+        self.priors
+    }
+
     /// Checks the batch against `config` before any arithmetic: always that the config can
     /// work and that C equals `num_classes`; with `scan_values`, every value too (finite,
     /// sound boxes and labels, positive prior sizes), images in parallel.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the key, or [`Error::Value`] naming the tensor, image and index.
+    /// [`Error::Config`] naming the key, or [`Error::Input`] naming the tensor, image and index.
     pub fn check(&self, config: &LossConfig, scan_values: bool) -> Result<()> {
         self.shape.check_config(config)?;
         if !scan_values {
             return Ok(());
         }
-        let value_error = |e: InputError| Error::Value {
-            tensor: e.tensor().name(),
-            problem: e.to_string(),
-        };
-        validate_priors(bytemuck::cast_slice(self.priors)).map_err(value_error)?;
+        validate_priors(bytemuck::cast_slice(self.priors))?;
         let first_bad = (0..self.shape.batch)
             .into_par_iter()
             .map(|i| validate_image(&self.image(i), config.num_classes, i))
             .find_first(Result::is_err);
         match first_bad {
-            Some(Err(e)) => Err(value_error(e)),
+            Some(Err(e)) => Err(e.into()),
             _ => Ok(()),
         }
     }
@@ -274,39 +304,162 @@ pub struct Evaluation {
     pub decisions: Option<Decisions>,
 }
 
-/// Owned batch tensors (read from a file or generated), flat row-major f32.
-#[derive(Clone, Debug, Default, PartialEq)]
+impl Evaluation {
+    /// The four terms and the total with their names (SPEC §5; as `eval --json` writes
+    /// them): `soft_loss`, `l2_loss`, `loss_c`, `loss_l`, `total`.
+    #[must_use]
+    pub fn named_terms(&self) -> [(&'static str, f64); 5] {
+        let t = self.terms;
+        [
+            ("soft_loss", t.soft_loss),
+            ("l2_loss", t.l2_loss),
+            ("loss_c", t.loss_c),
+            ("loss_l", t.loss_l),
+            ("total", t.total),
+        ]
+    }
+
+    /// Checks that every term, and every gradient element present, is finite: inputs that
+    /// pass validation must give finite results, so anything else is a numerical failure.
+    ///
+    /// # Errors
+    /// [`Error::Numerical`] naming the first non-finite term or gradient element.
+    pub fn check_finite(&self) -> Result<()> {
+        let terms = self.named_terms();
+        if let Some((what, value)) = terms.into_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::Numerical {
+                what,
+                index: None,
+                value,
+            });
+        }
+        if let Some(g) = &self.gradients {
+            for (what, values) in [
+                ("grad_student_conf", &g.student_conf),
+                ("grad_student_loc", &g.student_loc),
+            ] {
+                if let Some(i) = values.par_iter().position_first(|v| !v.is_finite()) {
+                    return Err(Error::Numerical {
+                        what,
+                        index: Some(i),
+                        value: f64::from(values[i]),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Owned batch tensors (read from a file or generated), flat row-major f32, whose lengths
+/// agree with their shape: [`OwnedBatch::new`] checks them, and values can be changed in
+/// place but not the lengths.
+#[derive(Clone, Debug, PartialEq)]
 pub struct OwnedBatch {
-    /// The dimensions.
-    pub shape: BatchShape,
-    /// `[B, P, 4]`.
-    pub student_loc: Vec<f32>,
-    /// `[B, P, C]`.
-    pub student_conf: Vec<f32>,
-    /// `[B, P, 4]`.
-    pub teacher_loc: Vec<f32>,
-    /// `[B, P, C]`.
-    pub teacher_conf: Vec<f32>,
-    /// `[B, M, 5]`.
-    pub targets: Vec<f32>,
-    /// `[P, 4]`.
-    pub priors: Vec<f32>,
+    shape: BatchShape,
+    student_loc: Vec<f32>,
+    student_conf: Vec<f32>,
+    teacher_loc: Vec<f32>,
+    teacher_conf: Vec<f32>,
+    targets: Vec<f32>,
+    priors: Vec<f32>,
 }
 
 impl OwnedBatch {
-    /// Borrows the tensors as a [`Batch`].
+    /// Takes the tensors after the checks of [`Batch::new`].
     ///
     /// # Errors
-    /// [`Error::Shape`] if the tensors were changed so that they disagree with `shape`.
-    pub fn batch(&self) -> Result<Batch<'_>> {
+    /// [`Error::Shape`] naming the first tensor whose length disagrees with `shape`.
+    pub fn new(
+        shape: BatchShape,
+        student_loc: Vec<f32>,
+        student_conf: Vec<f32>,
+        teacher_loc: Vec<f32>,
+        teacher_conf: Vec<f32>,
+        targets: Vec<f32>,
+        priors: Vec<f32>,
+    ) -> Result<Self> {
         Batch::new(
-            self.shape,
-            &self.student_loc,
-            &self.student_conf,
-            &self.teacher_loc,
-            &self.teacher_conf,
-            &self.targets,
-            &self.priors,
-        )
+            shape,
+            &student_loc,
+            &student_conf,
+            &teacher_loc,
+            &teacher_conf,
+            &targets,
+            &priors,
+        )?;
+        Ok(Self {
+            shape,
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        })
     }
+
+    /// Borrows the tensors as a [`Batch`].
+    #[must_use]
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            shape: self.shape,
+            student_loc: &self.student_loc,
+            student_conf: &self.student_conf,
+            teacher_loc: &self.teacher_loc,
+            teacher_conf: &self.teacher_conf,
+            targets: &self.targets,
+            priors: &self.priors,
+        }
+    }
+
+    /// The dimensions.
+    #[must_use]
+    pub fn shape(&self) -> BatchShape {
+        self.shape
+    }
+
+    /// The tensors in SPEC §1's order — `student_loc`, `student_conf`, `teacher_loc`,
+    /// `teacher_conf`, `targets`, `priors` — to take apart and rebuild with another shape.
+    #[must_use]
+    pub fn into_tensors(self) -> [Vec<f32>; 6] {
+        [
+            self.student_loc,
+            self.student_conf,
+            self.teacher_loc,
+            self.teacher_conf,
+            self.targets,
+            self.priors,
+        ]
+    }
+}
+
+/// Read access to an owned batch's tensors, and write access to their values.
+macro_rules! owned_accessors {
+    ($($name:ident, $name_mut:ident, $dims:literal;)*) => {
+        impl OwnedBatch {
+            $(
+                #[doc = concat!("`", $dims, "` `", stringify!($name), "`.")]
+                #[must_use]
+                pub fn $name(&self) -> &[f32] {
+                    &self.$name
+                }
+
+                #[doc = concat!("`", stringify!($name), "`'s values, to change in place.")]
+                #[must_use]
+                pub fn $name_mut(&mut self) -> &mut [f32] {
+                    &mut self.$name
+                }
+            )*
+        }
+    };
+}
+
+owned_accessors! {
+    student_loc, student_loc_mut, "[B, P, 4]";
+    student_conf, student_conf_mut, "[B, P, C]";
+    teacher_loc, teacher_loc_mut, "[B, P, 4]";
+    teacher_conf, teacher_conf_mut, "[B, P, C]";
+    targets, targets_mut, "[B, M, 5]";
+    priors, priors_mut, "[P, 4]";
 }

@@ -5,43 +5,82 @@ use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::error::Result;
 use rayon::prelude::*;
 use ssdkd_core::stages::r#match::Offsets;
+use ssdkd_core::stages::reduce::reduce_batch;
 use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
-use std::sync::Mutex;
-
-/// Workspaces kept between evaluations, so that a training loop's repeated calls neither
-/// allocate nor zero-fill them again.
-static WORKSPACES: Mutex<Vec<ImageWorkspace>> = Mutex::new(Vec::new());
 
 /// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
 const MAX_POOLED: usize = 256;
 
-fn take_workspaces(count: usize) -> Vec<ImageWorkspace> {
-    let mut pool = WORKSPACES
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let keep = pool.len().saturating_sub(count);
-    let mut taken = pool.split_off(keep);
-    taken.resize_with(count, ImageWorkspace::default);
-    taken
+/// The CPU backend. It owns the per-image workspaces of its last evaluations, so that a
+/// training loop's repeated calls neither allocate nor zero-fill them again; dropping the
+/// backend frees them. Each backend has its own: two never share state.
+#[derive(Debug, Default)]
+pub struct CpuBackend {
+    workspaces: Vec<ImageWorkspace>,
 }
 
-fn return_workspaces(workspaces: Vec<ImageWorkspace>) {
-    let mut pool = WORKSPACES
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let room = MAX_POOLED.saturating_sub(pool.len());
-    pool.extend(workspaces.into_iter().take(room));
+impl CpuBackend {
+    /// A CPU backend with no workspaces yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many workspaces this backend holds for its next evaluation.
+    #[must_use]
+    pub fn pooled(&self) -> usize {
+        self.workspaces.len()
+    }
+
+    fn take_workspaces(&mut self, count: usize) -> Vec<ImageWorkspace> {
+        let keep = self.workspaces.len().saturating_sub(count);
+        let mut taken = self.workspaces.split_off(keep);
+        taken.resize_with(count, ImageWorkspace::default);
+        taken
+    }
+
+    fn return_workspaces(&mut self, workspaces: Vec<ImageWorkspace>) {
+        let room = MAX_POOLED.saturating_sub(self.workspaces.len());
+        self.workspaces.extend(workspaces.into_iter().take(room));
+    }
+
+    /// Evaluates the loss of `batch` (and what `request` asks for) on the CPU, reusing
+    /// this backend's workspaces.
+    ///
+    /// # Errors
+    /// What [`Batch::check`] finds (the value scan only when `request.validate`).
+    pub fn evaluate(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: Request,
+    ) -> Result<Evaluation> {
+        batch.check(config, request.validate)?;
+        let pooled = self.take_workspaces(batch.shape().batch);
+        let (eval, workspaces) = evaluate_with(batch, config, request, pooled);
+        self.return_workspaces(workspaces);
+        Ok(eval)
+    }
 }
 
-/// Evaluates the loss of `batch` (and what `request` asks for) on the CPU.
+/// Evaluates the loss of `batch` on the CPU with a fresh [`CpuBackend`] (nothing kept
+/// for later calls; a loop should keep a backend instead).
 ///
 /// # Errors
 /// What [`Batch::check`] finds (the value scan only when `request.validate`).
 pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Result<Evaluation> {
-    batch.check(config, request.validate)?;
-    let shape = batch.shape;
+    CpuBackend::new().evaluate(batch, config, request)
+}
+
+/// The evaluation itself, on `pooled` workspaces (one per image), which it hands back.
+fn evaluate_with(
+    batch: &Batch<'_>,
+    config: &LossConfig,
+    request: Request,
+    mut pooled: Vec<ImageWorkspace>,
+) -> (Evaluation, Vec<ImageWorkspace>) {
+    let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
-    let mut pooled = take_workspaces(shape.batch);
     let (per_image, mut workspaces): (Vec<LossSums>, Vec<ImageWorkspace>) = (0..shape.batch)
         .into_par_iter()
         .zip(pooled.par_drain(..))
@@ -57,10 +96,7 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
             (sums, workspace)
         })
         .unzip();
-    let mut sums = LossSums::default();
-    for image in &per_image {
-        sums.add(image);
-    }
+    let sums = reduce_batch(&per_image);
 
     let gradients = request.gradients.then(|| {
         let scale = GradScale::new(config, sums.num_pos);
@@ -102,11 +138,41 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
         decisions
     });
 
-    return_workspaces(workspaces);
-    Ok(Evaluation {
+    let eval = Evaluation {
         terms: sums.finish(config),
         sums,
         gradients,
         decisions,
-    })
+    };
+    (eval, workspaces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{synthetic_batch, SyntheticSpec};
+
+    #[test]
+    fn each_backend_owns_its_workspaces_and_reuses_them() {
+        let tensors = synthetic_batch(&SyntheticSpec::demo(3));
+        let batch = tensors.batch();
+        let config = LossConfig::DEFAULT;
+        let mut first = CpuBackend::new();
+        let second = CpuBackend::new();
+        assert_eq!(first.pooled(), 0);
+        let a = first.evaluate(&batch, &config, Request::with_gradients());
+        let a = a.unwrap();
+        // One workspace per image is kept by the backend that ran, none by the other.
+        assert_eq!(first.pooled(), 3);
+        assert_eq!(second.pooled(), 0);
+        // A second run reuses them (still 3) and gives the same bits.
+        let b = first.evaluate(&batch, &config, Request::with_gradients());
+        let b = b.unwrap();
+        assert_eq!(first.pooled(), 3);
+        assert_eq!(a.sums, b.sums);
+        assert_eq!(a.gradients, b.gradients);
+        // The free function keeps nothing between calls and agrees bit for bit.
+        let c = evaluate(&batch, &config, Request::with_gradients()).unwrap();
+        assert_eq!(a.gradients, c.gradients);
+    }
 }

@@ -81,6 +81,9 @@ impl Rng {
 }
 
 /// Generates the batch `spec` describes.
+///
+/// # Panics
+/// When `spec` has no image or fewer than two classes.
 #[must_use]
 pub fn synthetic_batch(spec: &SyntheticSpec) -> OwnedBatch {
     let priors_rows = spec.preset.config().priors();
@@ -92,16 +95,8 @@ pub fn synthetic_batch(spec: &SyntheticSpec) -> OwnedBatch {
     );
     let mut rng = Rng(spec.seed);
     let config = LossConfig::DEFAULT;
-    let mut out = OwnedBatch {
-        shape: BatchShape {
-            batch: b,
-            priors: p,
-            classes: c,
-            objects: m,
-        },
-        priors: bytemuck::cast_slice(&priors_rows).to_vec(),
-        ..OwnedBatch::default()
-    };
+    assert!(b > 0 && c >= 2, "a synthetic batch needs B > 0 and C >= 2");
+    let mut out = Tensors::default();
     let mut objects = vec![ObjectScratch::default(); m];
     let mut conf_target = vec![0u32; p];
     let mut loc_target = vec![[0.0f32; 4]; p];
@@ -150,5 +145,29 @@ pub fn synthetic_batch(spec: &SyntheticSpec) -> OwnedBatch {
         }
         out.targets.extend(targets.iter().flatten());
     }
-    out
+    let shape = BatchShape {
+        batch: b,
+        priors: p,
+        classes: c,
+        objects: m,
+    };
+    OwnedBatch::new(
+        shape,
+        out.student_loc,
+        out.student_conf,
+        out.teacher_loc,
+        out.teacher_conf,
+        out.targets,
+        bytemuck::cast_slice(&priors_rows).to_vec(),
+    )
+    .expect("the lengths follow from the shape")
+}
+
+#[derive(Default)]
+struct Tensors {
+    student_loc: Vec<f32>,
+    student_conf: Vec<f32>,
+    teacher_loc: Vec<f32>,
+    teacher_conf: Vec<f32>,
+    targets: Vec<f32>,
 }

@@ -1,11 +1,16 @@
-//! The one error type of the library and the command line.
+//! The one error type of the library. Each variant keeps what is at fault as fields (the
+//! tensor, image and index; the config key; the file), so that callers can match on them;
+//! the `Display` text is one line. Which process exit code an error gets is the binary's
+//! decision (SPEC §9), not the library's.
 
+use ssdkd_core::validate::{ConfigError, InputError};
 use std::path::PathBuf;
 
 /// Everything that can go wrong; each variant names what is at fault.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// A tensor's shape disagrees with the others or with the config.
+    /// A tensor's shape disagrees with the others, with the config or with the file.
     #[error("tensor `{tensor}`: {problem}")]
     Shape {
         /// The tensor at fault.
@@ -13,32 +18,28 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
-    /// A value is not allowed (NaN, a degenerate box, a bad label...).
-    #[error("tensor `{tensor}`: {problem}")]
-    Value {
-        /// The tensor at fault.
-        tensor: &'static str,
-        /// What is wrong, with the image and index.
-        problem: String,
-    },
-    /// A configuration value that cannot work.
+    /// A value the loss cannot take (NaN, a degenerate box, a bad label, a bad prior), with
+    /// the tensor, image, index and value as the core's checks found them.
+    #[error("tensor `{tensor}`: {input}", tensor = .0.tensor().name(), input = .0)]
+    Input(#[from] InputError),
+    /// A configuration value that cannot work, or config metadata that cannot be read.
     #[error("config `{key}`: {problem}")]
     Config {
-        /// The config key (or command-line flag) at fault.
+        /// The `config` key of SPEC §8 at fault (`config` itself for malformed JSON).
         key: String,
         /// What is wrong with it.
         problem: String,
     },
     /// A batch file that cannot be read.
-    #[error("{}: {problem}", path.display())]
+    #[error("{}: {problem}", shown(path))]
     File {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
         problem: String,
     },
-    /// Writing an output failed.
-    #[error("{}: {source}", path.display())]
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", shown(path))]
     Io {
         /// The file.
         path: PathBuf,
@@ -51,20 +52,48 @@ pub enum Error {
     /// The GPU failed: out of memory, device lost, a validation error.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The batch's shape is over a documented limit of the GPU backend (README "GPU
+    /// limits"), checked before anything runs; the CPU backend takes it.
+    #[error("the GPU backend cannot take this batch: {0}")]
+    GpuUnsupported(String),
+    /// A loss or gradient came out NaN or infinite although the inputs were accepted.
+    #[error("numerical failure: {what}{} is {value} (not finite)", index.map(|i| format!(" at flat index {i}")).unwrap_or_default())]
+    Numerical {
+        /// The term (`soft_loss`, …, `total`) or gradient (`grad_student_conf`, …).
+        what: &'static str,
+        /// The flat element index, for a gradient.
+        index: Option<usize>,
+        /// The value found.
+        value: f64,
+    },
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config {
+            key: e.key.into(),
+            problem: e.to_string(),
+        }
+    }
+}
+
+/// A path as error messages show it: one line, control characters escaped.
+#[must_use]
+pub(crate) fn shown(path: &std::path::Path) -> String {
+    path.display()
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 impl Error {
-    /// The process exit code of SPEC §9: 3 for a missing adapter, 1 for a GPU
-    /// failure, 2 for bad input or usage (an unwritable output included).
-    #[must_use]
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::NoAdapter(_) => 3,
-            Error::Gpu(_) => 1,
-            _ => 2,
-        }
-    }
-
     pub(crate) fn shape(tensor: &'static str, problem: impl Into<String>) -> Self {
         Error::Shape {
             tensor,

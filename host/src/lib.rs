@@ -1,17 +1,27 @@
 //! `ssdkd`: the SSD knowledge-distillation loss (SPEC.md) and its gradient on the CPU
 //! (the `ssdkd-core` reference on every core) and on any GPU wgpu drives.
+//!
+//! Borrow your tensors as a [`Batch`] (or read a batch file with [`file::BatchFile`]),
+//! pick a [`Backend`] and call [`Backend::evaluate`]; compare two evaluations to SPEC §7
+//! with [`agreement::compare`]. Every failure is an [`Error`] naming what is at fault.
 #![warn(missing_docs)]
 
-pub mod backend;
-pub mod batch;
+pub mod agreement;
+mod backend;
+mod batch;
+pub mod config_keys;
 pub mod cpu;
 pub mod demo;
-pub mod error;
+mod error;
 pub mod file;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod input;
+pub mod limits;
+pub mod output;
 
-pub use backend::Backend;
+pub use backend::{Backend, Prepared};
 pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request};
 pub use error::{Error, Result};
+pub use ssdkd_core::validate::{ConfigError, InputError, Tensor};
 pub use ssdkd_core::{LossConfig, LossSums, LossTerms, LossWeights, PriorPreset};

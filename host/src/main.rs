@@ -1,12 +1,21 @@
 //! `ssdkd`: the command line of SPEC §9 — `demo`, `eval`, `bench`, `priors`.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+//!
+//! The library decides what went wrong ([`ssdkd::Error`]); this binary decides the exit code
+//! (SPEC §9, README): 0 success; 1 a GPU or numerical failure; 2 bad input, usage or an
+//! unwritable output; 3 no GPU adapter where one was required; 4 `--backend both` found the
+//! backends disagreeing beyond SPEC §7. Every message is one line on stderr.
+
+use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
+use ssdkd::agreement::{compare, Agreement};
+use ssdkd::config_keys::{ConfigKey, CONFIG_KEYS};
 use ssdkd::demo::{synthetic_batch, SyntheticSpec};
-use ssdkd::file::{parse_preset, write_f32_tensors, BatchFile, ConfigOverrides};
-use ssdkd::{Backend, Error, Evaluation, LossConfig, PriorPreset, Request, Result};
-use std::path::PathBuf;
+use ssdkd::file::{parse_preset, write_f32_tensors, write_gradients, ConfigOverrides};
+use ssdkd::{Backend, Error, Evaluation, LossConfig, PriorPreset, Request};
+use std::io::{StdoutLock, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -102,63 +111,64 @@ struct PriorsArgs {
     out: Option<PathBuf>,
 }
 
-/// Config flags: each overrides the file's `config` metadata, which overrides the defaults.
-#[derive(Args, Default)]
-struct ConfigFlags {
-    /// Classes including background (must equal the tensors' C).
-    #[arg(long)]
-    num_classes: Option<u32>,
-    /// Matching IoU threshold, in (0, 1].
-    #[arg(long)]
-    threshold: Option<f32>,
-    /// Negatives kept per positive.
-    #[arg(long)]
-    negpos_ratio: Option<u32>,
-    /// Negatives kept in an image with no positives.
-    #[arg(long)]
-    negatives_for_hard: Option<u32>,
-    /// Encoding variances.
-    #[arg(long, value_name = "V0,V1", value_parser = floats::<2>)]
-    variance: Option<[f32; 2]>,
-    /// Distillation temperature T > 0.
-    #[arg(long)]
-    temperature: Option<f32>,
-    /// Object-class weight of the weighted soft loss.
-    #[arg(long)]
-    pos_w: Option<f32>,
-    /// Background weight of the soft loss (> 1 selects the weighted form).
-    #[arg(long)]
-    neg_w: Option<f32>,
-    /// Margin of the teacher bound.
-    #[arg(long)]
-    reg_m: Option<f32>,
-    /// ε of the weighted soft loss.
-    #[arg(long)]
-    eps: Option<f32>,
-    /// Weights of soft, conf, l2 and loc terms.
-    #[arg(long, value_name = "S,C,L2,L", value_parser = floats::<4>)]
-    weights: Option<[f32; 4]>,
-    /// Prior preset, used instead of the file's priors.
-    #[arg(long, value_parser = preset_arg)]
-    preset: Option<PriorPreset>,
+/// Config flags, one per row of [`CONFIG_KEYS`] (`--threshold`, `--temperature`, …) and
+/// `--preset`: each overrides the file's `config` metadata, which overrides the defaults.
+/// Values may be negative (`--reg-m -0.2`).
+#[derive(Default)]
+struct ConfigFlags(ConfigOverrides);
+
+impl Args for ConfigFlags {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        for key in CONFIG_KEYS {
+            cmd = cmd.arg(
+                Arg::new(key.key)
+                    .long(key.flag)
+                    .value_name(key.value_name)
+                    .help(key.doc)
+                    .allow_hyphen_values(true)
+                    .action(ArgAction::Set),
+            );
+        }
+        cmd.arg(
+            Arg::new("preset")
+                .long("preset")
+                .value_name("NAME")
+                .help("Prior preset, used instead of the file's priors")
+                .value_parser(preset_arg),
+        )
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
-impl ConfigFlags {
-    fn overrides(&self) -> ConfigOverrides {
-        ConfigOverrides {
-            num_classes: self.num_classes,
-            overlap_threshold: self.threshold,
-            negpos_ratio: self.negpos_ratio,
-            negatives_for_hard: self.negatives_for_hard,
-            variance: self.variance,
-            temperature: self.temperature,
-            pos_w: self.pos_w,
-            neg_w: self.neg_w,
-            reg_m: self.reg_m,
-            eps: self.eps,
-            weights: self.weights,
-            preset: self.preset,
+impl FromArgMatches for ConfigFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = Self::default();
+        flags.update_from_arg_matches(matches)?;
+        Ok(flags)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for key in CONFIG_KEYS {
+            if let Some(text) = matches.get_one::<String>(key.key) {
+                self.0.set_from_text(key.key, text).map_err(|e| {
+                    let problem = match e {
+                        Error::Config { problem, .. } => problem,
+                        other => other.to_string(),
+                    };
+                    clap::Error::raw(
+                        clap::error::ErrorKind::ValueValidation,
+                        format!("invalid value for --{}: {problem}\n", key.flag),
+                    )
+                })?;
+            }
         }
+        if let Some(preset) = matches.get_one::<PriorPreset>("preset") {
+            self.0.preset = Some(*preset);
+        }
+        Ok(())
     }
 }
 
@@ -169,14 +179,91 @@ fn preset_arg(name: &str) -> std::result::Result<PriorPreset, String> {
     })
 }
 
-fn floats<const N: usize>(text: &str) -> std::result::Result<[f32; N], String> {
-    let values: Vec<f32> = text
-        .split(',')
-        .map(|v| v.trim().parse::<f32>().map_err(|e| format!("`{v}`: {e}")))
-        .collect::<std::result::Result<_, _>>()?;
-    values
-        .try_into()
-        .map_err(|v: Vec<f32>| format!("expected {N} comma-separated numbers, found {}", v.len()))
+/// Why a command did not succeed; [`Failure::exit_code`] is the one place exit codes are
+/// decided.
+enum Failure {
+    /// What the library reports.
+    Library(Error),
+    /// A command-line combination that cannot work.
+    Usage(String),
+    /// `--backend both`: the backends disagree beyond SPEC §7 (already reported).
+    Disagree,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Library(e)
+    }
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Library(Error::NoAdapter(_)) => 3,
+            Failure::Library(Error::Gpu(_) | Error::Numerical { .. }) => 1,
+            Failure::Library(_) | Failure::Usage(_) => 2,
+            Failure::Disagree => 4,
+        }
+    }
+
+    /// The one-line message, if any: a config key is shown with the flag that sets it; a
+    /// closed pipe on stdout is not worth a message (as `head` users expect).
+    fn message(&self) -> Option<String> {
+        match self {
+            Failure::Library(Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                None
+            }
+            Failure::Library(e @ Error::Config { key, .. }) => Some(match ConfigKey::find(key) {
+                Some(k) => format!("{e} (flag --{})", k.flag),
+                None => e.to_string(),
+            }),
+            Failure::Library(e) => Some(e.to_string()),
+            Failure::Usage(problem) => Some(problem.clone()),
+            Failure::Disagree => None,
+        }
+    }
+}
+
+type Outcome<T = ()> = std::result::Result<T, Failure>;
+
+/// One line: control characters (a newline in a file name…) escaped.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Results on stdout, written explicitly so that a failing stdout (full disk, closed pipe,
+/// closed descriptor) is an error rather than a panic or a silent loss.
+struct Out(StdoutLock<'static>);
+
+impl Out {
+    fn new() -> Self {
+        Self(std::io::stdout().lock())
+    }
+
+    fn line(&mut self, text: std::fmt::Arguments<'_>) -> Outcome {
+        writeln!(self.0, "{text}").map_err(stdout_error)
+    }
+
+    fn flush(&mut self) -> Outcome {
+        self.0.flush().map_err(stdout_error)
+    }
+}
+
+fn stdout_error(source: std::io::Error) -> Failure {
+    Failure::Library(Error::Io {
+        path: "<stdout>".into(),
+        source,
+    })
 }
 
 fn main() -> ExitCode {
@@ -190,47 +277,67 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            // A usage error: one line on stderr (clap's first), exit code 2.
-            let text = e.render().to_string();
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             eprintln!(
-                "ssdkd: {}",
-                text.lines()
-                    .next()
-                    .unwrap_or("invalid usage")
-                    .trim_start_matches("error: ")
+                "ssdkd: a command is required: demo, eval, bench or priors (see ssdkd --help)"
             );
+            return ExitCode::from(2);
+        }
+        Err(e) if e.use_stderr() => {
+            // A usage error: its message (clap's first paragraph, which names the argument)
+            // as one line on stderr, exit code 2.
+            let text = e.render().to_string();
+            let message = text
+                .split("\n\n")
+                .next()
+                .unwrap_or("invalid usage")
+                .trim()
+                .trim_start_matches("error: ")
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("ssdkd: {}", one_line(&message));
             return ExitCode::from(2);
         }
         Err(e) => {
             // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
+            return match e.print() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(2),
+            };
         }
     };
+    let mut out = Out::new();
     let outcome = match cli.command {
-        Command::Demo(args) => demo(&args),
-        Command::Eval(args) => eval(&args),
-        Command::Bench(args) => bench(&args),
-        Command::Priors(args) => priors(&args),
-    };
+        Command::Demo(args) => demo(&args, &mut out),
+        Command::Eval(args) => eval(&args, &mut out),
+        Command::Bench(args) => bench(&args, &mut out),
+        Command::Priors(args) => priors(&args, &mut out),
+    }
+    .and_then(|()| out.flush());
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ssdkd: error: {e}");
-            ExitCode::from(e.exit_code() as u8)
+        Err(failure) => {
+            if let Some(message) = failure.message() {
+                eprintln!("ssdkd: error: {}", one_line(&message));
+            }
+            ExitCode::from(failure.exit_code())
         }
     }
 }
 
 /// The backends a choice names, in print order. `auto` says on stderr when it falls back.
-fn backends(choice: BackendChoice) -> Result<Vec<Backend>> {
+fn backends(choice: BackendChoice) -> Outcome<Vec<Backend>> {
     Ok(match choice {
-        BackendChoice::Cpu => vec![Backend::Cpu],
+        BackendChoice::Cpu => vec![Backend::cpu()],
         BackendChoice::Gpu => vec![Backend::gpu()?],
-        BackendChoice::Both => vec![Backend::Cpu, Backend::gpu()?],
+        BackendChoice::Both => vec![Backend::cpu(), Backend::gpu()?],
         BackendChoice::Auto => vec![Backend::auto(|e| {
-            eprintln!("ssdkd: {e}; falling back to the CPU backend");
+            eprintln!(
+                "ssdkd: {}; falling back to the CPU backend",
+                one_line(&e.to_string())
+            );
         })],
     })
 }
@@ -240,104 +347,127 @@ fn timed(
     batch: &ssdkd::Batch<'_>,
     config: &LossConfig,
     request: Request,
-) -> Result<(Evaluation, Duration)> {
+) -> Outcome<(Evaluation, Duration)> {
     let start = Instant::now();
     let eval = backend.evaluate(batch, config, request)?;
     Ok((eval, start.elapsed()))
 }
 
-fn print_terms(backend: &Backend, eval: &Evaluation, elapsed: Duration) {
+fn print_terms(out: &mut Out, backend: &Backend, eval: &Evaluation, elapsed: Duration) -> Outcome {
     let t = &eval.terms;
     let s = &eval.sums;
-    println!("{} — {}", backend.name(), backend.adapter());
-    println!("  soft_loss  {:>14.6}", t.soft_loss);
-    println!("  l2_loss    {:>14.6}", t.l2_loss);
-    println!("  loss_c     {:>14.6}", t.loss_c);
-    println!("  loss_l     {:>14.6}", t.loss_l);
-    println!("  total      {:>14.6}", t.total);
-    println!(
+    out.line(format_args!("{} — {}", backend.name(), backend.adapter()))?;
+    out.line(format_args!("  soft_loss  {:>14.6}", t.soft_loss))?;
+    out.line(format_args!("  l2_loss    {:>14.6}", t.l2_loss))?;
+    out.line(format_args!("  loss_c     {:>14.6}", t.loss_c))?;
+    out.line(format_args!("  loss_l     {:>14.6}", t.loss_l))?;
+    out.line(format_args!("  total      {:>14.6}", t.total))?;
+    out.line(format_args!(
         "  num_pos {}, num_neg {}, num_bounded {}; {:.2} ms",
         s.num_pos,
         s.num_neg,
         s.num_bounded,
         elapsed.as_secs_f64() * 1e3
-    );
+    ))
 }
 
-/// How far two evaluations are apart: the largest relative difference of the five losses,
-/// and of the gradients in units of SPEC §7's tolerance (≤ 1 agrees).
-fn agreement(a: &Evaluation, b: &Evaluation) -> (f64, f64, bool) {
-    let terms = |e: &Evaluation| {
-        let t = e.terms;
-        [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l, t.total]
+/// The agreement line of `--backend both` (GPU against the CPU reference, SPEC §7).
+fn agreement_line(agreement: &Agreement) -> String {
+    let verdict = if agreement.agrees() {
+        "the backends agree to SPEC §7"
+    } else {
+        "the backends DISAGREE beyond SPEC §7"
     };
-    let mut loss_ok = true;
-    let mut max_rel: f64 = 0.0;
-    for (x, y) in terms(a).into_iter().zip(terms(b)) {
-        let diff = (x - y).abs();
-        max_rel = max_rel.max(diff / y.abs().max(f64::MIN_POSITIVE));
-        loss_ok &= if y.abs() < 1e-2 {
-            diff <= 1e-6
-        } else {
-            diff <= 1e-4 * y.abs()
-        };
-    }
-    let counts = |e: &Evaluation| (e.sums.num_pos, e.sums.num_neg, e.sums.num_bounded);
-    let mut grad_units: f64 = 0.0;
-    if let (Some(ga), Some(gb)) = (&a.gradients, &b.gradients) {
-        let pairs = ga.student_conf.iter().zip(&gb.student_conf);
-        for (&x, &y) in pairs.chain(ga.student_loc.iter().zip(&gb.student_loc)) {
-            let (x, y) = (f64::from(x), f64::from(y));
-            grad_units = grad_units.max((x - y).abs() / (1e-3 * y.abs() + 1e-7));
-        }
-    }
-    (
-        max_rel,
-        grad_units,
-        loss_ok && counts(a) == counts(b) && grad_units <= 1.0,
-    )
+    format!("agreement: {verdict}: gpu against cpu, {agreement}")
 }
 
-fn demo(args: &DemoArgs) -> Result<()> {
+/// `--backend both` as a verifier: disagreement beyond SPEC §7 is a failure (exit code 4).
+fn verdict(agreement: &Agreement) -> Outcome {
+    if agreement.agrees() {
+        Ok(())
+    } else {
+        Err(Failure::Disagree)
+    }
+}
+
+/// Refuses a synthetic batch (`demo`, `bench`) that would not fit in memory, naming the
+/// flags and the estimate (limits.rs).
+fn check_synthetic(
+    spec: &SyntheticSpec,
+    request: &Request,
+    backend: BackendChoice,
+    flag: &str,
+) -> ssdkd::Result<()> {
+    let shape = ssdkd::BatchShape {
+        batch: spec.batch,
+        priors: spec.preset.config().num_priors(),
+        classes: spec.classes,
+        objects: spec.objects.max(1),
+    };
+    let evaluations = if backend == BackendChoice::Both { 2 } else { 1 };
+    let estimate = ssdkd::limits::Estimate::evaluations(&shape, request, evaluations).generated();
+    let what = format!(
+        "{flag} {} × {}'s {} priors × {} classes",
+        shape.batch,
+        spec.preset.name(),
+        shape.priors,
+        shape.classes
+    );
+    ssdkd::limits::check_estimate(&estimate, &what).map_err(|problem| Error::Config {
+        key: flag.into(),
+        problem,
+    })
+}
+
+fn demo(args: &DemoArgs, out: &mut Out) -> Outcome {
+    // Memory check before generating the batch (limits.rs).
+    let spec = SyntheticSpec::demo(args.batch as usize);
+    check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
     let chosen = backends(args.backend)?;
-    let tensors = synthetic_batch(&SyntheticSpec::demo(args.batch as usize));
-    let batch = tensors.batch()?;
+    let tensors = synthetic_batch(&spec);
+    let batch = tensors.batch();
     let config = LossConfig::DEFAULT;
-    let shape = batch.shape;
-    println!(
+    let shape = batch.shape();
+    out.line(format_args!(
         "demo batch: B = {}, P = {} (ssd300), C = {}, up to {} objects per image",
         shape.batch, shape.priors, shape.classes, shape.objects
-    );
+    ))?;
     let mut results = Vec::new();
     for mut backend in chosen {
         let (eval, elapsed) = timed(&mut backend, &batch, &config, Request::with_gradients())?;
-        print_terms(&backend, &eval, elapsed);
+        print_terms(out, &backend, &eval, elapsed)?;
         results.push(eval);
     }
     if let [cpu, gpu] = results.as_slice() {
-        let (rel, grad_units, ok) = agreement(gpu, cpu);
-        println!(
-            "agreement: largest relative loss difference {rel:.3e}; largest gradient difference {grad_units:.3} \
-             × SPEC §7 tolerance; {}",
-            if ok { "the backends agree to SPEC §7" } else { "the backends DISAGREE beyond SPEC §7" }
-        );
+        let agreement = compare(gpu, cpu);
+        out.line(format_args!("{}", agreement_line(&agreement)))?;
+        verdict(&agreement)?;
     }
     Ok(())
 }
 
-fn eval(args: &EvalArgs) -> Result<()> {
-    let file = BatchFile::read(&args.file, &args.config.overrides())?;
-    let batch = file.batch()?;
-    if args.grad_out.is_some() && args.backend == BackendChoice::Both {
-        return Err(Error::Config {
-            key: "--grad-out".into(),
-            problem: "needs a single backend (cpu, gpu or auto), not both".into(),
-        });
+fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
+    // The output must not be a special file or the input; checked before anything is read.
+    if let Some(path) = &args.grad_out {
+        ssdkd::output::check_target(path, &[&args.file])?;
     }
     let request = Request {
         gradients: args.grad_out.is_some() || args.backend == BackendChoice::Both,
         ..Request::default()
     };
+    let evaluations = if args.backend == BackendChoice::Both {
+        2
+    } else {
+        1
+    };
+    // Bounded reading, and the memory check before the tensors are read (input.rs).
+    let file = ssdkd::input::read_batch_file(&args.file, &args.config.0, &request, evaluations)?;
+    let batch = file.batch();
+    if args.grad_out.is_some() && args.backend == BackendChoice::Both {
+        return Err(Failure::Usage(
+            "--grad-out needs a single backend (cpu, gpu or auto), not both".into(),
+        ));
+    }
     let mut results = Vec::new();
     for mut backend in backends(args.backend)? {
         let (eval, elapsed) = timed(&mut backend, &batch, &file.config, request)?;
@@ -345,24 +475,9 @@ fn eval(args: &EvalArgs) -> Result<()> {
     }
     // Write the gradients before printing anything: on failure nothing claims success.
     if let (Some(path), Some((_, eval, _))) = (&args.grad_out, results.first()) {
-        let grads = eval.gradients.as_ref().expect("gradients were requested");
-        let s = file.tensors.shape;
-        write_f32_tensors(
-            path,
-            &[
-                (
-                    "grad_student_conf",
-                    vec![s.batch, s.priors, s.classes],
-                    &grads.student_conf,
-                ),
-                (
-                    "grad_student_loc",
-                    vec![s.batch, s.priors, 4],
-                    &grads.student_loc,
-                ),
-            ],
-            None,
-        )?;
+        if let Some(grads) = &eval.gradients {
+            write_gradients(path, &[&args.file], batch.shape(), grads)?;
+        }
     }
     for (backend, eval, elapsed) in &results {
         if args.json {
@@ -381,17 +496,17 @@ fn eval(args: &EvalArgs) -> Result<()> {
                 "num_bounded": s.num_bounded,
                 "elapsed_ms": elapsed.as_secs_f64() * 1e3,
             });
-            println!("{line}");
+            out.line(format_args!("{line}"))?;
         } else {
-            print_terms(backend, eval, *elapsed);
+            print_terms(out, backend, eval, *elapsed)?;
         }
     }
     if let [(_, cpu, _), (_, gpu, _)] = results.as_slice() {
-        let (rel, grad_units, ok) = agreement(gpu, cpu);
-        eprintln!(
-            "ssdkd: largest relative loss difference {rel:.3e}, gradient difference {grad_units:.3} × tolerance: {}",
-            if ok { "agree to SPEC §7" } else { "DISAGREE beyond SPEC §7" }
-        );
+        let agreement = compare(gpu, cpu);
+        // The results reach the reader before the verdict.
+        out.flush()?;
+        eprintln!("ssdkd: {}", agreement_line(&agreement));
+        verdict(&agreement)?;
     }
     Ok(())
 }
@@ -401,7 +516,8 @@ fn eval(args: &EvalArgs) -> Result<()> {
 enum Inputs {
     /// Host memory: uploaded by every evaluation (gradients read back).
     Host,
-    /// Already in GPU buffers, as a training loop's outputs are (gradients stay there).
+    /// Prepared once ([`Backend::prepare`]): on a GPU already in its buffers, as a training
+    /// loop's outputs are (gradients stay there).
     Device,
 }
 
@@ -419,8 +535,7 @@ struct Timed<'a> {
     backend: &'a mut Backend,
     batch: ssdkd::Batch<'a>,
     config: LossConfig,
-    #[cfg(feature = "gpu")]
-    resident: Option<ssdkd::gpu::GpuBatch>,
+    prepared: Option<ssdkd::Prepared<'a>>,
 }
 
 impl<'a> Timed<'a> {
@@ -429,48 +544,43 @@ impl<'a> Timed<'a> {
         batch: ssdkd::Batch<'a>,
         config: LossConfig,
         inputs: Inputs,
-    ) -> Result<Self> {
-        #[cfg(feature = "gpu")]
-        let resident = match (&mut *backend, inputs) {
-            (Backend::Gpu(gpu), Inputs::Device) => Some(gpu.upload(&batch)?),
-            _ => None,
+    ) -> Outcome<Self> {
+        let prepared = match inputs {
+            Inputs::Device => Some(backend.prepare(&batch, &config)?),
+            Inputs::Host => None,
         };
-        #[cfg(not(feature = "gpu"))]
-        let _ = inputs;
         Ok(Self {
             backend,
             batch,
             config,
-            #[cfg(feature = "gpu")]
-            resident,
+            prepared,
         })
     }
 
     /// One evaluation, forward only or forward and backward. The value scan is skipped, as a
     /// trusted training loop would.
-    fn once(&mut self, gradients: bool) -> Result<()> {
-        #[cfg(feature = "gpu")]
-        if let (Backend::Gpu(gpu), Some(resident)) = (&mut *self.backend, &self.resident) {
-            let request = ssdkd::gpu::GpuRequest {
-                gradients,
-                ..Default::default()
-            };
-            return gpu
-                .evaluate_resident(resident, &self.config, request)
-                .map(drop);
+    fn once(&mut self, gradients: bool) -> Outcome {
+        match &self.prepared {
+            Some(prepared) => self
+                .backend
+                .evaluate_prepared(prepared, &self.config, gradients)
+                .map(drop)?,
+            None => {
+                let request = Request {
+                    gradients,
+                    validate: false,
+                    ..Request::default()
+                };
+                self.backend
+                    .evaluate(&self.batch, &self.config, request)
+                    .map(drop)?;
+            }
         }
-        let request = Request {
-            gradients,
-            validate: false,
-            ..Request::default()
-        };
-        self.backend
-            .evaluate(&self.batch, &self.config, request)
-            .map(drop)
+        Ok(())
     }
 
     /// Median milliseconds of `iters` evaluations.
-    fn median_ms(&mut self, gradients: bool, iters: u32, bar: &ProgressBar) -> Result<f64> {
+    fn median_ms(&mut self, gradients: bool, iters: u32, bar: &ProgressBar) -> Outcome<f64> {
         let mut samples = (0..iters)
             .map(|_| {
                 let start = Instant::now();
@@ -478,20 +588,25 @@ impl<'a> Timed<'a> {
                 bar.inc(1);
                 Ok(start.elapsed())
             })
-            .collect::<Result<Vec<Duration>>>()?;
+            .collect::<Outcome<Vec<Duration>>>()?;
         samples.sort();
         Ok(samples[samples.len() / 2].as_secs_f64() * 1e3)
     }
 }
 
-fn bench(args: &BenchArgs) -> Result<()> {
+fn bench(args: &BenchArgs, out: &mut Out) -> Outcome {
+    // Memory check of every batch size before any is generated (limits.rs).
+    for &b in &args.batch {
+        let spec = SyntheticSpec::bench(b as usize, args.classes as usize, args.preset);
+        check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
+    }
     let chosen = backends(args.backend)?;
     let config = LossConfig {
         num_classes: args.classes,
         ..LossConfig::DEFAULT
     };
     if !args.json {
-        println!(
+        out.line(format_args!(
             "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11} {:>20} {:>6}",
             "",
             "input",
@@ -502,7 +617,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
             "forward ms",
             "forward+backward ms",
             "iters"
-        );
+        ))?;
     }
     for mut backend in chosen {
         // On a GPU, time inputs already on the device (the training-loop case) and uploaded ones.
@@ -519,9 +634,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 args.classes as usize,
                 args.preset,
             ));
-            let batch = tensors.batch()?;
+            let batch = tensors.batch();
             batch.check(&config, true)?;
-            let shape = batch.shape;
+            let shape = batch.shape();
             for &inputs in &modes {
                 let mut timed = Timed::new(&mut backend, batch, config, inputs)?;
                 // Warm-up, which also tells whether a progress bar is worth drawing.
@@ -559,9 +674,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
                         "forward_backward_ms": forward_backward_ms,
                         "iters": args.iters,
                     });
-                    println!("{line}");
+                    out.line(format_args!("{line}"))?;
                 } else {
-                    println!(
+                    out.line(format_args!(
                         "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11.3} {:>20.3} {:>6}",
                         name,
                         inputs.name(),
@@ -572,7 +687,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
                         forward_ms,
                         forward_backward_ms,
                         args.iters
-                    );
+                    ))?;
                 }
             }
         }
@@ -580,7 +695,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn priors(args: &PriorsArgs) -> Result<()> {
+fn priors(args: &PriorsArgs, out: &mut Out) -> Outcome {
     let config = args.preset.config();
     let priors = config.priors();
     match &args.out {
@@ -599,35 +714,166 @@ fn priors(args: &PriorsArgs) -> Result<()> {
                 "ssdkd: wrote {} priors of {} to {}",
                 priors.len(),
                 args.preset.name(),
-                path.display()
+                shown(path)
             );
         }
         None => {
-            use std::io::Write;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let mut emit = || -> std::io::Result<()> {
-                writeln!(
-                    out,
-                    "# {}: {} priors, centre form",
-                    args.preset.name(),
-                    priors.len()
-                )?;
-                writeln!(out, "cx,cy,w,h")?;
-                for [cx, cy, w, h] in &priors {
-                    writeln!(out, "{cx},{cy},{w},{h}")?;
-                }
-                out.flush()
-            };
-            // A closed pipe (`| head`) is not an error worth reporting.
-            if let Err(e) = emit() {
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    return Err(Error::Io {
-                        path: "<stdout>".into(),
-                        source: e,
-                    });
-                }
+            out.line(format_args!(
+                "# {}: {} priors, centre form",
+                args.preset.name(),
+                priors.len()
+            ))?;
+            out.line(format_args!("cx,cy,w,h"))?;
+            for [cx, cy, w, h] in &priors {
+                out.line(format_args!("{cx},{cy},{w},{h}"))?;
             }
         }
     }
     Ok(())
+}
+
+/// A path in a message: one line, control characters escaped.
+fn shown(path: &Path) -> String {
+    one_line(&path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssdkd::{Gradients, InputError, Tensor};
+
+    #[test]
+    fn exit_codes_of_every_failure() {
+        let io = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let cases: [(Failure, u8); 9] = [
+            (Error::NoAdapter("none".into()).into(), 3),
+            (Error::Gpu("device lost".into()).into(), 1),
+            (
+                Error::Numerical {
+                    what: "total",
+                    index: None,
+                    value: f64::NAN,
+                }
+                .into(),
+                1,
+            ),
+            (
+                Error::Input(InputError::BadPrior {
+                    index: 3,
+                    prior: [0.5, 0.5, 0.0, 0.1],
+                })
+                .into(),
+                2,
+            ),
+            (
+                Error::Config {
+                    key: "temperature".into(),
+                    problem: "temperature = 0: must be finite and > 0".into(),
+                }
+                .into(),
+                2,
+            ),
+            (
+                Error::Io {
+                    path: "<stdout>".into(),
+                    source: io(),
+                }
+                .into(),
+                2,
+            ),
+            (
+                Error::Shape {
+                    tensor: "targets",
+                    problem: "dimension M is 0".into(),
+                }
+                .into(),
+                2,
+            ),
+            (
+                Failure::Usage("--grad-out needs a single backend".into()),
+                2,
+            ),
+            (Failure::Disagree, 4),
+        ];
+        for (failure, code) in cases {
+            assert_eq!(failure.exit_code(), code, "{:?}", failure.message());
+        }
+        let config: Failure = Error::Config {
+            key: "overlap_threshold".into(),
+            problem: "overlap_threshold = 2: must be in (0, 1]".into(),
+        }
+        .into();
+        assert!(config.message().unwrap().ends_with("(flag --threshold)"));
+        let pipe: Failure = Error::Io {
+            path: "<stdout>".into(),
+            source: std::io::ErrorKind::BrokenPipe.into(),
+        }
+        .into();
+        assert_eq!(pipe.message(), None);
+        let input: Failure = Error::Input(InputError::NonFinite {
+            tensor: Tensor::StudentConf,
+            image: Some(1),
+            row: 7,
+            column: 2,
+            value: f32::NAN,
+        })
+        .into();
+        assert_eq!(
+            input.message().unwrap(),
+            "tensor `student_conf`: non-finite value NaN at image 1, prior 7, column 2"
+        );
+    }
+
+    #[test]
+    fn disagreement_beyond_spec_7_exits_4_naming_the_element() {
+        let cpu = Evaluation {
+            gradients: Some(Gradients {
+                student_conf: vec![0.25, -0.5, 0.125],
+                student_loc: vec![0.0; 4],
+            }),
+            ..Evaluation::default()
+        };
+        assert!(verdict(&compare(&cpu, &cpu)).is_ok());
+        let mut gpu = cpu.clone();
+        gpu.gradients.as_mut().unwrap().student_conf[1] = -0.51;
+        let agreement = compare(&gpu, &cpu);
+        let line = agreement_line(&agreement);
+        assert!(
+            line.contains("DISAGREE") && line.contains("grad_student_conf[1]"),
+            "{line}"
+        );
+        assert_eq!(verdict(&agreement).unwrap_err().exit_code(), 4);
+    }
+
+    #[test]
+    fn the_flags_are_the_config_keys() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let eval = cli.find_subcommand("eval").unwrap();
+        for key in CONFIG_KEYS {
+            let arg = eval
+                .get_arguments()
+                .find(|a| a.get_long() == Some(key.flag))
+                .unwrap_or_else(|| panic!("no flag --{}", key.flag));
+            assert_eq!(arg.get_id().as_str(), key.key);
+        }
+        let cli = Cli::try_parse_from([
+            "ssdkd",
+            "eval",
+            "f",
+            "--reg-m",
+            "-0.2",
+            "--variance",
+            "-0.1,0.2",
+            "--threshold",
+            "0.4",
+        ])
+        .unwrap();
+        let Command::Eval(args) = cli.command else {
+            panic!("eval")
+        };
+        assert_eq!(args.config.0.reg_m, Some(-0.2));
+        assert_eq!(args.config.0.variance, Some([-0.1, 0.2]));
+        assert_eq!(args.config.0.overlap_threshold, Some(0.4));
+    }
 }

@@ -120,41 +120,31 @@ pub fn load_golden(path: &Path) -> GoldenCase {
     }
 }
 
-/// SPEC §7 on a loss: relative 1e-4, or absolute 1e-6 where the expected value is below 1e-2.
+/// SPEC §7 on a loss ([`ssdkd::agreement::loss_difference`]): relative 1e-4, or absolute
+/// 1e-6 where the expected value is below 1e-2.
 pub fn assert_loss_close(what: &str, actual: f64, expected: f64) {
-    let diff = (actual - expected).abs();
-    let ok = if expected.abs() < 1e-2 {
-        diff <= 1e-6
-    } else {
-        diff <= 1e-4 * expected.abs()
-    };
+    let d = ssdkd::agreement::loss_difference("loss", actual, expected);
     assert!(
-        ok,
-        "{what}: got {actual}, expected {expected}, difference {diff:e}"
+        d.agrees(),
+        "{what}: got {actual}, expected {expected}, difference {:e} ({:.3} × tolerance)",
+        (actual - expected).abs(),
+        d.units
     );
 }
 
-/// SPEC §7 on gradient elements: `|a − e| <= 1e-3 |e| + 1e-7`, reporting the worst element.
+/// Elements to `|a − e| <= rel |e| + abs` ([`ssdkd::agreement::elements`]; SPEC §7's
+/// gradients use 1e-3 and 1e-7), reporting the worst element.
 pub fn assert_elements_close(what: &str, actual: &[f32], expected: &[f32], rel: f64, abs: f64) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
-    let mut failures = 0usize;
-    let mut worst: Option<(usize, f64)> = None;
-    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
-        let (a, e) = (f64::from(a), f64::from(e));
-        let excess = (a - e).abs() - (rel * e.abs() + abs);
-        if excess > 0.0 || a.is_nan() {
-            failures += 1;
-            if worst.is_none_or(|(_, w)| excess > w) {
-                worst = Some((i, excess));
-            }
-        }
-    }
-    if let Some((i, _)) = worst {
+    let e = ssdkd::agreement::elements("element", actual, expected, rel, abs);
+    if let (false, Some(worst)) = (e.agrees(), e.worst) {
         panic!(
-            "{what}: {failures} of {} elements out of tolerance; worst at flat index {i}: got {}, expected {}",
-            actual.len(),
-            actual[i],
-            expected[i]
+            "{what}: {} of {} elements out of tolerance; worst at flat index {}: got {}, expected {}",
+            e.failures,
+            e.count,
+            worst.index.unwrap_or_default(),
+            worst.actual,
+            worst.expected
         );
     }
 }
@@ -162,15 +152,13 @@ pub fn assert_elements_close(what: &str, actual: &[f32], expected: &[f32], rel: 
 /// Checks an evaluation against every expectation of a golden case (SPEC §7).
 pub fn check_golden(case: &GoldenCase, eval: &ssdkd::Evaluation) {
     let name = &case.name;
-    let t = eval.terms;
     let e = &case.expected;
-    for (label, actual, expected) in [
-        ("soft_loss", t.soft_loss, e.losses[0]),
-        ("l2_loss", t.l2_loss, e.losses[1]),
-        ("loss_c", t.loss_c, e.losses[2]),
-        ("loss_l", t.loss_l, e.losses[3]),
-        ("total", t.total, e.losses[4]),
-    ] {
+    let terms = ssdkd::agreement::terms(eval);
+    for ((label, actual), expected) in ssdkd::agreement::TERM_NAMES
+        .into_iter()
+        .zip(terms)
+        .zip(e.losses)
+    {
         assert_loss_close(&format!("{name} {label}"), actual, expected);
     }
     let s = eval.sums;
@@ -206,19 +194,20 @@ pub fn check_golden(case: &GoldenCase, eval: &ssdkd::Evaluation) {
         );
     }
     if let Some(g) = &eval.gradients {
+        use ssdkd::agreement::{GRAD_ABS, GRAD_REL};
         assert_elements_close(
             &format!("{name} grad_student_conf"),
             &g.student_conf,
             &e.grad_student_conf,
-            1e-3,
-            1e-7,
+            GRAD_REL,
+            GRAD_ABS,
         );
         assert_elements_close(
             &format!("{name} grad_student_loc"),
             &g.student_loc,
             &e.grad_student_loc,
-            1e-3,
-            1e-7,
+            GRAD_REL,
+            GRAD_ABS,
         );
     }
 }

@@ -99,11 +99,11 @@ fn padding_rows_anywhere() {
             .unwrap(),
     );
     let t = &case.file.tensors;
-    let s = t.shape;
+    let s = t.shape();
     let padding = [0.3f32, 0.7, 0.1, 0.2, -1.0];
     // Interleave a padding row before every object row of every image.
     let mut padded = Vec::new();
-    for image in t.targets.chunks_exact(s.objects * 5) {
+    for image in t.targets().chunks_exact(s.objects * 5) {
         for row in image.chunks_exact(5) {
             padded.extend_from_slice(&padding);
             padded.extend_from_slice(row);
@@ -116,12 +116,12 @@ fn padding_rows_anywhere() {
     // The padding row is degenerate (xmax < xmin): validation must ignore padding rows.
     let batch = Batch::new(
         padded_shape,
-        &t.student_loc,
-        &t.student_conf,
-        &t.teacher_loc,
-        &t.teacher_conf,
+        t.student_loc(),
+        t.student_conf(),
+        t.teacher_loc(),
+        t.teacher_conf(),
         &padded,
-        &t.priors,
+        t.priors(),
     )
     .unwrap();
     let config = LossConfig { ..case.file.config };
@@ -131,7 +131,7 @@ fn padding_rows_anywhere() {
         ..Request::default()
     };
     let with_padding = ssdkd::cpu::evaluate(&batch, &config, request).unwrap();
-    let plain = ssdkd::cpu::evaluate(&case.file.batch().unwrap(), &config, request).unwrap();
+    let plain = ssdkd::cpu::evaluate(&case.file.batch(), &config, request).unwrap();
     assert_eq!(with_padding, plain);
     ssdkd_tests::check_golden(&case, &with_padding);
 }
@@ -141,7 +141,7 @@ fn padding_rows_anywhere() {
 fn positives_only_offsets_change_nothing() {
     for path in golden_files() {
         let case = load_golden(&path);
-        let batch = case.file.batch().unwrap();
+        let batch = case.file.batch();
         let config = &case.file.config;
         let all = ssdkd::cpu::evaluate(
             &batch,
@@ -174,9 +174,9 @@ fn per_image_path_with_dirty_buffers() {
             .find(|p| p.ends_with("voc_unweighted_t2_b2.safetensors"))
             .unwrap(),
     );
-    let batch = case.file.batch().unwrap();
+    let batch = case.file.batch();
     let config = &case.file.config;
-    let s = batch.shape;
+    let s = batch.shape();
     let mut workspaces: Vec<ImageWorkspace> = (0..s.batch)
         .map(|_| ImageWorkspace::new(s.priors, s.objects))
         .collect();

@@ -7,7 +7,7 @@ use ssdkd_tests::{check_golden, golden_files, load_golden};
 fn golden_files_match_on_cpu() {
     for path in golden_files() {
         let case = load_golden(&path);
-        let batch = case.file.batch().unwrap();
+        let batch = case.file.batch();
         let eval = ssdkd::cpu::evaluate(
             &batch,
             &case.file.config,

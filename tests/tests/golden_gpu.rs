@@ -10,7 +10,7 @@ fn golden_files_match_on_gpu() {
     };
     for path in golden_files() {
         let case = load_golden(&path);
-        let batch = case.file.batch().unwrap();
+        let batch = case.file.batch();
         let eval = gpu
             .evaluate(
                 &batch,

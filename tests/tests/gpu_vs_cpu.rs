@@ -90,8 +90,8 @@ fn generate(
         }
         targets.extend(slots.iter().flatten());
     }
-    OwnedBatch {
-        shape: BatchShape {
+    OwnedBatch::new(
+        BatchShape {
             batch,
             priors: p,
             classes: c,
@@ -102,8 +102,9 @@ fn generate(
         teacher_loc,
         teacher_conf,
         targets,
-        priors: priors.iter().flatten().copied().collect(),
-    }
+        priors.iter().flatten().copied().collect(),
+    )
+    .unwrap()
 }
 
 /// 0 to 4 random objects (image 1 of every 8 has none).
@@ -237,7 +238,7 @@ fn compare(
     generated: &OwnedBatch,
     config: &LossConfig,
 ) -> Evaluation {
-    let batch = generated.batch().unwrap();
+    let batch = generated.batch();
     let cpu_eval = ssdkd::cpu::evaluate(&batch, config, ALL).unwrap();
     let gpu_eval = gpu
         .evaluate(&batch, config, ALL)
@@ -323,7 +324,7 @@ fn repeated_runs_are_bit_identical() {
         return;
     };
     let generated = generate(8, 31, random_objects);
-    let batch = generated.batch().unwrap();
+    let batch = generated.batch();
     let config = LossConfig::default();
     let first = gpu.evaluate(&batch, &config, ALL).unwrap();
     for run in 1..4 {
@@ -385,7 +386,7 @@ fn a_batch_over_128_mib_agrees_with_the_cpu() {
     };
     // student_conf alone: 184 · 8732 · 21 · 4 bytes > 128 MiB.
     let generated = generate(184, 51, random_objects);
-    assert!(generated.student_conf.len() * 4 > 128 << 20);
+    assert!(generated.student_conf().len() * 4 > 128 << 20);
     eprintln!("binding limit {} bytes", gpu.binding_limit());
     compare(&mut gpu, "B=184", &generated, &LossConfig::default());
 }
@@ -398,8 +399,8 @@ fn equal_mining_scores_rank_by_lower_index() {
     // Three row patterns of logits in multiples of 0.25: three levels of mining score, so
     // the k-th rank falls inside a run of exactly equal scores.
     let mut generated = generate(2, 61, random_objects);
-    let c = generated.shape.classes;
-    for (row, logits) in generated.student_conf.chunks_exact_mut(c).enumerate() {
+    let c = generated.shape().classes;
+    for (row, logits) in generated.student_conf_mut().chunks_exact_mut(c).enumerate() {
         for (k, x) in logits.iter_mut().enumerate() {
             *x = 0.25 * ((row % 3 + k * 5) % 9) as f32;
         }
@@ -414,7 +415,7 @@ fn caller_buffers_are_evaluated_in_place() {
         return;
     };
     let generated = generate(2, 71, random_objects);
-    let batch = generated.batch().unwrap();
+    let batch = generated.batch();
     let config = LossConfig::default();
     let expected = gpu.evaluate(&batch, &config, ALL).unwrap();
 
@@ -431,14 +432,14 @@ fn caller_buffers_are_evaluated_in_place() {
     };
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
     let tensors = ssdkd::gpu::GpuTensors {
-        student_loc: make(&gpu, batch.student_loc, usage),
-        student_conf: make(&gpu, batch.student_conf, usage),
-        teacher_loc: make(&gpu, batch.teacher_loc, usage),
-        teacher_conf: make(&gpu, batch.teacher_conf, usage),
-        targets: make(&gpu, batch.targets, usage),
-        priors: make(&gpu, batch.priors, usage),
+        student_loc: make(&gpu, batch.student_loc(), usage),
+        student_conf: make(&gpu, batch.student_conf(), usage),
+        teacher_loc: make(&gpu, batch.teacher_loc(), usage),
+        teacher_conf: make(&gpu, batch.teacher_conf(), usage),
+        targets: make(&gpu, batch.targets(), usage),
+        priors: make(&gpu, batch.priors(), usage),
     };
-    let resident = gpu.wrap(batch.shape, tensors.clone()).unwrap();
+    let resident = gpu.wrap(batch.shape(), tensors.clone()).unwrap();
     let request = GpuRequest {
         gradients: true,
         read_gradients: true,
@@ -449,9 +450,9 @@ fn caller_buffers_are_evaluated_in_place() {
 
     // A buffer the kernels cannot bind is refused up front.
     let mut no_storage = tensors.clone();
-    no_storage.targets = make(&gpu, batch.targets, wgpu::BufferUsages::COPY_DST);
+    no_storage.targets = make(&gpu, batch.targets(), wgpu::BufferUsages::COPY_DST);
     assert!(matches!(
-        gpu.wrap(batch.shape, no_storage),
+        gpu.wrap(batch.shape(), no_storage),
         Err(ssdkd::Error::Shape {
             tensor: "targets",
             ..
@@ -461,7 +462,7 @@ fn caller_buffers_are_evaluated_in_place() {
     // A GPU failure (a destroyed buffer) is an error, not a panic, and the backend recovers.
     let broken = tensors.clone();
     broken.student_conf.destroy();
-    let broken = gpu.wrap(batch.shape, broken).unwrap();
+    let broken = gpu.wrap(batch.shape(), broken).unwrap();
     match gpu.evaluate_resident(&broken, &config, request) {
         Err(ssdkd::Error::Gpu(message)) => eprintln!("destroyed buffer: {message}"),
         other => panic!("a destroyed buffer gave {other:?}"),
@@ -478,24 +479,35 @@ fn hundreds_of_objects_agree_with_the_cpu() {
     let Some(mut gpu) = ssdkd_tests::gpu::backend("hundreds_of_objects_agree_with_the_cpu") else {
         return;
     };
-    let mut generated = generate(2, 31, random_objects);
+    let generated = generate(2, 31, random_objects);
+    let mut shape = generated.shape();
+    let [student_loc, student_conf, teacher_loc, teacher_conf, _, priors] =
+        generated.into_tensors();
     let mut rng = Lcg(32);
     let objects = 500;
-    generated.shape.objects = objects;
-    generated.targets.clear();
+    shape.objects = objects;
+    let mut targets = Vec::new();
     for image in 0..2 {
         for row in 0..objects {
             if (row + image) % 7 == 3 {
-                generated.targets.extend([0.0, 0.0, 0.0, 0.0, -1.0]); // padding, anywhere
+                targets.extend([0.0, 0.0, 0.0, 0.0, -1.0]); // padding, anywhere
                 continue;
             }
             let (w, h) = (rng.uniform(0.02, 0.5), rng.uniform(0.02, 0.5));
             let (x, y) = (rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h));
-            generated
-                .targets
-                .extend([x, y, x + w, y + h, rng.below(20) as f32]);
+            targets.extend([x, y, x + w, y + h, rng.below(20) as f32]);
         }
     }
+    let generated = OwnedBatch::new(
+        shape,
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        targets,
+        priors,
+    )
+    .unwrap();
     compare(
         &mut gpu,
         "500 object rows",
@@ -517,24 +529,358 @@ fn many_classes_every_row_selected_agree_with_the_cpu() {
     let (p, c) = (priors.len(), 300);
     let mut rng = Lcg(41);
     let mut logits = |n: usize| (0..n).map(|_| rng.uniform(-4.0, 4.0)).collect::<Vec<f32>>();
-    let generated = OwnedBatch {
-        shape: BatchShape {
+    let (student_conf, teacher_conf) = (logits(p * c), logits(p * c));
+    let (student_loc, teacher_loc) = (logits(p * 4), logits(p * 4));
+    let generated = OwnedBatch::new(
+        BatchShape {
             batch: 1,
             priors: p,
             classes: c,
             objects: 1,
         },
-        student_conf: logits(p * c),
-        teacher_conf: logits(p * c),
-        student_loc: logits(p * 4),
-        teacher_loc: logits(p * 4),
-        targets: vec![0.0, 0.0, 0.0, 0.0, -1.0],
-        priors: priors.iter().flatten().copied().collect(),
-    };
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        vec![0.0, 0.0, 0.0, 0.0, -1.0],
+        priors.iter().flatten().copied().collect(),
+    )
+    .unwrap();
     let config = LossConfig {
         num_classes: c as u32,
         negatives_for_hard: p as u32,
         ..LossConfig::default()
     };
     compare(&mut gpu, "C = 300, every row selected", &generated, &config);
+}
+
+// ---------------------------------------------------------------------------------------
+// The GPU backend's shape limits (README "GPU limits"): CPU = GPU at each limit, a typed
+// refusal (`Error::GpuUnsupported`, before anything is uploaded) just beyond it, and the
+// CPU backend taking the batch where the GPU was set to fall back.
+
+/// Loop iterations an invocation may count, less the slack kept for exit tests.
+const BUDGET: usize = 65_535 - 256;
+/// The largest C with gradients (`grad_conf` loops 10 C times in an invocation).
+const MAX_CLASSES_WITH_GRADIENTS: usize = BUDGET / 10;
+/// The largest C without gradients (`reduce_rows` loops 6 C times).
+const MAX_CLASSES: usize = BUDGET / 6;
+/// The largest P (`mine` loops 10 ⌈P / 256⌉ + 2064 times).
+const MAX_PRIORS: usize = (BUDGET - 2064) / 10 * 256;
+
+/// One image of P = 16 priors (a 4 × 4 grid) and C classes, random logits, one object.
+fn many_classes(c: usize) -> OwnedBatch {
+    let p = 16;
+    let mut rng = Lcg(c as u64);
+    let mut values = |n: usize, r: f32| (0..n).map(|_| rng.uniform(-r, r)).collect::<Vec<f32>>();
+    let priors: Vec<f32> = (0..p)
+        .flat_map(|i| {
+            let (x, y) = ((i % 4) as f32 * 0.25 + 0.125, (i / 4) as f32 * 0.25 + 0.125);
+            [x, y, 0.3, 0.3]
+        })
+        .collect();
+    let shape = BatchShape {
+        batch: 1,
+        priors: p,
+        classes: c,
+        objects: 1,
+    };
+    let student_conf = values(p * c, 4.0);
+    let teacher_conf = values(p * c, 4.0);
+    let student_loc = values(p * 4, 1.0);
+    let teacher_loc = values(p * 4, 1.0);
+    let targets = vec![0.3, 0.3, 0.6, 0.6, (c - 2) as f32];
+    OwnedBatch::new(
+        shape,
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        targets,
+        priors,
+    )
+    .unwrap()
+}
+
+fn unsupported(gpu: &mut GpuBackend, what: &str, generated: &OwnedBatch, request: Request) {
+    let config = LossConfig {
+        num_classes: generated.shape().classes as u32,
+        ..LossConfig::default()
+    };
+    match gpu.evaluate(&generated.batch(), &config, request) {
+        Err(e @ ssdkd::Error::GpuUnsupported(_)) => {
+            assert!(
+                e.to_string()
+                    .starts_with("the GPU backend cannot take this batch: "),
+                "{e}"
+            );
+            eprintln!("{what}: refused: {e}");
+        }
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+#[test]
+fn classes_at_the_limit_agree_and_beyond_are_refused() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("classes_at_the_limit_agree_and_beyond_are_refused")
+    else {
+        return;
+    };
+    let config = |c: usize| LossConfig {
+        num_classes: c as u32,
+        ..LossConfig::default()
+    };
+    let c = MAX_CLASSES_WITH_GRADIENTS;
+    compare(
+        &mut gpu,
+        "C at the limit with gradients",
+        &many_classes(c),
+        &config(c),
+    );
+    unsupported(
+        &mut gpu,
+        "C over the limit with gradients",
+        &many_classes(c + 1),
+        ALL,
+    );
+
+    let losses = Request {
+        gradients: false,
+        decisions: true,
+        validate: true,
+    };
+    let c = MAX_CLASSES;
+    let generated = many_classes(c);
+    let batch = generated.batch();
+    let cpu_eval = ssdkd::cpu::evaluate(&batch, &config(c), losses).unwrap();
+    let gpu_eval = gpu.evaluate(&batch, &config(c), losses).unwrap();
+    assert_agree("C at the limit without gradients", &gpu_eval, &cpu_eval);
+    assert!(cpu_eval.terms.soft_loss > 1.0, "a soft loss worth checking");
+    unsupported(&mut gpu, "C over the limit", &many_classes(c + 1), losses);
+}
+
+/// One image of P priors (a grid of small, disjoint boxes), C = 2, one object equal to
+/// prior 1000 (one positive). Every negative row has the same logits, so mining selects
+/// the lowest-index negatives on both sides exactly.
+fn many_priors(p: usize) -> OwnedBatch {
+    let side = (p as f64).sqrt().ceil() as usize;
+    let cell = 1.0 / side as f32;
+    let priors: Vec<f32> = (0..p)
+        .flat_map(|i| {
+            let (x, y) = (
+                ((i % side) as f32 + 0.5) * cell,
+                ((i / side) as f32 + 0.5) * cell,
+            );
+            [x, y, 0.6 * cell, 0.6 * cell]
+        })
+        .collect();
+    let object = &priors[4000..4004];
+    let (hw, hh) = (object[2] * 0.5, object[3] * 0.5);
+    let mut rng = Lcg(p as u64);
+    let mut values = |n: usize| (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+    let shape = BatchShape {
+        batch: 1,
+        priors: p,
+        classes: 2,
+        objects: 1,
+    };
+    let student_loc = values(p * 4);
+    let teacher_loc = values(p * 4);
+    let targets = vec![
+        object[0] - hw,
+        object[1] - hh,
+        object[0] + hw,
+        object[1] + hh,
+        0.0,
+    ];
+    OwnedBatch::new(
+        shape,
+        student_loc,
+        [0.5, -0.5].repeat(p),
+        teacher_loc,
+        [0.2, 0.1].repeat(p),
+        targets,
+        priors,
+    )
+    .unwrap()
+}
+
+#[test]
+fn priors_at_the_limit_agree_and_beyond_are_refused_or_fall_back() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("priors_at_the_limit_agree_and_beyond_are_refused_or_fall_back")
+    else {
+        return;
+    };
+    let config = LossConfig {
+        num_classes: 2,
+        ..LossConfig::default()
+    };
+    let eval = compare(
+        &mut gpu,
+        "P at the limit",
+        &many_priors(MAX_PRIORS),
+        &config,
+    );
+    assert_eq!((eval.sums.num_pos, eval.sums.num_neg), (1, 3));
+    let over = many_priors(MAX_PRIORS + 1);
+    unsupported(&mut gpu, "P over the limit", &over, ALL);
+
+    // Set to fall back (as `Backend::auto` sets it), the GPU backend hands it to the CPU.
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&heard);
+    gpu.fall_back_to_cpu(move |e| sink.lock().unwrap().push(e.to_string()));
+    let batch = over.batch();
+    let fallback = gpu.evaluate(&batch, &config, ALL).unwrap();
+    let cpu_eval = ssdkd::cpu::evaluate(&batch, &config, ALL).unwrap();
+    assert_eq!(fallback, cpu_eval);
+    let heard = heard.lock().unwrap();
+    assert_eq!(heard.len(), 1);
+    assert!(heard[0].contains("ssdkd.mine.mine"), "{heard:?}");
+}
+
+#[test]
+fn object_rows_at_the_limit_agree_and_beyond_are_refused() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("object_rows_at_the_limit_agree_and_beyond_are_refused")
+    else {
+        return;
+    };
+    // `match_priors` loops 3 M times in an invocation.
+    let m = BUDGET / 3;
+    let with_rows = |m: usize| {
+        let generated = many_classes(21);
+        let mut shape = generated.shape();
+        shape.objects = m;
+        let [student_loc, student_conf, teacher_loc, teacher_conf, _, priors] =
+            generated.into_tensors();
+        let mut targets = [0.0, 0.0, 0.0, 0.0, -1.0].repeat(m);
+        for (row, object) in [
+            (0, [0.1, 0.1, 0.4, 0.4, 3.0]),
+            (m / 2, [0.5, 0.5, 0.9, 0.8, 7.0]),
+            (m - 1, [0.3, 0.3, 0.6, 0.6, 1.0]),
+        ] {
+            targets[5 * row..5 * row + 5].copy_from_slice(&object);
+        }
+        OwnedBatch::new(
+            shape,
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        )
+        .unwrap()
+    };
+    let config = LossConfig {
+        num_classes: 21,
+        ..LossConfig::default()
+    };
+    compare(&mut gpu, "M at the limit", &with_rows(m), &config);
+    unsupported(&mut gpu, "M over the limit", &with_rows(m + 1), ALL);
+}
+
+/// Random configurations over the range the GPU accepts (temperature up to its limit of
+/// 20, plain and class-weighted soft terms, any weights) and logits from ±1 up to ±1e6:
+/// CPU = GPU to SPEC §7, every loss and gradient finite; a temperature over the limit is
+/// refused.
+#[test]
+fn random_configs_and_extreme_logits_agree_with_the_cpu() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("random_configs_and_extreme_logits_agree_with_the_cpu")
+    else {
+        return;
+    };
+    let mut rng = Lcg(97);
+    for case in 0..24 {
+        let c = 2 + rng.below(30) as usize;
+        let mut generated = many_classes(c);
+        let magnitude = [1.0, 30.0, 1e3, 1e4, 1e6][case % 5];
+        for v in generated.student_conf_mut() {
+            *v *= magnitude / 4.0;
+        }
+        for v in generated.teacher_conf_mut() {
+            *v *= magnitude / 4.0;
+        }
+        let temperature = [0.05, 0.5, 1.0, 3.0, 8.0, 20.0][case % 6];
+        let config = LossConfig {
+            num_classes: c as u32,
+            temperature,
+            neg_w: if case % 2 == 0 {
+                1.0
+            } else {
+                rng.uniform(1.01, 4.0)
+            },
+            pos_w: rng.uniform(0.1, 3.0),
+            negatives_for_hard: rng.below(16),
+            weights: ssdkd::LossWeights {
+                soft: rng.uniform(0.0, 5.0),
+                conf: rng.uniform(0.0, 5.0),
+                l2: rng.uniform(0.0, 5.0),
+                loc: rng.uniform(0.0, 5.0),
+            },
+            ..LossConfig::default()
+        };
+        let what = format!("case {case}: C {c}, |logits| ≤ {magnitude:e}, T {temperature}");
+        let eval = compare(&mut gpu, &what, &generated, &config);
+        let t = eval.terms;
+        assert!(
+            [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l, t.total]
+                .iter()
+                .all(|v| v.is_finite()),
+            "{what}: {t:?}"
+        );
+        let g = eval.gradients.unwrap();
+        assert!(
+            g.student_conf
+                .iter()
+                .chain(&g.student_loc)
+                .all(|v| v.is_finite()),
+            "{what}"
+        );
+    }
+    let generated = many_classes(5);
+    let config = LossConfig {
+        num_classes: 5,
+        temperature: 20.5,
+        ..LossConfig::default()
+    };
+    let batch = generated.batch();
+    assert!(matches!(
+        gpu.evaluate(&batch, &config, ALL),
+        Err(ssdkd::Error::GpuUnsupported(_))
+    ));
+}
+
+/// An image over the storage-binding size is refused with the typed error (before any
+/// upload), and handed to the CPU backend where the GPU was set to fall back.
+#[test]
+fn an_image_over_the_binding_size_is_refused_or_falls_back() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("an_image_over_the_binding_size_is_refused_or_falls_back")
+    else {
+        return;
+    };
+    let generated = many_classes(300); // 16 × 300 × 4 = 19,200 bytes of logits per image
+    gpu.set_binding_cap(Some(16 << 10));
+    unsupported(&mut gpu, "an image over a 16 KiB binding", &generated, ALL);
+    gpu.fall_back_to_cpu(|e| eprintln!("fell back: {e}"));
+    let config = LossConfig {
+        num_classes: 300,
+        ..LossConfig::default()
+    };
+    let batch = generated.batch();
+    assert_eq!(
+        gpu.evaluate(&batch, &config, ALL).unwrap(),
+        ssdkd::cpu::evaluate(&batch, &config, ALL).unwrap()
+    );
+    gpu.set_binding_cap(None);
+    compare(
+        &mut gpu,
+        "the same image within the binding",
+        &generated,
+        &config,
+    );
 }

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use ssdkd::{BatchShape, Evaluation, LossConfig, OwnedBatch, Request};
 use ssdkd_core::boxes::{CenterBox, CornerBox, Overlap};
 use ssdkd_core::prior::{FeatureMap, PriorConfig};
-use ssdkd_core::stages::prior_terms::soft_term;
+use ssdkd_core::stages::reduce::soft_term;
 
 /// 4×4 and 2×2 maps with one extra ratio: 80 small and large priors.
 fn priors() -> Vec<[f32; 4]> {
@@ -36,7 +36,7 @@ fn priors() -> Vec<[f32; 4]> {
 
 /// Evaluates a generated batch on the CPU.
 fn evaluate(t: &OwnedBatch, config: &LossConfig, request: Request) -> Evaluation {
-    ssdkd::cpu::evaluate(&t.batch().unwrap(), config, request).unwrap()
+    ssdkd::cpu::evaluate(&t.batch(), config, request).unwrap()
 }
 
 /// An object inside quadrant `cell` of the image (so objects of one image never overlap).
@@ -70,15 +70,15 @@ prop_compose! {
         }
         let (student_conf, teacher_conf) = conf.split_at(b * p * c);
         let (student_loc, teacher_loc) = loc.split_at(b * p * 4);
-        OwnedBatch {
-            shape: BatchShape { batch: b, priors: p, classes: c, objects: 4 },
-            student_loc: student_loc.to_vec(),
-            student_conf: student_conf.to_vec(),
-            teacher_loc: teacher_loc.to_vec(),
-            teacher_conf: teacher_conf.to_vec(),
+        OwnedBatch::new(
+            BatchShape { batch: b, priors: p, classes: c, objects: 4 },
+            student_loc.to_vec(),
+            student_conf.to_vec(),
+            teacher_loc.to_vec(),
+            teacher_conf.to_vec(),
             targets,
-            priors: bytemuck::cast_slice(&priors).to_vec(),
-        }
+            bytemuck::cast_slice(&priors).to_vec(),
+        ).unwrap()
     }
 }
 
@@ -86,7 +86,7 @@ fn config_for(t: &OwnedBatch, temperature: f32, weighted: bool) -> LossConfig {
     // The class-weighted form is a divergence (>= 0) only with equal class weights.
     let (pos_w, neg_w) = if weighted { (1.5, 1.5) } else { (1.0, 1.0) };
     LossConfig {
-        num_classes: t.shape.classes as u32,
+        num_classes: t.shape().classes as u32,
         temperature,
         pos_w,
         neg_w,
@@ -121,7 +121,7 @@ proptest! {
         let priors = priors();
         // No tie: every prior's best object is unique (or it overlaps none), and the
         // objects' best priors are distinct.
-        for image in t.targets.chunks_exact(4 * 5) {
+        for image in t.targets().chunks_exact(4 * 5) {
             let objects: Vec<CornerBox> = image.chunks_exact(5).filter(|r| r[4] >= 0.0).map(CornerBox::from_row).collect();
             let mut best_priors = Vec::new();
             for object in &objects {
@@ -141,7 +141,7 @@ proptest! {
         let config = config_for(&t, 1.0, true);
         let before = evaluate(&t, &config, Request::losses());
         let mut rotated = t.clone();
-        for image in rotated.targets.chunks_exact_mut(4 * 5) {
+        for image in rotated.targets_mut().chunks_exact_mut(4 * 5) {
             image.rotate_left(5 * rotate);
         }
         let after = evaluate(&rotated, &config, Request::losses());
@@ -172,13 +172,16 @@ proptest! {
     fn batch_soft_loss_scales_with_temperature(t in tensors(), factor in 0.25f32..4.0, weighted: bool) {
         // No objects and k = P: every row is selected whatever the logits.
         let mut t = t;
-        for row in t.targets.chunks_exact_mut(5) {
+        for row in t.targets_mut().chunks_exact_mut(5) {
             row[4] = -1.0;
         }
-        let config = LossConfig { negatives_for_hard: t.shape.priors as u32, ..config_for(&t, 2.0, weighted) };
+        let config = LossConfig { negatives_for_hard: t.shape().priors as u32, ..config_for(&t, 2.0, weighted) };
         let base = evaluate(&t, &config, Request::losses()).terms.soft_loss / 4.0;
         let mut s = t.clone();
-        for v in s.student_conf.iter_mut().chain(s.teacher_conf.iter_mut()) {
+        for v in s.student_conf_mut() {
+            *v *= factor;
+        }
+        for v in s.teacher_conf_mut() {
             *v *= factor;
         }
         let scaled = LossConfig { temperature: 2.0 * factor, ..config };
@@ -204,22 +207,22 @@ proptest! {
             let d = x.decisions.as_ref().unwrap();
             d.neg_mask == decisions.neg_mask && d.conf_target == decisions.conf_target && x.sums.num_bounded == e.sums.num_bounded
         };
-        let c = t.shape.classes;
+        let c = t.shape().classes;
         for (n, pick) in picks.iter().enumerate() {
             let conf = n % 2 == 0;
-            let (len, width) = if conf { (t.student_conf.len(), c) } else { (t.student_loc.len(), 4) };
+            let (len, width) = if conf { (t.student_conf().len(), c) } else { (t.student_loc().len(), 4) };
             let i = pick.index(len);
             let row = i / width;
             if !conf {
                 // Skip the kink of smooth-L1 at |d| = 1.
-                let d = t.student_loc[i] - decisions.loc_target[i];
+                let d = t.student_loc()[i] - decisions.loc_target[i];
                 if (d.abs() - 1.0).abs() < 2.0 * h {
                     continue;
                 }
             }
             let at = |delta: f32| {
                 let mut moved = t.clone();
-                if conf { moved.student_conf[i] += delta } else { moved.student_loc[i] += delta }
+                if conf { moved.student_conf_mut()[i] += delta } else { moved.student_loc_mut()[i] += delta }
                 evaluate(&moved, &config, request)
             };
             let (plus, minus) = (at(h), at(-h));

@@ -10,21 +10,13 @@ use ssdkd_tests::{golden_files, load_golden, snapshot_text};
 fn cpu_snapshots() {
     for path in golden_files() {
         let case = load_golden(&path);
-        let eval = ssdkd::cpu::evaluate(
-            &case.file.batch().unwrap(),
-            &case.file.config,
-            Request::losses(),
-        )
-        .unwrap();
+        let eval =
+            ssdkd::cpu::evaluate(&case.file.batch(), &case.file.config, Request::losses()).unwrap();
         insta::assert_snapshot!(format!("golden_{}", case.name), snapshot_text(&eval));
     }
     let demo = synthetic_batch(&SyntheticSpec::demo(8));
-    let eval = ssdkd::cpu::evaluate(
-        &demo.batch().unwrap(),
-        &LossConfig::DEFAULT,
-        Request::losses(),
-    )
-    .unwrap();
+    let eval =
+        ssdkd::cpu::evaluate(&demo.batch(), &LossConfig::DEFAULT, Request::losses()).unwrap();
     insta::assert_snapshot!("demo_b8", snapshot_text(&eval));
 }
 
@@ -37,21 +29,13 @@ fn gpu_snapshots() {
     for path in golden_files() {
         let case = load_golden(&path);
         let eval = gpu
-            .evaluate(
-                &case.file.batch().unwrap(),
-                &case.file.config,
-                Request::losses(),
-            )
+            .evaluate(&case.file.batch(), &case.file.config, Request::losses())
             .unwrap();
         insta::assert_snapshot!(format!("golden_{}", case.name), snapshot_text(&eval));
     }
     let demo = synthetic_batch(&SyntheticSpec::demo(8));
     let eval = gpu
-        .evaluate(
-            &demo.batch().unwrap(),
-            &LossConfig::DEFAULT,
-            Request::losses(),
-        )
+        .evaluate(&demo.batch(), &LossConfig::DEFAULT, Request::losses())
         .unwrap();
     insta::assert_snapshot!("demo_b8", snapshot_text(&eval));
 }

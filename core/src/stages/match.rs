@@ -1,13 +1,26 @@
 //! Stage **match** (SPEC §3): each prior's matched object, its label and encoded offsets.
-//! Twin of `shaders/match.wgsl`.
+//! Twin of `shaders/match.wgsl`, kernel by kernel:
+//! - [`match_priors`], a loop over priors: steps 1 and 4, each prior's best object and the
+//!   threshold;
+//! - [`match_objects`], a loop over object rows: steps 2 and 3, each object's best prior,
+//!   forced onto it with a maximum so that the later object wins;
+//! - [`match_finish`], a loop over priors: step 5's labels and offsets, and num_pos.
+//!
+//! Objects are named by their row in `targets` on both sides (padding rows skipped
+//! wherever they stand), and `conf_target` carries the same flag words between the
+//! kernels: [`POSITIVE`], [`FORCED`] and the row in [`ROW`].
 
 use crate::boxes::{encode, CenterBox, CornerBox, Overlap};
 
 /// Per-object scratch of the match stage; a caller provides at least one per `targets` row.
+/// The real objects are kept in row order, each with its row (padding rows are left out:
+/// the CPU's loops visit only real objects, and name them by row as the GPU does).
 #[derive(Clone, Copy, Debug)]
 pub struct ObjectScratch {
     truth: CornerBox,
     label: u32,
+    /// Its row in `targets`.
+    row: u32,
     /// The object's best overlap over the priors visited so far.
     best: Overlap,
     /// The lowest prior index tied with `best`, unless `rescan`.
@@ -22,23 +35,39 @@ pub struct ObjectScratch {
 impl Default for ObjectScratch {
     fn default() -> Self {
         let zero = glam::Vec2::ZERO;
-        let none = Overlap {
-            inter: 0.0,
-            union: 1.0,
-        };
         Self {
             truth: CornerBox {
                 min: zero,
                 max: zero,
             },
             label: 0,
-            best: none,
+            row: 0,
+            best: NO_OVERLAP,
             best_prior: 0,
             rescan: false,
-            current: none,
+            current: NO_OVERLAP,
         }
     }
 }
+
+impl ObjectScratch {
+    /// The scratch of the real object (label ≥ 0) at `targets` row `row`:
+    /// `xmin, ymin, xmax, ymax, label`.
+    #[must_use]
+    pub fn new(target: &[f32; 5], row: u32) -> Self {
+        Self {
+            truth: CornerBox::from_row(target),
+            label: target[4] as u32,
+            row,
+            ..Self::default()
+        }
+    }
+}
+
+const NO_OVERLAP: Overlap = Overlap {
+    inter: 0.0,
+    union: 1.0,
+};
 
 /// Which priors get encoded offsets in `loc_target`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,13 +79,149 @@ pub enum Offsets {
     Positives,
 }
 
-/// Flag kept in `conf_target` between the passes: the prior is positive.
-const POSITIVE: u32 = 1 << 31;
+/// Flag of a `conf_target` word between the kernels: the prior's best overlap reaches the
+/// threshold (step 4).
+pub const POSITIVE: u32 = 0x4000_0000;
+/// Flag of a `conf_target` word between the kernels: the prior is some object's best prior
+/// (step 2); the largest forcing word wins, as the later object does in step 3.
+pub const FORCED: u32 = 0x8000_0000;
+/// The object row in a `conf_target` word between the kernels.
+pub const ROW: u32 = 0x3fff_ffff;
 
-/// Matches the priors of one image to its objects and writes, for every prior, the label
-/// `conf_target` (0 = background) and the encoded offsets `loc_target` (of every prior, or
-/// of the positives only: see [`Offsets`]). Returns the number of
-/// positive priors.
+/// Steps 1 and 4, a loop over priors (`match_priors` in `match.wgsl`, a thread per
+/// prior): each prior's best object row (the lowest tied row) and [`POSITIVE`] when the
+/// maximum reaches the threshold; 0 for every prior of an image without objects.
+/// `objects` holds the image's real objects in row order ([`ObjectScratch::new`]).
+///
+/// CPU fusion: the same loop also gathers each object's best overlap over the priors and
+/// its lowest best prior, which `match_objects` on the GPU finds by a loop of its own.
+///
+/// # Panics
+/// If `conf_target` is not `priors.len()` long.
+pub fn match_priors(
+    objects: &mut [ObjectScratch],
+    priors: &[[f32; 4]],
+    threshold: f32,
+    conf_target: &mut [u32],
+) {
+    assert_eq!(conf_target.len(), priors.len());
+    if objects.is_empty() {
+        conf_target.fill(0);
+        return;
+    }
+    for (p, prior) in priors.iter().enumerate() {
+        let prior_box = CenterBox::from_row(*prior).to_corners();
+        let mut best = NO_OVERLAP;
+        for (m, object) in objects.iter_mut().enumerate() {
+            let overlap = Overlap::of(object.truth, prior_box);
+            object.current = overlap;
+            if m == 0 || overlap.beats(best) {
+                best = overlap;
+            }
+            // CPU fusion, the object's best prior: when its best overlap rises clear of the
+            // tolerance, every earlier prior lies below the new maximum's tie band, so this
+            // prior is the lowest tied one; a rise within the band needs a rescan.
+            if p == 0 {
+                object.best = overlap;
+            } else if overlap.beats(object.best) {
+                if object.best.ties_with(overlap) {
+                    object.rescan = true;
+                } else {
+                    object.best_prior = p as u32;
+                    object.rescan = false;
+                }
+                object.best = overlap;
+            }
+        }
+        // The lowest row tied with the maximum (the GPU recomputes the overlaps here).
+        let best_object = objects
+            .iter()
+            .find(|o| o.current.ties_with(best))
+            .unwrap_or(&objects[0]); // only NaN input (rejected by validation) finds no tie
+        let positive = if best.reaches(threshold) { POSITIVE } else { 0 };
+        conf_target[p] = best_object.row | positive;
+    }
+}
+
+/// Steps 2 and 3, a loop over object rows (`match_objects` in `match.wgsl`, a workgroup
+/// per row): each object's best prior (the lowest tied index), forced onto it by the
+/// maximum of its word and `FORCED | row`, so that the later object wins a prior two
+/// objects both want (the GPU's `atomicMax`, whatever order its workgroups run in).
+///
+/// Reads the best overlaps `match_priors` gathered; rescans the priors only for an object
+/// whose best overlap rose within the tie tolerance.
+pub fn match_objects(objects: &[ObjectScratch], priors: &[[f32; 4]], conf_target: &mut [u32]) {
+    for object in objects {
+        let best_prior = if object.rescan {
+            priors
+                .iter()
+                .position(|prior| {
+                    let prior_box = CenterBox::from_row(*prior).to_corners();
+                    Overlap::of(object.truth, prior_box).ties_with(object.best)
+                })
+                .unwrap_or(0) // only NaN input (rejected by validation) finds no tie
+        } else {
+            object.best_prior as usize
+        };
+        let word = &mut conf_target[best_prior];
+        *word = (*word).max(FORCED | object.row);
+    }
+}
+
+/// Step 5 and the labels, a loop over priors (`match_finish` in `match.wgsl`, a workgroup
+/// per image): each prior's offsets against its object (every prior or the positives only,
+/// per `offsets`), the label `row's label + 1` of the positives (forced or over the
+/// threshold) and 0 elsewhere; returns the image's positive count.
+///
+/// # Panics
+/// If the output slices are not `priors.len()` long.
+pub fn match_finish(
+    objects: &[ObjectScratch],
+    priors: &[[f32; 4]],
+    variance: [f32; 2],
+    offsets: Offsets,
+    conf_target: &mut [u32],
+    loc_target: &mut [[f32; 4]],
+) -> u32 {
+    assert_eq!(conf_target.len(), priors.len());
+    assert_eq!(loc_target.len(), priors.len());
+    if objects.is_empty() {
+        conf_target.fill(0);
+        loc_target.fill([0.0; 4]);
+        return 0;
+    }
+    let mut num_pos = 0;
+    for ((word, loc), prior) in conf_target
+        .iter_mut()
+        .zip(loc_target.iter_mut())
+        .zip(priors)
+    {
+        let row = *word & ROW;
+        // Rows are ascending: the object of a row by bisection (few objects, so cheap).
+        let object = match objects.binary_search_by_key(&row, |o| o.row) {
+            Ok(i) => &objects[i],
+            Err(_) => &objects[0], // unreachable: every word names a real object's row
+        };
+        let positive = *word & (POSITIVE | FORCED) != 0;
+        *loc = if positive || offsets == Offsets::All {
+            encode(object.truth, CenterBox::from_row(*prior), variance)
+        } else {
+            [0.0; 4]
+        };
+        *word = if positive {
+            num_pos += 1;
+            object.label + 1
+        } else {
+            0
+        };
+    }
+    num_pos
+}
+
+/// The three kernels over one image: matches its priors to its objects and writes, for
+/// every prior, the label `conf_target` (0 = background) and the encoded offsets
+/// `loc_target` (of every prior, or of the positives only: see [`Offsets`]). Returns the
+/// number of positive priors.
 ///
 /// `targets` rows are `xmin, ymin, xmax, ymax, label`; rows with a negative label are padding
 /// and skipped wherever they stand. Ties (SPEC §3): overlaps within a relative 1e-5 of the
@@ -76,99 +241,15 @@ pub fn match_image(
     loc_target: &mut [[f32; 4]],
 ) -> u32 {
     assert!(objects.len() >= targets.len(), "object scratch too short");
-    assert_eq!(conf_target.len(), priors.len());
-    assert_eq!(loc_target.len(), priors.len());
-
     let mut n = 0;
-    for row in targets.iter().filter(|row| row[4] >= 0.0) {
-        objects[n] = ObjectScratch {
-            truth: CornerBox::from_row(row),
-            label: row[4] as u32,
-            ..ObjectScratch::default()
-        };
-        n += 1;
+    for (row, target) in targets.iter().enumerate() {
+        if target[4] >= 0.0 {
+            objects[n] = ObjectScratch::new(target, row as u32);
+            n += 1;
+        }
     }
     let objects = &mut objects[..n];
-    if n == 0 {
-        conf_target.fill(0);
-        loc_target.fill([0.0; 4]);
-        return 0;
-    }
-
-    // Steps 1 and 4: the best object of each prior, and whether it reaches the threshold.
-    // Each object's best overlap over the priors is gathered in the same pass.
-    for (p, prior) in priors.iter().enumerate() {
-        let prior_box = CenterBox::from_row(*prior).to_corners();
-        let mut best = Overlap {
-            inter: 0.0,
-            union: 1.0,
-        };
-        for (m, object) in objects.iter_mut().enumerate() {
-            let overlap = Overlap::of(object.truth, prior_box);
-            object.current = overlap;
-            if m == 0 || overlap.beats(best) {
-                best = overlap;
-            }
-            // The object's best prior in the same pass: when its best overlap rises clear of
-            // the tolerance, every earlier prior lies below the new maximum's tie band, so
-            // this prior is the lowest tied one; a rise within the band needs a rescan.
-            if p == 0 {
-                object.best = overlap;
-            } else if overlap.beats(object.best) {
-                if object.best.ties_with(overlap) {
-                    object.rescan = true;
-                } else {
-                    object.best_prior = p as u32;
-                    object.rescan = false;
-                }
-                object.best = overlap;
-            }
-        }
-        let best_object = objects
-            .iter()
-            .position(|object| object.current.ties_with(best))
-            .unwrap_or(0) as u32; // only NaN input (rejected by validation) finds no tie
-        let positive = if best.reaches(threshold) { POSITIVE } else { 0 };
-        conf_target[p] = best_object | positive;
-    }
-
-    // Steps 2 and 3: the best prior of each object (lowest tied index), forced onto that
-    // object in object order so that a later object wins a prior two objects both want.
-    for (m, object) in objects.iter().enumerate() {
-        let best_prior = if object.rescan {
-            priors
-                .iter()
-                .position(|prior| {
-                    let prior_box = CenterBox::from_row(*prior).to_corners();
-                    Overlap::of(object.truth, prior_box).ties_with(object.best)
-                })
-                .unwrap_or(0) // only NaN input (rejected by validation) finds no tie
-        } else {
-            object.best_prior as usize
-        };
-        conf_target[best_prior] = m as u32 | POSITIVE;
-    }
-
-    // Steps 4 and 5: labels and offsets.
-    let mut num_pos = 0;
-    for ((target, loc), prior) in conf_target
-        .iter_mut()
-        .zip(loc_target.iter_mut())
-        .zip(priors)
-    {
-        let object = &objects[(*target & !POSITIVE) as usize];
-        let positive = *target & POSITIVE != 0;
-        *loc = if positive || offsets == Offsets::All {
-            encode(object.truth, CenterBox::from_row(*prior), variance)
-        } else {
-            [0.0; 4]
-        };
-        *target = if positive {
-            num_pos += 1;
-            object.label + 1
-        } else {
-            0
-        };
-    }
-    num_pos
+    match_priors(objects, priors, threshold, conf_target);
+    match_objects(objects, priors, conf_target);
+    match_finish(objects, priors, variance, offsets, conf_target, loc_target)
 }

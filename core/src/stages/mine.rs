@@ -16,9 +16,13 @@ pub fn num_negatives(num_pos: u32, num_priors: u32, config: &LossConfig) -> u32 
     k.min(num_priors)
 }
 
-/// Maps an f32 to a u32 whose unsigned order is the float's total order.
+/// Maps an f32 to a u32 whose unsigned order is the float's order, 0 and −0 alike (both
+/// map to `0x8000_0000`), as `ordered_bits` in `mine.wgsl`.
 #[must_use]
 pub fn ordered_bits(x: f32) -> u32 {
+    if x == 0.0 {
+        return 0x8000_0000;
+    }
     let bits = x.to_bits();
     if bits & 0x8000_0000 != 0 {
         !bits
@@ -60,4 +64,30 @@ pub fn mine(mining_score: &[f32], k: u32, keys: &mut [u64], neg_mask: &mut [u8])
         *mask = u8::from(rank_key(score, p as u32) >= kth);
     }
     k as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ordered_bits` orders like the floats and maps 0 and −0 to one key, as `mine.wgsl`.
+    #[test]
+    fn ordered_bits_orders_like_the_floats_and_merges_the_zeros() {
+        assert_eq!(ordered_bits(0.0), 0x8000_0000);
+        assert_eq!(ordered_bits(-0.0), 0x8000_0000);
+        let values = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            1e-30,
+            2.0,
+            f32::INFINITY,
+        ];
+        for pair in values.windows(2) {
+            if pair[0] < pair[1] {
+                assert!(ordered_bits(pair[0]) < ordered_bits(pair[1]), "{pair:?}");
+            }
+        }
+    }
 }

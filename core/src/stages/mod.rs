@@ -1,6 +1,10 @@
 //! The five stages of the loss, **match → prior terms → mine → reduce → grad**, each a
-//! function over one image's slices. Each has a WGSL twin of the same name in `shaders/`
-//! and a pipeline of the same name in the host (label `"ssdkd.<stage>"`).
+//! module of one function per GPU kernel. Every kernel is a WGSL entry point of the same
+//! name in `shaders/<stage>.wgsl` and a function of that name here, written with the
+//! same loop (a loop over priors for a thread per prior, over images or object rows for a
+//! workgroup each), so that the two can be read side by side. [`KERNELS`] lists them in
+//! pipeline order; the host's kernel table follows it (a test checks both against the
+//! shaders).
 
 pub mod grad;
 #[path = "match.rs"]
@@ -8,3 +12,56 @@ pub mod r#match;
 pub mod mine;
 pub mod prior_terms;
 pub mod reduce;
+
+/// A stage of the pipeline: one WGSL file `shaders/<name>.wgsl`, one module here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// SPEC §3, the `match` module.
+    Match,
+    /// SPEC §4–5 per prior, [`prior_terms`].
+    PriorTerms,
+    /// SPEC §4, [`mine`].
+    Mine,
+    /// SPEC §5, [`reduce`].
+    Reduce,
+    /// SPEC §6, [`grad`].
+    Grad,
+}
+
+impl Stage {
+    /// Every stage, in pipeline order.
+    pub const ALL: [Stage; 5] = [
+        Stage::Match,
+        Stage::PriorTerms,
+        Stage::Mine,
+        Stage::Reduce,
+        Stage::Grad,
+    ];
+
+    /// The name of its WGSL file, its module and its debug labels (`"ssdkd.<name>"`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::Match => "match",
+            Stage::PriorTerms => "prior_terms",
+            Stage::Mine => "mine",
+            Stage::Reduce => "reduce",
+            Stage::Grad => "grad",
+        }
+    }
+}
+
+/// Every kernel as `(stage, entry point)`, in pipeline order: the WGSL entry point and the
+/// function of the same name in the stage's module.
+pub const KERNELS: &[(Stage, &str)] = &[
+    (Stage::Match, "match_priors"),
+    (Stage::Match, "match_objects"),
+    (Stage::Match, "match_finish"),
+    (Stage::PriorTerms, "prior_terms"),
+    (Stage::Mine, "mine"),
+    (Stage::Reduce, "reduce_rows"),
+    (Stage::Reduce, "reduce_image"),
+    (Stage::Reduce, "reduce_batch"),
+    (Stage::Grad, "grad_conf"),
+    (Stage::Grad, "grad_loc"),
+];

@@ -1,5 +1,5 @@
 //! Stage **prior terms** (SPEC §4, §5): the per-prior maths — log-sum-exp, cross-entropy,
-//! mining score, smooth-L1, the teacher-bounded L2 test and both soft-loss forms.
+//! mining score, smooth-L1 and the teacher-bounded L2 test.
 //! Twin of `shaders/prior_terms.wgsl`.
 
 use crate::config::LossConfig;
@@ -24,6 +24,47 @@ pub fn log_sum_exp_f64(row: &[f32], scale: f64) -> f64 {
         .map(|&x| math::exp_f64(f64::from(x) * scale - max))
         .sum();
     max + math::ln_f64(sum)
+}
+
+/// C of a `[P, C]` row-major tensor of `len` values over `num_priors` rows (0 when P is 0):
+/// the stages take C from their slices, not from the config.
+///
+/// # Panics
+/// If `len` is not a multiple of `num_priors`.
+#[must_use]
+pub fn classes_of(len: usize, num_priors: usize) -> usize {
+    let num_classes = len.checked_div(num_priors).unwrap_or(0);
+    assert_eq!(
+        num_classes * num_priors,
+        len,
+        "a [P, C] tensor of {len} values over P = {num_priors}"
+    );
+    num_classes
+}
+
+/// The largest value of a row.
+#[must_use]
+pub fn row_max(row: &[f32]) -> f32 {
+    row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
+/// `ln Σ exp((row[c] − max) · scale)` for the row's `max` ([`row_max`]): in `[0, ln C]`, so
+/// that a log-probability `(x − max) · scale − ln Σ` never subtracts two large numbers
+/// (with logits of 1e6, `x · scale − lse` would lose every digit of f32).
+#[must_use]
+pub fn shifted_log_sum_exp(row: &[f32], max: f32, scale: f32) -> f32 {
+    let sum: f32 = row.iter().map(|&x| math::exp((x - max) * scale)).sum();
+    math::ln(sum)
+}
+
+/// [`shifted_log_sum_exp`] in f64.
+#[must_use]
+pub fn shifted_log_sum_exp_f64(row: &[f32], max: f32, scale: f64) -> f64 {
+    let sum: f64 = row
+        .iter()
+        .map(|&x| math::exp_f64((f64::from(x) - f64::from(max)) * scale))
+        .sum();
+    math::ln_f64(sum)
 }
 
 /// Cross-entropy of a logit row against class `target`, given the row's log-sum-exp.
@@ -102,84 +143,45 @@ pub fn loc_terms(
     }
 }
 
-/// The soft-target term of one row (SPEC §5), not yet divided by N: with
-/// `q = softmax(teacher / T)`, `p = softmax(student / T)`,
-/// - class-weighted (`neg_w > 1`): `T² Σ_c w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))`;
-/// - otherwise plain KL: `T² Σ_c q_c (ln q_c − ln p_c)`, with `q_c = 0` terms counting 0.
-///
-/// Computed in f64 (only the selected rows come here): a student close to its teacher makes
-/// the terms cancel.
-#[must_use]
-pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
-    let t = f64::from(config.temperature);
-    let inv_t = 1.0 / t;
-    let lse_s = log_sum_exp_f64(student_row, inv_t);
-    let lse_t = log_sum_exp_f64(teacher_row, inv_t);
-    let mut sum = 0.0;
-    if config.weighted_soft_loss() {
-        let eps = f64::from(config.eps);
-        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
-            let q = math::exp_f64(f64::from(te) * inv_t - lse_t) + eps;
-            let p = math::exp_f64(f64::from(s) * inv_t - lse_s) + eps;
-            let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
-            sum += w * q * (math::ln_f64(q) - math::ln_f64(p));
-        }
-    } else {
-        for (&s, &te) in student_row.iter().zip(teacher_row) {
-            let log_q = f64::from(te) * inv_t - lse_t;
-            let q = math::exp_f64(log_q);
-            if q > 0.0 {
-                sum += q * (log_q - (f64::from(s) * inv_t - lse_s));
-            }
-        }
-    }
-    t * t * sum
-}
-
-/// Per-prior outputs of the stage over one image, and the sums it can already take.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct LocSums {
-    /// Σ over positives of smooth-L1 (un-normalised `loss_l`).
-    pub loc: f64,
-    /// Σ over positives whose teacher bound holds of `d_s` (un-normalised `l2_loss`).
-    pub l2: f64,
-    /// Positives whose teacher bound holds.
-    pub num_bounded: u32,
-}
-
-/// Runs the stage over one image: writes each prior's `cross_entropy` and `mining_score`
-/// (`student_conf` is `P × C` row-major) and sums the localisation terms over the positives.
+/// The stage, a loop over priors (`prior_terms` in `prior_terms.wgsl`, a thread per
+/// prior): writes each prior's `mining_score` and its `prior_loss` record
+/// `(cross_entropy, smooth-L1 over the 4 coordinates, d_s where the teacher bound holds
+/// else 0, 1 where it holds else 0)`, the loc entries 0 off the positives. `student_conf`
+/// is `P × C` row-major. The soft term, needed only on the selected rows, is taken by the
+/// reduce stage once mining has chosen them.
 ///
 /// # Panics
 /// If the slices do not agree on P and C.
 #[allow(clippy::too_many_arguments)] // one slice per tensor, as the shader binds them
-pub fn prior_terms_image(
+pub fn prior_terms(
     student_conf: &[f32],
     student_loc: &[[f32; 4]],
     teacher_loc: &[[f32; 4]],
     conf_target: &[u32],
     loc_target: &[[f32; 4]],
     config: &LossConfig,
-    cross_entropy_out: &mut [f32],
     mining_score_out: &mut [f32],
-) -> LocSums {
-    let num_classes = config.num_classes as usize;
-    assert_eq!(student_conf.len(), conf_target.len() * num_classes);
-    let mut sums = LocSums::default();
+    prior_loss: &mut [[f32; 4]],
+) {
+    let num_classes = classes_of(student_conf.len(), conf_target.len());
+    if num_classes == 0 {
+        return;
+    }
     for (p, row) in student_conf.chunks_exact(num_classes).enumerate() {
-        let target = conf_target[p];
-        let positive = target > 0;
-        let ce = cross_entropy(log_sum_exp(row, 1.0), row, target);
-        cross_entropy_out[p] = ce;
+        let target_class = conf_target[p];
+        let positive = target_class > 0;
+        let ce = cross_entropy(log_sum_exp(row, 1.0), row, target_class);
         mining_score_out[p] = mining_score(ce, positive);
+        let mut loss = [ce, 0.0, 0.0, 0.0];
         if positive {
             let terms = loc_terms(student_loc[p], teacher_loc[p], loc_target[p], config.reg_m);
-            sums.loc += f64::from(terms.smooth_l1);
-            if terms.bounded {
-                sums.l2 += f64::from(terms.student_sq);
-                sums.num_bounded += 1;
-            }
+            let (student_sq, bounded) = if terms.bounded {
+                (terms.student_sq, 1.0)
+            } else {
+                (0.0, 0.0)
+            };
+            loss = [ce, terms.smooth_l1, student_sq, bounded];
         }
+        prior_loss[p] = loss;
     }
-    sums
 }

@@ -1,11 +1,15 @@
-//! Stage **reduce** (SPEC §5): the sums over the selected rows of an image, the batch
-//! totals, and their normalisation by N. Twin of `shaders/reduce.wgsl`.
+//! Stage **reduce** (SPEC §5): each selected row's soft term ([`reduce_rows`]), the sums
+//! over the selected rows of an image ([`reduce_image`]), the batch totals
+//! ([`reduce_batch`]), and their normalisation by N ([`LossSums::finish`]). Twin of
+//! `shaders/reduce.wgsl`, kernel by kernel.
 //!
-//! The CPU sums each image's f32 terms in f64 in prior order, then the images in image
-//! order: a fixed order, so the result is deterministic.
+//! The CPU takes the soft terms in f64 and sums each image's terms in f64 in prior order,
+//! then the images in image order: a fixed order, so the result is deterministic. (The GPU
+//! sums in f32 by a fixed pairwise tree; SPEC §7 bounds the difference.)
 
 use crate::config::LossConfig;
-use crate::stages::prior_terms::{soft_term, LocSums};
+use crate::math;
+use crate::stages::prior_terms::{classes_of, row_max, shifted_log_sum_exp_f64};
 
 /// Un-normalised sums and counts of one image or of a whole batch (SPEC §5). A
 /// data-parallel trainer adds these over its workers before normalising.
@@ -83,40 +87,115 @@ pub struct LossTerms {
     pub total: f64,
 }
 
-/// Sums one image's selected rows: cross-entropy and the soft term over `positive ∪
-/// negative`, plus the localisation sums already taken by the prior-terms stage.
+/// The soft-target term of one row (SPEC §5), not yet divided by N (`soft_term` in
+/// `reduce.wgsl`): with `q = softmax(teacher / T)`, `p = softmax(student / T)`,
+/// - class-weighted (`neg_w > 1`): `T² Σ_c w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))`;
+/// - otherwise plain KL: `T² Σ_c q_c (ln q_c − ln p_c)`, with `q_c = 0` terms counting 0.
+///
+/// Computed in f64 (only the selected rows come here): a student close to its teacher makes
+/// the terms cancel.
+#[must_use]
+pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
+    let t = f64::from(config.temperature);
+    let inv_t = 1.0 / t;
+    // Log-probabilities as (x − max) / T − ln Σ: no large numbers cancel.
+    let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
+    let lse_s = shifted_log_sum_exp_f64(student_row, max_s, inv_t);
+    let lse_t = shifted_log_sum_exp_f64(teacher_row, max_t, inv_t);
+    let shifted = |x: f32, max: f32| f64::from(x) - f64::from(max);
+    let mut sum = 0.0;
+    if config.weighted_soft_loss() {
+        let eps = f64::from(config.eps);
+        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
+            let q = math::exp_f64(shifted(te, max_t) * inv_t - lse_t) + eps;
+            let p = math::exp_f64(shifted(s, max_s) * inv_t - lse_s) + eps;
+            let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
+            sum += w * q * (math::ln_f64(q) - math::ln_f64(p));
+        }
+    } else {
+        for (&s, &te) in student_row.iter().zip(teacher_row) {
+            let log_q = shifted(te, max_t) * inv_t - lse_t;
+            let q = math::exp_f64(log_q);
+            if q > 0.0 {
+                sum += q * (log_q - (shifted(s, max_s) * inv_t - lse_s));
+            }
+        }
+    }
+    t * t * sum
+}
+
+/// A loop over priors (`reduce_rows` in `reduce.wgsl`, a thread per prior): the soft term
+/// of each selected row (positive or mined) into `row_soft`, 0 elsewhere.
 ///
 /// # Panics
 /// If the slices do not agree on P and C.
-#[allow(clippy::too_many_arguments)] // one slice per tensor, as the shader binds them
-pub fn reduce_image(
+pub fn reduce_rows(
     student_conf: &[f32],
     teacher_conf: &[f32],
     conf_target: &[u32],
     neg_mask: &[u8],
-    cross_entropy: &[f32],
-    loc_sums: LocSums,
-    num_neg: u32,
     config: &LossConfig,
-) -> LossSums {
-    let num_classes = config.num_classes as usize;
-    let mut sums = LossSums {
-        l2: loc_sums.l2,
-        loc: loc_sums.loc,
-        num_neg,
-        num_bounded: loc_sums.num_bounded,
-        ..LossSums::default()
-    };
+    row_soft: &mut [f64],
+) {
+    let num_classes = classes_of(student_conf.len(), conf_target.len());
+    if num_classes == 0 {
+        return;
+    }
     let rows = student_conf
         .chunks_exact(num_classes)
         .zip(teacher_conf.chunks_exact(num_classes));
     for (p, (student_row, teacher_row)) in rows.enumerate() {
+        let selected = conf_target[p] > 0 || neg_mask[p] != 0;
+        row_soft[p] = if selected {
+            soft_term(student_row, teacher_row, config)
+        } else {
+            0.0
+        };
+    }
+}
+
+/// A loop over one image's priors (`reduce_image` in `reduce.wgsl`, a workgroup per image):
+/// the sums over its selected rows (soft term and cross-entropy) and over its positives
+/// (smooth-L1, bounded L2), from `row_soft` and the prior-terms stage's `prior_loss`.
+/// `num_pos` (match) and `num_neg` (mine) are kept, as the GPU keeps them in `image_sums`.
+///
+/// # Panics
+/// If the slices do not agree on P.
+pub fn reduce_image(
+    conf_target: &[u32],
+    neg_mask: &[u8],
+    prior_loss: &[[f32; 4]],
+    row_soft: &[f64],
+    num_pos: u32,
+    num_neg: u32,
+) -> LossSums {
+    let mut sums = LossSums {
+        num_pos,
+        num_neg,
+        ..LossSums::default()
+    };
+    for (p, loss) in prior_loss.iter().enumerate() {
         let positive = conf_target[p] > 0;
-        sums.num_pos += u32::from(positive);
         if positive || neg_mask[p] != 0 {
-            sums.conf += f64::from(cross_entropy[p]);
-            sums.soft += soft_term(student_row, teacher_row, config);
+            sums.soft += row_soft[p];
+            sums.conf += f64::from(loss[0]);
         }
+        if positive {
+            sums.l2 += f64::from(loss[2]);
+            sums.loc += f64::from(loss[1]);
+            sums.num_bounded += loss[3] as u32;
+        }
+    }
+    sums
+}
+
+/// The batch totals (`reduce_batch` in `reduce.wgsl`, one workgroup): the images' sums
+/// added in image order.
+#[must_use]
+pub fn reduce_batch(images: &[LossSums]) -> LossSums {
+    let mut sums = LossSums::default();
+    for image in images {
+        sums.add(image);
     }
     sums
 }

@@ -1,14 +1,16 @@
-//! The one module that talks to wgpu: adapter and device, the pipelines (created once),
-//! buffers and bind groups (cached per shape and per batch), and the execution of a
-//! [`Recording`] in one command encoder and one submit. Everything else in `gpu/` only
+//! The one module that talks to wgpu: adapter and device, the pipelines (created once, one
+//! per row of [`KERNELS`]), buffers (cached per shape) and bind groups (kept by their
+//! batch, released with it), and the execution of a [`Recording`] in one command encoder
+//! and one submit, returning the downloaded bytes. Everything else in `gpu/` only
 //! describes what to run.
 
-use crate::batch::{Batch, BatchShape, Decisions, Gradients};
+use crate::batch::{Batch, BatchShape};
 use crate::error::{Error, Result};
-use crate::gpu::params::{GpuSums, Params};
-use crate::gpu::plan::{Chunk, Kernel, Layout, Recording, Resource};
+use crate::gpu::params::Params;
+use crate::gpu::plan::{Chunk, DeviceLimits, Layout, Owner, Recording, Resource, KERNELS};
+use ssdkd_core::Stage;
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 /// A stage's WGSL: the shared include, any further includes, then the stage's own file.
@@ -23,23 +25,20 @@ macro_rules! stage_source {
 
 /// The WGSL of a stage (`shaders/<stage>.wgsl` after `shaders/shared.wgsl`, and after
 /// `shaders/logits.wgsl` for the stages that read the logits).
-pub(crate) fn stage_source(stage: &str) -> &'static str {
+pub(crate) fn stage_source(stage: Stage) -> &'static str {
     match stage {
-        "match" => stage_source!("match.wgsl"),
-        "prior_terms" => stage_source!("logits.wgsl", "prior_terms.wgsl"),
-        "mine" => stage_source!("mine.wgsl"),
-        "reduce" => stage_source!("logits.wgsl", "reduce.wgsl"),
-        "grad" => stage_source!("logits.wgsl", "grad.wgsl"),
-        other => unreachable!("no stage {other}"),
+        Stage::Match => stage_source!("match.wgsl"),
+        Stage::PriorTerms => stage_source!("logits.wgsl", "prior_terms.wgsl"),
+        Stage::Mine => stage_source!("mine.wgsl"),
+        Stage::Reduce => stage_source!("logits.wgsl", "reduce.wgsl"),
+        Stage::Grad => stage_source!("logits.wgsl", "grad.wgsl"),
     }
 }
 
 /// Workspaces (per-prior buffers) kept for this many recent shapes.
 const WORKSPACES_KEPT: usize = 2;
-/// Bind-group sets kept per workspace (one per recent batch).
-const BINDINGS_KEPT: usize = 4;
 
-static NEXT_BATCH_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_WORKSPACE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The input tensors of a batch (SPEC §1) in the caller's GPU buffers, each starting at
 /// offset 0 of its buffer, laid out like [`Batch`]'s slices, and created with
@@ -65,11 +64,12 @@ pub struct GpuTensors {
 /// are cached per `GpuBatch`, so keep it and rewrite its buffers rather than making a new one.
 #[derive(Debug)]
 pub struct GpuBatch {
-    id: u64,
     shape: BatchShape,
     tensors: GpuTensors,
     grad_student_conf: wgpu::Buffer,
     grad_student_loc: wgpu::Buffer,
+    /// Its bind groups, made on its first evaluation and dropped with it.
+    bound: Mutex<Option<Bound>>,
 }
 
 impl GpuBatch {
@@ -98,14 +98,22 @@ impl GpuBatch {
     pub fn grad_student_loc(&self) -> &wgpu::Buffer {
         &self.grad_student_loc
     }
-}
 
-/// What an evaluation brings back to the host.
-#[derive(Debug)]
-pub(crate) struct Output {
-    pub sums: GpuSums,
-    pub gradients: Option<Gradients>,
-    pub decisions: Option<Decisions>,
+    /// The buffer of an input or gradient resource.
+    fn buffer(&self, resource: Resource) -> Option<&wgpu::Buffer> {
+        let t = &self.tensors;
+        Some(match resource {
+            Resource::StudentConf => &t.student_conf,
+            Resource::TeacherConf => &t.teacher_conf,
+            Resource::StudentLoc => &t.student_loc,
+            Resource::TeacherLoc => &t.teacher_loc,
+            Resource::Targets => &t.targets,
+            Resource::Priors => &t.priors,
+            Resource::GradStudentConf => &self.grad_student_conf,
+            Resource::GradStudentLoc => &self.grad_student_loc,
+            _ => return None,
+        })
+    }
 }
 
 /// A compiled kernel and the layout of its bind group.
@@ -114,61 +122,50 @@ struct Pipeline {
     layout: wgpu::BindGroupLayout,
 }
 
-/// Every pipeline, named like the stages' entry points (`match` and `reduce` have three,
-/// `grad` two).
-struct Pipelines {
-    match_priors: Pipeline,
-    match_objects: Pipeline,
-    match_finish: Pipeline,
-    prior_terms: Pipeline,
-    mine: Pipeline,
-    reduce_rows: Pipeline,
-    reduce_image: Pipeline,
-    reduce_batch: Pipeline,
-    grad_conf: Pipeline,
-    grad_loc: Pipeline,
-}
+/// Counts the bind-group sets alive, for the test that dropped batches release theirs.
+#[derive(Debug)]
+struct Live(Arc<AtomicUsize>);
 
-impl Pipelines {
-    fn get(&self, kernel: Kernel) -> &Pipeline {
-        match kernel {
-            Kernel::MatchPriors => &self.match_priors,
-            Kernel::MatchObjects => &self.match_objects,
-            Kernel::MatchFinish => &self.match_finish,
-            Kernel::PriorTerms => &self.prior_terms,
-            Kernel::Mine => &self.mine,
-            Kernel::ReduceRows => &self.reduce_rows,
-            Kernel::ReduceImage => &self.reduce_image,
-            Kernel::ReduceBatch => &self.reduce_batch,
-            Kernel::GradConf => &self.grad_conf,
-            Kernel::GradLoc => &self.grad_loc,
-        }
+impl Live {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
     }
 }
 
-/// The bind groups of one batch split into chunks: per chunk, its `Params` uniform and
-/// one bind group per kernel (in [`Kernel::ALL`] order).
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The bind groups of one batch bound as `chunks` over the workspace `workspace_id`: per
+/// chunk, its `Params` uniform and one bind group per kernel (in [`KERNELS`] order).
+#[derive(Debug)]
 struct Bound {
-    batch_id: u64,
+    workspace_id: u64,
     chunks: Vec<Chunk>,
     params: Vec<wgpu::Buffer>,
     groups: Vec<Vec<wgpu::BindGroup>>,
+    _live: Live,
 }
 
-/// The per-prior and per-image buffers of one shape, the readback staging buffer, and
-/// the bind groups of the batches evaluated with them.
+/// The per-prior and per-image buffers of one shape (one per [`Owner::Workspace`]
+/// resource) and the readback staging buffer.
 struct Workspace {
+    id: u64,
     shape: BatchShape,
-    conf_target: wgpu::Buffer,
-    loc_target: wgpu::Buffer,
-    neg_mask: wgpu::Buffer,
-    mining_score: wgpu::Buffer,
-    prior_loss: wgpu::Buffer,
-    row_soft: wgpu::Buffer,
-    image_sums: wgpu::Buffer,
-    batch_sums: wgpu::Buffer,
+    buffers: Vec<(Resource, wgpu::Buffer)>,
     staging: Option<wgpu::Buffer>,
-    bound: Vec<Bound>,
+}
+
+impl Workspace {
+    fn buffer(&self, resource: Resource) -> Option<&wgpu::Buffer> {
+        self.buffers
+            .iter()
+            .find(|(r, _)| *r == resource)
+            .map(|(_, b)| b)
+    }
 }
 
 /// Adapter, device, queue, pipelines and caches.
@@ -176,10 +173,13 @@ pub(crate) struct Engine {
     adapter: wgpu::Adapter,
     device: wgpu::Device,
     queue: wgpu::Queue,
-    pipelines: Pipelines,
+    /// One per row of [`KERNELS`].
+    pipelines: Vec<Pipeline>,
     /// Errors reported outside any error scope, and device loss.
     failures: Arc<Mutex<Vec<String>>>,
     workspaces: Vec<Workspace>,
+    /// Bind-group sets alive (held by batches).
+    live_bound: Arc<AtomicUsize>,
 }
 
 fn gpu_error(what: &str, error: impl std::fmt::Display) -> Error {
@@ -216,8 +216,10 @@ async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
 
 impl Engine {
     /// Picks the adapter, opens a device with the adapter's own limits, and creates every
-    /// pipeline.
-    pub fn new() -> Result<Self> {
+    /// pipeline (through the per-user pipeline cache where the adapter supports one). With
+    /// `hardware_only`, a software adapter (wgpu `DeviceType::Cpu`, such as lavapipe) is
+    /// refused with [`Error::NoAdapter`] naming it, before any shader is compiled.
+    pub fn new(hardware_only: bool) -> Result<Self> {
         let instance = |backends: Option<wgpu::Backends>| {
             let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
             if let Some(backends) = backends {
@@ -234,9 +236,24 @@ impl Engine {
                 |_| pollster::block_on(pick_adapter(&instance(Some(wgpu::Backends::GL)))),
             )?
         };
+        let info = adapter.get_info();
+        if hardware_only && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(Error::NoAdapter(format!(
+                "only the software adapter {} ({:?}) was found, passed over as slower than \
+                 the CPU backend",
+                info.name, info.backend
+            )));
+        }
+        let cache_file = pipeline_cache_file(&info)
+            .filter(|_| adapter.features().contains(wgpu::Features::PIPELINE_CACHE));
+        let features = if cache_file.is_some() {
+            wgpu::Features::PIPELINE_CACHE
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("ssdkd"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: adapter.limits(),
             ..Default::default()
         }))
@@ -258,8 +275,26 @@ impl Engine {
             }
         });
 
-        let pipelines = scoped(&device, || Ok(create_pipelines(&device)))
+        let cached = cache_file.as_ref().and_then(|f| std::fs::read(f).ok());
+        let cache = cache_file.as_ref().map(|_| {
+            // SAFETY: the data was written by `PipelineCache::get_data` below (wgpu checks
+            // its header against this adapter and driver; `fallback` starts an empty cache
+            // on any mismatch).
+            unsafe {
+                device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                    label: Some("ssdkd"),
+                    data: cached.as_deref(),
+                    fallback: true,
+                })
+            }
+        });
+        let pipelines = scoped(&device, || Ok(create_pipelines(&device, cache.as_ref())))
             .map_err(|e| Error::Gpu(format!("creating the pipelines: {e}")))?;
+        if let (Some(file), Some(data)) = (&cache_file, cache.and_then(|c| c.get_data())) {
+            if cached.as_deref() != Some(&data[..]) {
+                store_pipeline_cache(file, &data);
+            }
+        }
         let engine = Self {
             adapter,
             device,
@@ -267,6 +302,7 @@ impl Engine {
             pipelines,
             failures,
             workspaces: Vec::new(),
+            live_bound: Arc::new(AtomicUsize::new(0)),
         };
         engine.check_failures()?;
         Ok(engine)
@@ -287,15 +323,22 @@ impl Engine {
         &self.queue
     }
 
-    /// `(max_storage_buffer_binding_size, min_storage_buffer_offset_alignment,
-    /// max_buffer_size)` of the device.
-    pub fn binding_limits(&self) -> (u64, u64, u64) {
+    /// What the plan needs of the device's limits, the binding size capped at `cap`.
+    pub fn limits(&self, cap: Option<u64>) -> DeviceLimits {
         let limits = self.device.limits();
-        (
-            limits.max_storage_buffer_binding_size,
-            u64::from(limits.min_storage_buffer_offset_alignment),
-            limits.max_buffer_size,
-        )
+        // Element indices in the kernels are u32: keep windows under 2 GiB.
+        let binding = limits.max_storage_buffer_binding_size.min(1 << 31);
+        DeviceLimits {
+            binding_limit: cap.map_or(binding, |cap| cap.min(binding)),
+            alignment: u64::from(limits.min_storage_buffer_offset_alignment),
+            max_workgroups: limits.max_compute_workgroups_per_dimension,
+        }
+    }
+
+    /// Bind-group sets alive (each held by a batch, released when it is dropped).
+    #[cfg(test)]
+    pub fn live_bind_group_sets(&self) -> usize {
+        self.live_bound.load(Ordering::Relaxed)
     }
 
     fn check_failures(&self) -> Result<()> {
@@ -333,7 +376,7 @@ impl Engine {
     fn check_buffer_size(&self, tensor: &'static str, bytes: u64) -> Result<()> {
         let max = self.device.limits().max_buffer_size;
         if bytes > max {
-            return Err(Error::Gpu(format!(
+            return Err(Error::GpuUnsupported(format!(
                 "tensor `{tensor}` takes {bytes} bytes, over the adapter's max_buffer_size of {max}"
             )));
         }
@@ -368,7 +411,7 @@ impl Engine {
     fn with_gradient_buffers(&self, shape: BatchShape, tensors: GpuTensors) -> GpuBatch {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
         GpuBatch {
-            id: NEXT_BATCH_ID.fetch_add(1, Ordering::Relaxed),
+            bound: Mutex::new(None),
             shape,
             tensors,
             grad_student_conf: self.buffer(
@@ -443,12 +486,12 @@ impl Engine {
         self.guarded("uploading the batch", || {
             let t = &gpu.tensors;
             for (buffer, data) in [
-                (&t.student_loc, batch.student_loc),
-                (&t.student_conf, batch.student_conf),
-                (&t.teacher_loc, batch.teacher_loc),
-                (&t.teacher_conf, batch.teacher_conf),
-                (&t.targets, batch.targets),
-                (&t.priors, batch.priors),
+                (&t.student_loc, batch.student_loc()),
+                (&t.student_conf, batch.student_conf()),
+                (&t.teacher_loc, batch.teacher_loc()),
+                (&t.teacher_conf, batch.teacher_conf()),
+                (&t.targets, batch.targets()),
+                (&t.priors, batch.priors()),
             ] {
                 self.queue
                     .write_buffer(buffer, 0, bytemuck::cast_slice(data));
@@ -458,23 +501,19 @@ impl Engine {
     }
 
     fn create_workspace(&self, shape: BatchShape) -> Workspace {
-        let b = shape.batch as u64;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-        let prior = Layout::Prior.image_bytes(&shape) * b;
-        let loc = Layout::Loc.image_bytes(&shape) * b;
-        let sums = std::mem::size_of::<GpuSums>() as u64;
         Workspace {
+            id: NEXT_WORKSPACE_ID.fetch_add(1, Ordering::Relaxed),
             shape,
-            conf_target: self.buffer("ssdkd.conf_target", prior, usage),
-            loc_target: self.buffer("ssdkd.loc_target", loc, usage),
-            neg_mask: self.buffer("ssdkd.neg_mask", prior, usage),
-            mining_score: self.buffer("ssdkd.mining_score", prior, usage),
-            prior_loss: self.buffer("ssdkd.prior_loss", loc, usage),
-            row_soft: self.buffer("ssdkd.row_soft", prior, usage),
-            image_sums: self.buffer("ssdkd.image_sums", sums * b, usage),
-            batch_sums: self.buffer("ssdkd.batch_sums", sums, usage),
+            buffers: Resource::ALL
+                .into_iter()
+                .filter(|r| r.owner() == Owner::Workspace)
+                .map(|r| {
+                    let label = format!("ssdkd.{}", r.name());
+                    (r, self.buffer(&label, r.bytes(&shape), usage))
+                })
+                .collect(),
             staging: None,
-            bound: Vec::new(),
         }
     }
 
@@ -493,21 +532,21 @@ impl Engine {
         self.workspaces.len() - 1
     }
 
-    /// Runs `recording` over `batch` split into `chunks` (one `Params` per chunk): one
-    /// command encoder, one submit, then the readback of the batch sums and whatever
-    /// `recording.read_back` asks for.
-    pub fn run(
+    /// Executes `recording` over `batch`: binds it (bind groups kept by the batch), uploads
+    /// the chunks' `Params`, records every dispatch in one command encoder, copies the
+    /// downloads one after another into the staging buffer, submits once, and hands the
+    /// mapped bytes to `decode`.
+    pub fn execute<T>(
         &mut self,
         batch: &GpuBatch,
-        chunks: &[Chunk],
-        params: &[Params],
         recording: &Recording,
-    ) -> Result<Output> {
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         self.check_failures()?;
         let device = self.device.clone();
         let index = scoped(&device, || Ok(self.workspace(batch.shape)))?;
         let result = scoped(&device, || {
-            self.record_and_read(index, batch, chunks, params, recording)
+            self.record_and_read(index, batch, recording, decode)
         });
         if result.is_err() {
             // A failed run may have left the workspace half-made; start afresh next time.
@@ -521,49 +560,43 @@ impl Engine {
         output
     }
 
-    fn record_and_read(
+    fn record_and_read<T>(
         &mut self,
         index: usize,
         batch: &GpuBatch,
-        chunks: &[Chunk],
-        params: &[Params],
         recording: &Recording,
-    ) -> Result<Output> {
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         let Self {
             device,
             queue,
             pipelines,
             workspaces,
+            live_bound,
             ..
         } = self;
         let workspace = &mut workspaces[index];
-        let bound = bind(device, pipelines, workspace, batch, chunks);
-        let bound = &workspace.bound[bound];
-        for (buffer, p) in bound.params.iter().zip(params) {
-            queue.write_buffer(buffer, 0, bytemuck::bytes_of(p));
+        let mut bound = batch.bound.lock().unwrap_or_else(|p| p.into_inner());
+        if bound
+            .as_ref()
+            .is_none_or(|b| b.workspace_id != workspace.id || b.chunks != recording.chunks)
+        {
+            *bound = None; // release the old set first
+            *bound = Some(bind(
+                device,
+                pipelines,
+                workspace,
+                batch,
+                &recording.chunks,
+                live_bound,
+            ));
+        }
+        let bound = bound.as_ref().expect("bound just made");
+        for (buffer, params) in bound.params.iter().zip(&recording.uploads) {
+            queue.write_buffer(buffer, 0, bytemuck::bytes_of(params));
         }
 
-        // What comes back, packed one after another in the staging buffer.
-        let shape = batch.shape;
-        let b = shape.batch as u64;
-        let sums_bytes = std::mem::size_of::<GpuSums>() as u64;
-        let mut sources: Vec<(&wgpu::Buffer, u64)> = vec![(&workspace.batch_sums, sums_bytes)];
-        if recording.read_back.gradients {
-            sources.push((
-                &batch.grad_student_conf,
-                Layout::Conf.image_bytes(&shape) * b,
-            ));
-            sources.push((&batch.grad_student_loc, Layout::Loc.image_bytes(&shape) * b));
-        }
-        if recording.read_back.decisions {
-            sources.push((
-                &workspace.conf_target,
-                Layout::Prior.image_bytes(&shape) * b,
-            ));
-            sources.push((&workspace.loc_target, Layout::Loc.image_bytes(&shape) * b));
-            sources.push((&workspace.neg_mask, Layout::Prior.image_bytes(&shape) * b));
-        }
-        let total: u64 = sources.iter().map(|(_, size)| size).sum();
+        let total = recording.download_bytes();
         if workspace.staging.as_ref().is_none_or(|s| s.size() < total) {
             workspace.staging = Some(device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("ssdkd.staging"),
@@ -577,7 +610,6 @@ impl Engine {
             .as_ref()
             .expect("staging buffer just made");
 
-        let max_groups = device.limits().max_compute_workgroups_per_dimension.max(1);
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("ssdkd.evaluate"),
         });
@@ -587,28 +619,21 @@ impl Engine {
                 timestamp_writes: None,
             });
             for dispatch in &recording.dispatches {
-                let kernel = Kernel::ALL
-                    .iter()
-                    .position(|&k| k == dispatch.kernel)
-                    .unwrap();
-                let x = dispatch.workgroups.clamp(1, max_groups);
-                let y = dispatch.workgroups.div_ceil(x);
-                if y > max_groups {
-                    return Err(Error::Gpu(format!(
-                        "{} needs {} workgroups, over the adapter's {max_groups}²",
-                        dispatch.kernel.label(),
-                        dispatch.workgroups
-                    )));
-                }
-                pass.set_pipeline(&pipelines.get(dispatch.kernel).pipeline);
-                pass.set_bind_group(0, &bound.groups[dispatch.chunk][kernel], &[]);
-                pass.dispatch_workgroups(x, y, 1);
+                let [x, y, z] = dispatch.workgroups;
+                pass.set_pipeline(&pipelines[dispatch.kernel].pipeline);
+                pass.set_bind_group(0, &bound.groups[dispatch.chunk][dispatch.kernel], &[]);
+                pass.dispatch_workgroups(x, y, z);
             }
         }
         let mut offset = 0;
-        for (source, size) in &sources {
-            encoder.copy_buffer_to_buffer(source, 0, staging, offset, *size);
-            offset += size;
+        for download in &recording.downloads {
+            let resource = download.resource();
+            let source = batch
+                .buffer(resource)
+                .or_else(|| workspace.buffer(resource))
+                .ok_or_else(|| Error::Gpu(format!("no buffer for {}", resource.name())))?;
+            encoder.copy_buffer_to_buffer(source, 0, staging, offset, download.bytes);
+            offset += download.bytes;
         }
         queue.submit([encoder.finish()]);
 
@@ -628,36 +653,36 @@ impl Engine {
             let view = slice
                 .get_mapped_range()
                 .map_err(|e| gpu_error("reading the readback buffer", e))?;
-            let mut parts = Vec::with_capacity(sources.len());
-            let mut offset = 0usize;
-            for (_, size) in &sources {
-                parts.push(&view[offset..offset + *size as usize]);
-                offset += *size as usize;
-            }
-            let f32s = |bytes: &[u8]| -> Vec<f32> { bytemuck::pod_collect_to_vec(bytes) };
-            let u32s = |bytes: &[u8]| -> Vec<u32> { bytemuck::pod_collect_to_vec(bytes) };
-            let sums: GpuSums = bytemuck::pod_read_unaligned(parts[0]);
-            let mut next = 1;
-            let gradients = recording.read_back.gradients.then(|| {
-                next += 2;
-                Gradients {
-                    student_conf: f32s(parts[next - 2]),
-                    student_loc: f32s(parts[next - 1]),
-                }
-            });
-            let decisions = recording.read_back.decisions.then(|| Decisions {
-                conf_target: u32s(parts[next]),
-                loc_target: f32s(parts[next + 1]),
-                neg_mask: u32s(parts[next + 2]).into_iter().map(|m| m as u8).collect(),
-            });
-            Output {
-                sums,
-                gradients,
-                decisions,
-            }
+            decode(&view)
         };
         staging.unmap();
         Ok(output)
+    }
+}
+
+/// The per-user pipeline cache file of an adapter: `$XDG_CACHE_HOME/ssdkd/<key>` or
+/// `~/.cache/ssdkd/<key>`, the key from `wgpu::util::pipeline_cache_key` (`None` where wgpu
+/// has no cache for the backend, or no cache directory is known).
+fn pipeline_cache_file(info: &wgpu::AdapterInfo) -> Option<std::path::PathBuf> {
+    let key = wgpu::util::pipeline_cache_key(info)?;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
+    Some(base.join("ssdkd").join(key))
+}
+
+/// Writes the pipeline cache (a temporary file renamed over the old one, so that a
+/// concurrent process reads a whole file or none). Failures are ignored: the cache only
+/// saves time.
+fn store_pipeline_cache(file: &std::path::Path, data: &[u8]) {
+    let Some(dir) = file.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let temporary = file.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&temporary, data).is_ok() && std::fs::rename(&temporary, file).is_err() {
+        let _ = std::fs::remove_file(&temporary);
     }
 }
 
@@ -679,105 +704,81 @@ fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> 
     result
 }
 
-fn create_pipelines(device: &wgpu::Device) -> Pipelines {
-    let modules: Vec<(&str, wgpu::ShaderModule)> =
-        ["match", "prior_terms", "mine", "reduce", "grad"]
-            .into_iter()
-            .map(|stage| {
-                let label = format!("ssdkd.{stage}");
-                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(&label),
-                    source: wgpu::ShaderSource::Wgsl(stage_source(stage).into()),
-                });
-                (stage, module)
-            })
-            .collect();
-    let pipeline = |kernel: Kernel| {
-        let module = &modules
-            .iter()
-            .find(|(stage, _)| *stage == kernel.stage())
-            .expect("a module per stage")
-            .1;
-        let mut entries = vec![wgpu::BindGroupLayoutEntry {
-            binding: 0,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
-                min_binding_size: NonZeroU64::new(std::mem::size_of::<Params>() as u64),
-            },
-            count: None,
-        }];
-        entries.extend(
-            kernel
-                .bindings()
+fn create_pipelines(device: &wgpu::Device, cache: Option<&wgpu::PipelineCache>) -> Vec<Pipeline> {
+    let modules: Vec<(Stage, wgpu::ShaderModule)> = Stage::ALL
+        .into_iter()
+        .map(|stage| {
+            let label = format!("ssdkd.{}", stage.name());
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(stage_source(stage).into()),
+            });
+            (stage, module)
+        })
+        .collect();
+    KERNELS
+        .iter()
+        .map(|kernel| {
+            let label = kernel.label();
+            let module = &modules
                 .iter()
-                .map(|b| wgpu::BindGroupLayoutEntry {
-                    binding: b.binding,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage {
-                            read_only: !b.writes,
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
+                .find(|(stage, _)| *stage == kernel.stage)
+                .expect("a module per stage")
+                .1;
+            let mut entries = vec![wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: NonZeroU64::new(std::mem::size_of::<Params>() as u64),
+                },
+                count: None,
+            }];
+            entries.extend(kernel.bindings.iter().map(|b| wgpu::BindGroupLayoutEntry {
+                binding: b.resource.binding(),
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage {
+                        read_only: !b.writes,
                     },
-                    count: None,
-                }),
-        );
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(kernel.label()),
-            entries: &entries,
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(kernel.label()),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel.label()),
-            layout: Some(&pipeline_layout),
-            module,
-            entry_point: Some(kernel.entry_point()),
-            compilation_options: wgpu::PipelineCompilationOptions::default(),
-            cache: None,
-        });
-        Pipeline { pipeline, layout }
-    };
-    Pipelines {
-        match_priors: pipeline(Kernel::MatchPriors),
-        match_objects: pipeline(Kernel::MatchObjects),
-        match_finish: pipeline(Kernel::MatchFinish),
-        prior_terms: pipeline(Kernel::PriorTerms),
-        mine: pipeline(Kernel::Mine),
-        reduce_rows: pipeline(Kernel::ReduceRows),
-        reduce_image: pipeline(Kernel::ReduceImage),
-        reduce_batch: pipeline(Kernel::ReduceBatch),
-        grad_conf: pipeline(Kernel::GradConf),
-        grad_loc: pipeline(Kernel::GradLoc),
-    }
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }));
+            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(&label),
+                entries: &entries,
+            });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&label),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: Some(&pipeline_layout),
+                module,
+                entry_point: Some(kernel.entry_point),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache,
+            });
+            Pipeline { pipeline, layout }
+        })
+        .collect()
 }
 
-/// The index in `workspace.bound` of the bind groups of `batch` split into `chunks`,
-/// created (with a `Params` uniform per chunk) when not cached.
+/// The bind groups of `batch` bound as `chunks` over `workspace`, with a `Params` uniform
+/// per chunk.
 fn bind(
     device: &wgpu::Device,
-    pipelines: &Pipelines,
-    workspace: &mut Workspace,
+    pipelines: &[Pipeline],
+    workspace: &Workspace,
     batch: &GpuBatch,
     chunks: &[Chunk],
-) -> usize {
-    if let Some(i) = workspace
-        .bound
-        .iter()
-        .position(|b| b.batch_id == batch.id && b.chunks == chunks)
-    {
-        return i;
-    }
-    if workspace.bound.len() >= BINDINGS_KEPT {
-        workspace.bound.remove(0);
-    }
-    let shape = batch.shape;
+    live: &Arc<AtomicUsize>,
+) -> Bound {
     let params: Vec<wgpu::Buffer> = chunks
         .iter()
         .map(|_| {
@@ -793,42 +794,28 @@ fn bind(
         .iter()
         .zip(&params)
         .map(|(chunk, params)| {
-            Kernel::ALL
+            KERNELS
                 .iter()
-                .map(|&kernel| {
+                .zip(pipelines)
+                .map(|(kernel, pipeline)| {
                     let mut entries = vec![wgpu::BindGroupEntry {
                         binding: 0,
                         resource: params.as_entire_binding(),
                     }];
-                    for b in kernel.bindings() {
-                        let buffer = match b.resource {
-                            Resource::StudentConf => &batch.tensors.student_conf,
-                            Resource::StudentLoc => &batch.tensors.student_loc,
-                            Resource::TeacherConf => &batch.tensors.teacher_conf,
-                            Resource::TeacherLoc => &batch.tensors.teacher_loc,
-                            Resource::Targets => &batch.tensors.targets,
-                            Resource::Priors => &batch.tensors.priors,
-                            Resource::ConfTarget => &workspace.conf_target,
-                            Resource::LocTarget => &workspace.loc_target,
-                            Resource::NegMask => &workspace.neg_mask,
-                            Resource::MiningScore => &workspace.mining_score,
-                            Resource::PriorLoss => &workspace.prior_loss,
-                            Resource::RowSoft => &workspace.row_soft,
-                            Resource::ImageSums => &workspace.image_sums,
-                            Resource::BatchSums => &workspace.batch_sums,
-                            Resource::GradStudentConf => &batch.grad_student_conf,
-                            Resource::GradStudentLoc => &batch.grad_student_loc,
-                        };
+                    for b in kernel.bindings {
+                        let buffer = batch
+                            .buffer(b.resource)
+                            .or_else(|| workspace.buffer(b.resource))
+                            .expect("every resource has a buffer");
                         let (offset, size) = match b.resource.layout() {
                             Some(layout) => {
                                 let window = chunk.window(layout);
                                 (window.offset, window.size)
                             }
-                            None if b.resource == Resource::Priors => (0, shape.priors as u64 * 16),
-                            None => (0, buffer.size()),
+                            None => (0, b.resource.bytes(&batch.shape).max(4)),
                         };
                         entries.push(wgpu::BindGroupEntry {
-                            binding: b.binding,
+                            binding: b.resource.binding(),
                             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                                 buffer,
                                 offset,
@@ -837,21 +824,21 @@ fn bind(
                         });
                     }
                     device.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some(kernel.label()),
-                        layout: &pipelines.get(kernel).layout,
+                        label: Some(&kernel.label()),
+                        layout: &pipeline.layout,
                         entries: &entries,
                     })
                 })
                 .collect()
         })
         .collect();
-    workspace.bound.push(Bound {
-        batch_id: batch.id,
+    Bound {
+        workspace_id: workspace.id,
         chunks: chunks.to_vec(),
         params,
         groups,
-    });
-    workspace.bound.len() - 1
+        _live: Live::new(live),
+    }
 }
 
 #[cfg(test)]
@@ -859,55 +846,112 @@ mod tests {
     use super::*;
     use wgpu::naga;
 
+    fn module(stage: Stage) -> naga::Module {
+        let source = stage_source(stage);
+        naga::front::wgsl::parse_str(source)
+            .unwrap_or_else(|e| panic!("{}.wgsl: {}", stage.name(), e.emit_to_string(source)))
+    }
+
     /// Every stage's WGSL parses and validates (no adapter needed).
     #[test]
     fn every_stage_compiles() {
-        for stage in ["match", "prior_terms", "mine", "reduce", "grad"] {
-            let module = naga::front::wgsl::parse_str(stage_source(stage)).unwrap_or_else(|e| {
-                panic!("{stage}.wgsl: {}", e.emit_to_string(stage_source(stage)))
-            });
+        for stage in Stage::ALL {
             naga::valid::Validator::new(
                 naga::valid::ValidationFlags::all(),
                 naga::valid::Capabilities::default(),
             )
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{stage}.wgsl: {}", e.emit_to_string(stage_source(stage))));
+            .validate(&module(stage))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}.wgsl: {}",
+                    stage.name(),
+                    e.emit_to_string(stage_source(stage))
+                )
+            });
         }
     }
 
-    /// Every kernel's entry point exists in its stage's WGSL, and every binding the host
-    /// describes is declared there with the same access.
+    /// Every entry point of every shader has a CPU twin of the same name in the core's
+    /// table (`ssdkd_core::KERNELS`), and a row in the host's kernel table.
+    #[test]
+    fn every_entry_point_has_a_cpu_twin_and_a_kernel_row() {
+        let mut seen = Vec::new();
+        for stage in Stage::ALL {
+            for entry in &module(stage).entry_points {
+                let name = entry.name.as_str();
+                assert!(
+                    ssdkd_core::KERNELS.contains(&(stage, name)),
+                    "{}.wgsl entry point {name} has no CPU twin in ssdkd_core::KERNELS",
+                    stage.name()
+                );
+                assert!(
+                    KERNELS
+                        .iter()
+                        .any(|k| k.stage == stage && k.entry_point == name),
+                    "{}.wgsl entry point {name} has no kernel row",
+                    stage.name()
+                );
+                seen.push((stage, name.to_string()));
+            }
+        }
+        assert_eq!(seen.len(), ssdkd_core::KERNELS.len(), "{seen:?}");
+    }
+
+    /// Every binding a kernel row lists is declared in its stage's WGSL at the resource's
+    /// one binding number, under the resource's name, with the same access; and every
+    /// storage variable any shader declares is a resource at its number (so a buffer has
+    /// the same binding everywhere).
     #[test]
     fn bindings_match_the_wgsl() {
-        for kernel in Kernel::ALL {
-            let source = stage_source(kernel.stage());
-            let module = naga::front::wgsl::parse_str(source).unwrap();
+        for kernel in &KERNELS {
+            let module = module(kernel.stage);
             assert!(
                 module
                     .entry_points
                     .iter()
-                    .any(|e| e.name == kernel.entry_point()),
-                "{}: entry point {}",
-                kernel.label(),
-                kernel.entry_point()
+                    .any(|e| e.name == kernel.entry_point),
+                "{}: entry point",
+                kernel.label()
             );
-            for b in kernel.bindings() {
+            for b in kernel.bindings {
+                let binding = b.resource.binding();
                 let (_, global) = module
                     .global_variables
                     .iter()
                     .find(|(_, g)| {
                         g.binding
                             .as_ref()
-                            .is_some_and(|r| r.group == 0 && r.binding == b.binding)
+                            .is_some_and(|r| r.group == 0 && r.binding == binding)
                     })
-                    .unwrap_or_else(|| panic!("{}: binding {}", kernel.label(), b.binding));
+                    .unwrap_or_else(|| panic!("{}: binding {binding}", kernel.label()));
+                assert_eq!(global.name.as_deref(), Some(b.resource.name()));
                 let writes = matches!(global.space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE));
                 assert_eq!(
                     writes,
                     b.writes,
-                    "{}: binding {} access",
-                    kernel.label(),
-                    b.binding
+                    "{}: binding {binding} access",
+                    kernel.label()
+                );
+            }
+        }
+        for stage in Stage::ALL {
+            for (_, global) in module(stage).global_variables.iter() {
+                let (Some(binding), Some(name)) = (&global.binding, &global.name) else {
+                    continue;
+                };
+                if binding.binding == 0 {
+                    assert_eq!(name, "params");
+                    continue;
+                }
+                let resource = Resource::ALL
+                    .into_iter()
+                    .find(|r| r.name() == name)
+                    .unwrap_or_else(|| panic!("{}.wgsl: {name} is no resource", stage.name()));
+                assert_eq!(
+                    binding.binding,
+                    resource.binding(),
+                    "{}.wgsl: {name}",
+                    stage.name()
                 );
             }
         }

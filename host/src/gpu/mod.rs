@@ -2,9 +2,12 @@
 //! the twin of `ssdkd_core::stages::<stage>`), dispatched by wgpu.
 //!
 //! - `params.rs`: the uniform shared with the WGSL, and the sums record;
-//! - `plan.rs`: how a batch is split into chunks and which kernels run, in what order;
-//! - `engine.rs`: every wgpu call — device, pipelines, cached buffers and bind groups,
-//!   the one command encoder and submit of an evaluation, the readback.
+//! - `plan.rs`: the resources and the kernel table, how a batch is split into chunks,
+//!   and the `Recording` of an evaluation — parameter uploads,
+//!   dispatches folded to `[x, y, 1]`, downloads with their layout — and its decoding;
+//! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
+//!   cache), cached buffers, bind groups kept by their batch, the execution of a
+//!   recording in one command encoder and one submit, returning the downloaded bytes.
 //!
 //! One evaluation records, in one command encoder submitted once, every chunk forward
 //! (match → prior terms → mine → per-image reduce), the batch reduce (which gives N), then
@@ -25,8 +28,7 @@ pub use wgpu;
 use crate::batch::{Batch, BatchShape, Evaluation, Request};
 use crate::error::{Error, Result};
 use engine::Engine;
-use params::Params;
-use plan::{ReadBack, Recording};
+use plan::{Recording, Wanted};
 use ssdkd_core::{LossConfig, LossSums};
 
 /// What a resident evaluation computes and reads back beyond the losses.
@@ -41,10 +43,18 @@ pub struct GpuRequest {
     pub decisions: bool,
 }
 
-/// A GPU context: adapter, device, queue and every pipeline, created once; buffers and
-/// bind groups cached per shape and per batch.
+/// Hears why a batch went to the CPU backend ([`GpuBackend::fall_back_to_cpu`]).
+type FallbackNotice = Box<dyn Fn(&Error) + Send + Sync>;
+
+/// A GPU context: adapter, device, queue and every pipeline, created once; buffers cached
+/// per shape, bind groups kept by their batch.
 pub struct GpuBackend {
     engine: Engine,
+    /// Where set, [`GpuBackend::evaluate`] hands a batch over the GPU's limits to the CPU
+    /// backend and tells this why.
+    cpu_fallback: Option<FallbackNotice>,
+    /// The CPU backend that evaluates what this GPU hands over (its workspaces kept).
+    cpu: crate::cpu::CpuBackend,
     /// A cap on the bytes of one storage binding below the adapter's limit, if set.
     binding_cap: Option<u64>,
     /// The buffers [`GpuBackend::evaluate`] uploads host batches into, kept per shape.
@@ -60,7 +70,26 @@ impl GpuBackend {
     /// [`Error::Gpu`] when the device cannot be opened or a pipeline fails to build.
     pub fn new() -> Result<Self> {
         Ok(Self {
-            engine: Engine::new()?,
+            engine: Engine::new(false)?,
+            cpu_fallback: None,
+            cpu: crate::cpu::CpuBackend::new(),
+            binding_cap: None,
+            uploaded: None,
+        })
+    }
+
+    /// [`GpuBackend::new`], but refusing a software adapter (wgpu `DeviceType::Cpu`, such
+    /// as lavapipe or llvmpipe), which is slower than the CPU backend: what
+    /// [`crate::Backend::auto`] uses.
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`] also when the only adapter found is a software one (the
+    /// message names it); else as [`GpuBackend::new`].
+    pub fn hardware() -> Result<Self> {
+        Ok(Self {
+            engine: Engine::new(true)?,
+            cpu_fallback: None,
+            cpu: crate::cpu::CpuBackend::new(),
             binding_cap: None,
             uploaded: None,
         })
@@ -89,10 +118,15 @@ impl GpuBackend {
     /// Batches whose tensors exceed it are split by images into chunks.
     #[must_use]
     pub fn binding_limit(&self) -> u64 {
-        // Element indices in the kernels are u32: keep windows under 2 GiB.
-        let (adapter, _, _) = self.engine.binding_limits();
-        let limit = adapter.min(1 << 31);
-        self.binding_cap.map_or(limit, |cap| cap.min(limit))
+        self.engine.limits(self.binding_cap).binding_limit
+    }
+
+    /// From now on, [`GpuBackend::evaluate`] gives a batch the GPU backend refuses
+    /// ([`Error::GpuUnsupported`]: a shape over the limits of README "GPU limits", an
+    /// image over the adapter's binding size) to the CPU backend instead, after telling
+    /// `notice` why: what [`crate::Backend::auto`] sets up.
+    pub fn fall_back_to_cpu(&mut self, notice: impl Fn(&Error) + Send + Sync + 'static) {
+        self.cpu_fallback = Some(Box::new(notice));
     }
 
     /// Caps the bytes of one storage binding below the adapter's limit (`None` lifts the
@@ -105,7 +139,9 @@ impl GpuBackend {
     /// every stage and reads back the sums, and the gradients and decisions when requested.
     ///
     /// # Errors
-    /// What [`Batch::check`] finds; [`Error::Gpu`] on out-of-memory, device loss or a
+    /// What [`Batch::check`] finds; [`Error::GpuUnsupported`] for a batch over the GPU
+    /// backend's limits (checked before anything is uploaded; see
+    /// [`GpuBackend::fall_back_to_cpu`]); [`Error::Gpu`] on out-of-memory, device loss or a
     /// validation error.
     pub fn evaluate(
         &mut self,
@@ -114,21 +150,45 @@ impl GpuBackend {
         request: Request,
     ) -> Result<Evaluation> {
         batch.check(config, request.validate)?;
-        let gpu = match self.uploaded.take() {
-            Some(gpu) if gpu.shape() == batch.shape => gpu,
-            _ => self.engine.create_batch(batch.shape)?,
+        let gpu_request = GpuRequest {
+            gradients: request.gradients,
+            read_gradients: request.gradients,
+            decisions: request.decisions,
         };
-        let result = self.engine.write_batch(&gpu, batch).and_then(|()| {
-            self.run(
-                &gpu,
-                config,
-                GpuRequest {
-                    gradients: request.gradients,
-                    read_gradients: request.gradients,
-                    decisions: request.decisions,
-                },
-            )
-        });
+        match self.evaluate_checked(batch, config, gpu_request) {
+            Err(e @ Error::GpuUnsupported(_)) => match &self.cpu_fallback {
+                Some(notice) => {
+                    notice(&e);
+                    self.cpu.evaluate(
+                        batch,
+                        config,
+                        Request {
+                            validate: false,
+                            ..request
+                        },
+                    )
+                }
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    fn evaluate_checked(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: GpuRequest,
+    ) -> Result<Evaluation> {
+        let recording = self.record(batch.shape(), config, request)?;
+        let gpu = match self.uploaded.take() {
+            Some(gpu) if gpu.shape() == batch.shape() => gpu,
+            _ => self.engine.create_batch(batch.shape())?,
+        };
+        let result = self
+            .engine
+            .write_batch(&gpu, batch)
+            .and_then(|()| self.execute(&gpu, config, &recording));
         self.uploaded = Some(gpu);
         result
     }
@@ -136,9 +196,10 @@ impl GpuBackend {
     /// Uploads `batch` into new GPU buffers, for [`GpuBackend::evaluate_resident`].
     ///
     /// # Errors
-    /// [`Error::Gpu`] when a tensor exceeds the adapter's `max_buffer_size` or memory runs out.
+    /// [`Error::GpuUnsupported`] when a tensor exceeds the adapter's `max_buffer_size`;
+    /// [`Error::Gpu`] when memory runs out.
     pub fn upload(&mut self, batch: &Batch<'_>) -> Result<GpuBatch> {
-        let gpu = self.engine.create_batch(batch.shape)?;
+        let gpu = self.engine.create_batch(batch.shape())?;
         self.engine.write_batch(&gpu, batch)?;
         Ok(gpu)
     }
@@ -148,12 +209,12 @@ impl GpuBackend {
     /// # Errors
     /// [`Error::Shape`] when the shapes differ; [`Error::Gpu`] on a GPU failure.
     pub fn write(&mut self, gpu: &GpuBatch, batch: &Batch<'_>) -> Result<()> {
-        if gpu.shape() != batch.shape {
+        if gpu.shape() != batch.shape() {
             return Err(Error::Shape {
                 tensor: "batch",
                 problem: format!(
                     "shape {:?} where the GPU batch has {:?}",
-                    batch.shape,
+                    batch.shape(),
                     gpu.shape()
                 ),
             });
@@ -191,32 +252,39 @@ impl GpuBackend {
         request: GpuRequest,
     ) -> Result<Evaluation> {
         batch.shape().check_config(config)?;
-        self.run(batch, config, request)
+        let recording = self.record(batch.shape(), config, request)?;
+        self.execute(batch, config, &recording)
     }
 
-    fn run(
+    /// The recording of one evaluation of a batch of `shape`.
+    fn record(
+        &self,
+        shape: BatchShape,
+        config: &LossConfig,
+        request: GpuRequest,
+    ) -> Result<Recording> {
+        let wanted = Wanted {
+            gradients: request.gradients,
+            read_gradients: request.read_gradients,
+            decisions: request.decisions,
+        };
+        Recording::evaluation(
+            &shape,
+            config,
+            &self.engine.limits(self.binding_cap),
+            wanted,
+        )
+    }
+
+    fn execute(
         &mut self,
         batch: &GpuBatch,
         config: &LossConfig,
-        request: GpuRequest,
+        recording: &Recording,
     ) -> Result<Evaluation> {
-        let shape = batch.shape();
-        let (_, alignment, _) = self.engine.binding_limits();
-        let chunks = plan::chunks(&shape, self.binding_limit(), alignment)?;
-        let params: Vec<Params> = chunks
-            .iter()
-            .map(|c| Params::new(&shape, config, c.first_image, c.images, c.bases))
-            .collect();
-        let recording = Recording::evaluation(
-            &shape,
-            &chunks,
-            request.gradients || request.read_gradients,
-            ReadBack {
-                gradients: request.read_gradients,
-                decisions: request.decisions,
-            },
-        );
-        let output = self.engine.run(batch, &chunks, &params, &recording)?;
+        let output = self
+            .engine
+            .execute(batch, recording, |bytes| recording.decode(bytes))?;
         let sums = LossSums::from(output.sums);
         Ok(Evaluation {
             terms: sums.finish(config),
@@ -224,5 +292,48 @@ impl GpuBackend {
             gradients: output.gradients,
             decisions: output.decisions,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch's bind groups are released when it is dropped: after many batches, each
+    /// evaluated and dropped, at most the live ones keep a set.
+    #[test]
+    fn dropped_batches_release_their_bind_groups() {
+        let mut gpu = match GpuBackend::new() {
+            Ok(gpu) => gpu,
+            Err(Error::NoAdapter(why)) => {
+                eprintln!("skipped: no GPU adapter ({why})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let shape = BatchShape {
+            batch: 1,
+            priors: 4,
+            classes: 3,
+            objects: 1,
+        };
+        let config = LossConfig {
+            num_classes: 3,
+            ..LossConfig::DEFAULT
+        };
+        let kept = gpu.engine.create_batch(shape).unwrap();
+        gpu.evaluate_resident(&kept, &config, GpuRequest::default())
+            .unwrap();
+        assert_eq!(gpu.engine.live_bind_group_sets(), 1);
+        for _ in 0..20 {
+            let batch = gpu.engine.create_batch(shape).unwrap();
+            gpu.evaluate_resident(&batch, &config, GpuRequest::default())
+                .unwrap();
+            assert_eq!(gpu.engine.live_bind_group_sets(), 2);
+            drop(batch);
+            assert_eq!(gpu.engine.live_bind_group_sets(), 1);
+        }
+        drop(kept);
+        assert_eq!(gpu.engine.live_bind_group_sets(), 0);
     }
 }
