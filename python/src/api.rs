@@ -4,7 +4,7 @@
 
 use ssdkd::demo::{synthetic_batch, SyntheticSpec};
 use ssdkd::file::{config_json, parse_preset, write_batch_file, BatchFile, ConfigOverrides};
-use ssdkd::{Backend, Batch, BatchShape, Error, LossConfig, OwnedBatch, Request};
+use ssdkd::{Backend, Batch, BatchShape, Error, InputError, LossConfig, OwnedBatch, Request};
 use ssdkd_core::prior::{FeatureMap, PriorConfig};
 use std::path::Path;
 use std::sync::Mutex;
@@ -67,31 +67,65 @@ pub struct Output {
     pub decisions: Option<(Vec<u32>, Vec<f32>, Vec<u8>)>,
 }
 
-/// The GPU backend, created on first use and kept (creating one costs an adapter request);
-/// `Err` remembers why there is none, so `auto` does not ask again on every call.
-static GPU: Mutex<Option<Result<Backend, String>>> = Mutex::new(None);
-
-/// The config of SPEC §8 from its JSON form (defaults ← `json`), through the batch-file
-/// parser so that key names, types and messages are the file's.
-fn config_from_json(json: &str) -> Result<LossConfig, Error> {
-    Ok(ConfigOverrides::from_config_json(json)?.apply(LossConfig::DEFAULT))
+/// One backend per `backend=` choice, created on first use and kept for the process: a
+/// GPU costs an adapter request, and the CPU backend owns workspaces that a training loop
+/// reuses from call to call. `auto` remembers why it fell back, reported on its first call.
+struct Cache {
+    cpu: Option<Backend>,
+    auto: Option<Backend>,
+    /// `Err` remembers why there is no GPU, so that `gpu` does not ask again on every call.
+    gpu: Option<Result<Backend, String>>,
 }
 
-/// Evaluates one batch on the chosen backend.
+static BACKENDS: Mutex<Cache> = Mutex::new(Cache {
+    cpu: None,
+    auto: None,
+    gpu: None,
+});
+
+/// The config of SPEC §8 from its JSON form (defaults ← `json`), through the batch-file
+/// parser so that key names, types and messages are the file's; and its `num_classes`, a
+/// check against the tensors' C when given.
+fn config_from_json(json: &str) -> Result<(LossConfig, Option<u32>), Error> {
+    let overrides = ConfigOverrides::from_config_json(json)?;
+    Ok((overrides.apply(LossConfig::DEFAULT), overrides.num_classes))
+}
+
+/// `num_classes`, when given, must equal the tensors' C (as the CLI's config key).
+fn check_classes(num_classes: Option<u32>, classes: usize) -> Result<(), Error> {
+    match num_classes {
+        Some(n) if n as usize != classes => Err(Error::Config {
+            key: "num_classes".into(),
+            problem: format!("{n}, but student_conf has C = {classes} classes"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Evaluates one batch on the chosen backend, after the memory check of `ssdkd eval`
+/// (`ssdkd::limits::check`, issue 13).
 pub fn evaluate(
     choice: Choice,
     inputs: &Inputs<'_>,
     config_json: &str,
     wanted: Wanted,
 ) -> Result<Output, Error> {
-    let mut config = config_from_json(config_json)?;
+    let (mut config, num_classes) = config_from_json(config_json)?;
     let [b, p, c, m] = inputs.dims;
+    check_classes(num_classes, c)?;
+    config.num_classes = u32::try_from(c).unwrap_or(u32::MAX);
     let shape = BatchShape {
         batch: b,
         priors: p,
         classes: c,
         objects: m,
     };
+    let request = Request {
+        gradients: wanted.gradients,
+        decisions: wanted.decisions,
+        validate: wanted.validate,
+    };
+    ssdkd::limits::check(&shape, &request)?;
     // TODO(lead): library teacher-optional. Until the library accepts a batch without
     // teacher tensors, the student's stand in for them with the soft and L2 weights at 0:
     // loss_c, loss_l and their gradients never read the teacher, and a weight of 0 removes
@@ -112,34 +146,26 @@ pub fn evaluate(
         inputs.targets,
         inputs.priors,
     )?;
-    let request = Request {
-        gradients: wanted.gradients,
-        decisions: wanted.decisions,
-        validate: wanted.validate,
-    };
-    let mut cpu = Backend::Cpu;
     let mut fallback = None;
-    let mut gpu_slot = GPU
+    let mut cache = BACKENDS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let backend: &mut Backend = if choice == Choice::Cpu {
-        &mut cpu
-    } else {
-        if gpu_slot.is_none() {
-            let made = Backend::gpu().map_err(|e| e.to_string());
-            if let (Err(why), Choice::Auto) = (&made, choice) {
-                fallback = Some(why.clone());
-            }
-            *gpu_slot = Some(made);
-        }
-        match gpu_slot.as_mut().expect("filled above") {
+    let backend: &mut Backend = match choice {
+        Choice::Cpu => cache.cpu.get_or_insert_with(Backend::cpu),
+        Choice::Auto => cache
+            .auto
+            .get_or_insert_with(|| Backend::auto(|e| fallback = Some(e.to_string()))),
+        Choice::Gpu => match cache
+            .gpu
+            .get_or_insert_with(|| Backend::gpu().map_err(|e| e.to_string()))
+        {
             Ok(gpu) => gpu,
-            Err(why) if choice == Choice::Gpu => return Err(Error::NoAdapter(why.clone())),
-            Err(_) => &mut cpu,
-        }
+            Err(why) => return Err(Error::NoAdapter(why.clone())),
+        },
     };
     let eval = backend.evaluate(&batch, &config, request)?;
     let (name, adapter) = (backend.name(), backend.adapter());
+    drop(cache);
     let mut terms = eval.terms;
     let mut sums = eval.sums;
     if inputs.teacher.is_none() {
@@ -183,45 +209,52 @@ pub struct Tensors {
 }
 
 fn tensors_of(owned: OwnedBatch) -> Tensors {
-    let s = owned.shape;
+    let s = owned.shape();
+    let [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors] =
+        owned.into_tensors();
     Tensors {
         dims: [s.batch, s.priors, s.classes, s.objects],
-        student_loc: owned.student_loc,
-        student_conf: owned.student_conf,
-        teacher_loc: owned.teacher_loc,
-        teacher_conf: owned.teacher_conf,
-        targets: owned.targets,
-        priors: owned.priors,
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        targets,
+        priors,
     }
 }
 
-/// Reads a batch file (SPEC §8): its tensors (priors from the preset when absent) and its
-/// resolved config as JSON with every key.
+/// Reads a batch file (SPEC §8) with the library's bounded reader: its tensors (priors
+/// from the preset when absent) and its resolved config as JSON with every key.
 pub fn read_batch(path: &Path) -> Result<(Tensors, String), Error> {
     let file = BatchFile::read(path, &ConfigOverrides::default())?;
-    let config = config_json(&file.config);
+    let classes = file.tensors.shape().classes;
+    let config = config_json(&file.config, u32::try_from(classes).unwrap_or(u32::MAX));
     Ok((tensors_of(file.tensors), config))
 }
 
-/// Writes a batch file (SPEC §8) atomically, after checking the shapes.
+/// Writes a batch file (SPEC §8) through the library's safe writer (atomic; a special
+/// file is refused), after checking the shapes and the config.
 pub fn write_batch(path: &Path, tensors: Tensors, config_json: &str) -> Result<(), Error> {
-    let config = config_from_json(config_json)?;
+    let (mut config, num_classes) = config_from_json(config_json)?;
     let [b, p, c, m] = tensors.dims;
-    let owned = OwnedBatch {
-        shape: BatchShape {
-            batch: b,
-            priors: p,
-            classes: c,
-            objects: m,
-        },
-        student_loc: tensors.student_loc,
-        student_conf: tensors.student_conf,
-        teacher_loc: tensors.teacher_loc,
-        teacher_conf: tensors.teacher_conf,
-        targets: tensors.targets,
-        priors: tensors.priors,
+    check_classes(num_classes, c)?;
+    config.num_classes = u32::try_from(c).unwrap_or(u32::MAX);
+    let shape = BatchShape {
+        batch: b,
+        priors: p,
+        classes: c,
+        objects: m,
     };
-    owned.batch()?.shape.check_config(&config)?;
+    let owned = OwnedBatch::new(
+        shape,
+        tensors.student_loc,
+        tensors.student_conf,
+        tensors.teacher_loc,
+        tensors.teacher_conf,
+        tensors.targets,
+        tensors.priors,
+    )?;
+    owned.batch().check(&config, false)?;
     write_batch_file(path, &owned, &config)
 }
 
@@ -350,13 +383,15 @@ pub fn synthetic(
 /// What an error becomes in Python.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// `ssdkd.InputError` (a `ValueError`).
+    /// `ssdkd.InputError` (a `ValueError`): shapes, values, config, an unreadable input file.
     Input,
-    /// `ssdkd.NoAdapterError`.
+    /// `ssdkd.NoAdapterError` (a `RuntimeError`).
     NoAdapter,
-    /// `ssdkd.GpuError`.
+    /// `ssdkd.GpuError` (a `RuntimeError`): a GPU failure, or a batch over the GPU's limits.
     Gpu,
-    /// `OSError` (an output that cannot be written).
+    /// `ssdkd.NumericalError` (a `RuntimeError`): a non-finite result from accepted inputs.
+    Numerical,
+    /// `OSError`: an output that cannot be written.
     Io,
 }
 
@@ -366,31 +401,42 @@ pub struct ErrorInfo {
     pub kind: Kind,
     /// The command line's one-line message.
     pub message: String,
-    /// The tensor at fault.
+    /// The tensor at fault (for a numerical failure, the term or gradient).
     pub tensor: Option<String>,
     /// The config key at fault.
     pub key: Option<String>,
     /// The image at fault.
     pub image: Option<usize>,
-    /// The prior or object row at fault.
+    /// The prior or object row at fault (for a numerical failure, the flat index).
     pub index: Option<usize>,
     /// The file at fault.
     pub path: Option<String>,
 }
 
-/// The number after the first `word ` in `text` (`"image 3, prior 7"`).
-fn number_after(text: &str, word: &str) -> Option<usize> {
-    let at = text.find(&format!("{word} "))? + word.len() + 1;
-    let digits: String = text[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
+/// Whether an I/O failure was reading an input (an [`Kind::Input`] error) or writing an
+/// output (`OSError`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    /// Reading a batch file.
+    Reading,
+    /// Writing a batch file.
+    Writing,
 }
 
-/// Maps a library error to its Python class and fields.
-// TODO(lead): with structured input errors, take image and index from their fields.
-pub fn describe(e: &Error) -> ErrorInfo {
+/// The image and row of a core input error.
+fn position(e: &InputError) -> (Option<usize>, Option<usize>) {
+    match *e {
+        InputError::NonFinite { image, row, .. } => (image, Some(row)),
+        InputError::DegenerateBox { image, object, .. }
+        | InputError::BoxOutOfRange { image, object, .. }
+        | InputError::BadLabel { image, object, .. } => (Some(image), Some(object)),
+        InputError::BadPrior { index, .. } => (None, Some(index)),
+    }
+}
+
+/// Maps a library error to its Python class and fields; `io` says what an [`Error::Io`]
+/// was doing.
+pub fn describe(e: &Error, io: Io) -> ErrorInfo {
     let mut info = ErrorInfo {
         kind: Kind::Input,
         message: e.to_string(),
@@ -402,19 +448,28 @@ pub fn describe(e: &Error) -> ErrorInfo {
     };
     match e {
         Error::Shape { tensor, .. } => info.tensor = Some((*tensor).to_owned()),
-        Error::Value { tensor, problem } => {
-            info.tensor = Some((*tensor).to_owned());
-            info.image = number_after(problem, "image");
-            info.index = number_after(problem, "prior").or_else(|| number_after(problem, "object"));
+        Error::Input(input) => {
+            info.tensor = Some(input.tensor().name().to_owned());
+            (info.image, info.index) = position(input);
         }
         Error::Config { key, .. } => info.key = Some(key.clone()),
         Error::File { path, .. } => info.path = Some(path.display().to_string()),
         Error::Io { path, .. } => {
-            info.kind = Kind::Io;
+            if io == Io::Writing {
+                info.kind = Kind::Io;
+            }
             info.path = Some(path.display().to_string());
         }
         Error::NoAdapter(_) => info.kind = Kind::NoAdapter,
-        Error::Gpu(_) => info.kind = Kind::Gpu,
+        Error::Gpu(_) | Error::GpuUnsupported(_) => info.kind = Kind::Gpu,
+        Error::Numerical { what, index, .. } => {
+            info.kind = Kind::Numerical;
+            info.tensor = Some((*what).to_owned());
+            info.index = *index;
+        }
+        // `Error` is non-exhaustive: a variant added later is a runtime failure until it
+        // is mapped here.
+        _ => info.kind = Kind::Gpu,
     }
     info
 }

@@ -28,7 +28,17 @@ pyo3::create_exception!(
     ssdkd,
     GpuError,
     PyRuntimeError,
-    "The GPU failed: out of memory, device lost, a validation error."
+    "The GPU failed (out of memory, device lost, a validation error), or the batch is over \
+     a documented limit of the GPU backend (`backend=\"gpu\"`; `auto` hands such a batch to \
+     the CPU)."
+);
+pyo3::create_exception!(
+    ssdkd,
+    NumericalError,
+    PyRuntimeError,
+    "A loss or gradient came out NaN or infinite although the inputs were accepted. \
+     Attributes `tensor` (the term or gradient, e.g. `grad_student_conf`) and `index` \
+     (the flat element index of a gradient, else None)."
 );
 
 /// Builds the exception of `info`, its structured fields set as attributes.
@@ -37,9 +47,10 @@ fn exception(py: Python<'_>, info: api::ErrorInfo) -> PyErr {
         api::Kind::Input => InputError::new_err(info.message),
         api::Kind::NoAdapter => NoAdapterError::new_err(info.message),
         api::Kind::Gpu => GpuError::new_err(info.message),
+        api::Kind::Numerical => NumericalError::new_err(info.message),
         api::Kind::Io => PyOSError::new_err(info.message),
     };
-    if info.kind == api::Kind::Input {
+    if matches!(info.kind, api::Kind::Input | api::Kind::Numerical) {
         let value = err.value(py);
         // Setting attributes on a fresh exception instance cannot fail in practice; if it
         // did, the exception is still raised with its message.
@@ -53,7 +64,12 @@ fn exception(py: Python<'_>, info: api::ErrorInfo) -> PyErr {
 }
 
 fn to_py(py: Python<'_>, e: &ssdkd::Error) -> PyErr {
-    exception(py, api::describe(e))
+    exception(py, api::describe(e, api::Io::Reading))
+}
+
+/// As [`to_py`], for errors while writing a file: an I/O failure is an `OSError`.
+fn to_py_writing(py: Python<'_>, e: &ssdkd::Error) -> PyErr {
+    exception(py, api::describe(e, api::Io::Writing))
 }
 
 /// An `InputError` raised by the binding itself (shapes of the arrays), worded like the
@@ -298,7 +314,7 @@ fn write_batch(
         priors: slice(py, "priors", &priors)?.to_vec(),
     };
     py.detach(|| api::write_batch(&path, tensors, config_json))
-        .map_err(|e| to_py(py, &e))
+        .map_err(|e| to_py_writing(py, &e))
 }
 
 /// A preset's priors, `[P, 4]` float32.
@@ -385,6 +401,7 @@ fn _ssdkd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InputError", py.get_type::<InputError>())?;
     m.add("NoAdapterError", py.get_type::<NoAdapterError>())?;
     m.add("GpuError", py.get_type::<GpuError>())?;
+    m.add("NumericalError", py.get_type::<NumericalError>())?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(read_batch, m)?)?;
     m.add_function(wrap_pyfunction!(write_batch, m)?)?;
