@@ -76,7 +76,9 @@ impl Backend {
         }
     }
 
-    /// Evaluates `batch`. Results are checked to be finite.
+    /// Evaluates `batch`. Results are checked to be finite. A batch without teacher
+    /// ([`Batch::without_teacher`]) is the KD evaluation with the soft and L2 weights 0,
+    /// its `soft_loss`, `l2_loss`, `num_bounded` and their sums reported as 0.
     ///
     /// # Errors
     /// Bad input (see [`Batch::check`]), a GPU failure, or [`crate::Error::Numerical`]
@@ -87,11 +89,15 @@ impl Backend {
         config: &LossConfig,
         request: Request,
     ) -> Result<Evaluation> {
-        let eval = match self {
+        let config = &for_batch(config, batch.has_teacher());
+        let mut eval = match self {
             Backend::Cpu(cpu) => cpu.evaluate(batch, config, request),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
         }?;
+        if !batch.has_teacher() {
+            without_teacher_terms(&mut eval);
+        }
         eval.check_finite()?;
         Ok(eval)
     }
@@ -133,7 +139,11 @@ impl Backend {
                 gradients,
                 ..Default::default()
             };
-            let eval = gpu.evaluate_resident(resident, config, request)?;
+            let teacher = prepared.batch.has_teacher();
+            let mut eval = gpu.evaluate_resident(resident, &for_batch(config, teacher), request)?;
+            if !teacher {
+                without_teacher_terms(&mut eval);
+            }
             eval.check_finite()?;
             return Ok(eval);
         }
@@ -144,6 +154,34 @@ impl Backend {
         };
         self.evaluate(&prepared.batch, config, request)
     }
+}
+
+// Batches without teacher (issue 9 point 4) are handled here, at the one place both
+// backends go through, rather than in the core's stages: the batch's student tensors stand
+// in for the teacher's (`Batch::without_teacher`), the soft and L2 weights are 0 so that
+// the stand-in adds nothing to the total or the gradients, and the soft/L2 terms it gave
+// are reported as 0. `loss_c`, `loss_l`, the counts of SPEC §4 and their gradients never
+// read the teacher, so they are the KD evaluation's exactly. (Making the teacher optional in
+// the core's `prior_terms` would change `forward_image`'s signature, which the CPU backend
+// and the GPU's per-image fallback share; this keeps the stages as they are.)
+
+/// `config` for a batch with or without teacher: without, the soft and L2 weights are 0.
+fn for_batch(config: &LossConfig, has_teacher: bool) -> LossConfig {
+    let mut config = *config;
+    if !has_teacher {
+        config.weights.soft = 0.0;
+        config.weights.l2 = 0.0;
+    }
+    config
+}
+
+/// Reports the teacher's terms of an evaluation without teacher as 0 (see [`for_batch`]).
+fn without_teacher_terms(eval: &mut Evaluation) {
+    eval.terms.soft_loss = 0.0;
+    eval.terms.l2_loss = 0.0;
+    eval.sums.soft = 0.0;
+    eval.sums.l2 = 0.0;
+    eval.sums.num_bounded = 0;
 }
 
 /// A batch ready for repeated evaluations on the backend that prepared it (see

@@ -43,14 +43,21 @@ impl BatchShape {
 }
 
 /// Borrowed batch tensors (SPEC §1), flat row-major f32, whose lengths agree with their
-/// shape: [`Batch::new`] is the only way to make one.
+/// shape: [`Batch::new`] and [`Batch::without_teacher`] are the only ways to make one.
+///
+/// A batch without teacher tensors (issue 9 point 4: the plain MultiBox loss that trains
+/// the teacher) is evaluated as the KD loss with the soft and L2 weights 0, its `soft_loss`,
+/// `l2_loss`, `num_bounded` and their sums reported as 0 ([`crate::Backend::evaluate`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
     shape: BatchShape,
     student_loc: &'a [f32],
     student_conf: &'a [f32],
+    /// The student's slices when `has_teacher` is false (a stand-in no term reads).
     teacher_loc: &'a [f32],
+    /// As `teacher_loc`.
     teacher_conf: &'a [f32],
+    has_teacher: bool,
     targets: &'a [f32],
     priors: &'a [f32],
 }
@@ -143,8 +150,38 @@ impl<'a> Batch<'a> {
             student_conf,
             teacher_loc,
             teacher_conf,
+            has_teacher: true,
             targets,
             priors,
+        })
+    }
+
+    /// A batch without teacher tensors (issue 9 point 4): the plain MultiBox loss, whose
+    /// soft and L2 terms are 0 and not computed from a teacher (see [`Batch`]).
+    ///
+    /// # Errors
+    /// As [`Batch::new`].
+    pub fn without_teacher(
+        shape: BatchShape,
+        student_loc: &'a [f32],
+        student_conf: &'a [f32],
+        targets: &'a [f32],
+        priors: &'a [f32],
+    ) -> Result<Self> {
+        // The student's tensors stand in for the teacher's (same shapes): every stage can
+        // read them, and only the soft/L2 terms, weighted 0 and zeroed, would use them.
+        let batch = Self::new(
+            shape,
+            student_loc,
+            student_conf,
+            student_loc,
+            student_conf,
+            targets,
+            priors,
+        )?;
+        Ok(Self {
+            has_teacher: false,
+            ..batch
         })
     }
 
@@ -152,6 +189,12 @@ impl<'a> Batch<'a> {
     #[must_use]
     pub fn shape(&self) -> BatchShape {
         self.shape
+    }
+
+    /// Whether the batch has teacher tensors (see [`Batch::without_teacher`]).
+    #[must_use]
+    pub fn has_teacher(&self) -> bool {
+        self.has_teacher
     }
 
     /// `[B, P, 4]` student box offsets.
@@ -166,13 +209,15 @@ impl<'a> Batch<'a> {
         self.student_conf
     }
 
-    /// `[B, P, 4]` teacher box offsets.
+    /// `[B, P, 4]` teacher box offsets (the student's for a batch without teacher: see
+    /// [`Batch::has_teacher`]).
     #[must_use]
     pub fn teacher_loc(&self) -> &'a [f32] {
         self.teacher_loc
     }
 
-    /// `[B, P, C]` teacher logits.
+    /// `[B, P, C]` teacher logits (the student's for a batch without teacher: see
+    /// [`Batch::has_teacher`]).
     #[must_use]
     pub fn teacher_conf(&self) -> &'a [f32] {
         self.teacher_conf
@@ -192,7 +237,8 @@ impl<'a> Batch<'a> {
 
     /// Checks the batch against `config` before any arithmetic: always that the config can
     /// work and that C equals `num_classes`; with `scan_values`, every value too (finite,
-    /// sound boxes and labels, positive prior sizes), images in parallel.
+    /// sound boxes and labels, positive prior sizes), images in parallel. A batch without
+    /// teacher has no teacher values to scan (its stand-in, the student, is scanned first).
     ///
     /// # Errors
     /// [`Error::Config`] naming the key, or [`Error::Input`] naming the tensor, image and index.
@@ -359,8 +405,11 @@ pub struct OwnedBatch {
     shape: BatchShape,
     student_loc: Vec<f32>,
     student_conf: Vec<f32>,
+    /// Empty when `has_teacher` is false.
     teacher_loc: Vec<f32>,
+    /// Empty when `has_teacher` is false.
     teacher_conf: Vec<f32>,
+    has_teacher: bool,
     targets: Vec<f32>,
     priors: Vec<f32>,
 }
@@ -394,6 +443,32 @@ impl OwnedBatch {
             student_conf,
             teacher_loc,
             teacher_conf,
+            has_teacher: true,
+            targets,
+            priors,
+        })
+    }
+
+    /// Takes the tensors of a batch without teacher after the checks of
+    /// [`Batch::without_teacher`].
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming the first tensor whose length disagrees with `shape`.
+    pub fn without_teacher(
+        shape: BatchShape,
+        student_loc: Vec<f32>,
+        student_conf: Vec<f32>,
+        targets: Vec<f32>,
+        priors: Vec<f32>,
+    ) -> Result<Self> {
+        Batch::without_teacher(shape, &student_loc, &student_conf, &targets, &priors)?;
+        Ok(Self {
+            shape,
+            student_loc,
+            student_conf,
+            teacher_loc: Vec::new(),
+            teacher_conf: Vec::new(),
+            has_teacher: false,
             targets,
             priors,
         })
@@ -402,15 +477,28 @@ impl OwnedBatch {
     /// Borrows the tensors as a [`Batch`].
     #[must_use]
     pub fn batch(&self) -> Batch<'_> {
+        let (teacher_loc, teacher_conf): (&[f32], &[f32]) = if self.has_teacher {
+            (&self.teacher_loc, &self.teacher_conf)
+        } else {
+            (&self.student_loc, &self.student_conf)
+        };
         Batch {
             shape: self.shape,
             student_loc: &self.student_loc,
             student_conf: &self.student_conf,
-            teacher_loc: &self.teacher_loc,
-            teacher_conf: &self.teacher_conf,
+            teacher_loc,
+            teacher_conf,
+            has_teacher: self.has_teacher,
             targets: &self.targets,
             priors: &self.priors,
         }
+    }
+
+    /// Whether the batch has teacher tensors (see [`Batch::without_teacher`]); without,
+    /// `teacher_loc()` and `teacher_conf()` are empty.
+    #[must_use]
+    pub fn has_teacher(&self) -> bool {
+        self.has_teacher
     }
 
     /// The dimensions.
@@ -420,7 +508,8 @@ impl OwnedBatch {
     }
 
     /// The tensors in SPEC §1's order — `student_loc`, `student_conf`, `teacher_loc`,
-    /// `teacher_conf`, `targets`, `priors` — to take apart and rebuild with another shape.
+    /// `teacher_conf`, `targets`, `priors` — to take apart and rebuild with another shape
+    /// (the teacher's empty for a batch without teacher).
     #[must_use]
     pub fn into_tensors(self) -> [Vec<f32>; 6] {
         [

@@ -141,10 +141,30 @@ impl BatchFile {
         expect("student_loc", &loc_dims, &[b, p, 4])?;
         expect("student_conf", &conf_dims, &[b, p, c])?;
         expect("targets", &target_dims, &[b, m, 5])?;
-        let (dims, teacher_loc) = read("teacher_loc")?;
-        expect("teacher_loc", &dims, &[b, p, 4])?;
-        let (dims, teacher_conf) = read("teacher_conf")?;
-        expect("teacher_conf", &dims, &[b, p, c])?;
+        // The teacher's tensors are optional, both or neither (issue 9 point 4): without
+        // them the file holds the plain MultiBox loss's batch.
+        let teacher = match (tensors.has("teacher_loc"), tensors.has("teacher_conf")) {
+            (true, true) => {
+                let (dims, teacher_loc) = read("teacher_loc")?;
+                expect("teacher_loc", &dims, &[b, p, 4])?;
+                let (dims, teacher_conf) = read("teacher_conf")?;
+                expect("teacher_conf", &dims, &[b, p, c])?;
+                Some((teacher_loc, teacher_conf))
+            }
+            (false, false) => None,
+            (false, true) => {
+                return Err(Error::shape(
+                    "teacher_loc",
+                    "missing while teacher_conf is present (give both or neither)",
+                ))
+            }
+            (true, false) => {
+                return Err(Error::shape(
+                    "teacher_conf",
+                    "missing while teacher_loc is present (give both or neither)",
+                ))
+            }
+        };
 
         let priors = match (
             resolved.preset,
@@ -188,15 +208,18 @@ impl BatchFile {
         let mut config = resolved.apply(LossConfig::DEFAULT);
         config.num_classes = c as u32;
 
-        let tensors = OwnedBatch::new(
-            shape,
-            student_loc,
-            student_conf,
-            teacher_loc,
-            teacher_conf,
-            targets,
-            priors,
-        )?;
+        let tensors = match teacher {
+            Some((teacher_loc, teacher_conf)) => OwnedBatch::new(
+                shape,
+                student_loc,
+                student_conf,
+                teacher_loc,
+                teacher_conf,
+                targets,
+                priors,
+            )?,
+            None => OwnedBatch::without_teacher(shape, student_loc, student_conf, targets, priors)?,
+        };
         Ok(Self {
             path: path.to_owned(),
             tensors,
@@ -257,7 +280,8 @@ pub fn write_gradients(
 }
 
 /// Writes `tensors` as a batch file (SPEC §8) with `config` (and the tensors' C as
-/// `num_classes`) in the metadata, atomically.
+/// `num_classes`) in the metadata, atomically; a batch without teacher is written without
+/// `teacher_loc` and `teacher_conf`.
 ///
 /// # Errors
 /// [`Error::File`] when the target is refused ([`crate::output::check_target`]);
@@ -270,16 +294,15 @@ pub fn write_batch_file(path: &Path, tensors: &OwnedBatch, config: &LossConfig) 
         objects: m,
     } = tensors.shape();
     let metadata = [("config".to_owned(), config_json(config, c as u32))].into();
-    write_f32_tensors(
-        path,
-        &[
-            ("student_loc", vec![b, p, 4], tensors.student_loc()),
-            ("student_conf", vec![b, p, c], tensors.student_conf()),
-            ("teacher_loc", vec![b, p, 4], tensors.teacher_loc()),
-            ("teacher_conf", vec![b, p, c], tensors.teacher_conf()),
-            ("targets", vec![b, m, 5], tensors.targets()),
-            ("priors", vec![p, 4], tensors.priors()),
-        ],
-        Some(metadata),
-    )
+    let mut named = vec![
+        ("student_loc", vec![b, p, 4], tensors.student_loc()),
+        ("student_conf", vec![b, p, c], tensors.student_conf()),
+    ];
+    if tensors.has_teacher() {
+        named.push(("teacher_loc", vec![b, p, 4], tensors.teacher_loc()));
+        named.push(("teacher_conf", vec![b, p, c], tensors.teacher_conf()));
+    }
+    named.push(("targets", vec![b, m, 5], tensors.targets()));
+    named.push(("priors", vec![p, 4], tensors.priors()));
+    write_f32_tensors(path, &named, Some(metadata))
 }
