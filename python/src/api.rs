@@ -126,26 +126,25 @@ pub fn evaluate(
         validate: wanted.validate,
     };
     ssdkd::limits::check(&shape, &request)?;
-    // TODO(lead): library teacher-optional. Until the library accepts a batch without
-    // teacher tensors, the student's stand in for them with the soft and L2 weights at 0:
-    // loss_c, loss_l and their gradients never read the teacher, and a weight of 0 removes
-    // the soft/L2 gradient; soft, l2 and num_bounded are zeroed below (SPEC §10).
-    let (teacher_loc, teacher_conf) = inputs
-        .teacher
-        .unwrap_or((inputs.student_loc, inputs.student_conf));
-    if inputs.teacher.is_none() {
-        config.weights.soft = 0.0;
-        config.weights.l2 = 0.0;
-    }
-    let batch = Batch::new(
-        shape,
-        inputs.student_loc,
-        inputs.student_conf,
-        teacher_loc,
-        teacher_conf,
-        inputs.targets,
-        inputs.priors,
-    )?;
+    let batch = match inputs.teacher {
+        Some((teacher_loc, teacher_conf)) => Batch::new(
+            shape,
+            inputs.student_loc,
+            inputs.student_conf,
+            teacher_loc,
+            teacher_conf,
+            inputs.targets,
+            inputs.priors,
+        )?,
+        // The plain MultiBox loss: soft and L2 terms 0 (issue 9 point 4, in the library).
+        None => Batch::without_teacher(
+            shape,
+            inputs.student_loc,
+            inputs.student_conf,
+            inputs.targets,
+            inputs.priors,
+        )?,
+    };
     let mut fallback = None;
     let mut cache = BACKENDS
         .lock()
@@ -166,16 +165,7 @@ pub fn evaluate(
     let eval = backend.evaluate(&batch, &config, request)?;
     let (name, adapter) = (backend.name(), backend.adapter());
     drop(cache);
-    let mut terms = eval.terms;
-    let mut sums = eval.sums;
-    if inputs.teacher.is_none() {
-        // TODO(lead): library teacher-optional (see above).
-        terms.soft_loss = 0.0;
-        terms.l2_loss = 0.0;
-        sums.soft = 0.0;
-        sums.l2 = 0.0;
-        sums.num_bounded = 0;
-    }
+    let (terms, sums) = (eval.terms, eval.sums);
     Ok(Output {
         terms: [
             terms.soft_loss,
@@ -202,22 +192,22 @@ pub struct Tensors {
     pub dims: [usize; 4],
     pub student_loc: Vec<f32>,
     pub student_conf: Vec<f32>,
-    pub teacher_loc: Vec<f32>,
-    pub teacher_conf: Vec<f32>,
+    /// `(teacher_loc, teacher_conf)`, absent in a batch without teacher.
+    pub teacher: Option<(Vec<f32>, Vec<f32>)>,
     pub targets: Vec<f32>,
     pub priors: Vec<f32>,
 }
 
 fn tensors_of(owned: OwnedBatch) -> Tensors {
     let s = owned.shape();
+    let has_teacher = owned.has_teacher();
     let [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors] =
         owned.into_tensors();
     Tensors {
         dims: [s.batch, s.priors, s.classes, s.objects],
         student_loc,
         student_conf,
-        teacher_loc,
-        teacher_conf,
+        teacher: has_teacher.then_some((teacher_loc, teacher_conf)),
         targets,
         priors,
     }
@@ -245,15 +235,24 @@ pub fn write_batch(path: &Path, tensors: Tensors, config_json: &str) -> Result<(
         classes: c,
         objects: m,
     };
-    let owned = OwnedBatch::new(
-        shape,
-        tensors.student_loc,
-        tensors.student_conf,
-        tensors.teacher_loc,
-        tensors.teacher_conf,
-        tensors.targets,
-        tensors.priors,
-    )?;
+    let owned = match tensors.teacher {
+        Some((teacher_loc, teacher_conf)) => OwnedBatch::new(
+            shape,
+            tensors.student_loc,
+            tensors.student_conf,
+            teacher_loc,
+            teacher_conf,
+            tensors.targets,
+            tensors.priors,
+        )?,
+        None => OwnedBatch::without_teacher(
+            shape,
+            tensors.student_loc,
+            tensors.student_conf,
+            tensors.targets,
+            tensors.priors,
+        )?,
+    };
     owned.batch().check(&config, false)?;
     write_batch_file(path, &owned, &config)
 }

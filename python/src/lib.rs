@@ -155,6 +155,37 @@ fn array<'py, T: numpy::Element>(
     PyArray1::from_vec(py, data).reshape(shape)
 }
 
+/// The teacher's tensors, both or neither (a batch without teacher), checked against
+/// `[B, P, C]`.
+fn teacher_slices<'a>(
+    py: Python<'_>,
+    teacher_loc: &'a Option<PyReadonlyArrayDyn<'_, f32>>,
+    teacher_conf: &'a Option<PyReadonlyArrayDyn<'_, f32>>,
+    [b, p, c]: [usize; 3],
+) -> PyResult<Option<(&'a [f32], &'a [f32])>> {
+    match (teacher_loc, teacher_conf) {
+        (Some(tl), Some(tc)) => {
+            shape_of(py, "teacher_loc", tl, &[Some(b), Some(p), Some(4)])?;
+            shape_of(py, "teacher_conf", tc, &[Some(b), Some(p), Some(c)])?;
+            Ok(Some((
+                slice(py, "teacher_loc", tl)?,
+                slice(py, "teacher_conf", tc)?,
+            )))
+        }
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(input_error(
+            py,
+            "teacher_loc",
+            "missing while teacher_conf is given (give both or neither)".into(),
+        )),
+        (Some(_), None) => Err(input_error(
+            py,
+            "teacher_conf",
+            "missing while teacher_loc is given (give both or neither)".into(),
+        )),
+    }
+}
+
 /// Evaluates one batch; arrays are C-contiguous float32 (the Python wrapper converts).
 #[pyfunction]
 #[pyo3(signature = (student_loc, student_conf, teacher_loc, teacher_conf, targets, priors,
@@ -182,31 +213,7 @@ fn evaluate<'py>(
     let tg = shape_of(py, "targets", &targets, &[Some(b), None, Some(5)])?;
     let m = tg[1];
     shape_of(py, "priors", &priors, &[Some(p), Some(4)])?;
-    let teacher = match (&teacher_loc, &teacher_conf) {
-        (Some(tl), Some(tc)) => {
-            shape_of(py, "teacher_loc", tl, &[Some(b), Some(p), Some(4)])?;
-            shape_of(py, "teacher_conf", tc, &[Some(b), Some(p), Some(c)])?;
-            Some((
-                slice(py, "teacher_loc", tl)?,
-                slice(py, "teacher_conf", tc)?,
-            ))
-        }
-        (None, None) => None,
-        (None, Some(_)) => {
-            return Err(input_error(
-                py,
-                "teacher_loc",
-                "missing while teacher_conf is given".into(),
-            ))
-        }
-        (Some(_), None) => {
-            return Err(input_error(
-                py,
-                "teacher_conf",
-                "missing while teacher_loc is given".into(),
-            ))
-        }
-    };
+    let teacher = teacher_slices(py, &teacher_loc, &teacher_conf, [b, p, c])?;
     let inputs = api::Inputs {
         dims: [b, p, c, m],
         student_loc: slice(py, "student_loc", &student_loc)?,
@@ -257,8 +264,16 @@ fn tensors_dict<'py>(py: Python<'py>, t: api::Tensors) -> PyResult<Bound<'py, Py
     let d = PyDict::new(py);
     d.set_item("student_loc", array(py, t.student_loc, &[b, p, 4])?)?;
     d.set_item("student_conf", array(py, t.student_conf, &[b, p, c])?)?;
-    d.set_item("teacher_loc", array(py, t.teacher_loc, &[b, p, 4])?)?;
-    d.set_item("teacher_conf", array(py, t.teacher_conf, &[b, p, c])?)?;
+    match t.teacher {
+        Some((tl, tc)) => {
+            d.set_item("teacher_loc", array(py, tl, &[b, p, 4])?)?;
+            d.set_item("teacher_conf", array(py, tc, &[b, p, c])?)?;
+        }
+        None => {
+            d.set_item("teacher_loc", py.None())?;
+            d.set_item("teacher_conf", py.None())?;
+        }
+    }
     d.set_item("targets", array(py, t.targets, &[b, m, 5])?)?;
     d.set_item("priors", array(py, t.priors, &[p, 4])?)?;
     Ok(d)
@@ -273,7 +288,7 @@ fn read_batch<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(Bound<'py, PyDic
     Ok((tensors_dict(py, tensors)?, config))
 }
 
-/// Writes a batch file from C-contiguous float32 arrays.
+/// Writes a batch file from C-contiguous float32 arrays (the teacher's both or neither).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)] // one argument per tensor
 fn write_batch(
@@ -281,8 +296,8 @@ fn write_batch(
     path: PathBuf,
     student_loc: PyReadonlyArrayDyn<'_, f32>,
     student_conf: PyReadonlyArrayDyn<'_, f32>,
-    teacher_loc: PyReadonlyArrayDyn<'_, f32>,
-    teacher_conf: PyReadonlyArrayDyn<'_, f32>,
+    teacher_loc: Option<PyReadonlyArrayDyn<'_, f32>>,
+    teacher_conf: Option<PyReadonlyArrayDyn<'_, f32>>,
     targets: PyReadonlyArrayDyn<'_, f32>,
     priors: PyReadonlyArrayDyn<'_, f32>,
     config_json: &str,
@@ -290,26 +305,15 @@ fn write_batch(
     let sl = shape_of(py, "student_loc", &student_loc, &[None, None, Some(4)])?;
     let (b, p) = (sl[0], sl[1]);
     let c = shape_of(py, "student_conf", &student_conf, &[Some(b), Some(p), None])?[2];
-    shape_of(
-        py,
-        "teacher_loc",
-        &teacher_loc,
-        &[Some(b), Some(p), Some(4)],
-    )?;
-    shape_of(
-        py,
-        "teacher_conf",
-        &teacher_conf,
-        &[Some(b), Some(p), Some(c)],
-    )?;
+    let teacher = teacher_slices(py, &teacher_loc, &teacher_conf, [b, p, c])?
+        .map(|(tl, tc)| (tl.to_vec(), tc.to_vec()));
     let m = shape_of(py, "targets", &targets, &[Some(b), None, Some(5)])?[1];
     shape_of(py, "priors", &priors, &[Some(p), Some(4)])?;
     let tensors = api::Tensors {
         dims: [b, p, c, m],
         student_loc: slice(py, "student_loc", &student_loc)?.to_vec(),
         student_conf: slice(py, "student_conf", &student_conf)?.to_vec(),
-        teacher_loc: slice(py, "teacher_loc", &teacher_loc)?.to_vec(),
-        teacher_conf: slice(py, "teacher_conf", &teacher_conf)?.to_vec(),
+        teacher,
         targets: slice(py, "targets", &targets)?.to_vec(),
         priors: slice(py, "priors", &priors)?.to_vec(),
     };

@@ -2,8 +2,8 @@
 
 A thin layer over the Rust library: :func:`evaluate` on NumPy arrays, :func:`priors`,
 :func:`read_batch` / :func:`write_batch` for batch files (SPEC §8), and the exceptions
-:class:`InputError` (a ``ValueError``), :class:`NoAdapterError` and :class:`GpuError`
-(``RuntimeError``\\ s). The PyTorch drop-ins are in :mod:`ssdkd.torch`, the verification
+:class:`InputError` (a ``ValueError``), :class:`NoAdapterError`, :class:`GpuError` and
+:class:`NumericalError` (``RuntimeError``\\ s). The PyTorch drop-ins are in :mod:`ssdkd.torch`, the verification
 helper for your own loss in :mod:`ssdkd.testing`.
 """
 
@@ -20,7 +20,7 @@ if not _os.environ.get("XDG_RUNTIME_DIR"):
 import numpy as _np  # noqa: E402  (never bind the bare name `numpy`: STYLE.md)
 
 from . import _ssdkd  # noqa: E402
-from ._ssdkd import GpuError, InputError, NoAdapterError  # noqa: E402
+from ._ssdkd import GpuError, InputError, NoAdapterError, NumericalError  # noqa: E402
 
 __all__ = [
     "CONFIG_KEYS",
@@ -29,6 +29,7 @@ __all__ = [
     "GpuError",
     "InputError",
     "NoAdapterError",
+    "NumericalError",
     "PRESETS",
     "evaluate",
     "priors",
@@ -43,9 +44,10 @@ try:
 except Exception:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-#: The SPEC §8 ``config`` keys and their defaults.
+#: The SPEC §8 ``config`` keys and their defaults. ``num_classes`` ``None``: C comes from
+#: the arrays' shapes; when given, it is checked against them (as the CLI's config key).
 DEFAULT_CONFIG = {
-    "num_classes": 21,
+    "num_classes": None,
     "overlap_threshold": 0.5,
     "negpos_ratio": 3,
     "negatives_for_hard": 100,
@@ -101,7 +103,9 @@ def _plain(key, value):
 
 def _config_json(config):
     # Unknown keys are rejected by the library's config parser, naming the key.
-    return _json.dumps({k: _plain(k, v) for k, v in config.items()})
+    # `num_classes=None` means "C from the arrays": the key is left out.
+    return _json.dumps({k: _plain(k, v) for k, v in config.items()
+                        if not (k == "num_classes" and v is None)})
 
 
 class Evaluation:
@@ -151,12 +155,19 @@ def evaluate(student_loc, student_conf, teacher_loc, teacher_conf, targets, prio
     padding), ``priors`` [P, 4] or a preset name (see :data:`PRESETS`). ``teacher_loc``
     and ``teacher_conf`` may both be ``None``: the plain MultiBox loss (SPEC §10), soft
     and L2 terms 0. ``config`` keywords are the SPEC §8 keys (:data:`CONFIG_KEYS`) with
-    their defaults. ``backend``: ``"auto"`` (a GPU when one is found, else the CPU, with
+    their defaults; ``num_classes`` (default ``None``: C from ``student_conf``'s shape) is
+    only checked against the arrays' C. ``backend``: ``"auto"`` (a GPU when one is found, else the CPU, with
     a warning), ``"cpu"`` or ``"gpu"``. ``validate=False`` skips the value scan (shapes and
     config are checked regardless). The GIL is released while the loss runs.
 
     C-contiguous float32 arrays are read without a copy; other float arrays are converted
-    once; anything else raises :class:`InputError`.
+    once; anything else raises :class:`InputError`. Before anything is allocated, the
+    memory the evaluation needs is checked against the memory available (as ``ssdkd
+    eval``): too large a batch raises :class:`InputError` with ``key == "batch"``. Errors:
+    :class:`InputError` (shapes, dtypes, values, config), :class:`NoAdapterError`
+    (``backend="gpu"`` without an adapter), :class:`GpuError` (a GPU failure, or a batch
+    over the GPU backend's limits with ``backend="gpu"``), :class:`NumericalError` (a
+    non-finite result from accepted inputs).
     """
     if isinstance(priors, str):
         priors = _ssdkd.preset_priors(priors)
@@ -229,7 +240,8 @@ def priors(preset_or_config=None, /, *, image_size=None, feature_maps=None, step
 def read_batch(path):
     """Reads a batch file (SPEC §8): returns ``(tensors, config)``, ``tensors`` a dict of
     float32 arrays named as SPEC §1 (priors from ``prior_preset`` when the file has none),
-    ``config`` the resolved SPEC §8 config (every key). ``evaluate(**tensors, **config)``
+    ``config`` the resolved SPEC §8 config (every key). In a file without teacher tensors
+    ``teacher_loc`` and ``teacher_conf`` are ``None``. ``evaluate(**tensors, **config)``
     evaluates it."""
     tensors, config = _ssdkd.read_batch(_os.fspath(path))
     config = _json.loads(config)
@@ -239,10 +251,15 @@ def read_batch(path):
 
 
 def write_batch(path, tensors, config=None):
-    """Writes a batch file (SPEC §8) atomically: ``tensors`` a dict with the six tensors of
-    SPEC §1 (priors may be a preset name), ``config`` SPEC §8 keys (defaults for the rest)."""
+    """Writes a batch file (SPEC §8) through the library's safe writer (atomic; a device
+    file, FIFO or directory is refused with :class:`InputError`): ``tensors`` a dict with
+    the six tensors of SPEC §1 (priors may be a preset name; ``teacher_loc`` and
+    ``teacher_conf`` may both be absent or ``None``: a batch without teacher), ``config``
+    SPEC §8 keys (defaults for the rest)."""
     config = dict(config or {})
     tensors = dict(tensors)
+    for name in ("teacher_loc", "teacher_conf"):
+        tensors.setdefault(name, None)
     missing = [n for n in _TENSORS if n not in tensors]
     if missing:
         raise _input_error(f"tensor `{missing[0]}`: missing", tensor=missing[0])
@@ -252,5 +269,6 @@ def write_batch(path, tensors, config=None):
                            f"{', '.join(_TENSORS)})", tensor=extra[0])
     if isinstance(tensors["priors"], str):
         tensors["priors"] = _ssdkd.preset_priors(tensors["priors"])
-    arrays = [_as_f32(n, tensors[n]) for n in _TENSORS]
+    arrays = [None if (tensors[n] is None and n.startswith("teacher")) else _as_f32(n, tensors[n])
+              for n in _TENSORS]
     _ssdkd.write_batch(_os.fspath(path), *arrays, _config_json(config))

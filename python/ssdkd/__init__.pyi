@@ -9,6 +9,7 @@ import numpy.typing as npt
 from ._ssdkd import GpuError as GpuError
 from ._ssdkd import InputError as InputError
 from ._ssdkd import NoAdapterError as NoAdapterError
+from ._ssdkd import NumericalError as NumericalError
 
 _F32 = npt.NDArray[np.float32]
 _Array = npt.NDArray[np.floating[Any]]
@@ -67,7 +68,9 @@ def priors(
     aspect_ratios: Optional[Sequence[Sequence[float]]] = None,
     clip: bool = True,
 ) -> _F32: ...
-def read_batch(path: _Path) -> tuple[dict[str, _F32], dict[str, Any]]: ...
+def read_batch(path: _Path) -> tuple[dict[str, Optional[_F32]], dict[str, Any]]: ...
 def write_batch(
-    path: _Path, tensors: Mapping[str, Union[_Array, str]], config: Optional[Mapping[str, Any]] = None
+    path: _Path,
+    tensors: Mapping[str, Union[_Array, str, None]],
+    config: Optional[Mapping[str, Any]] = None,
 ) -> None: ...

@@ -19,6 +19,10 @@ class InputError(ValueError):
 class NoAdapterError(RuntimeError): ...
 class GpuError(RuntimeError): ...
 
+class NumericalError(RuntimeError):
+    tensor: Optional[str]
+    index: Optional[int]
+
 def evaluate(
     student_loc: _F32,
     student_conf: _F32,
@@ -32,13 +36,13 @@ def evaluate(
     validate: bool,
     config_json: str,
 ) -> dict[str, Any]: ...
-def read_batch(path: _Path) -> tuple[dict[str, _F32], str]: ...
+def read_batch(path: _Path) -> tuple[dict[str, Optional[_F32]], str]: ...
 def write_batch(
     path: _Path,
     student_loc: _F32,
     student_conf: _F32,
-    teacher_loc: _F32,
-    teacher_conf: _F32,
+    teacher_loc: Optional[_F32],
+    teacher_conf: Optional[_F32],
     targets: _F32,
     priors: _F32,
     config_json: str,

@@ -108,7 +108,8 @@ def compare(loss_fn, batch=None, *, config=None, seed=0, batch_size=2, preset="s
       the original data loader gives) or ``"padded"`` (``[B, M, 5]``, label -1 = padding).
     """
     config = dict(config or {})
-    classes = int(config.get("num_classes", DEFAULT_CONFIG["num_classes"]))
+    # Synthetic batches: C from `num_classes`, 21 when not given.
+    classes = int(config.get("num_classes") or 21)
     tensors, file_config = _load(batch, seed, classes, preset, batch_size)
     cfg = dict(DEFAULT_CONFIG)
     cfg.update(file_config)
