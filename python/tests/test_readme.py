@@ -1,5 +1,5 @@
-"""The README's Python snippets (python/README.md, moved to the main README's "From
-PyTorch" section) run as written, each in a fresh interpreter in the repository root.
+"""The Python snippets of the main README's "From PyTorch" section run as written, each in
+a fresh interpreter in the repository root.
 Fenced blocks marked `python` are complete programs; `py` marks a fragment."""
 
 import os
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 
-README = os.path.join(REPO, "python", "README.md")
+README = os.path.join(REPO, "README.md")
 
 
 def snippets():
