@@ -181,7 +181,7 @@ def evaluate(student_loc, student_conf, teacher_loc, teacher_conf, targets, prio
         str(backend), bool(gradients), bool(decisions), bool(validate), _config_json(config),
     )
     if out.get("fallback"):
-        _warnings.warn(f"ssdkd: no GPU ({out['fallback']}); using the CPU backend",
+        _warnings.warn(f"ssdkd: {out['fallback']}; using the CPU backend",
                        RuntimeWarning, stacklevel=2)
     return Evaluation(out)
 

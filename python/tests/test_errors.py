@@ -29,6 +29,8 @@ def test_exception_classes():
     assert issubclass(ssdkd.InputError, ValueError)
     assert issubclass(ssdkd.NoAdapterError, RuntimeError)
     assert issubclass(ssdkd.GpuError, RuntimeError)
+    assert issubclass(ssdkd.NumericalError, RuntimeError)
+    assert not issubclass(ssdkd.NumericalError, ssdkd.GpuError)
 
 
 @pytest.mark.parametrize("tensor,image,index", [("student_conf", 1, 17), ("teacher_loc", 0, 5),
@@ -80,8 +82,53 @@ def test_wrong_dtype_or_type_is_an_input_error(batch, value):
 
 def test_wrong_number_of_classes_names_the_key(batch):
     with pytest.raises(ssdkd.InputError) as e:
-        ssdkd.evaluate(**batch, backend="cpu")  # default num_classes 21, C = 5
+        ssdkd.evaluate(**batch, num_classes=21, backend="cpu")  # C = 5
     assert e.value.key == "num_classes"
+    assert str(e.value) == "config `num_classes`: 21, but student_conf has C = 5 classes"
+    still_alive(batch)
+
+
+def test_num_classes_defaults_to_the_arrays_c(batch):
+    assert ssdkd.DEFAULT_CONFIG["num_classes"] is None
+    a = ssdkd.evaluate(**batch, backend="cpu", gradients=True)
+    b = ssdkd.evaluate(**batch, num_classes=5, backend="cpu", gradients=True)
+    assert a.total == b.total and a.num_pos == b.num_pos > 0
+    np.testing.assert_array_equal(a.grad_student_conf, b.grad_student_conf)
+
+
+def test_batch_too_large_for_memory_is_refused_before_allocating(batch):
+    """The memory check of `ssdkd eval` (ssdkd::limits::check) runs first: with
+    SSDKD_MEMORY_LIMIT below the estimate, evaluate raises naming key `batch`. In a
+    subprocess: the limit is read from the environment."""
+    code = (
+        "import ssdkd, ssdkd.testing as T\n"
+        "b = T.synthetic_batch(batch=2, classes=5, preset='mobilenet300', seed=3)\n"
+        "try:\n"
+        "    ssdkd.evaluate(**b, backend='cpu', gradients=True)\n"
+        "except ssdkd.InputError as e:\n"
+        "    print(e.key, 'needs' in str(e), 'SSDKD_MEMORY_LIMIT' in str(e))\n"
+    )
+    env = dict(os.environ, SSDKD_MEMORY_LIMIT="1K")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["batch", "True", "True"], out.stdout + out.stderr
+
+
+def test_one_teacher_tensor_alone_is_an_error(batch):
+    for given, missing in (("teacher_loc", "teacher_conf"), ("teacher_conf", "teacher_loc")):
+        bad = dict(batch)
+        bad[missing] = None
+        with pytest.raises(ssdkd.InputError) as e:
+            ssdkd.evaluate(**bad, backend="cpu")
+        assert e.value.tensor == missing and "both or neither" in str(e.value)
+    still_alive(batch)
+
+
+def test_write_target_that_is_a_device_is_refused(batch):
+    with pytest.raises(ssdkd.InputError) as e:
+        ssdkd.write_batch("/dev/null", batch, {})
+    assert e.value.path == "/dev/null"
     still_alive(batch)
 
 

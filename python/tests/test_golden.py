@@ -127,3 +127,34 @@ def test_c_contiguous_float32_is_passed_through_and_others_converted_once():
     assert c.dtype == np.float32 and c.flags.c_contiguous
     f = np.asfortranarray(a)
     assert ssdkd._as_f32("student_loc", f).flags.c_contiguous
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_golden_without_teacher(path, backend, request):
+    """A golden batch without its teacher tensors: loss_c, loss_l and the positive and
+    negative counts are the golden file's, soft, l2 and num_bounded 0, and the gradient is
+    the KD gradient with the soft and L2 weights 0 (issue 9 point 4)."""
+    if backend == "gpu":
+        request.getfixturevalue("gpu_available")
+    tensors, config = ssdkd.read_batch(path)
+    expected = load_file(path)
+    plain = dict(tensors, teacher_loc=None, teacher_conf=None)
+    ev = ssdkd.evaluate(**plain, **config, backend=backend, gradients=True)
+    want = dict(zip(LOSSES, expected["expected_losses"]))
+    for name in ("loss_c", "loss_l"):
+        tol = 1e-6 if abs(want[name]) < 1e-2 else 1e-4 * abs(want[name])
+        assert abs(getattr(ev, name) - want[name]) <= tol, name
+    assert (ev.soft_loss, ev.l2_loss, ev.num_bounded, ev.soft_sum, ev.l2_sum) == (0, 0, 0, 0, 0)
+    assert [ev.num_pos, ev.num_neg] == list(expected["expected_counts"][:2])
+    zeroed = dict(config, weights=(0.0, config["weights"][1], 0.0, config["weights"][3]))
+    kd = ssdkd.evaluate(**tensors, **zeroed, backend=backend, gradients=True)
+    if backend == "cpu":
+        assert (ev.loss_c, ev.loss_l, ev.total) == (kd.loss_c, kd.loss_l, kd.total)
+        np.testing.assert_array_equal(ev.grad_student_conf, kd.grad_student_conf)
+        np.testing.assert_array_equal(ev.grad_student_loc, kd.grad_student_loc)
+    else:
+        np.testing.assert_allclose(ev.grad_student_conf, kd.grad_student_conf, rtol=1e-3,
+                                   atol=1e-7)
+        np.testing.assert_allclose(ev.grad_student_loc, kd.grad_student_loc, rtol=1e-3,
+                                   atol=1e-7)

@@ -66,6 +66,24 @@ def test_write_then_read_batch_round_trips(tmp_path):
 def test_write_batch_checks_the_config_against_the_tensors(tmp_path):
     t = synthetic_batch(batch=1, classes=5, preset="mobilenet300", seed=9)
     with pytest.raises(ssdkd.InputError) as e:
-        ssdkd.write_batch(tmp_path / "b.safetensors", t, {})  # num_classes 21 != C = 5
+        ssdkd.write_batch(tmp_path / "b.safetensors", t, {"num_classes": 21})  # C = 5
     assert e.value.key == "num_classes"
     assert not list(tmp_path.iterdir())
+
+
+def test_batch_file_without_teacher_round_trips(tmp_path):
+    """Both teacher tensors may be left out (issue 9 point 4): written without them, read
+    back as None, evaluated as the plain MultiBox loss."""
+    t = synthetic_batch(batch=2, classes=5, preset="mobilenet300", seed=9)
+    plain = {k: v for k, v in t.items() if not k.startswith("teacher")}
+    path = tmp_path / "plain.safetensors"
+    ssdkd.write_batch(path, plain, {"temperature": 2.0})
+    back, cfg = ssdkd.read_batch(path)
+    assert back["teacher_loc"] is None and back["teacher_conf"] is None
+    for k, v in plain.items():
+        np.testing.assert_array_equal(back[k], v)
+    ev = ssdkd.evaluate(**back, **cfg, backend="cpu")
+    kd = ssdkd.evaluate(**t, **cfg, backend="cpu")
+    assert (ev.soft_loss, ev.l2_loss, ev.num_bounded) == (0.0, 0.0, 0)
+    assert (ev.loss_c, ev.loss_l, ev.num_pos) == (kd.loss_c, kd.loss_l, kd.num_pos)
+    assert kd.soft_loss > 0.0
