@@ -185,8 +185,7 @@ impl BatchFile {
                 });
             }
         }
-        let mut config = resolved.apply(LossConfig::DEFAULT);
-        config.num_classes = c as u32;
+        let config = resolved.apply(LossConfig::DEFAULT);
 
         let tensors = OwnedBatch::new(
             shape,

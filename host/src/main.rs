@@ -601,10 +601,7 @@ fn bench(args: &BenchArgs, out: &mut Out) -> Outcome {
         check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
     }
     let chosen = backends(args.backend)?;
-    let config = LossConfig {
-        num_classes: args.classes,
-        ..LossConfig::DEFAULT
-    };
+    let config = LossConfig::DEFAULT;
     if !args.json {
         out.line(format_args!(
             "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11} {:>20} {:>6}",
