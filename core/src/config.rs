@@ -33,9 +33,6 @@ impl Default for LossWeights {
 /// Everything that shapes the loss apart from the tensors (SPEC §8).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossConfig {
-    /// C, classes including background (class 0): checked against the tensors' C
-    /// (`BatchShape::check_config` in the host); the stages take C from their slices.
-    pub num_classes: u32,
     /// IoU at or above which a prior is matched to an object (SPEC §3, default 0.5).
     pub overlap_threshold: f32,
     /// Negatives kept per positive by hard-negative mining (SPEC §4, default 3).
@@ -59,9 +56,9 @@ pub struct LossConfig {
 }
 
 impl LossConfig {
-    /// SPEC §8 defaults (21 classes).
+    /// SPEC §8 defaults. C is not part of the configuration: it is the tensors' last
+    /// dimension, stored once, in their shapes (the stages take it from their slices).
     pub const DEFAULT: Self = Self {
-        num_classes: 21,
         overlap_threshold: 0.5,
         negpos_ratio: 3,
         negatives_for_hard: 100,

@@ -168,7 +168,8 @@ impl fmt::Display for ConfigError {
 }
 
 /// Checks a configuration: temperature > 0, finite weights, threshold in (0, 1],
-/// variances > 0, at least two classes, finite class weights, margin and ε.
+/// variances > 0, finite class weights, margin and ε. (C ≥ 2 is a property of the
+/// tensors, checked with their shapes.)
 ///
 /// # Errors
 /// The first key that cannot work.
@@ -180,13 +181,6 @@ pub fn validate_config(config: &LossConfig) -> Result<(), ConfigError> {
             requirement,
         })
     };
-    if config.num_classes < 2 {
-        return fail(
-            "num_classes",
-            config.num_classes as f32,
-            "at least 2 (background and one class)",
-        );
-    }
     let t = config.temperature;
     if !(t.is_finite() && t > 0.0) {
         return fail("temperature", t, "finite and > 0");
@@ -257,16 +251,18 @@ pub fn validate_priors(priors: &[[f32; 4]]) -> Result<(), InputError> {
 
 /// Checks one image's tensors (priors excepted: see [`validate_priors`]): everything
 /// finite, real objects with non-degenerate boxes inside [0, 1] and integer labels in
-/// `0..=C-2`. `image` is only used to name the image in the error.
+/// `0..=C-2`, with C taken from the slices (`student_conf` holds P × C values for the P
+/// rows of `student_loc`). `image` is only used to name the image in the error.
 ///
 /// # Errors
 /// The first bad value, in tensor order.
-pub fn validate_image(
-    inputs: &ImageInputs<'_>,
-    num_classes: u32,
-    image: usize,
-) -> Result<(), InputError> {
-    let c = num_classes as usize;
+pub fn validate_image(inputs: &ImageInputs<'_>, image: usize) -> Result<(), InputError> {
+    let c = inputs
+        .student_conf
+        .len()
+        .checked_div(inputs.student_loc.len())
+        .unwrap_or(0);
+    let num_classes = u32::try_from(c).unwrap_or(u32::MAX);
     let at = Some(image);
     check_finite(Tensor::StudentLoc, at, inputs.student_loc.as_flattened(), 4)?;
     check_finite(Tensor::StudentConf, at, inputs.student_conf, c)?;
@@ -316,7 +312,7 @@ pub fn validate_image(
 mod tests {
     use super::*;
 
-    /// `validate_image` is public: called directly with any C (0 and 1 included) it reports
+    /// `validate_image` is public: called directly with slices of any C (0 and 1 included) it reports
     /// a real object's label as out of range instead of underflowing `C - 2`.
     #[test]
     fn validate_image_is_safe_for_any_number_of_classes() {
@@ -334,7 +330,7 @@ mod tests {
                 targets: &targets,
                 priors: &priors,
             };
-            let result = validate_image(&inputs, c, 0);
+            let result = validate_image(&inputs, 0);
             if c < 2 {
                 assert_eq!(
                     result,

@@ -20,7 +20,8 @@ pub struct BatchShape {
 }
 
 impl BatchShape {
-    /// Checks that `config` can work and that its `num_classes` equals C: what every
+    /// Checks that `config` can work and that C ≥ 2 (C is the tensors', stored once in the
+    /// shape; a file's or a flag's `num_classes` is checked against it where it is read): what every
     /// evaluation checks, whether or not the values are scanned (and for batches already
     /// on the GPU, whose values cannot be).
     ///
@@ -28,15 +29,14 @@ impl BatchShape {
     /// [`Error::Config`] naming the key.
     pub fn check_config(&self, config: &LossConfig) -> Result<()> {
         validate_config(config)?;
-        // The one place where the config's C meets the tensors' C.
-        if config.num_classes as usize != self.classes {
-            return Err(Error::Config {
-                key: "num_classes".into(),
-                problem: format!(
-                    "{}, but student_conf has C = {} classes",
-                    config.num_classes, self.classes
+        if self.classes < 2 {
+            return Err(Error::shape(
+                "student_conf",
+                format!(
+                    "C = {} classes; at least 2 are needed (background and one class)",
+                    self.classes
                 ),
-            });
+            ));
         }
         Ok(())
     }
@@ -236,7 +236,7 @@ impl<'a> Batch<'a> {
     }
 
     /// Checks the batch against `config` before any arithmetic: always that the config can
-    /// work and that C equals `num_classes`; with `scan_values`, every value too (finite,
+    /// work and that C ≥ 2; with `scan_values`, every value too (finite,
     /// sound boxes and labels, positive prior sizes), images in parallel. A batch without
     /// teacher has no teacher values to scan (its stand-in, the student, is scanned first).
     ///
@@ -250,7 +250,7 @@ impl<'a> Batch<'a> {
         validate_priors(bytemuck::cast_slice(self.priors))?;
         let first_bad = (0..self.shape.batch)
             .into_par_iter()
-            .map(|i| validate_image(&self.image(i), config.num_classes, i))
+            .map(|i| validate_image(&self.image(i), i))
             .find_first(Result::is_err);
         match first_bad {
             Some(Err(e)) => Err(e.into()),

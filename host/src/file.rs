@@ -205,8 +205,7 @@ impl BatchFile {
                 });
             }
         }
-        let mut config = resolved.apply(LossConfig::DEFAULT);
-        config.num_classes = c as u32;
+        let config = resolved.apply(LossConfig::DEFAULT);
 
         let tensors = match teacher {
             Some((teacher_loc, teacher_conf)) => OwnedBatch::new(

@@ -241,6 +241,28 @@ fn one_line(text: &str) -> String {
         .collect()
 }
 
+/// Whether the process started with stdout (descriptor 1) closed, as `ssdkd eval FILE >&-`
+/// starts it. Rust's runtime reopens a closed standard descriptor on `/dev/null` before
+/// `main`, so that every write would succeed and the result be lost; this is recorded by a
+/// constructor that runs before the runtime (an `.init_array` entry, Linux and Android).
+static STDOUT_CLOSED_AT_START: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod stdout_probe {
+    use std::sync::atomic::Ordering;
+
+    extern "C" fn probe() {
+        // SAFETY: fcntl(F_GETFD) on a descriptor number only reads the descriptor table.
+        let closed = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) } == -1;
+        super::STDOUT_CLOSED_AT_START.store(closed, Ordering::Relaxed);
+    }
+
+    #[used]
+    #[link_section = ".init_array"]
+    static PROBE: extern "C" fn() = probe;
+}
+
 /// Results on stdout, written explicitly so that a failing stdout (full disk, closed pipe,
 /// closed descriptor) is an error rather than a panic or a silent loss.
 struct Out(StdoutLock<'static>);
@@ -248,6 +270,14 @@ struct Out(StdoutLock<'static>);
 impl Out {
     fn new() -> Self {
         Self(std::io::stdout().lock())
+    }
+
+    /// An error when the process started with stdout closed, where a result would be lost.
+    fn open(&self) -> Outcome {
+        if STDOUT_CLOSED_AT_START.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(stdout_error(std::io::Error::from_raw_os_error(libc::EBADF)));
+        }
+        Ok(())
     }
 
     fn line(&mut self, text: std::fmt::Arguments<'_>) -> Outcome {
@@ -309,13 +339,17 @@ fn main() -> ExitCode {
         }
     };
     let mut out = Out::new();
-    let outcome = match cli.command {
-        Command::Demo(args) => demo(&args, &mut out),
-        Command::Eval(args) => eval(&args, &mut out),
-        Command::Bench(args) => bench(&args, &mut out),
-        Command::Priors(args) => priors(&args, &mut out),
-    }
-    .and_then(|()| out.flush());
+    // Every command's result goes to stdout: with stdout closed, refuse before any work
+    // (and before any --grad-out file is written).
+    let outcome = out
+        .open()
+        .and_then(|()| match cli.command {
+            Command::Demo(args) => demo(&args, &mut out),
+            Command::Eval(args) => eval(&args, &mut out),
+            Command::Bench(args) => bench(&args, &mut out),
+            Command::Priors(args) => priors(&args, &mut out),
+        })
+        .and_then(|()| out.flush());
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -601,10 +635,7 @@ fn bench(args: &BenchArgs, out: &mut Out) -> Outcome {
         check_synthetic(&spec, &Request::with_gradients(), args.backend, "--batch")?;
     }
     let chosen = backends(args.backend)?;
-    let config = LossConfig {
-        num_classes: args.classes,
-        ..LossConfig::DEFAULT
-    };
+    let config = LossConfig::DEFAULT;
     if !args.json {
         out.line(format_args!(
             "{:<5} {:<5} {:<28} {:>6} {:>7} {:>7} {:>11} {:>20} {:>6}",

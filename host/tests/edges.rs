@@ -244,3 +244,36 @@ fn both_backends_agree_and_say_where_they_differ_most() {
     );
     assert!(text.contains('['), "no element index: {text}");
 }
+
+/// `ssdkd eval FILE >&-`: a result that cannot be written is an error (exit 2, one line
+/// naming stdout), reported before any work, and no `--grad-out` file is written.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_closed_stdout_is_an_error_before_any_work() {
+    use std::os::unix::process::CommandExt;
+    let folder = std::env::temp_dir().join(format!("ssdkd-closed-stdout-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).unwrap();
+    let grad_out = folder.join("grads.safetensors");
+    let file = golden();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ssdkd"));
+    command.args([
+        "eval",
+        file.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--grad-out",
+        grad_out.to_str().unwrap(),
+    ]);
+    // SAFETY: close(1) in the child between fork and exec is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::close(libc::STDOUT_FILENO);
+            Ok(())
+        });
+    }
+    let output = command.stderr(Stdio::piped()).output().unwrap();
+    let text = one_line_failure(&output, 2);
+    assert!(text.contains("<stdout>"), "{text}");
+    assert!(!grad_out.exists(), "a gradient file was written");
+    std::fs::remove_dir_all(&folder).unwrap();
+}

@@ -50,10 +50,7 @@ fn base() -> (Raw, LossConfig) {
             targets,
             priors,
         },
-        LossConfig {
-            num_classes: 5,
-            ..LossConfig::DEFAULT
-        },
+        LossConfig::DEFAULT,
     )
 }
 
@@ -136,7 +133,8 @@ fn write_as_is(path: &Path, batch: &Raw, config: &LossConfig) {
     let (b, p) = (batch.shape.batch, batch.shape.priors);
     let shape = |data: &[f32], last: usize| vec![b, data.len() / (b * last).max(1), last];
     let conf = |data: &[f32]| vec![b, p, data.len() / (b * p)];
-    let json = ssdkd::file::config_json(config, config.num_classes);
+    // The file declares the C its student_conf holds.
+    let json = ssdkd::file::config_json(config, conf(&batch.student_conf)[2] as u32);
     let metadata = [("config".to_owned(), json)].into();
     ssdkd::file::write_f32_tensors(
         path,
@@ -355,9 +353,9 @@ fn cases() -> Vec<Case> {
             |e| matches!(e, Error::Input(InputError::BadPrior { index: 17, .. })),
             &["priors", "prior 17", "width"],
         ),
-        tensors_case(
+        bytes_case(
             "num_classes disagrees with C",
-            |_, c| c.num_classes = 21,
+            |b| set_config(b, r#"{"num_classes": 21}"#),
             |e| config_key(e, "num_classes"),
             &["num_classes", "21", "C = 5", "--num-classes"],
         ),

@@ -110,10 +110,9 @@ pub fn evaluate(
     config_json: &str,
     wanted: Wanted,
 ) -> Result<Output, Error> {
-    let (mut config, num_classes) = config_from_json(config_json)?;
+    let (config, num_classes) = config_from_json(config_json)?;
     let [b, p, c, m] = inputs.dims;
     check_classes(num_classes, c)?;
-    config.num_classes = u32::try_from(c).unwrap_or(u32::MAX);
     let shape = BatchShape {
         batch: b,
         priors: p,
@@ -225,10 +224,9 @@ pub fn read_batch(path: &Path) -> Result<(Tensors, String), Error> {
 /// Writes a batch file (SPEC §8) through the library's safe writer (atomic; a special
 /// file is refused), after checking the shapes and the config.
 pub fn write_batch(path: &Path, tensors: Tensors, config_json: &str) -> Result<(), Error> {
-    let (mut config, num_classes) = config_from_json(config_json)?;
+    let (config, num_classes) = config_from_json(config_json)?;
     let [b, p, c, m] = tensors.dims;
     check_classes(num_classes, c)?;
-    config.num_classes = u32::try_from(c).unwrap_or(u32::MAX);
     let shape = BatchShape {
         batch: b,
         priors: p,

@@ -547,7 +547,6 @@ fn many_classes_every_row_selected_agree_with_the_cpu() {
     )
     .unwrap();
     let config = LossConfig {
-        num_classes: c as u32,
         negatives_for_hard: p as u32,
         ..LossConfig::default()
     };
@@ -604,7 +603,6 @@ fn many_classes(c: usize) -> OwnedBatch {
 
 fn unsupported(gpu: &mut GpuBackend, what: &str, generated: &OwnedBatch, request: Request) {
     let config = LossConfig {
-        num_classes: generated.shape().classes as u32,
         ..LossConfig::default()
     };
     match gpu.evaluate(&generated.batch(), &config, request) {
@@ -627,16 +625,13 @@ fn classes_at_the_limit_agree_and_beyond_are_refused() {
     else {
         return;
     };
-    let config = |c: usize| LossConfig {
-        num_classes: c as u32,
-        ..LossConfig::default()
-    };
+    let config = LossConfig::default();
     let c = MAX_CLASSES_WITH_GRADIENTS;
     compare(
         &mut gpu,
         "C at the limit with gradients",
         &many_classes(c),
-        &config(c),
+        &config,
     );
     unsupported(
         &mut gpu,
@@ -653,8 +648,8 @@ fn classes_at_the_limit_agree_and_beyond_are_refused() {
     let c = MAX_CLASSES;
     let generated = many_classes(c);
     let batch = generated.batch();
-    let cpu_eval = ssdkd::cpu::evaluate(&batch, &config(c), losses).unwrap();
-    let gpu_eval = gpu.evaluate(&batch, &config(c), losses).unwrap();
+    let cpu_eval = ssdkd::cpu::evaluate(&batch, &config, losses).unwrap();
+    let gpu_eval = gpu.evaluate(&batch, &config, losses).unwrap();
     assert_agree("C at the limit without gradients", &gpu_eval, &cpu_eval);
     assert!(cpu_eval.terms.soft_loss > 1.0, "a soft loss worth checking");
     unsupported(&mut gpu, "C over the limit", &many_classes(c + 1), losses);
@@ -714,7 +709,6 @@ fn priors_at_the_limit_agree_and_beyond_are_refused_or_fall_back() {
         return;
     };
     let config = LossConfig {
-        num_classes: 2,
         ..LossConfig::default()
     };
     let eval = compare(
@@ -775,7 +769,6 @@ fn object_rows_at_the_limit_agree_and_beyond_are_refused() {
         .unwrap()
     };
     let config = LossConfig {
-        num_classes: 21,
         ..LossConfig::default()
     };
     compare(&mut gpu, "M at the limit", &with_rows(m), &config);
@@ -806,7 +799,6 @@ fn random_configs_and_extreme_logits_agree_with_the_cpu() {
         }
         let temperature = [0.05, 0.5, 1.0, 3.0, 8.0, 20.0][case % 6];
         let config = LossConfig {
-            num_classes: c as u32,
             temperature,
             neg_w: if case % 2 == 0 {
                 1.0
@@ -843,7 +835,6 @@ fn random_configs_and_extreme_logits_agree_with_the_cpu() {
     }
     let generated = many_classes(5);
     let config = LossConfig {
-        num_classes: 5,
         temperature: 20.5,
         ..LossConfig::default()
     };
@@ -868,7 +859,6 @@ fn an_image_over_the_binding_size_is_refused_or_falls_back() {
     unsupported(&mut gpu, "an image over a 16 KiB binding", &generated, ALL);
     gpu.fall_back_to_cpu(|e| eprintln!("fell back: {e}"));
     let config = LossConfig {
-        num_classes: 300,
         ..LossConfig::default()
     };
     let batch = generated.batch();

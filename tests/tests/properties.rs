@@ -82,11 +82,10 @@ prop_compose! {
     }
 }
 
-fn config_for(t: &OwnedBatch, temperature: f32, weighted: bool) -> LossConfig {
+fn config_for(temperature: f32, weighted: bool) -> LossConfig {
     // The class-weighted form is a divergence (>= 0) only with equal class weights.
     let (pos_w, neg_w) = if weighted { (1.5, 1.5) } else { (1.0, 1.0) };
     LossConfig {
-        num_classes: t.shape().classes as u32,
         temperature,
         pos_w,
         neg_w,
@@ -104,7 +103,7 @@ proptest! {
 
     #[test]
     fn terms_are_finite_and_non_negative(t in tensors(), temperature in 0.5f32..4.0, weighted: bool) {
-        let e = evaluate(&t, &config_for(&t, temperature, weighted), Request::losses());
+        let e = evaluate(&t, &config_for(temperature, weighted), Request::losses());
         for v in terms(&e) {
             prop_assert!(v.is_finite());
         }
@@ -112,7 +111,7 @@ proptest! {
         prop_assert!(e.terms.soft_loss >= -1e-5, "soft_loss {}", e.terms.soft_loss);
         prop_assert!(e.terms.l2_loss >= 0.0 && e.terms.loss_c >= 0.0 && e.terms.loss_l >= 0.0);
         // Unequal class weights: no sign, but finite.
-        let config = LossConfig { neg_w: 2.0, pos_w: 0.5, ..config_for(&t, temperature, true) };
+        let config = LossConfig { neg_w: 2.0, pos_w: 0.5, ..config_for(temperature, true) };
         prop_assert!(terms(&evaluate(&t, &config, Request::losses())).iter().all(|v| v.is_finite()));
     }
 
@@ -138,7 +137,7 @@ proptest! {
                 prop_assume!(ious.len() < 2 || ious[0] == 0.0 || ious[1] < ious[0] * 0.999);
             }
         }
-        let config = config_for(&t, 1.0, true);
+        let config = config_for(1.0, true);
         let before = evaluate(&t, &config, Request::losses());
         let mut rotated = t.clone();
         for image in rotated.targets_mut().chunks_exact_mut(4 * 5) {
@@ -159,7 +158,7 @@ proptest! {
         factor in 0.25f32..4.0,
         weighted: bool,
     ) {
-        let config = LossConfig { num_classes: 5, temperature, neg_w: if weighted { 1.5 } else { 1.0 }, ..LossConfig::DEFAULT };
+        let config = LossConfig { temperature, neg_w: if weighted { 1.5 } else { 1.0 }, ..LossConfig::DEFAULT };
         let scaled = LossConfig { temperature: temperature * factor, ..config };
         let s2: Vec<f32> = student.iter().map(|v| v * factor).collect();
         let t2: Vec<f32> = teacher.iter().map(|v| v * factor).collect();
@@ -175,7 +174,7 @@ proptest! {
         for row in t.targets_mut().chunks_exact_mut(5) {
             row[4] = -1.0;
         }
-        let config = LossConfig { negatives_for_hard: t.shape().priors as u32, ..config_for(&t, 2.0, weighted) };
+        let config = LossConfig { negatives_for_hard: t.shape().priors as u32, ..config_for(2.0, weighted) };
         let base = evaluate(&t, &config, Request::losses()).terms.soft_loss / 4.0;
         let mut s = t.clone();
         for v in s.student_conf_mut() {
@@ -196,7 +195,7 @@ proptest! {
         weighted: bool,
         picks in prop::collection::vec(any::<prop::sample::Index>(), 24),
     ) {
-        let config = LossConfig { reg_m: 0.1, ..config_for(&t, temperature, weighted) };
+        let config = LossConfig { reg_m: 0.1, ..config_for(temperature, weighted) };
         let config = if weighted { LossConfig { pos_w: 0.8, neg_w: 2.0, ..config } } else { config };
         let request = Request { gradients: true, decisions: true, ..Request::default() };
         let e = evaluate(&t, &config, request);

@@ -302,7 +302,6 @@ mod tests {
             let num_classes = 2 + case % 30;
             let weighted = case % 2 == 1;
             let config = LossConfig {
-                num_classes: num_classes as u32,
                 temperature: [1.0, 2.0, 4.0, 0.5, 20.0, 0.05, 10.0][case % 7],
                 neg_w: if weighted { 1.5 } else { 1.0 },
                 ..LossConfig::DEFAULT
@@ -334,10 +333,7 @@ mod tests {
     /// and the target's cross-entropy entry is negative.
     #[test]
     fn a_plain_row_gradient_sums_to_zero() {
-        let config = LossConfig {
-            num_classes: 4,
-            ..LossConfig::DEFAULT
-        };
+        let config = LossConfig::DEFAULT;
         let scale = GradScale::new(&config, 2);
         let student = [1.0, -2.0, 0.5, 3.0];
         let teacher = [0.0, 1.0, -1.0, 2.0];

@@ -317,10 +317,7 @@ mod tests {
             classes: 3,
             objects: 1,
         };
-        let config = LossConfig {
-            num_classes: 3,
-            ..LossConfig::DEFAULT
-        };
+        let config = LossConfig::DEFAULT;
         let kept = gpu.engine.create_batch(shape).unwrap();
         gpu.evaluate_resident(&kept, &config, GpuRequest::default())
             .unwrap();

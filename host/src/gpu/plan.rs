@@ -896,10 +896,7 @@ mod tests {
             gradients: true,
             ..Wanted::default()
         };
-        let config = LossConfig {
-            num_classes: 21,
-            ..LossConfig::DEFAULT
-        };
+        let config = LossConfig::DEFAULT;
         let recording = Recording::evaluation(&shape, &config, &limits(64 << 20), wanted).unwrap();
         let chunks = &recording.chunks;
         assert_eq!(recording.uploads.len(), chunks.len());
