@@ -45,9 +45,10 @@ impl BatchShape {
 /// Borrowed batch tensors (SPEC §1), flat row-major f32, whose lengths agree with their
 /// shape: [`Batch::new`] and [`Batch::without_teacher`] are the only ways to make one.
 ///
-/// A batch without teacher tensors (issue 9 point 4: the plain MultiBox loss that trains
-/// the teacher) is evaluated as the KD loss with the soft and L2 weights 0, its `soft_loss`,
-/// `l2_loss`, `num_bounded` and their sums reported as 0 ([`crate::Backend::evaluate`]).
+/// A batch without teacher tensors (SPEC §10, issue 9 point 4: the plain MultiBox loss that
+/// trains the teacher) is evaluated as the KD loss with the soft and L2 weights 0, its
+/// `soft_loss`, `l2_loss`, `num_bounded` and their sums reported as 0
+/// ([`crate::Backend::evaluate`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
     shape: BatchShape,
