@@ -153,10 +153,12 @@ pub fn evaluate(
         Choice::Auto => cache
             .auto
             .get_or_insert_with(|| Backend::auto(|e| fallback = Some(e.to_string()))),
-        Choice::Gpu => match cache
-            .gpu
-            .get_or_insert_with(|| Backend::gpu().map_err(|e| e.to_string()))
-        {
+        Choice::Gpu => match cache.gpu.get_or_insert_with(|| {
+            Backend::gpu().map_err(|e| match e {
+                Error::NoAdapter(why) => why,
+                other => other.to_string(),
+            })
+        }) {
             Ok(gpu) => gpu,
             Err(why) => return Err(Error::NoAdapter(why.clone())),
         },
