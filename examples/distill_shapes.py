@@ -127,14 +127,21 @@ def make_split(count, seed):
 
 
 def batches(images, objects, batch_size, generator=None):
-    """Mini-batches of (float images, list of per-image [M_i, 5] targets), shuffled when a
-    generator is given."""
+    """Mini-batches of (float images, list of per-image [M_i, 5] targets). With a generator
+    (training), shuffled and half of the images flipped left-right (every shape here is
+    symmetric that way), which keeps the small training split from being memorised."""
     n = len(images)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size].numpy()
         x = torch.from_numpy(images[idx]).float().div_(255.0)
-        yield x, [torch.from_numpy(objects[j]) for j in idx]
+        targets = [torch.from_numpy(objects[j]).clone() for j in idx]
+        if generator is not None:
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x[flip] = x[flip].flip(-1)
+            for t in (t for t, f in zip(targets, flip) if f):
+                t[:, [0, 2]] = 1.0 - t[:, [2, 0]]
+        yield x, targets
 
 
 # --------------------------------------------------------------------------- models
