@@ -21,7 +21,7 @@ rectangles, ellipses and triangles in varied colours and sizes, sometimes overla
 textured noise.
 
     pip install ./python torchvision torchmetrics faster-coco-eval tqdm matplotlib
-    python examples/distill_shapes.py --out runs/shapes            # about 5 minutes on 2 cores
+    python examples/distill_shapes.py --out runs/shapes            # about 3 minutes on 2 cores
     python examples/distill_shapes.py --out runs/quick --quick     # under 90 seconds
 """
 
