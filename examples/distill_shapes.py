@@ -193,13 +193,13 @@ class TinySSD(nn.Module):
 # --------------------------------------------------------------------------- training
 
 
-def run_epoch(stage, model, data, priors, loss_fn, desc, optimizer=None, scheduler=None, teacher=None):
-    """One pass over `data`; returns the mean of every term and of the total. Trains when an
+def run_epoch(stage, model, data, steps, priors, loss_fn, desc, optimizer=None, scheduler=None, teacher=None):
+    """One pass over `data` (`steps` mini-batches, for the bar); returns the mean of every term and of the total. Trains when an
     optimizer is given."""
     training = optimizer is not None
     model.train(training)
     sums, count = {}, 0
-    bar = tqdm(data, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(data, desc=desc, total=steps, leave=False, dynamic_ncols=True, mininterval=0.5)
     for images, targets in bar:
         images = images.to(priors.device)
         targets = [t.to(priors.device) for t in targets]
@@ -246,12 +246,12 @@ def train_stage(stage, title, model, train, val, priors, loss_fn, args, teacher=
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         train_means = run_epoch(
-            stage, model, batches(*train, args.batch, shuffle), priors, loss_fn,
+            stage, model, batches(*train, args.batch, shuffle), steps_per_epoch, priors, loss_fn,
             f"Epoch {epoch}/{args.epochs} train", optimizer, scheduler, teacher,
         )
         with torch.no_grad():
             val_means = run_epoch(
-                stage, model, batches(*val, args.batch), priors, loss_fn,
+                stage, model, batches(*val, args.batch), math.ceil(len(val[0]) / args.batch), priors, loss_fn,
                 f"Epoch {epoch}/{args.epochs} val  ", teacher=teacher,
             )
         seconds = time.perf_counter() - start
