@@ -1,12 +1,19 @@
 //! The CPU backend: the core's per-image stages on every core (rayon), images summed in
-//! image order so that the result does not depend on the thread count.
+//! image order so that the result does not depend on the thread count. The forward pass
+//! takes the fast path of [`fast`] (the exact log-sum-exp only where it can change the
+//! result, bounds from the vectorised kernels of `simd.rs` elsewhere), whose sums and
+//! decisions are the core reference's, bit for bit.
+
+pub mod fast;
+mod simd;
 
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::error::Result;
 use rayon::prelude::*;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
-use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
+use fast::{forward_image_fast, FastScratch};
+use ssdkd_core::{backward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
 
 /// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
 const MAX_POOLED: usize = 256;
@@ -16,8 +23,11 @@ const MAX_POOLED: usize = 256;
 /// backend frees them. Each backend has its own: two never share state.
 #[derive(Debug, Default)]
 pub struct CpuBackend {
-    workspaces: Vec<ImageWorkspace>,
+    workspaces: Vec<Workspace>,
 }
+
+/// One image's core workspace and the fast path's scratch.
+type Workspace = (ImageWorkspace, FastScratch);
 
 impl CpuBackend {
     /// A CPU backend with no workspaces yet.
@@ -32,14 +42,14 @@ impl CpuBackend {
         self.workspaces.len()
     }
 
-    fn take_workspaces(&mut self, count: usize) -> Vec<ImageWorkspace> {
+    fn take_workspaces(&mut self, count: usize) -> Vec<Workspace> {
         let keep = self.workspaces.len().saturating_sub(count);
         let mut taken = self.workspaces.split_off(keep);
-        taken.resize_with(count, ImageWorkspace::default);
+        taken.resize_with(count, Workspace::default);
         taken
     }
 
-    fn return_workspaces(&mut self, workspaces: Vec<ImageWorkspace>) {
+    fn return_workspaces(&mut self, workspaces: Vec<Workspace>) {
         let room = MAX_POOLED.saturating_sub(self.workspaces.len());
         self.workspaces.extend(workspaces.into_iter().take(room));
     }
@@ -77,14 +87,14 @@ fn evaluate_with(
     batch: &Batch<'_>,
     config: &LossConfig,
     request: Request,
-    mut pooled: Vec<ImageWorkspace>,
-) -> (Evaluation, Vec<ImageWorkspace>) {
+    mut pooled: Vec<Workspace>,
+) -> (Evaluation, Vec<Workspace>) {
     let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
-    let (per_image, mut workspaces): (Vec<LossSums>, Vec<ImageWorkspace>) = (0..shape.batch)
+    let (per_image, mut workspaces): (Vec<LossSums>, Vec<Workspace>) = (0..shape.batch)
         .into_par_iter()
         .zip(pooled.par_drain(..))
-        .map(|(i, mut workspace)| {
+        .map(|(i, (mut workspace, mut fast))| {
             workspace.resize(p, shape.objects);
             let (mut scratch, mut targets) = workspace.split();
             let offsets = if request.decisions {
@@ -92,8 +102,15 @@ fn evaluate_with(
             } else {
                 Offsets::Positives
             };
-            let sums = forward_image(&batch.image(i), config, offsets, &mut scratch, &mut targets);
-            (sums, workspace)
+            let sums = forward_image_fast(
+                &batch.image(i),
+                config,
+                offsets,
+                &mut scratch,
+                &mut targets,
+                &mut fast,
+            );
+            (sums, (workspace, fast))
         })
         .unzip();
     let sums = reduce_batch(&per_image);
@@ -110,7 +127,7 @@ fn evaluate_with(
             .zip(grads.student_loc.par_chunks_mut(p * 4))
             .zip(workspaces.par_iter_mut())
             .enumerate()
-            .for_each(|(i, ((grad_conf, grad_loc), workspace))| {
+            .for_each(|(i, ((grad_conf, grad_loc), (workspace, _)))| {
                 let (_, targets) = workspace.split();
                 backward_image(
                     &batch.image(i),
@@ -127,7 +144,7 @@ fn evaluate_with(
 
     let decisions = request.decisions.then(|| {
         let mut decisions = Decisions::default();
-        for workspace in &mut workspaces {
+        for (workspace, _) in &mut workspaces {
             let (_, targets) = workspace.split();
             decisions.conf_target.extend_from_slice(targets.conf_target);
             decisions

@@ -1,0 +1,180 @@
+//! Vectorised kernels of the CPU fast path, compiled for AVX-512, AVX2+FMA and NEON and
+//! chosen at run time by [`multiversion`] (scalar baseline otherwise). Each is a flat
+//! loop over a contiguous block that the compiler vectorises at the selected width: no
+//! intrinsics, no horizontal work inside a row.
+//!
+//! The approximations here ([`exp_approx`], [`ln_approx`]) feed only the bounds of
+//! `fast.rs`; no value they return reaches a loss or a gradient. Their error is held by
+//! tests (`tests` below) well inside the margin the bounds add.
+
+use multiversion::multiversion;
+
+/// 1.5 · 2²³: adding it rounds an f32 of magnitude below 2²² to an integer, which its low
+/// mantissa bits then hold.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+const LOG2_E: f32 = core::f32::consts::LOG2_E;
+/// ln 2 split so that `n · LN2_HI` is exact for |n| ≤ 2⁸ (Cody–Waite).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// `e^x` to about 2 ulp for x in [−87, 88]; 0 below, +∞ above, NaN for NaN. Branch-free,
+/// so that a loop of it vectorises.
+#[inline(always)]
+#[must_use]
+pub fn exp_approx(x: f32) -> f32 {
+    let clamped = x.clamp(-87.0, 88.0);
+    let t = clamped * LOG2_E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    // Cephes `expf` polynomial on |r| ≤ ln2/2.
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let poly = p * (r * r) + r + 1.0;
+    let n_int = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
+    let scale = f32::from_bits((n_int.wrapping_add(127) << 23) as u32);
+    let y = poly * scale;
+    let y = if x > 88.0 { f32::INFINITY } else { y };
+    let y = if x < -87.0 { 0.0 } else { y };
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+/// `ln x` to about 2 ulp for finite x ≥ 1 (the sums of `fast.rs`, whose terms include
+/// e⁰ = 1); +∞ and NaN pass through. Branch-free.
+#[inline(always)]
+#[must_use]
+pub fn ln_approx(x: f32) -> f32 {
+    let bits = x.to_bits();
+    // x = 2^e · m with m in [1/√2, √2).
+    let shifted = bits.wrapping_sub(0x3f35_04f3); // bits of 1/√2
+    let e = (shifted as i32) >> 23;
+    let m = f32::from_bits((shifted & 0x007f_ffff).wrapping_add(0x3f35_04f3));
+    // ln m = 2 atanh(z), z = (m − 1)/(m + 1), |z| ≤ 0.1716.
+    let z = (m - 1.0) / (m + 1.0);
+    let z2 = z * z;
+    let mut s = 1.0 / 11.0_f32;
+    s = s * z2 + 1.0 / 9.0;
+    s = s * z2 + 1.0 / 7.0;
+    s = s * z2 + 1.0 / 5.0;
+    s = s * z2 + 1.0 / 3.0;
+    let ln_m = 2.0 * z + 2.0 * z * z2 * s;
+    let y = e as f32 * LN2_HI + (ln_m + e as f32 * LN2_LO);
+    if x < f32::INFINITY {
+        y
+    } else {
+        x // +∞ or NaN
+    }
+}
+
+/// `out[i] = ln Σ_c e^(row[c] − row[0])` for each row of the row-major `rows` (`C`
+/// classes, `out.len()` rows), through the flat buffer `flat` (at least `rows.len()`
+/// long): the shifted logits of all the rows one after another, their exponentials in
+/// one flat pass, then each row's sum (in any order: it only bounds) and one
+/// vectorised logarithm over the sums.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+pub fn shifted_log_sum_exp_block(rows: &[f32], classes: usize, flat: &mut [f32], out: &mut [f32]) {
+    let flat = &mut flat[..rows.len()];
+    for (dst, row) in flat.chunks_exact_mut(classes).zip(rows.chunks_exact(classes)) {
+        let first = row[0];
+        for (d, &x) in dst.iter_mut().zip(row) {
+            *d = x - first;
+        }
+    }
+    for v in flat.iter_mut() {
+        *v = exp_approx(*v);
+    }
+    for (o, row) in out.iter_mut().zip(flat.chunks_exact(classes)) {
+        // Four partial sums: independent chains instead of one long one.
+        let mut acc = [0.0_f32; 4];
+        let mut quads = row.chunks_exact(4);
+        for quad in &mut quads {
+            for (a, &v) in acc.iter_mut().zip(quad) {
+                *a += v;
+            }
+        }
+        let tail: f32 = quads.remainder().iter().sum();
+        *o = (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail;
+    }
+    for o in out.iter_mut() {
+        *o = ln_approx(*o);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relative error of `exp_approx` against f64 `exp` over [−87, 88] (a dense grid):
+    /// below 4e-7, far inside the 1e-5 that `fast.rs`'s margin allows.
+    #[test]
+    fn exp_approx_is_within_a_few_ulp() {
+        let mut worst = 0.0_f64;
+        let steps = 2_000_000;
+        for i in 0..=steps {
+            let x = -87.0 + 175.0 * (i as f32 / steps as f32);
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_approx(x));
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(0.0), 1.0);
+        assert_eq!(exp_approx(89.0), f32::INFINITY);
+        assert_eq!(exp_approx(-88.0), 0.0);
+        assert_eq!(exp_approx(-1e30), 0.0);
+        assert!(exp_approx(f32::NAN).is_nan());
+    }
+
+    /// Absolute error of `ln_approx` against f64 `ln` over [1, 1e30]: below 1e-6 + 1e-7·|ln x|.
+    #[test]
+    fn ln_approx_is_within_a_few_ulp() {
+        let mut x = 1.0_f32;
+        let mut count = 0;
+        while x < 1e30 {
+            let want = f64::from(x).ln();
+            let got = f64::from(ln_approx(x));
+            assert!(
+                (got - want).abs() <= 1e-6 + 1e-7 * want.abs(),
+                "ln({x}) = {got}, want {want}"
+            );
+            x = x * 1.000_37 + 1e-7;
+            count += 1;
+        }
+        assert!(count > 100_000);
+        assert_eq!(ln_approx(1.0), 0.0);
+        assert_eq!(ln_approx(f32::INFINITY), f32::INFINITY);
+        assert!(ln_approx(f32::NAN).is_nan());
+    }
+
+    /// The block kernel against the f64 definition, C = 2, 21, 81, 1000.
+    #[test]
+    fn the_block_kernel_matches_f64() {
+        for classes in [1, 2, 21, 81, 1000] {
+            let rows = 37;
+            let logits: Vec<f32> = (0..rows * classes)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 12.0)
+                .collect();
+            let mut flat = vec![0.0; logits.len()];
+            let mut out = vec![0.0; rows];
+            shifted_log_sum_exp_block(&logits, classes, &mut flat, &mut out);
+            for (r, row) in logits.chunks_exact(classes).enumerate() {
+                let want = row
+                    .iter()
+                    .map(|&x| (f64::from(x) - f64::from(row[0])).exp())
+                    .sum::<f64>()
+                    .ln();
+                assert!((f64::from(out[r]) - want).abs() < 2e-6 * (1.0 + want.abs()));
+            }
+        }
+    }
+}
