@@ -75,19 +75,14 @@ fn bound_scores(student_conf: &[f32], conf_target: &[u32], classes: usize, scrat
         .zip(scratch.lower.chunks_mut(rows_per_block))
         .zip(conf_target.chunks(rows_per_block));
     for (((rows, upper), lower), targets) in blocks {
-        shifted_log_sum_exp_block(rows, classes, &mut scratch.flat, upper);
-        for (((u, l), row), &target) in upper
-            .iter_mut()
-            .zip(lower.iter_mut())
-            .zip(rows.chunks_exact(classes))
-            .zip(targets)
-        {
+        // The block's largest |x| stands for each row's in the margin (looser, still a bound).
+        let max_abs = shifted_log_sum_exp_block(rows, classes, &mut scratch.flat, upper);
+        for ((u, l), &target) in upper.iter_mut().zip(lower.iter_mut()).zip(targets) {
             if target > 0 {
                 (*u, *l) = (0.0, 0.0);
                 continue;
             }
             let v = *u;
-            let max_abs = row.iter().fold(0.0_f32, |m, &x| m.max(x.abs()));
             let m = margin(max_abs, v, classes);
             // An overflowing sum, or NaN or ∞ input (which the value scan rejects): no
             // bound, so the prior stays a candidate and lowers no τ.

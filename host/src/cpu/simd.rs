@@ -77,18 +77,26 @@ pub fn ln_approx(x: f32) -> f32 {
 /// classes, `out.len()` rows), through the flat buffer `flat` (at least `rows.len()`
 /// long): the shifted logits of all the rows one after another, their exponentials in
 /// one flat pass, then each row's sum (in any order: it only bounds) and one
-/// vectorised logarithm over the sums.
+/// vectorised logarithm over the sums. Returns the largest `|x|` of the block (by the
+/// bits of `|x|`, an integer maximum that vectorises; NaN counts as larger than +∞).
 #[multiversion(targets(
     "x86_64+avx512f+avx512vl+avx2+fma",
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-pub fn shifted_log_sum_exp_block(rows: &[f32], classes: usize, flat: &mut [f32], out: &mut [f32]) {
+pub fn shifted_log_sum_exp_block(
+    rows: &[f32],
+    classes: usize,
+    flat: &mut [f32],
+    out: &mut [f32],
+) -> f32 {
     let flat = &mut flat[..rows.len()];
+    let mut abs_max_bits = 0_u32;
     for (dst, row) in flat.chunks_exact_mut(classes).zip(rows.chunks_exact(classes)) {
         let first = row[0];
         for (d, &x) in dst.iter_mut().zip(row) {
             *d = x - first;
+            abs_max_bits = abs_max_bits.max(x.to_bits() & 0x7fff_ffff);
         }
     }
     for v in flat.iter_mut() {
@@ -109,6 +117,7 @@ pub fn shifted_log_sum_exp_block(rows: &[f32], classes: usize, flat: &mut [f32],
     for o in out.iter_mut() {
         *o = ln_approx(*o);
     }
+    f32::from_bits(abs_max_bits)
 }
 
 #[cfg(test)]
@@ -166,7 +175,9 @@ mod tests {
                 .collect();
             let mut flat = vec![0.0; logits.len()];
             let mut out = vec![0.0; rows];
-            shifted_log_sum_exp_block(&logits, classes, &mut flat, &mut out);
+            let max_abs = shifted_log_sum_exp_block(&logits, classes, &mut flat, &mut out);
+            let want_max = logits.iter().fold(0.0_f32, |m, &x| m.max(x.abs()));
+            assert_eq!(max_abs, want_max);
             for (r, row) in logits.chunks_exact(classes).enumerate() {
                 let want = row
                     .iter()
