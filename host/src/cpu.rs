@@ -5,6 +5,7 @@
 //! decisions are the core reference's, bit for bit.
 
 pub mod fast;
+mod rows;
 mod simd;
 
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
@@ -13,7 +14,9 @@ use rayon::prelude::*;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
 use fast::{forward_image_fast, FastScratch};
-use ssdkd_core::{backward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
+use rows::{conf_grad_row, RowScratch};
+use ssdkd_core::stages::grad::grad_loc as loc_gradients;
+use ssdkd_core::{GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums};
 
 /// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
 const MAX_POOLED: usize = 256;
@@ -82,6 +85,45 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
     CpuBackend::new().evaluate(batch, config, request)
 }
 
+/// [`ssdkd_core::backward_image`] into zeroed buffers (`vec![0.0; n]`, whose untouched
+/// pages stay unmapped): only the selected rows' conf gradients (by [`rows::conf_grad_row`],
+/// the core's values with each exponential once) and the positives' loc gradients (the
+/// core's [`loc_gradients`]) are written.
+fn backward_rows(
+    inputs: &ImageInputs<'_>,
+    config: &LossConfig,
+    targets: &ImageTargets<'_>,
+    scale: &GradScale,
+    grad_conf: &mut [f32],
+    grad_loc: &mut [[f32; 4]],
+) {
+    let classes = grad_conf.len() / targets.conf_target.len().max(1);
+    if classes > 0 {
+        let mut scratch = RowScratch::default();
+        let rows = inputs
+            .student_conf
+            .chunks_exact(classes)
+            .zip(inputs.teacher_conf.chunks_exact(classes))
+            .zip(grad_conf.chunks_exact_mut(classes))
+            .zip(targets.conf_target.iter().zip(targets.neg_mask.iter()));
+        for (((student, teacher), out), (&label, &mined)) in rows {
+            if label > 0 || mined != 0 {
+                conf_grad_row(student, teacher, label, scale, config, out, &mut scratch);
+            }
+        }
+    }
+    loc_gradients(
+        inputs.student_loc,
+        inputs.teacher_loc,
+        targets.conf_target,
+        targets.loc_target,
+        scale,
+        config,
+        grad_loc,
+        true,
+    );
+}
+
 /// The evaluation itself, on `pooled` workspaces (one per image), which it hands back.
 fn evaluate_with(
     batch: &Batch<'_>,
@@ -129,14 +171,13 @@ fn evaluate_with(
             .enumerate()
             .for_each(|(i, ((grad_conf, grad_loc), (workspace, _)))| {
                 let (_, targets) = workspace.split();
-                backward_image(
+                backward_rows(
                     &batch.image(i),
                     config,
                     &targets,
                     &scale,
                     grad_conf,
                     bytemuck::cast_slice_mut(grad_loc),
-                    true, // vec![0.0; n] is zeroed (and untouched pages stay unmapped)
                 );
             });
         grads

@@ -188,9 +188,14 @@ fn check(tensors: &OwnedBatch, config: &LossConfig) {
     assert!(sums.num_neg > 0 || sums.num_pos == 0);
 }
 
-fn config(classes: usize) -> LossConfig {
+/// The default config (T = 1, class-weighted soft term) at `variant` 0; plain KL at T = 1,
+/// and both forms at T = 2 and 4, at 1..=5.
+fn config(classes: usize, variant: usize) -> LossConfig {
+    let (temperature, neg_w) = [(1.0, 1.5), (1.0, 1.0), (2.0, 1.5), (2.0, 1.0), (4.0, 1.5), (4.0, 1.0)][variant % 6];
     LossConfig {
         num_classes: classes as u32,
+        temperature,
+        neg_w,
         ..LossConfig::DEFAULT
     }
 }
@@ -205,8 +210,9 @@ proptest! {
         classes in prop::sample::select(vec![2_usize, 21, 81]),
         scale in prop::sample::select(vec![0.01_f32, 1.0, 4.0, 30.0, 1e4]),
         priors in 40_usize..400,
+        variant in 0_usize..6,
     ) {
-        check(&batch(seed, 3, priors, classes, Logits::Spread(scale)), &config(classes));
+        check(&batch(seed, 3, priors, classes, Logits::Spread(scale)), &config(classes, variant));
     }
 
     /// Scores crowded at and around the threshold, and exact ties broken by index.
@@ -216,9 +222,10 @@ proptest! {
         classes in prop::sample::select(vec![2_usize, 21, 81]),
         tied in any::<bool>(),
         priors in 40_usize..400,
+        variant in 0_usize..6,
     ) {
         let logits = if tied { Logits::Tied } else { Logits::Crowded };
-        check(&batch(seed, 2, priors, classes, logits), &config(classes));
+        check(&batch(seed, 2, priors, classes, logits), &config(classes, variant));
     }
 }
 
@@ -227,7 +234,7 @@ proptest! {
 fn a_thousand_classes_agree_with_the_reference() {
     for seed in 0..3 {
         for logits in [Logits::Spread(3.0), Logits::Crowded] {
-            check(&batch(seed, 2, 60, 1000, logits), &config(1000));
+            check(&batch(seed, 2, 60, 1000, logits), &config(1000, seed as usize));
         }
     }
 }
