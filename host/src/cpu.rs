@@ -5,6 +5,7 @@
 //! decisions are the core reference's, bit for bit.
 
 pub mod fast;
+pub mod matching;
 mod rows;
 mod simd;
 
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
 use fast::{forward_image_fast, FastScratch};
+use matching::PriorColumns;
 use rows::{conf_grad_row, RowScratch};
 use ssdkd_core::stages::grad::grad_loc as loc_gradients;
 use ssdkd_core::{GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums};
@@ -133,6 +135,7 @@ fn evaluate_with(
 ) -> (Evaluation, Vec<Workspace>) {
     let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
+    let columns = PriorColumns::new(bytemuck::cast_slice(batch.priors()));
     let (per_image, mut workspaces): (Vec<LossSums>, Vec<Workspace>) = (0..shape.batch)
         .into_par_iter()
         .zip(pooled.par_drain(..))
@@ -150,6 +153,7 @@ fn evaluate_with(
                 offsets,
                 &mut scratch,
                 &mut targets,
+                &columns,
                 &mut fast,
             );
             (sums, (workspace, fast))

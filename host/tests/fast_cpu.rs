@@ -44,7 +44,14 @@ fn batch(seed: u64, images: usize, priors: usize, classes: usize, logits: Logits
     let mut rng = Rng(seed);
     let objects = 3;
     let mut prior_rows = Vec::new();
-    for _ in 0..priors {
+    for p in 0..priors {
+        if p % 5 == 4 {
+            // A copy of an earlier prior: tied overlaps (the match's tie rules and rescans).
+            let q = 4 * (rng.next_u64() as usize % p);
+            let copy: [f32; 4] = prior_rows[q..q + 4].try_into().expect("4 values");
+            prior_rows.extend(copy);
+            continue;
+        }
         let (w, h) = (rng.range(0.05, 0.6), rng.range(0.05, 0.6));
         prior_rows.extend([rng.range(0.1, 0.9), rng.range(0.1, 0.9), w, h]);
     }

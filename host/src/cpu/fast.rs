@@ -19,15 +19,16 @@
 //!
 //! Every number that reaches the loss or the decisions is therefore the reference's, bit
 //! for bit (tested in `tests/fast_cpu.rs` against [`ssdkd_core::forward_image`]); the
-//! bounds decide only what need not be computed. The match, reduce and grad stages are
-//! the core's.
+//! bounds decide only what need not be computed. The match stage is `matching.rs` (the
+//! core's decisions, overlaps in blocks); the reduce stage is the core's.
 
 use super::simd::shifted_log_sum_exp_block;
 use ssdkd_core::stages::mine::{num_negatives, rank_key};
 use ssdkd_core::stages::prior_terms::{
     classes_of, cross_entropy, log_sum_exp, loc_terms, mining_score,
 };
-use ssdkd_core::stages::r#match::{match_image, Offsets};
+use super::matching::{match_image_fast, MatchScratch, PriorColumns};
+use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::{reduce_image, reduce_rows, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
 
@@ -47,6 +48,8 @@ pub struct FastScratch {
     flat: Vec<f32>,
     /// The candidates' prior indices.
     candidates: Vec<u32>,
+    /// The match stage's.
+    matching: MatchScratch,
 }
 
 /// The margin that covers, around `v` (from the vectorised kernel), the reference's f32
@@ -97,7 +100,8 @@ fn bound_scores(student_conf: &[f32], conf_target: &[u32], classes: usize, scrat
 
 /// The forward pass of one image, as [`ssdkd_core::forward_image`] computes it (same sums,
 /// same decisions, bit for bit), with the exact log-sum-exp only on the rows that can reach
-/// the loss. `scratch.mining_score` and the negatives' `prior_loss` are left as scratch
+/// the loss, and the match stage's overlaps taken a block of priors at a time (`columns`:
+/// the batch's priors, [`PriorColumns::new`]). `scratch.mining_score` and the negatives' `prior_loss` are left as scratch
 /// (the reference's values on the candidates).
 ///
 /// # Panics
@@ -108,17 +112,20 @@ pub fn forward_image_fast(
     offsets: Offsets,
     scratch: &mut ImageScratch<'_>,
     targets: &mut ImageTargets<'_>,
+    columns: &PriorColumns,
     fast: &mut FastScratch,
 ) -> LossSums {
-    let num_pos = match_image(
+    let num_pos = match_image_fast(
         inputs.targets,
         inputs.priors,
+        columns,
         config.overlap_threshold,
         config.variance,
         offsets,
         scratch.objects,
         targets.conf_target,
         targets.loc_target,
+        &mut fast.matching,
     );
     let priors = targets.conf_target.len();
     let classes = classes_of(inputs.student_conf.len(), priors);

@@ -120,6 +120,37 @@ pub fn shifted_log_sum_exp_block(
     f32::from_bits(abs_max_bits)
 }
 
+/// The overlaps (`inter`, `union`) of the corner box `truth` (`[xmin, ymin, xmax, ymax]`,
+/// area `truth_area`) with a block of priors given as columns `[x0, y0, x1, y1, area]`,
+/// with the operations of the core's `Overlap::of` in its order (glam's `min`/`max` are
+/// the selects written here), so the same bits; one flat pass over the block.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+pub fn overlaps_block(
+    truth: [f32; 4],
+    truth_area: f32,
+    priors: [&[f32]; 5],
+    inter: &mut [f32],
+    union: &mut [f32],
+) {
+    let [x0, y0, x1, y1, area] = priors;
+    let len = inter.len();
+    let (x0, y0, x1, y1, area) = (&x0[..len], &y0[..len], &x1[..len], &y1[..len], &area[..len]);
+    let union = &mut union[..len];
+    let min = |a: f32, b: f32| if a < b { a } else { b };
+    let max = |a: f32, b: f32| if a > b { a } else { b };
+    for i in 0..len {
+        let dx = max(min(truth[2], x1[i]) - max(truth[0], x0[i]), 0.0);
+        let dy = max(min(truth[3], y1[i]) - max(truth[1], y0[i]), 0.0);
+        let overlap = dx * dy;
+        inter[i] = overlap;
+        union[i] = truth_area + area[i] - overlap;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
