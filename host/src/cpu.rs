@@ -16,7 +16,7 @@ use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
 use fast::{forward_image_fast, FastScratch};
 use matching::PriorColumns;
-use rows::{conf_grad_row, RowScratch};
+use rows::conf_grad_row;
 use ssdkd_core::stages::grad::grad_loc as loc_gradients;
 use ssdkd_core::{GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums};
 
@@ -88,29 +88,30 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
 }
 
 /// [`ssdkd_core::backward_image`] into zeroed buffers (`vec![0.0; n]`, whose untouched
-/// pages stay unmapped): only the selected rows' conf gradients (by [`rows::conf_grad_row`],
-/// the core's values with each exponential once) and the positives' loc gradients (the
-/// core's [`loc_gradients`]) are written.
+/// pages stay unmapped): only the selected rows' conf gradients (by [`rows::conf_grad_row`]
+/// from the probabilities the forward pass kept in `kept`) and the positives' loc gradients
+/// (the core's [`loc_gradients`]) are written.
 fn backward_rows(
     inputs: &ImageInputs<'_>,
     config: &LossConfig,
     targets: &ImageTargets<'_>,
     scale: &GradScale,
+    kept: &[f64],
     grad_conf: &mut [f32],
     grad_loc: &mut [[f32; 4]],
 ) {
     let classes = grad_conf.len() / targets.conf_target.len().max(1);
     if classes > 0 {
-        let mut scratch = RowScratch::default();
+        let mut kept = kept.chunks_exact(2 * classes);
         let rows = inputs
             .student_conf
             .chunks_exact(classes)
-            .zip(inputs.teacher_conf.chunks_exact(classes))
             .zip(grad_conf.chunks_exact_mut(classes))
             .zip(targets.conf_target.iter().zip(targets.neg_mask.iter()));
-        for (((student, teacher), out), (&label, &mined)) in rows {
+        for ((student, out), (&label, &mined)) in rows {
             if label > 0 || mined != 0 {
-                conf_grad_row(student, teacher, label, scale, config, out, &mut scratch);
+                let row_kept = kept.next().expect("the forward pass kept every selected row");
+                conf_grad_row(student, label, scale, config, row_kept, out);
             }
         }
     }
@@ -154,6 +155,7 @@ fn evaluate_with(
                 &mut scratch,
                 &mut targets,
                 &columns,
+                request.gradients,
                 &mut fast,
             );
             (sums, (workspace, fast))
@@ -173,13 +175,14 @@ fn evaluate_with(
             .zip(grads.student_loc.par_chunks_mut(p * 4))
             .zip(workspaces.par_iter_mut())
             .enumerate()
-            .for_each(|(i, ((grad_conf, grad_loc), (workspace, _)))| {
+            .for_each(|(i, ((grad_conf, grad_loc), (workspace, fast)))| {
                 let (_, targets) = workspace.split();
                 backward_rows(
                     &batch.image(i),
                     config,
                     &targets,
                     &scale,
+                    &fast.kept,
                     grad_conf,
                     bytemuck::cast_slice_mut(grad_loc),
                 );

@@ -20,7 +20,8 @@
 //! Every number that reaches the loss or the decisions is therefore the reference's, bit
 //! for bit (tested in `tests/fast_cpu.rs` against [`ssdkd_core::forward_image`]); the
 //! bounds decide only what need not be computed. The match stage is `matching.rs` (the
-//! core's decisions, overlaps in blocks); the reduce stage is the core's.
+//! core's decisions, overlaps in blocks); the soft terms are `rows.rs` (the core's, their
+//! probabilities kept for the gradient); the per-image sums are the core's.
 
 use super::simd::shifted_log_sum_exp_block;
 use ssdkd_core::stages::mine::{num_negatives, rank_key};
@@ -29,7 +30,8 @@ use ssdkd_core::stages::prior_terms::{
 };
 use super::matching::{match_image_fast, MatchScratch, PriorColumns};
 use ssdkd_core::stages::r#match::Offsets;
-use ssdkd_core::stages::reduce::{reduce_image, reduce_rows, LossSums};
+use super::rows::soft_term;
+use ssdkd_core::stages::reduce::{reduce_image, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
 
 /// Floats per flat block of the bound kernel (whole rows; at least one row).
@@ -50,6 +52,8 @@ pub struct FastScratch {
     candidates: Vec<u32>,
     /// The match stage's.
     matching: MatchScratch,
+    /// Each selected row's `p_c` then `q_c`, in prior order (`rows::soft_term`).
+    pub(super) kept: Vec<f64>,
 }
 
 /// The margin that covers, around `v` (from the vectorised kernel), the reference's f32
@@ -101,7 +105,8 @@ fn bound_scores(student_conf: &[f32], conf_target: &[u32], classes: usize, scrat
 /// The forward pass of one image, as [`ssdkd_core::forward_image`] computes it (same sums,
 /// same decisions, bit for bit), with the exact log-sum-exp only on the rows that can reach
 /// the loss, and the match stage's overlaps taken a block of priors at a time (`columns`:
-/// the batch's priors, [`PriorColumns::new`]). `scratch.mining_score` and the negatives' `prior_loss` are left as scratch
+/// the batch's priors, [`PriorColumns::new`]). With `keep_rows` the selected rows'
+/// probabilities are kept in `fast` for the backward pass. `scratch.mining_score` and the negatives' `prior_loss` are left as scratch
 /// (the reference's values on the candidates).
 ///
 /// # Panics
@@ -113,6 +118,7 @@ pub fn forward_image_fast(
     scratch: &mut ImageScratch<'_>,
     targets: &mut ImageTargets<'_>,
     columns: &PriorColumns,
+    keep_rows: bool,
     fast: &mut FastScratch,
 ) -> LossSums {
     let num_pos = match_image_fast(
@@ -199,14 +205,21 @@ pub fn forward_image_fast(
         k as u32
     };
 
-    reduce_rows(
-        inputs.student_conf,
-        inputs.teacher_conf,
-        targets.conf_target,
-        targets.neg_mask,
-        config,
-        scratch.row_soft,
-    );
+    // The core's `reduce_rows`, keeping each selected row's probabilities for the backward
+    // pass when `keep_rows`.
+    fast.kept.clear();
+    let rows = inputs
+        .student_conf
+        .chunks_exact(classes.max(1))
+        .zip(inputs.teacher_conf.chunks_exact(classes.max(1)));
+    for (p, (student_row, teacher_row)) in rows.enumerate() {
+        let selected = targets.conf_target[p] > 0 || targets.neg_mask[p] != 0;
+        scratch.row_soft[p] = if selected {
+            soft_term(student_row, teacher_row, config, keep_rows, &mut fast.kept)
+        } else {
+            0.0
+        };
+    }
     reduce_image(
         targets.conf_target,
         targets.neg_mask,

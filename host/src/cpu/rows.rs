@@ -1,58 +1,96 @@
-//! The selected rows' conf gradient of the core's [`conf_grad_row`], bit for bit, with each
-//! exponential taken once: the core's closures compute `p_c` and `q_c` twice per class in
-//! the class-weighted form, and at T = 1 the softmax of the cross-entropy term is `p_c`
-//! itself (the same f64 expression: `x · 1 = x`, and `lse_s` is then `lse`). Tested against
-//! the core in `tests/fast_cpu.rs` (gradients compared with `assert_eq`).
+//! The selected rows' soft term and conf gradient, bit for bit the core's
+//! ([`ssdkd_core::stages::reduce::soft_term`], [`ssdkd_core::stages::grad::conf_grad_row`]),
+//! with each exponential taken once: the soft term (forward) keeps each selected row's
+//! `p_c = softmax(student / T)_c` and `q_c = softmax(teacher / T)_c`, which the gradient
+//! (backward) computes again in the core from the same f64 expressions; at T = 1 the
+//! cross-entropy's softmax is `p_c` itself (`x · 1 = x`, and the student's log-sum-exp at
+//! scale 1 is then `lse_s`). Tested against the core in `tests/fast_cpu.rs` (sums and
+//! gradients compared with `assert_eq`).
 
-use ssdkd_core::math::exp_f64;
+use ssdkd_core::math::{exp_f64, ln_f64};
 use ssdkd_core::stages::grad::GradScale;
 use ssdkd_core::stages::prior_terms::{row_max, shifted_log_sum_exp_f64};
 use ssdkd_core::LossConfig;
 
-/// Per-thread scratch: each class's `p_c` and `q_c`.
-#[derive(Clone, Debug, Default)]
-pub struct RowScratch {
-    p: Vec<f64>,
-    q: Vec<f64>,
-}
-
-/// [`ssdkd_core::stages::grad::conf_grad_row`], the same operations on the same values,
-/// each exponential once.
-pub fn conf_grad_row(
+/// The core's `soft_term` of one selected row; with `keep`, appends the row's `p_c` then
+/// its `q_c` (2C values) to `kept` for [`conf_grad_row`].
+pub fn soft_term(
     student_row: &[f32],
     teacher_row: &[f32],
-    target: u32,
-    scale: &GradScale,
     config: &LossConfig,
-    out: &mut [f32],
-    scratch: &mut RowScratch,
-) {
+    keep: bool,
+    kept: &mut Vec<f64>,
+) -> f64 {
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
     let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
-    let lse = shifted_log_sum_exp_f64(student_row, max_s, 1.0);
-    let unit = inv_t == 1.0;
-    let lse_s = if unit {
-        lse
-    } else {
-        shifted_log_sum_exp_f64(student_row, max_s, inv_t)
-    };
+    let lse_s = shifted_log_sum_exp_f64(student_row, max_s, inv_t);
     let lse_t = shifted_log_sum_exp_f64(teacher_row, max_t, inv_t);
     let shifted = |x: f32, max: f32| f64::from(x) - f64::from(max);
+    let start = kept.len();
+    let classes = student_row.len();
+    if keep {
+        kept.resize(start + 2 * classes, 0.0);
+    }
+    let mut sum = 0.0;
+    if config.weighted_soft_loss() {
+        let eps = f64::from(config.eps);
+        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
+            let q_raw = exp_f64(shifted(te, max_t) * inv_t - lse_t);
+            let p_raw = exp_f64(shifted(s, max_s) * inv_t - lse_s);
+            if keep {
+                kept[start + c] = p_raw;
+                kept[start + classes + c] = q_raw;
+            }
+            let (q, p) = (q_raw + eps, p_raw + eps);
+            let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
+            sum += w * q * (ln_f64(q) - ln_f64(p));
+        }
+    } else {
+        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
+            let log_q = shifted(te, max_t) * inv_t - lse_t;
+            let q = exp_f64(log_q);
+            let log_p = shifted(s, max_s) * inv_t - lse_s;
+            if keep {
+                kept[start + c] = exp_f64(log_p);
+                kept[start + classes + c] = q;
+            }
+            if q > 0.0 {
+                sum += q * (log_q - log_p);
+            }
+        }
+    }
+    t * t * sum
+}
+
+/// The core's `conf_grad_row` of one selected row from the `p_c`, `q_c` that
+/// [`soft_term`] kept (`kept`: 2C values).
+pub fn conf_grad_row(
+    student_row: &[f32],
+    target: u32,
+    scale: &GradScale,
+    config: &LossConfig,
+    kept: &[f64],
+    out: &mut [f32],
+) {
+    let classes = student_row.len();
+    let (p, q) = kept.split_at(classes);
+    let t = f64::from(config.temperature);
+    let inv_t = 1.0 / t;
+    let unit = inv_t == 1.0;
+    let max_s = row_max(student_row);
+    let lse = if unit {
+        0.0 // not read: the softmax is p
+    } else {
+        shifted_log_sum_exp_f64(student_row, max_s, 1.0)
+    };
     let conf_scale = f64::from(scale.conf);
     let soft_scale = f64::from(scale.soft) * t;
-    scratch.p.clear();
-    scratch.q.clear();
-    for (&s, &te) in student_row.iter().zip(teacher_row) {
-        scratch.p.push(exp_f64(shifted(s, max_s) * inv_t - lse_s));
-        scratch.q.push(exp_f64(shifted(te, max_t) * inv_t - lse_t));
-    }
-    let (p, q) = (&scratch.p, &scratch.q);
     let cross_entropy = |c: usize| {
         let softmax = if unit {
             p[c]
         } else {
-            exp_f64(shifted(student_row[c], max_s) - lse)
+            exp_f64(f64::from(student_row[c]) - f64::from(max_s) - lse)
         };
         softmax - f64::from(u8::from(c as u32 == target))
     };
