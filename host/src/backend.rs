@@ -88,7 +88,8 @@ impl Backend {
         request: Request,
     ) -> Result<Evaluation> {
         let eval = match self {
-            Backend::Cpu(cpu) => cpu.evaluate(batch, config, request),
+            // The CPU backend checks the gradient rows as it writes them (cpu.rs).
+            Backend::Cpu(cpu) => return cpu.evaluate_checked(batch, config, request),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
         }?;
