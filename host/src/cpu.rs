@@ -11,13 +11,13 @@ mod simd;
 
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::error::{Error, Result};
-use rayon::prelude::*;
-use ssdkd_core::stages::r#match::Offsets;
-use ssdkd_core::stages::reduce::reduce_batch;
 use fast::{forward_image_fast, FastScratch};
 use matching::PriorColumns;
+use rayon::prelude::*;
 use rows::conf_grad_row;
 use ssdkd_core::stages::grad::grad_loc as loc_gradients;
+use ssdkd_core::stages::r#match::Offsets;
+use ssdkd_core::stages::reduce::reduce_batch;
 use ssdkd_core::{GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums};
 
 /// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
@@ -149,7 +149,9 @@ fn backward_rows(
             .zip(targets.conf_target.iter().zip(targets.neg_mask.iter()));
         for (p, ((student, out), (&label, &mined))) in rows.enumerate() {
             if label > 0 || mined != 0 {
-                let row_kept = kept.next().expect("the forward pass kept every selected row");
+                let row_kept = kept
+                    .next()
+                    .expect("the forward pass kept every selected row");
                 conf_grad_row(student, label, scale, config, row_kept, out);
                 if first_bad.conf.is_none() {
                     if let Some(c) = out.iter().position(|g| !g.is_finite()) {

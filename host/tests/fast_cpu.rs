@@ -64,7 +64,13 @@ fn batch(seed: u64, images: usize, priors: usize, classes: usize, logits: Logits
             } else {
                 (rng.next_u64() % (classes as u64 - 1).max(1)) as f32
             };
-            targets.extend([x, y, x + rng.range(0.1, 0.4), y + rng.range(0.1, 0.4), label]);
+            targets.extend([
+                x,
+                y,
+                x + rng.range(0.1, 0.4),
+                y + rng.range(0.1, 0.4),
+                label,
+            ]);
         }
     }
     let n = images * priors * classes;
@@ -96,7 +102,11 @@ fn batch(seed: u64, images: usize, priors: usize, classes: usize, logits: Logits
         }
     }
     let teacher_conf = (0..n).map(|_| rng.range(-4.0, 4.0)).collect();
-    let loc = |rng: &mut Rng| -> Vec<f32> { (0..images * priors * 4).map(|_| rng.range(-2.0, 2.0)).collect() };
+    let loc = |rng: &mut Rng| -> Vec<f32> {
+        (0..images * priors * 4)
+            .map(|_| rng.range(-2.0, 2.0))
+            .collect()
+    };
     let student_loc = loc(&mut rng);
     let teacher_loc = loc(&mut rng);
     let shape = BatchShape {
@@ -123,18 +133,32 @@ fn batch(seed: u64, images: usize, priors: usize, classes: usize, logits: Logits
 fn reference(
     tensors: &OwnedBatch,
     config: &LossConfig,
-) -> (ssdkd::LossSums, Vec<u32>, Vec<f32>, Vec<u8>, Vec<f32>, Vec<f32>) {
+) -> (
+    ssdkd::LossSums,
+    Vec<u32>,
+    Vec<f32>,
+    Vec<u8>,
+    Vec<f32>,
+    Vec<f32>,
+) {
     let batch = tensors.batch();
     let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
-    let mut workspaces: Vec<ImageWorkspace> =
-        (0..shape.batch).map(|_| ImageWorkspace::new(p, shape.objects)).collect();
+    let mut workspaces: Vec<ImageWorkspace> = (0..shape.batch)
+        .map(|_| ImageWorkspace::new(p, shape.objects))
+        .collect();
     let per_image: Vec<_> = workspaces
         .iter_mut()
         .enumerate()
         .map(|(i, w)| {
             let (mut scratch, mut targets) = w.split();
-            forward_image(&batch.image(i), config, Offsets::All, &mut scratch, &mut targets)
+            forward_image(
+                &batch.image(i),
+                config,
+                Offsets::All,
+                &mut scratch,
+                &mut targets,
+            )
         })
         .collect();
     let sums = reduce_batch(&per_image);
@@ -198,7 +222,14 @@ fn check(tensors: &OwnedBatch, config: &LossConfig) {
 /// The default config (T = 1, class-weighted soft term) at `variant` 0; plain KL at T = 1,
 /// and both forms at T = 2 and 4, at 1..=5.
 fn config(classes: usize, variant: usize) -> LossConfig {
-    let (temperature, neg_w) = [(1.0, 1.5), (1.0, 1.0), (2.0, 1.5), (2.0, 1.0), (4.0, 1.5), (4.0, 1.0)][variant % 6];
+    let (temperature, neg_w) = [
+        (1.0, 1.5),
+        (1.0, 1.0),
+        (2.0, 1.5),
+        (2.0, 1.0),
+        (4.0, 1.5),
+        (4.0, 1.0),
+    ][variant % 6];
     LossConfig {
         num_classes: classes as u32,
         temperature,
@@ -241,7 +272,10 @@ proptest! {
 fn a_thousand_classes_agree_with_the_reference() {
     for seed in 0..3 {
         for logits in [Logits::Spread(3.0), Logits::Crowded] {
-            check(&batch(seed, 2, 60, 1000, logits), &config(1000, seed as usize));
+            check(
+                &batch(seed, 2, 60, 1000, logits),
+                &config(1000, seed as usize),
+            );
         }
     }
 }
@@ -251,4 +285,34 @@ fn a_thousand_classes_agree_with_the_reference() {
 fn the_bench_batch_agrees_with_the_reference() {
     let tensors = ssdkd::demo::synthetic_batch(&ssdkd::demo::SyntheticSpec::demo(4));
     check(&tensors, &LossConfig::DEFAULT);
+}
+
+/// The backend's check of the gradient rows it wrote finds what a full scan finds: the
+/// same error, naming the same first non-finite element (weights near f32's maximum and
+/// T = 1e6 make the selected rows' gradients overflow).
+#[test]
+fn the_written_rows_check_finds_what_the_full_scan_finds() {
+    let tensors = batch(5, 2, 200, 21, Logits::Spread(4.0));
+    let mut config = config(21, 0);
+    config.weights.soft = 3e38;
+    config.weights.conf = 3e38;
+    config.temperature = 1e6; // the soft gradient's factor w·T/N: 3e44/N
+    let request = Request {
+        gradients: true,
+        validate: false,
+        ..Request::default()
+    };
+    let unchecked = ssdkd::cpu::evaluate(&tensors.batch(), &config, request).expect("evaluates");
+    let scanned = unchecked
+        .check_finite()
+        .expect_err("the gradients overflow");
+    let mut backend = ssdkd::Backend::Cpu(ssdkd::cpu::CpuBackend::new());
+    let checked = backend
+        .evaluate(&tensors.batch(), &config, request)
+        .expect_err("the backend refuses the result");
+    assert!(matches!(
+        scanned,
+        ssdkd::Error::Numerical { index: Some(_), .. }
+    ));
+    assert_eq!(format!("{checked:?}"), format!("{scanned:?}"));
 }

@@ -23,14 +23,14 @@
 //! core's decisions, overlaps in blocks); the soft terms are `rows.rs` (the core's, their
 //! probabilities kept for the gradient); the per-image sums are the core's.
 
+use super::matching::{match_image_fast, MatchScratch, PriorColumns};
+use super::rows::soft_term;
 use super::simd::shifted_log_sum_exp_block;
 use ssdkd_core::stages::mine::{num_negatives, rank_key};
 use ssdkd_core::stages::prior_terms::{
-    classes_of, cross_entropy, log_sum_exp, loc_terms, mining_score,
+    classes_of, cross_entropy, loc_terms, log_sum_exp, mining_score,
 };
-use super::matching::{match_image_fast, MatchScratch, PriorColumns};
 use ssdkd_core::stages::r#match::Offsets;
-use super::rows::soft_term;
 use ssdkd_core::stages::reduce::{reduce_image, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
 
@@ -70,7 +70,12 @@ fn margin(max_abs: f32, v: f32, classes: usize) -> f32 {
 }
 
 /// Bounds every prior's mining score into `scratch.lower`/`upper` (positives exactly 0).
-fn bound_scores(student_conf: &[f32], conf_target: &[u32], classes: usize, scratch: &mut FastScratch) {
+fn bound_scores(
+    student_conf: &[f32],
+    conf_target: &[u32],
+    classes: usize,
+    scratch: &mut FastScratch,
+) {
     let priors = conf_target.len();
     scratch.lower.resize(priors, 0.0);
     scratch.upper.resize(priors, 0.0);
@@ -170,7 +175,9 @@ pub fn forward_image_fast(
         bound_scores(inputs.student_conf, targets.conf_target, classes, fast);
         fast.select.clear();
         fast.select.extend_from_slice(&fast.lower);
-        let (_, tau, _) = fast.select.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let (_, tau, _) = fast
+            .select
+            .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         let tau = *tau;
         fast.candidates.clear();
         for (p, &upper) in fast.upper.iter().enumerate() {
@@ -228,4 +235,45 @@ pub fn forward_image_fast(
         num_pos,
         num_neg,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{synthetic_batch, SyntheticSpec};
+    use ssdkd_core::ImageWorkspace;
+
+    /// On the bench's synthetic logits the bounds leave few candidates for the exact
+    /// log-sum-exp: at least k, at most a few times k, far fewer than P.
+    #[test]
+    fn the_bounds_skip_most_rows_of_the_bench_batch() {
+        let tensors = synthetic_batch(&SyntheticSpec::demo(2));
+        let batch = tensors.batch();
+        let shape = batch.shape();
+        let config = LossConfig::DEFAULT;
+        let columns = PriorColumns::new(bytemuck::cast_slice(batch.priors()));
+        for i in 0..shape.batch {
+            let mut workspace = ImageWorkspace::new(shape.priors, shape.objects);
+            let mut fast = FastScratch::default();
+            let (mut scratch, mut targets) = workspace.split();
+            let sums = forward_image_fast(
+                &batch.image(i),
+                &config,
+                Offsets::Positives,
+                &mut scratch,
+                &mut targets,
+                &columns,
+                false,
+                &mut fast,
+            );
+            let k = sums.num_neg as usize;
+            let candidates = fast.candidates.len();
+            assert!(k > 0);
+            assert!(
+                candidates >= k && candidates <= 4 * k + 64 && candidates < shape.priors / 8,
+                "{candidates} candidates for k = {k} of P = {}",
+                shape.priors
+            );
+        }
+    }
 }

@@ -77,7 +77,10 @@ pub fn ln_approx(x: f32) -> f32 {
 #[inline(always)]
 fn shift_rows(rows: &[f32], classes: usize, flat: &mut [f32]) -> u32 {
     let mut abs_max_bits = 0_u32;
-    for (dst, row) in flat.chunks_exact_mut(classes).zip(rows.chunks_exact(classes)) {
+    for (dst, row) in flat
+        .chunks_exact_mut(classes)
+        .zip(rows.chunks_exact(classes))
+    {
         let first = row[0];
         for (d, &x) in dst.iter_mut().zip(row) {
             *d = x - first;
@@ -93,11 +96,7 @@ fn shift_rows(rows: &[f32], classes: usize, flat: &mut [f32]) -> u32 {
 /// one flat pass, then each row's sum (in any order: it only bounds) and one
 /// vectorised logarithm over the sums. Returns the largest `|x|` of the block (by the
 /// bits of `|x|`, an integer maximum that vectorises; NaN counts as larger than +∞).
-#[multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn shifted_log_sum_exp_block(
     rows: &[f32],
     classes: usize,
@@ -138,11 +137,7 @@ pub fn shifted_log_sum_exp_block(
 /// area `truth_area`) with a block of priors given as columns `[x0, y0, x1, y1, area]`,
 /// with the operations of the core's `Overlap::of` in its order (glam's `min`/`max` are
 /// the selects written here), so the same bits; one flat pass over the block.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn overlaps_block(
     truth: [f32; 4],
     truth_area: f32,
