@@ -116,6 +116,7 @@ fn bound_scores(
 ///
 /// # Panics
 /// If the slices disagree on P, C or M.
+#[allow(clippy::too_many_arguments)] // forward_image's, plus the columns, a flag and scratch
 pub fn forward_image_fast(
     inputs: &ImageInputs<'_>,
     config: &LossConfig,
