@@ -9,8 +9,27 @@
 
 use ssdkd_core::math::{exp_f64, ln_f64};
 use ssdkd_core::stages::grad::GradScale;
-use ssdkd_core::stages::prior_terms::{row_max, shifted_log_sum_exp_f64};
+use ssdkd_core::stages::prior_terms::shifted_log_sum_exp_f64;
 use ssdkd_core::LossConfig;
+
+/// The core's `row_max`, the same value, by four independent chains instead of one: `max`
+/// (IEEE maxNum) is associative and commutative and passes over NaN, so the order does not
+/// change the result; only the sign of a zero maximum can differ, and a zero maximum enters
+/// the core's maths only as `x − max` with `x` ≠ 0 or as `e^(±0) = 1`.
+fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 4];
+    let mut quads = row.chunks_exact(4);
+    for quad in &mut quads {
+        for (lane, &x) in lanes.iter_mut().zip(quad) {
+            *lane = lane.max(x);
+        }
+    }
+    let tail = quads
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    lanes[0].max(lanes[1]).max(lanes[2].max(lanes[3])).max(tail)
+}
 
 /// The core's `soft_term` of one selected row; with `keep`, appends the row's `p_c` then
 /// its `q_c` (2C values) to `kept` for [`conf_grad_row`].
@@ -107,6 +126,36 @@ pub fn conf_grad_row(
     } else {
         for (c, o) in out.iter_mut().enumerate() {
             *o = (conf_scale * cross_entropy(c) + soft_scale * (p[c] - q[c])) as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The four-chain maximum is the core's, NaN and infinities included.
+    #[test]
+    fn row_max_is_the_cores() {
+        let rows: [&[f32]; 6] = [
+            &[1.0, -2.0, 3.5, 0.25, 7.0, -9.0, 2.0],
+            &[f32::NAN, -1.0, f32::NAN, -3.0, -0.5],
+            &[f32::NAN; 5],
+            &[-5.0],
+            &[
+                f32::NEG_INFINITY,
+                -1e30,
+                f32::INFINITY,
+                2.0,
+                0.0,
+                1.0,
+                3.0,
+                4.0,
+                5.0,
+            ],
+            &[],
+        ];
+        for row in rows {
+            let core = ssdkd_core::stages::prior_terms::row_max(row);
+            assert_eq!(super::row_max(row).to_bits(), core.to_bits(), "{row:?}");
         }
     }
 }
