@@ -6,8 +6,8 @@
 //! selected rows' and the positives' cross-entropies reach the sums. So:
 //!
 //! 1. every negative's score is bounded, `[v − margin, v + margin]` with
-//!    `v = ln Σ_c e^(row[c] − row[0])` taken by the vectorised kernel of `simd.rs` (flat
-//!    blocks of many rows), the margin covering that kernel's error and the core's f32
+//!    `v = ln Σ_c e^(row[c]) − row[0]` taken by the vectorised kernel of `simd.rs` (flat
+//!    blocks of many rows; no bound where the sum leaves [e⁻⁶⁰, f32::MAX]), the margin covering that kernel's error and the core's f32
 //!    rounding; a positive's score is exactly 0;
 //! 2. τ = the k-th largest lower bound: at least k priors score at least τ, so a prior
 //!    whose upper bound is below τ has k priors strictly above it and is not selected;
@@ -46,7 +46,7 @@ pub struct FastScratch {
     upper: Vec<f32>,
     /// A copy of `lower` for selecting τ.
     select: Vec<f32>,
-    /// One block of shifted logits and their exponentials.
+    /// The exponentials of one block of logits.
     flat: Vec<f32>,
     /// The candidates' prior indices.
     candidates: Vec<u32>,
@@ -61,9 +61,10 @@ pub struct FastScratch {
 /// - the two sums' rounding, each at most (C − 1)·2⁻²⁴ relative: `2e-7·C`;
 /// - the exponentials and logarithms, the kernel's within 4e-7 relative (its tests) and
 ///   `expf`/`logf` within 1 ulp: `4e-5` in all;
-/// - the roundings of the shifted logits (`x − max`, `x − row[0]`) and of the reference's
-///   two additions, each at most 2⁻²⁴ of a magnitude ≤ 2·max|x| or ≤ |v| + max|x|:
-///   `4e-7·(2·max|x| + |v|)`.
+/// - the roundings of the reference's shifted logits (`x − max`), of its two additions
+///   and of the kernel's `ln S − row[0]`, and the kernel's logarithm's error (below
+///   1e-6 + 1e-7·|ln S|, |ln S| ≤ max|x| + ln C), each at most 2⁻²⁴ of a magnitude
+///   ≤ 2·max|x| or ≤ |v| + max|x|: `4e-7·(2·max|x| + |v|)`.
 fn margin(max_abs: f32, v: f32, classes: usize) -> f32 {
     let sums = 4e-5 + 2e-7 * classes as f32;
     sums + 4e-7 * (2.0 * max_abs + v.abs())

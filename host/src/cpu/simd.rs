@@ -46,8 +46,9 @@ pub fn exp_approx(x: f32) -> f32 {
     }
 }
 
-/// `ln x` to about 2 ulp for finite x ≥ 1 (the sums of `fast.rs`, whose terms include
-/// e⁰ = 1); +∞ and NaN pass through. Branch-free.
+/// `ln x` to about 2 ulp for finite normal x > 0 (the row sums of
+/// [`shifted_log_sum_exp_block`], at least [`MIN_SUM`]); +∞ and NaN pass through.
+/// Branch-free.
 #[inline(always)]
 #[must_use]
 pub fn ln_approx(x: f32) -> f32 {
@@ -73,29 +74,17 @@ pub fn ln_approx(x: f32) -> f32 {
     }
 }
 
-/// `flat = rows − each row's first entry`; returns the largest bits of `|x|`.
-#[inline(always)]
-fn shift_rows(rows: &[f32], classes: usize, flat: &mut [f32]) -> u32 {
-    let mut abs_max_bits = 0_u32;
-    for (dst, row) in flat
-        .chunks_exact_mut(classes)
-        .zip(rows.chunks_exact(classes))
-    {
-        let first = row[0];
-        for (d, &x) in dst.iter_mut().zip(row) {
-            *d = x - first;
-            abs_max_bits = abs_max_bits.max(x.to_bits() & 0x7fff_ffff);
-        }
-    }
-    abs_max_bits
-}
+/// The smallest row sum [`shifted_log_sum_exp_block`] takes a logarithm of: e⁻⁶⁰. Below it
+/// the exponentials it flushes to 0 (each < e⁻⁸⁷) could matter, so the row gets no bound.
+const MIN_SUM: f32 = 8.7e-27;
 
-/// `out[i] = ln Σ_c e^(row[c] − row[0])` for each row of the row-major `rows` (`C`
-/// classes, `out.len()` rows), through the flat buffer `flat` (at least `rows.len()`
-/// long): the shifted logits of all the rows one after another, their exponentials in
-/// one flat pass, then each row's sum (in any order: it only bounds) and one
-/// vectorised logarithm over the sums. Returns the largest `|x|` of the block (by the
-/// bits of `|x|`, an integer maximum that vectorises; NaN counts as larger than +∞).
+/// `out[i] = ln Σ_c e^(row[c]) − row[0] = ln Σ_c e^(row[c] − row[0])` for each row of the
+/// row-major `rows` (`C` classes, `out.len()` rows), through the flat buffer `flat` (at
+/// least `rows.len()` long): the exponentials of all the rows' logits in one flat pass,
+/// then each row's sum (in any order: it only bounds), one vectorised logarithm over the
+/// sums, and the first logit off. A row whose sum overflows or falls below e⁻⁶⁰ gets NaN
+/// (no bound). Returns the largest `|x|` of the block (by the bits of `|x|`, an integer
+/// maximum that vectorises; NaN counts as larger than +∞).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn shifted_log_sum_exp_block(
     rows: &[f32],
@@ -104,16 +93,10 @@ pub fn shifted_log_sum_exp_block(
     out: &mut [f32],
 ) -> f32 {
     let flat = &mut flat[..rows.len()];
-    // The common class counts as constants, so that each row's loop is unrolled into
-    // full vectors (a row of 21 is one 16-lane and one masked vector, not a loop).
-    let abs_max_bits = match classes {
-        21 => shift_rows(rows, 21, flat),
-        81 => shift_rows(rows, 81, flat),
-        2 => shift_rows(rows, 2, flat),
-        _ => shift_rows(rows, classes, flat),
-    };
-    for v in flat.iter_mut() {
-        *v = exp_approx(*v);
+    let mut abs_max_bits = 0_u32;
+    for (v, &x) in flat.iter_mut().zip(rows) {
+        *v = exp_approx(x);
+        abs_max_bits = abs_max_bits.max(x.to_bits() & 0x7fff_ffff);
     }
     for (o, row) in out.iter_mut().zip(flat.chunks_exact(classes)) {
         // Four partial sums: independent chains instead of one long one.
@@ -127,8 +110,10 @@ pub fn shifted_log_sum_exp_block(
         let tail: f32 = quads.remainder().iter().sum();
         *o = (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail;
     }
-    for o in out.iter_mut() {
-        *o = ln_approx(*o);
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(classes)) {
+        let sum = *o;
+        let ln = ln_approx(sum) - row[0];
+        *o = if sum >= MIN_SUM { ln } else { f32::NAN };
     }
     f32::from_bits(abs_max_bits)
 }
@@ -184,10 +169,11 @@ mod tests {
         assert!(exp_approx(f32::NAN).is_nan());
     }
 
-    /// Absolute error of `ln_approx` against f64 `ln` over [1, 1e30]: below 1e-6 + 1e-7·|ln x|.
+    /// Absolute error of `ln_approx` against f64 `ln` over [8.7e-27, 1e30] (the sums it
+    /// takes): below 1e-6 + 1e-7·|ln x|.
     #[test]
     fn ln_approx_is_within_a_few_ulp() {
-        let mut x = 1.0_f32;
+        let mut x = MIN_SUM;
         let mut count = 0;
         while x < 1e30 {
             let want = f64::from(x).ln();
@@ -196,7 +182,7 @@ mod tests {
                 (got - want).abs() <= 1e-6 + 1e-7 * want.abs(),
                 "ln({x}) = {got}, want {want}"
             );
-            x = x * 1.000_37 + 1e-7;
+            x *= 1.000_37;
             count += 1;
         }
         assert!(count > 100_000);
@@ -225,6 +211,13 @@ mod tests {
                     .sum::<f64>()
                     .ln();
                 assert!((f64::from(out[r]) - want).abs() < 2e-6 * (1.0 + want.abs()));
+            }
+            // Sums out of range: no bound.
+            for (value, _) in [(-100.0_f32, "below e^-60"), (100.0, "overflow")] {
+                let logits = vec![value; 3 * classes];
+                let max_abs = shifted_log_sum_exp_block(&logits, classes, &mut flat, &mut out[..3]);
+                assert_eq!(max_abs, value.abs());
+                assert!(out[..3].iter().all(|v| !v.is_finite()), "{value}: {out:?}");
             }
         }
     }
