@@ -91,14 +91,18 @@ impl Backend {
     ) -> Result<Evaluation> {
         let config = &for_batch(config, batch.has_teacher());
         let mut eval = match self {
-            Backend::Cpu(cpu) => cpu.evaluate(batch, config, request),
+            // The CPU backend checks the gradient rows as it writes them (cpu.rs).
+            Backend::Cpu(cpu) => cpu.evaluate_checked(batch, config, request)?,
             #[cfg(feature = "gpu")]
-            Backend::Gpu(gpu) => gpu.evaluate(batch, config, request),
-        }?;
+            Backend::Gpu(gpu) => {
+                let eval = gpu.evaluate(batch, config, request)?;
+                eval.check_finite()?;
+                eval
+            }
+        };
         if !batch.has_teacher() {
             without_teacher_terms(&mut eval);
         }
-        eval.check_finite()?;
         Ok(eval)
     }
 

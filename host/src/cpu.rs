@@ -1,12 +1,24 @@
 //! The CPU backend: the core's per-image stages on every core (rayon), images summed in
-//! image order so that the result does not depend on the thread count.
+//! image order so that the result does not depend on the thread count. The forward pass
+//! takes the fast path of [`fast`] (the exact log-sum-exp only where it can change the
+//! result, bounds from the vectorised kernels of `simd.rs` elsewhere), whose sums and
+//! decisions are the core reference's, bit for bit.
+
+pub mod fast;
+pub mod matching;
+mod rows;
+mod simd;
 
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use fast::{forward_image_fast, FastScratch};
+use matching::PriorColumns;
 use rayon::prelude::*;
+use rows::conf_grad_row;
+use ssdkd_core::stages::grad::grad_loc as loc_gradients;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
-use ssdkd_core::{backward_image, forward_image, GradScale, ImageWorkspace, LossConfig, LossSums};
+use ssdkd_core::{GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums};
 
 /// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
 const MAX_POOLED: usize = 256;
@@ -16,8 +28,11 @@ const MAX_POOLED: usize = 256;
 /// backend frees them. Each backend has its own: two never share state.
 #[derive(Debug, Default)]
 pub struct CpuBackend {
-    workspaces: Vec<ImageWorkspace>,
+    workspaces: Vec<Workspace>,
 }
+
+/// One image's core workspace and the fast path's scratch.
+type Workspace = (ImageWorkspace, FastScratch);
 
 impl CpuBackend {
     /// A CPU backend with no workspaces yet.
@@ -32,14 +47,14 @@ impl CpuBackend {
         self.workspaces.len()
     }
 
-    fn take_workspaces(&mut self, count: usize) -> Vec<ImageWorkspace> {
+    fn take_workspaces(&mut self, count: usize) -> Vec<Workspace> {
         let keep = self.workspaces.len().saturating_sub(count);
         let mut taken = self.workspaces.split_off(keep);
-        taken.resize_with(count, ImageWorkspace::default);
+        taken.resize_with(count, Workspace::default);
         taken
     }
 
-    fn return_workspaces(&mut self, workspaces: Vec<ImageWorkspace>) {
+    fn return_workspaces(&mut self, workspaces: Vec<Workspace>) {
         let room = MAX_POOLED.saturating_sub(self.workspaces.len());
         self.workspaces.extend(workspaces.into_iter().take(room));
     }
@@ -57,8 +72,46 @@ impl CpuBackend {
     ) -> Result<Evaluation> {
         batch.check(config, request.validate)?;
         let pooled = self.take_workspaces(batch.shape().batch);
-        let (eval, workspaces) = evaluate_with(batch, config, request, pooled);
+        let (eval, workspaces, _) = evaluate_with(batch, config, request, pooled);
         self.return_workspaces(workspaces);
+        Ok(eval)
+    }
+
+    /// [`CpuBackend::evaluate`], then the checks of `Evaluation::check_finite` (the same
+    /// error for the same evaluation) without scanning the gradients: the backward pass
+    /// checked the rows it wrote, and the others are zeros.
+    ///
+    /// # Errors
+    /// As [`CpuBackend::evaluate`], and [`Error::Numerical`] for a non-finite term or
+    /// gradient element.
+    pub(crate) fn evaluate_checked(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: Request,
+    ) -> Result<Evaluation> {
+        batch.check(config, request.validate)?;
+        let pooled = self.take_workspaces(batch.shape().batch);
+        let (mut eval, workspaces, finite) = evaluate_with(batch, config, request, pooled);
+        self.return_workspaces(workspaces);
+        let gradients = eval.gradients.take();
+        eval.check_finite()?; // the terms
+        eval.gradients = gradients;
+        if let Some(g) = &eval.gradients {
+            let found = [
+                ("grad_student_conf", finite.conf, &g.student_conf),
+                ("grad_student_loc", finite.loc, &g.student_loc),
+            ];
+            for (what, index, values) in found {
+                if let Some(i) = index {
+                    return Err(Error::Numerical {
+                        what,
+                        index: Some(i),
+                        value: f64::from(values[i]),
+                    });
+                }
+            }
+        }
         Ok(eval)
     }
 }
@@ -72,19 +125,76 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
     CpuBackend::new().evaluate(batch, config, request)
 }
 
+/// [`ssdkd_core::backward_image`] into zeroed buffers ([`parallel_zeros`]): only the selected rows' conf gradients (by [`rows::conf_grad_row`]
+/// from the probabilities the forward pass kept in `kept`) and the positives' loc gradients
+/// (the core's [`loc_gradients`]) are written. Returns the first non-finite element of
+/// each that it wrote.
+fn backward_rows(
+    inputs: &ImageInputs<'_>,
+    config: &LossConfig,
+    targets: &ImageTargets<'_>,
+    scale: &GradScale,
+    kept: &[f64],
+    grad_conf: &mut [f32],
+    grad_loc: &mut [[f32; 4]],
+) -> FirstBad {
+    let mut first_bad = FirstBad::default();
+    let classes = grad_conf.len() / targets.conf_target.len().max(1);
+    if classes > 0 {
+        let mut kept = kept.chunks_exact(2 * classes);
+        let rows = inputs
+            .student_conf
+            .chunks_exact(classes)
+            .zip(grad_conf.chunks_exact_mut(classes))
+            .zip(targets.conf_target.iter().zip(targets.neg_mask.iter()));
+        for (p, ((student, out), (&label, &mined))) in rows.enumerate() {
+            if label > 0 || mined != 0 {
+                let row_kept = kept
+                    .next()
+                    .expect("the forward pass kept every selected row");
+                conf_grad_row(student, label, scale, config, row_kept, out);
+                if first_bad.conf.is_none() {
+                    if let Some(c) = out.iter().position(|g| !g.is_finite()) {
+                        first_bad.conf = Some(p * classes + c);
+                    }
+                }
+            }
+        }
+    }
+    loc_gradients(
+        inputs.student_loc,
+        inputs.teacher_loc,
+        targets.conf_target,
+        targets.loc_target,
+        scale,
+        config,
+        grad_loc,
+        true,
+    );
+    first_bad.loc = targets
+        .conf_target
+        .iter()
+        .zip(grad_loc.iter())
+        .enumerate()
+        .filter(|(_, (&label, _))| label > 0)
+        .find_map(|(p, (_, row))| row.iter().position(|g| !g.is_finite()).map(|i| 4 * p + i));
+    first_bad
+}
+
 /// The evaluation itself, on `pooled` workspaces (one per image), which it hands back.
 fn evaluate_with(
     batch: &Batch<'_>,
     config: &LossConfig,
     request: Request,
-    mut pooled: Vec<ImageWorkspace>,
-) -> (Evaluation, Vec<ImageWorkspace>) {
+    mut pooled: Vec<Workspace>,
+) -> (Evaluation, Vec<Workspace>, Finite) {
     let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
-    let (per_image, mut workspaces): (Vec<LossSums>, Vec<ImageWorkspace>) = (0..shape.batch)
+    let columns = PriorColumns::new(bytemuck::cast_slice(batch.priors()));
+    let (per_image, mut workspaces): (Vec<LossSums>, Vec<Workspace>) = (0..shape.batch)
         .into_par_iter()
         .zip(pooled.par_drain(..))
-        .map(|(i, mut workspace)| {
+        .map(|(i, (mut workspace, mut fast))| {
             workspace.resize(p, shape.objects);
             let (mut scratch, mut targets) = workspace.split();
             let offsets = if request.decisions {
@@ -92,8 +202,17 @@ fn evaluate_with(
             } else {
                 Offsets::Positives
             };
-            let sums = forward_image(&batch.image(i), config, offsets, &mut scratch, &mut targets);
-            (sums, workspace)
+            let sums = forward_image_fast(
+                &batch.image(i),
+                config,
+                offsets,
+                &mut scratch,
+                &mut targets,
+                &columns,
+                request.gradients,
+                &mut fast,
+            );
+            (sums, (workspace, fast))
         })
         .unzip();
     let sums = reduce_batch(&per_image);
@@ -101,33 +220,38 @@ fn evaluate_with(
     let gradients = request.gradients.then(|| {
         let scale = GradScale::new(config, sums.num_pos);
         let mut grads = Gradients {
-            student_conf: vec![0.0; shape.batch * p * c],
-            student_loc: vec![0.0; shape.batch * p * 4],
+            student_conf: parallel_zeros(shape.batch * p * c),
+            student_loc: parallel_zeros(shape.batch * p * 4),
         };
-        grads
+        let first_bad: Vec<FirstBad> = grads
             .student_conf
             .par_chunks_mut(p * c)
             .zip(grads.student_loc.par_chunks_mut(p * 4))
             .zip(workspaces.par_iter_mut())
             .enumerate()
-            .for_each(|(i, ((grad_conf, grad_loc), workspace))| {
+            .map(|(i, ((grad_conf, grad_loc), (workspace, fast)))| {
                 let (_, targets) = workspace.split();
-                backward_image(
+                backward_rows(
                     &batch.image(i),
                     config,
                     &targets,
                     &scale,
+                    &fast.kept,
                     grad_conf,
                     bytemuck::cast_slice_mut(grad_loc),
-                    true, // vec![0.0; n] is zeroed (and untouched pages stay unmapped)
-                );
-            });
-        grads
+                )
+            })
+            .collect();
+        (grads, first_bad)
     });
+    let (gradients, first_bad) = match gradients {
+        Some((grads, first_bad)) => (Some(grads), first_bad),
+        None => (None, Vec::new()),
+    };
 
     let decisions = request.decisions.then(|| {
         let mut decisions = Decisions::default();
-        for workspace in &mut workspaces {
+        for (workspace, _) in &mut workspaces {
             let (_, targets) = workspace.split();
             decisions.conf_target.extend_from_slice(targets.conf_target);
             decisions
@@ -144,7 +268,52 @@ fn evaluate_with(
         gradients,
         decisions,
     };
-    (eval, workspaces)
+    // The first non-finite gradient element, flat index: images in order, each image's
+    // first (only the rows `backward_rows` wrote can hold one; the rest are zeros).
+    let non_finite = |pick: fn(&FirstBad) -> Option<usize>, per_image: usize| {
+        first_bad
+            .iter()
+            .enumerate()
+            .find_map(|(i, bad)| pick(bad).map(|index| i * per_image + index))
+    };
+    let finite = Finite {
+        conf: non_finite(|bad| bad.conf, p * c),
+        loc: non_finite(|bad| bad.loc, p * 4),
+    };
+    (eval, workspaces, finite)
+}
+
+/// Where an evaluation's gradients first hold a non-finite element (flat indices), as
+/// `Evaluation::check_finite` would find it by scanning them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Finite {
+    conf: Option<usize>,
+    loc: Option<usize>,
+}
+
+/// The first non-finite element one image's backward pass wrote, per gradient.
+#[derive(Clone, Copy, Debug, Default)]
+struct FirstBad {
+    conf: Option<usize>,
+    loc: Option<usize>,
+}
+
+/// `n` zeros, written by every core at memset speed (a `vec![0.0; n]` that the allocator
+/// hands back from its heap is zeroed by one thread), so that the gradient pass then
+/// writes only the selected rows.
+fn parallel_zeros(n: usize) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut values: Vec<f32> = Vec::with_capacity(n);
+    values.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| {
+            for value in chunk {
+                value.write(0.0);
+            }
+        });
+    // SAFETY: the capacity is at least `n` and its first `n` elements were just written.
+    unsafe { values.set_len(n) };
+    values
 }
 
 #[cfg(test)]

@@ -1,0 +1,281 @@
+//! The CPU fast path of the forward pass: the core's stages, with the prior-terms stage's
+//! log-sum-exp taken exactly only where it can change the result.
+//!
+//! The mining (SPEC §4) ranks every prior by its mining score, the cross-entropy
+//! `lse − row[0]` of a negative (0 for a positive), and selects the top k. Only the
+//! selected rows' and the positives' cross-entropies reach the sums. So:
+//!
+//! 1. every negative's score is bounded, `[v − margin, v + margin]` with
+//!    `v = ln Σ_c e^(row[c]) − row[0]` taken by the vectorised kernel of `simd.rs` (flat
+//!    blocks of many rows; no bound where the sum leaves [e⁻⁶⁰, f32::MAX]), the margin covering that kernel's error and the core's f32
+//!    rounding; a positive's score is exactly 0;
+//! 2. τ = the k-th largest lower bound: at least k priors score at least τ, so a prior
+//!    whose upper bound is below τ has k priors strictly above it and is not selected;
+//! 3. every other prior (the candidates, about k of them) gets its score from the core's
+//!    own [`log_sum_exp`] and [`cross_entropy`], as the reference computes it, bit for bit;
+//!    the positives too;
+//! 4. the top k among the candidates, by the core's [`rank_key`], are the reference's
+//!    top k.
+//!
+//! Every number that reaches the loss or the decisions is therefore the reference's, bit
+//! for bit (tested in `tests/fast_cpu.rs` against [`ssdkd_core::forward_image`]); the
+//! bounds decide only what need not be computed. The match stage is `matching.rs` (the
+//! core's decisions, overlaps in blocks); the soft terms are `rows.rs` (the core's, their
+//! probabilities kept for the gradient); the per-image sums are the core's.
+
+use super::matching::{match_image_fast, MatchScratch, PriorColumns};
+use super::rows::soft_term;
+use super::simd::shifted_log_sum_exp_block;
+use ssdkd_core::stages::mine::{num_negatives, rank_key};
+use ssdkd_core::stages::prior_terms::{
+    classes_of, cross_entropy, loc_terms, log_sum_exp, mining_score,
+};
+use ssdkd_core::stages::r#match::Offsets;
+use ssdkd_core::stages::reduce::{reduce_image, LossSums};
+use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
+
+/// Floats per flat block of the bound kernel (whole rows; at least one row).
+const BLOCK_VALUES: usize = 8192;
+
+/// Per-image scratch of the fast path, kept with the core's workspace between calls.
+#[derive(Clone, Debug, Default)]
+pub struct FastScratch {
+    /// `[P]` lower bound of each prior's mining score.
+    lower: Vec<f32>,
+    /// `[P]` upper bound of each prior's mining score.
+    upper: Vec<f32>,
+    /// A copy of `lower` for selecting τ.
+    select: Vec<f32>,
+    /// The exponentials of one block of logits.
+    flat: Vec<f32>,
+    /// The candidates' prior indices.
+    candidates: Vec<u32>,
+    /// The match stage's.
+    matching: MatchScratch,
+    /// Each selected row's `p_c` then `q_c`, in prior order (`rows::soft_term`).
+    pub(super) kept: Vec<f64>,
+}
+
+/// The margin that covers, around `v` (from the vectorised kernel), the reference's f32
+/// score `fl(fl(max + fl(ln S)) − row[0])`, with room to spare:
+/// - the two sums' rounding, each at most (C − 1)·2⁻²⁴ relative: `2e-7·C`;
+/// - the exponentials and logarithms, the kernel's within 4e-7 relative (its tests) and
+///   `expf`/`logf` within 1 ulp: `4e-5` in all;
+/// - the roundings of the reference's shifted logits (`x − max`), of its two additions
+///   and of the kernel's `ln S − row[0]`, and the kernel's logarithm's error (below
+///   1e-6 + 1e-7·|ln S|, |ln S| ≤ max|x| + ln C), each at most 2⁻²⁴ of a magnitude
+///   ≤ 2·max|x| or ≤ |v| + max|x|: `4e-7·(2·max|x| + |v|)`.
+fn margin(max_abs: f32, v: f32, classes: usize) -> f32 {
+    let sums = 4e-5 + 2e-7 * classes as f32;
+    sums + 4e-7 * (2.0 * max_abs + v.abs())
+}
+
+/// Bounds every prior's mining score into `scratch.lower`/`upper` (positives exactly 0).
+fn bound_scores(
+    student_conf: &[f32],
+    conf_target: &[u32],
+    classes: usize,
+    scratch: &mut FastScratch,
+) {
+    let priors = conf_target.len();
+    scratch.lower.resize(priors, 0.0);
+    scratch.upper.resize(priors, 0.0);
+    let rows_per_block = (BLOCK_VALUES / classes).max(1);
+    scratch.flat.resize(rows_per_block * classes, 0.0);
+    let blocks = student_conf
+        .chunks(rows_per_block * classes)
+        .zip(scratch.upper.chunks_mut(rows_per_block))
+        .zip(scratch.lower.chunks_mut(rows_per_block))
+        .zip(conf_target.chunks(rows_per_block));
+    for (((rows, upper), lower), targets) in blocks {
+        // The block's largest |x| stands for each row's in the margin (looser, still a bound).
+        let max_abs = shifted_log_sum_exp_block(rows, classes, &mut scratch.flat, upper);
+        for ((u, l), &target) in upper.iter_mut().zip(lower.iter_mut()).zip(targets) {
+            if target > 0 {
+                (*u, *l) = (0.0, 0.0);
+                continue;
+            }
+            let v = *u;
+            let m = margin(max_abs, v, classes);
+            // An overflowing sum, or NaN or ∞ input (which the value scan rejects): no
+            // bound, so the prior stays a candidate and lowers no τ.
+            (*u, *l) = if v.is_finite() && m.is_finite() {
+                (v + m, v - m)
+            } else {
+                (f32::INFINITY, f32::NEG_INFINITY)
+            };
+        }
+    }
+}
+
+/// The forward pass of one image, as [`ssdkd_core::forward_image`] computes it (same sums,
+/// same decisions, bit for bit), with the exact log-sum-exp only on the rows that can reach
+/// the loss, and the match stage's overlaps taken a block of priors at a time (`columns`:
+/// the batch's priors, [`PriorColumns::new`]). With `keep_rows` the selected rows'
+/// probabilities are kept in `fast` for the backward pass. `scratch.mining_score` and the negatives' `prior_loss` are left as scratch
+/// (the reference's values on the candidates).
+///
+/// # Panics
+/// If the slices disagree on P, C or M.
+#[allow(clippy::too_many_arguments)] // forward_image's, plus the columns, a flag and scratch
+pub fn forward_image_fast(
+    inputs: &ImageInputs<'_>,
+    config: &LossConfig,
+    offsets: Offsets,
+    scratch: &mut ImageScratch<'_>,
+    targets: &mut ImageTargets<'_>,
+    columns: &PriorColumns,
+    keep_rows: bool,
+    fast: &mut FastScratch,
+) -> LossSums {
+    let num_pos = match_image_fast(
+        inputs.targets,
+        inputs.priors,
+        columns,
+        config.overlap_threshold,
+        config.variance,
+        offsets,
+        scratch.objects,
+        targets.conf_target,
+        targets.loc_target,
+        &mut fast.matching,
+    );
+    let priors = targets.conf_target.len();
+    let classes = classes_of(inputs.student_conf.len(), priors);
+    let k = num_negatives(num_pos, priors as u32, config) as usize;
+    let k = k.min(priors);
+    let row = |p: usize| &inputs.student_conf[p * classes..(p + 1) * classes];
+
+    // The positives, exactly as the prior-terms stage writes them.
+    scratch.prior_loss.fill([0.0; 4]);
+    for p in 0..priors {
+        let target_class = targets.conf_target[p];
+        if target_class == 0 {
+            continue;
+        }
+        let ce = cross_entropy(log_sum_exp(row(p), 1.0), row(p), target_class);
+        scratch.mining_score[p] = mining_score(ce, true);
+        let terms = loc_terms(
+            inputs.student_loc[p],
+            inputs.teacher_loc[p],
+            targets.loc_target[p],
+            config.reg_m,
+        );
+        let (student_sq, bounded) = if terms.bounded {
+            (terms.student_sq, 1.0)
+        } else {
+            (0.0, 0.0)
+        };
+        scratch.prior_loss[p] = [ce, terms.smooth_l1, student_sq, bounded];
+    }
+
+    // Mining (SPEC §4) over the candidates only.
+    let num_neg = if k == 0 || classes == 0 {
+        targets.neg_mask.fill(0);
+        0
+    } else {
+        bound_scores(inputs.student_conf, targets.conf_target, classes, fast);
+        fast.select.clear();
+        fast.select.extend_from_slice(&fast.lower);
+        let (_, tau, _) = fast
+            .select
+            .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let tau = *tau;
+        fast.candidates.clear();
+        for (p, &upper) in fast.upper.iter().enumerate() {
+            if upper >= tau {
+                fast.candidates.push(p as u32);
+            }
+        }
+        let keys = &mut scratch.keys[..fast.candidates.len()];
+        for (key, &p) in keys.iter_mut().zip(&fast.candidates) {
+            let p = p as usize;
+            if targets.conf_target[p] == 0 {
+                let ce = cross_entropy(log_sum_exp(row(p), 1.0), row(p), 0);
+                scratch.mining_score[p] = mining_score(ce, false);
+                scratch.prior_loss[p][0] = ce;
+            }
+            *key = rank_key(scratch.mining_score[p], p as u32);
+        }
+        // Fewer than k candidates only when τ is NaN-free and yet fewer than k lower
+        // bounds reach it, which cannot happen; guard anyway.
+        let k = k.min(keys.len());
+        targets.neg_mask.fill(0);
+        if k > 0 {
+            let (_, kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+            let kth = *kth;
+            for &p in &fast.candidates {
+                let p = p as usize;
+                if rank_key(scratch.mining_score[p], p as u32) >= kth {
+                    targets.neg_mask[p] = 1;
+                }
+            }
+        }
+        k as u32
+    };
+
+    // The core's `reduce_rows`, keeping each selected row's probabilities for the backward
+    // pass when `keep_rows`.
+    fast.kept.clear();
+    let rows = inputs
+        .student_conf
+        .chunks_exact(classes.max(1))
+        .zip(inputs.teacher_conf.chunks_exact(classes.max(1)));
+    for (p, (student_row, teacher_row)) in rows.enumerate() {
+        let selected = targets.conf_target[p] > 0 || targets.neg_mask[p] != 0;
+        scratch.row_soft[p] = if selected {
+            soft_term(student_row, teacher_row, config, keep_rows, &mut fast.kept)
+        } else {
+            0.0
+        };
+    }
+    reduce_image(
+        targets.conf_target,
+        targets.neg_mask,
+        scratch.prior_loss,
+        scratch.row_soft,
+        num_pos,
+        num_neg,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{synthetic_batch, SyntheticSpec};
+    use ssdkd_core::ImageWorkspace;
+
+    /// On the bench's synthetic logits the bounds leave few candidates for the exact
+    /// log-sum-exp: at least k, at most a few times k, far fewer than P.
+    #[test]
+    fn the_bounds_skip_most_rows_of_the_bench_batch() {
+        let tensors = synthetic_batch(&SyntheticSpec::demo(2));
+        let batch = tensors.batch();
+        let shape = batch.shape();
+        let config = LossConfig::DEFAULT;
+        let columns = PriorColumns::new(bytemuck::cast_slice(batch.priors()));
+        for i in 0..shape.batch {
+            let mut workspace = ImageWorkspace::new(shape.priors, shape.objects);
+            let mut fast = FastScratch::default();
+            let (mut scratch, mut targets) = workspace.split();
+            let sums = forward_image_fast(
+                &batch.image(i),
+                &config,
+                Offsets::Positives,
+                &mut scratch,
+                &mut targets,
+                &columns,
+                false,
+                &mut fast,
+            );
+            let k = sums.num_neg as usize;
+            let candidates = fast.candidates.len();
+            assert!(k > 0);
+            assert!(
+                candidates >= k && candidates <= 4 * k + 64 && candidates < shape.priors / 8,
+                "{candidates} candidates for k = {k} of P = {}",
+                shape.priors
+            );
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The match stage (SPEC §3) of the CPU fast path: the core's `match_priors` and
+//! `match_objects` decisions, word for word, with the overlaps of one object against a
+//! block of priors taken in one vectorised pass (priors' corners and areas laid out as
+//! columns once per evaluation) instead of one prior–object pair at a time. The labels and
+//! offsets are then the core's [`match_finish`]. Tested against the core's `match_image`
+//! through `tests/fast_cpu.rs` (labels, offsets and everything downstream with
+//! `assert_eq`).
+
+use super::simd::overlaps_block;
+use ssdkd_core::boxes::{CenterBox, Overlap};
+use ssdkd_core::stages::r#match::{match_finish, ObjectScratch, Offsets, FORCED, POSITIVE};
+
+/// Priors per block of overlaps.
+const BLOCK: usize = 256;
+
+/// The priors' corner boxes and areas as columns, computed as the core computes them
+/// (`CenterBox::to_corners`, `CornerBox::area`).
+#[derive(Clone, Debug, Default)]
+pub struct PriorColumns {
+    x0: Vec<f32>,
+    y0: Vec<f32>,
+    x1: Vec<f32>,
+    y1: Vec<f32>,
+    area: Vec<f32>,
+}
+
+impl PriorColumns {
+    /// The columns of `priors` (centre form).
+    #[must_use]
+    pub fn new(priors: &[[f32; 4]]) -> Self {
+        let mut columns = Self::default();
+        for prior in priors {
+            let corners = CenterBox::from_row(*prior).to_corners();
+            columns.x0.push(corners.min.x);
+            columns.y0.push(corners.min.y);
+            columns.x1.push(corners.max.x);
+            columns.y1.push(corners.max.y);
+            columns.area.push(corners.area());
+        }
+        columns
+    }
+
+    fn len(&self) -> usize {
+        self.area.len()
+    }
+}
+
+/// One real object's state across the priors (the core's `ObjectScratch` fields).
+#[derive(Clone, Copy, Debug)]
+struct ObjectState {
+    /// `[xmin, ymin, xmax, ymax]`.
+    truth: [f32; 4],
+    area: f32,
+    row: u32,
+    best: Overlap,
+    best_prior: u32,
+    rescan: bool,
+}
+
+/// Per-image scratch of the fast match.
+#[derive(Clone, Debug, Default)]
+pub struct MatchScratch {
+    states: Vec<ObjectState>,
+    /// `[M][BLOCK]` intersections and unions of the block being visited.
+    inter: Vec<f32>,
+    union: Vec<f32>,
+}
+
+/// The core's `match_image`, the same words, labels and offsets; returns the positives.
+/// `objects` is the core's per-object scratch (at least one per `targets` row).
+///
+/// # Panics
+/// If `objects` is shorter than `targets`, or the output slices are not P long.
+#[allow(clippy::too_many_arguments)] // the core's match_image's, plus the columns and scratch
+pub fn match_image_fast(
+    targets: &[[f32; 5]],
+    priors: &[[f32; 4]],
+    columns: &PriorColumns,
+    threshold: f32,
+    variance: [f32; 2],
+    offsets: Offsets,
+    objects: &mut [ObjectScratch],
+    conf_target: &mut [u32],
+    loc_target: &mut [[f32; 4]],
+    scratch: &mut MatchScratch,
+) -> u32 {
+    assert!(objects.len() >= targets.len(), "object scratch too short");
+    assert_eq!(columns.len(), priors.len());
+    assert_eq!(conf_target.len(), priors.len());
+    let mut n = 0;
+    scratch.states.clear();
+    for (row, target) in targets.iter().enumerate() {
+        if target[4] >= 0.0 {
+            objects[n] = ObjectScratch::new(target, row as u32);
+            let truth = [target[0], target[1], target[2], target[3]];
+            let corner = ssdkd_core::boxes::CornerBox::from_row(target);
+            scratch.states.push(ObjectState {
+                truth,
+                area: corner.area(),
+                row: row as u32,
+                best: NO_OVERLAP,
+                best_prior: 0,
+                rescan: false,
+            });
+            n += 1;
+        }
+    }
+    let objects = &mut objects[..n];
+    if n > 0 {
+        match_priors(columns, threshold, conf_target, scratch);
+        match_objects(columns, conf_target, &scratch.states);
+    }
+    match_finish(objects, priors, variance, offsets, conf_target, loc_target)
+}
+
+/// The core's `NO_OVERLAP`.
+const NO_OVERLAP: Overlap = Overlap {
+    inter: 0.0,
+    union: 1.0,
+};
+
+/// The core's `match_priors` (steps 1 and 4, with the fused best-prior tracking), block
+/// by block.
+fn match_priors(
+    columns: &PriorColumns,
+    threshold: f32,
+    conf_target: &mut [u32],
+    scratch: &mut MatchScratch,
+) {
+    let objects = scratch.states.len();
+    scratch.inter.resize(objects * BLOCK, 0.0);
+    scratch.union.resize(objects * BLOCK, 0.0);
+    let priors = columns.len();
+    for start in (0..priors).step_by(BLOCK) {
+        let end = (start + BLOCK).min(priors);
+        let len = end - start;
+        for (m, state) in scratch.states.iter().enumerate() {
+            overlaps_block(
+                state.truth,
+                state.area,
+                [
+                    &columns.x0[start..end],
+                    &columns.y0[start..end],
+                    &columns.x1[start..end],
+                    &columns.y1[start..end],
+                    &columns.area[start..end],
+                ],
+                &mut scratch.inter[m * BLOCK..m * BLOCK + len],
+                &mut scratch.union[m * BLOCK..m * BLOCK + len],
+            );
+        }
+        for i in 0..len {
+            let p = start + i;
+            let overlap = |m: usize| Overlap {
+                inter: scratch.inter[m * BLOCK + i],
+                union: scratch.union[m * BLOCK + i],
+            };
+            let mut best = NO_OVERLAP;
+            for (m, state) in scratch.states.iter_mut().enumerate() {
+                let current = overlap(m);
+                if m == 0 || current.beats(best) {
+                    best = current;
+                }
+                if p == 0 {
+                    state.best = current;
+                } else if current.beats(state.best) {
+                    if state.best.ties_with(current) {
+                        state.rescan = true;
+                    } else {
+                        state.best_prior = p as u32;
+                        state.rescan = false;
+                    }
+                    state.best = current;
+                }
+            }
+            let best_object = (0..objects)
+                .find(|&m| overlap(m).ties_with(best))
+                .unwrap_or(0);
+            let positive = if best.reaches(threshold) { POSITIVE } else { 0 };
+            conf_target[p] = scratch.states[best_object].row | positive;
+        }
+    }
+}
+
+/// The core's `match_objects` (steps 2 and 3): each object's best prior forced onto it.
+fn match_objects(columns: &PriorColumns, conf_target: &mut [u32], states: &[ObjectState]) {
+    for state in states {
+        let best_prior = if state.rescan {
+            (0..columns.len())
+                .position(|p| {
+                    let overlap = overlap_of(state, columns, p);
+                    overlap.ties_with(state.best)
+                })
+                .unwrap_or(0)
+        } else {
+            state.best_prior as usize
+        };
+        let word = &mut conf_target[best_prior];
+        *word = (*word).max(FORCED | state.row);
+    }
+}
+
+/// One object's overlap with prior `p`, as `Overlap::of` computes it.
+fn overlap_of(state: &ObjectState, columns: &PriorColumns, p: usize) -> Overlap {
+    let mut inter = [0.0];
+    let mut union = [0.0];
+    overlaps_block(
+        state.truth,
+        state.area,
+        [
+            &columns.x0[p..=p],
+            &columns.y0[p..=p],
+            &columns.x1[p..=p],
+            &columns.y1[p..=p],
+            &columns.area[p..=p],
+        ],
+        &mut inter,
+        &mut union,
+    );
+    Overlap {
+        inter: inter[0],
+        union: union[0],
+    }
+}
