@@ -21,13 +21,8 @@ pub struct ObjectScratch {
     label: u32,
     /// Its row in `targets`.
     row: u32,
-    /// The object's best overlap over the priors visited so far.
-    best: Overlap,
-    /// The lowest prior index tied with `best`, unless `rescan`.
-    best_prior: u32,
-    /// `best` rose from a value within the tie tolerance of it, so an earlier prior may tie
-    /// with it too: the best prior is found by a second scan (rare).
-    rescan: bool,
+    /// The object's best prior over the priors visited so far.
+    best: BestPrior,
     /// The overlap with the prior being visited.
     current: Overlap,
 }
@@ -42,10 +37,64 @@ impl Default for ObjectScratch {
             },
             label: 0,
             row: 0,
-            best: NO_OVERLAP,
-            best_prior: 0,
-            rescan: false,
+            best: BestPrior::default(),
             current: NO_OVERLAP,
+        }
+    }
+}
+
+/// One object's best prior (SPEC §3 step 2, the lowest tied index), gathered while the
+/// priors are visited in order: the CPU's fusion of `match_objects` into the loop over
+/// priors, shared by the reference and the host's fast path.
+#[derive(Clone, Copy, Debug)]
+pub struct BestPrior {
+    /// The best overlap over the priors visited so far.
+    best: Overlap,
+    /// The lowest prior index tied with `best`, unless `rescan`.
+    prior: u32,
+    /// `best` rose from a value within the tie tolerance of it, so an earlier prior may tie
+    /// with it too: the best prior is found by a second scan (rare).
+    rescan: bool,
+}
+
+impl Default for BestPrior {
+    fn default() -> Self {
+        Self {
+            best: NO_OVERLAP,
+            prior: 0,
+            rescan: false,
+        }
+    }
+}
+
+impl BestPrior {
+    /// Takes prior `p`'s overlap, priors visited in index order from 0. When the best
+    /// overlap rises clear of the tolerance, every earlier prior lies below the new
+    /// maximum's tie band, so `p` is the lowest tied one; a rise within the band needs a
+    /// rescan.
+    pub fn visit(&mut self, p: usize, overlap: Overlap) {
+        if p == 0 {
+            self.best = overlap;
+        } else if overlap.beats(self.best) {
+            if self.best.ties_with(overlap) {
+                self.rescan = true;
+            } else {
+                self.prior = p as u32;
+                self.rescan = false;
+            }
+            self.best = overlap;
+        }
+    }
+
+    /// The lowest prior tied with the best overlap, after every prior was visited;
+    /// `overlap_at(p)` recomputes prior `p`'s overlap for the rare rescan.
+    pub fn resolve(&self, priors: usize, overlap_at: impl Fn(usize) -> Overlap) -> usize {
+        if self.rescan {
+            (0..priors)
+                .position(|p| overlap_at(p).ties_with(self.best))
+                .unwrap_or(0) // only NaN input (rejected by validation) finds no tie
+        } else {
+            self.prior as usize
         }
     }
 }
@@ -118,20 +167,8 @@ pub fn match_priors(
             if m == 0 || overlap.beats(best) {
                 best = overlap;
             }
-            // CPU fusion, the object's best prior: when its best overlap rises clear of the
-            // tolerance, every earlier prior lies below the new maximum's tie band, so this
-            // prior is the lowest tied one; a rise within the band needs a rescan.
-            if p == 0 {
-                object.best = overlap;
-            } else if overlap.beats(object.best) {
-                if object.best.ties_with(overlap) {
-                    object.rescan = true;
-                } else {
-                    object.best_prior = p as u32;
-                    object.rescan = false;
-                }
-                object.best = overlap;
-            }
+            // CPU fusion, the object's best prior.
+            object.best.visit(p, overlap);
         }
         // The lowest row tied with the maximum (the GPU recomputes the overlaps here).
         let best_object = objects
@@ -152,17 +189,9 @@ pub fn match_priors(
 /// whose best overlap rose within the tie tolerance.
 pub fn match_objects(objects: &[ObjectScratch], priors: &[[f32; 4]], conf_target: &mut [u32]) {
     for object in objects {
-        let best_prior = if object.rescan {
-            priors
-                .iter()
-                .position(|prior| {
-                    let prior_box = CenterBox::from_row(*prior).to_corners();
-                    Overlap::of(object.truth, prior_box).ties_with(object.best)
-                })
-                .unwrap_or(0) // only NaN input (rejected by validation) finds no tie
-        } else {
-            object.best_prior as usize
-        };
+        let best_prior = object.best.resolve(priors.len(), |p| {
+            Overlap::of(object.truth, CenterBox::from_row(priors[p]).to_corners())
+        });
         let word = &mut conf_target[best_prior];
         *word = (*word).max(FORCED | object.row);
     }

@@ -8,7 +8,9 @@
 
 use super::simd::overlaps_block;
 use ssdkd_core::boxes::{CenterBox, Overlap};
-use ssdkd_core::stages::r#match::{match_finish, ObjectScratch, Offsets, FORCED, POSITIVE};
+use ssdkd_core::stages::r#match::{
+    match_finish, BestPrior, ObjectScratch, Offsets, FORCED, POSITIVE,
+};
 
 /// Priors per block of overlaps.
 const BLOCK: usize = 256;
@@ -52,9 +54,7 @@ struct ObjectState {
     truth: [f32; 4],
     area: f32,
     row: u32,
-    best: Overlap,
-    best_prior: u32,
-    rescan: bool,
+    best: BestPrior,
 }
 
 /// Per-image scratch of the fast match.
@@ -98,9 +98,7 @@ pub fn match_image_fast(
                 truth,
                 area: corner.area(),
                 row: row as u32,
-                best: NO_OVERLAP,
-                best_prior: 0,
-                rescan: false,
+                best: BestPrior::default(),
             });
             n += 1;
         }
@@ -161,17 +159,7 @@ fn match_priors(
                 if m == 0 || current.beats(best) {
                     best = current;
                 }
-                if p == 0 {
-                    state.best = current;
-                } else if current.beats(state.best) {
-                    if state.best.ties_with(current) {
-                        state.rescan = true;
-                    } else {
-                        state.best_prior = p as u32;
-                        state.rescan = false;
-                    }
-                    state.best = current;
-                }
+                state.best.visit(p, current);
             }
             let best_object = (0..objects)
                 .find(|&m| overlap(m).ties_with(best))
@@ -185,16 +173,9 @@ fn match_priors(
 /// The core's `match_objects` (steps 2 and 3): each object's best prior forced onto it.
 fn match_objects(columns: &PriorColumns, conf_target: &mut [u32], states: &[ObjectState]) {
     for state in states {
-        let best_prior = if state.rescan {
-            (0..columns.len())
-                .position(|p| {
-                    let overlap = overlap_of(state, columns, p);
-                    overlap.ties_with(state.best)
-                })
-                .unwrap_or(0)
-        } else {
-            state.best_prior as usize
-        };
+        let best_prior = state
+            .best
+            .resolve(columns.len(), |p| overlap_of(state, columns, p));
         let word = &mut conf_target[best_prior];
         *word = (*word).max(FORCED | state.row);
     }
