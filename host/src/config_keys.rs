@@ -239,6 +239,24 @@ config_keys! {
 }
 
 impl ConfigOverrides {
+    /// The loss configuration for tensors of C = `classes`: the defaults with these values
+    /// applied, after checking that `num_classes`, where given, equals C (C itself is the
+    /// tensors', stored once in their shape).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `num_classes` when it disagrees with C.
+    pub fn config_for(&self, classes: usize) -> Result<LossConfig> {
+        if let Some(num_classes) = self.num_classes {
+            if num_classes as usize != classes {
+                return Err(Error::Config {
+                    key: "num_classes".into(),
+                    problem: format!("{num_classes}, but student_conf has C = {classes} classes"),
+                });
+            }
+        }
+        Ok(self.apply(LossConfig::DEFAULT))
+    }
+
     /// Parses the `config` metadata JSON; unknown keys and wrong types are errors naming
     /// the key.
     ///

@@ -197,15 +197,7 @@ impl BatchFile {
             }
         };
 
-        if let Some(num_classes) = resolved.num_classes {
-            if num_classes as usize != c {
-                return Err(Error::Config {
-                    key: "num_classes".into(),
-                    problem: format!("{num_classes}, but student_conf has C = {c} classes"),
-                });
-            }
-        }
-        let config = resolved.apply(LossConfig::DEFAULT);
+        let config = resolved.config_for(c)?;
 
         let tensors = match teacher {
             Some((teacher_loc, teacher_conf)) => OwnedBatch::new(

@@ -84,22 +84,20 @@ static BACKENDS: Mutex<Cache> = Mutex::new(Cache {
 });
 
 /// The config of SPEC §8 from its JSON form (defaults ← `json`), through the batch-file
-/// parser so that key names, types and messages are the file's; and its `num_classes`, a
-/// check against the tensors' C when given.
-fn config_from_json(json: &str) -> Result<(LossConfig, Option<u32>), Error> {
-    let overrides = ConfigOverrides::from_config_json(json)?;
-    Ok((overrides.apply(LossConfig::DEFAULT), overrides.num_classes))
-}
-
-/// `num_classes`, when given, must equal the tensors' C (as the CLI's config key).
-fn check_classes(num_classes: Option<u32>, classes: usize) -> Result<(), Error> {
-    match num_classes {
-        Some(n) if n as usize != classes => Err(Error::Config {
-            key: "num_classes".into(),
-            problem: format!("{n}, but student_conf has C = {classes} classes"),
-        }),
-        _ => Ok(()),
-    }
+/// parser so that key names, types and messages are the file's, checked against the
+/// tensors' C (`ConfigOverrides::config_for`); and the shape of tensors of `dims`
+/// `[B, P, C, M]`.
+fn config_and_shape(json: &str, dims: [usize; 4]) -> Result<(LossConfig, BatchShape), Error> {
+    let [b, p, c, m] = dims;
+    // `num_classes`, when given, must equal the tensors' C (as the CLI's config key).
+    let config = ConfigOverrides::from_config_json(json)?.config_for(c)?;
+    let shape = BatchShape {
+        batch: b,
+        priors: p,
+        classes: c,
+        objects: m,
+    };
+    Ok((config, shape))
 }
 
 /// Evaluates one batch on the chosen backend, after the memory check of `ssdkd eval`
@@ -110,15 +108,7 @@ pub fn evaluate(
     config_json: &str,
     wanted: Wanted,
 ) -> Result<Output, Error> {
-    let (config, num_classes) = config_from_json(config_json)?;
-    let [b, p, c, m] = inputs.dims;
-    check_classes(num_classes, c)?;
-    let shape = BatchShape {
-        batch: b,
-        priors: p,
-        classes: c,
-        objects: m,
-    };
+    let (config, shape) = config_and_shape(config_json, inputs.dims)?;
     let request = Request {
         gradients: wanted.gradients,
         decisions: wanted.decisions,
@@ -226,15 +216,7 @@ pub fn read_batch(path: &Path) -> Result<(Tensors, String), Error> {
 /// Writes a batch file (SPEC §8) through the library's safe writer (atomic; a special
 /// file is refused), after checking the shapes and the config.
 pub fn write_batch(path: &Path, tensors: Tensors, config_json: &str) -> Result<(), Error> {
-    let (config, num_classes) = config_from_json(config_json)?;
-    let [b, p, c, m] = tensors.dims;
-    check_classes(num_classes, c)?;
-    let shape = BatchShape {
-        batch: b,
-        priors: p,
-        classes: c,
-        objects: m,
-    };
+    let (config, shape) = config_and_shape(config_json, tensors.dims)?;
     let owned = match tensors.teacher {
         Some((teacher_loc, teacher_conf)) => OwnedBatch::new(
             shape,
