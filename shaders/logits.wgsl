@@ -50,22 +50,33 @@ fn teacher_max(base: u32) -> f32 {
     return m;
 }
 
-// ln Σ exp((row[c] − m) · scale) of the student row at `base`, m its maximum: in [0, ln C],
-// so that a log-probability (x − m) · scale − ln Σ never subtracts two large numbers.
-// Twin of core/src/stages/prior_terms.rs `shifted_log_sum_exp`.
-fn student_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
+// Σ exp((row[c] − m) · scale) of the student row at `base`, m its maximum: in [1, C], the
+// denominator of its softmax (twin of core/src/stages/prior_terms.rs `SoftmaxF64`).
+fn student_shifted_sum(base: u32, m: f32, scale: f32) -> f32 {
     var sum = 0.0;
     for (var c = 0u; c < params.num_classes; c++) {
         sum += exp((student_conf[base + c] - m) * scale);
     }
-    return log(sum);
+    return sum;
 }
 
 // The same over the teacher row at `base`.
-fn teacher_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
+fn teacher_shifted_sum(base: u32, m: f32, scale: f32) -> f32 {
     var sum = 0.0;
     for (var c = 0u; c < params.num_classes; c++) {
         sum += exp((teacher_conf[base + c] - m) * scale);
     }
-    return log(sum);
+    return sum;
+}
+
+// ln Σ exp((row[c] − m) · scale) of the student row at `base`: in [0, ln C], so that a
+// log-probability (x − m) · scale − ln Σ never subtracts two large numbers.
+// Twin of core/src/stages/prior_terms.rs `shifted_log_sum_exp`.
+fn student_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
+    return log(student_shifted_sum(base, m, scale));
+}
+
+// The same over the teacher row at `base`.
+fn teacher_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
+    return log(teacher_shifted_sum(base, m, scale));
 }

@@ -15,31 +15,34 @@
 @group(0) @binding(12) var<storage, read_write> row_soft: array<f32>;
 
 // The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
-// class-weighted `T² Σ w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))` when neg_w > 1, else the
-// plain KL `T² Σ q_c (ln q_c − ln p_c)` with q_c = 0 terms counting 0.
+// class-weighted `T² Σ w_c (q_c + ε) ln((q_c + ε) / (p_c + ε))` when neg_w > 1, else the
+// plain KL `T² Σ q_c (ln q_c − ln p_c)` with q_c = 0 terms counting 0; p_c = e_c / S with
+// e_c = exp((x_c − max) / T) and S = Σ e_c, ln p_c = (x_c − max) / T − ln S. Twin of
+// core/src/stages/reduce.rs `soft_term` and `soft_class_term`.
 fn soft_term(base: u32) -> f32 {
     let t = params.temperature;
     let inv_t = 1.0 / t;
-    // Log-probabilities as (x − max) / T − ln Σ: no large numbers cancel.
     let max_s = student_max(base);
     let max_t = teacher_max(base);
-    let lse_s = student_shifted_lse(base, max_s, inv_t);
-    let lse_t = teacher_shifted_lse(base, max_t, inv_t);
+    let sum_s = student_shifted_sum(base, max_s, inv_t);
+    let sum_t = teacher_shifted_sum(base, max_t, inv_t);
     var sum = 0.0;
     if params.weighted_soft != 0u {
         let eps = params.eps;
         for (var c = 0u; c < params.num_classes; c++) {
-            let q = exp((teacher_conf[base + c] - max_t) * inv_t - lse_t) + eps;
-            let p = exp((student_conf[base + c] - max_s) * inv_t - lse_s) + eps;
+            let q = exp((teacher_conf[base + c] - max_t) * inv_t) / sum_t + eps;
+            let p = exp((student_conf[base + c] - max_s) * inv_t) / sum_s + eps;
             let w = select(params.pos_w, params.neg_w, c == 0u);
-            sum += w * q * (log(q) - log(p));
+            sum += w * q * log(q / p);
         }
     } else {
+        let lse_s = log(sum_s);
+        let lse_t = log(sum_t);
         for (var c = 0u; c < params.num_classes; c++) {
-            let log_q = (teacher_conf[base + c] - max_t) * inv_t - lse_t;
-            let q = exp(log_q);
+            let shifted_t = (teacher_conf[base + c] - max_t) * inv_t;
+            let q = exp(shifted_t) / sum_t;
             if q > 0.0 {
-                sum += q * (log_q - ((student_conf[base + c] - max_s) * inv_t - lse_s));
+                sum += q * (shifted_t - lse_t - ((student_conf[base + c] - max_s) * inv_t - lse_s));
             }
         }
     }

@@ -113,18 +113,21 @@ impl Overlap {
 
     /// Strictly larger than `other`: `inter · other.union > other.inter · union`.
     #[must_use]
+    #[inline]
     pub fn beats(self, other: Overlap) -> bool {
         self.inter * other.union > other.inter * self.union
     }
 
     /// Counts as tied with the maximum `max`: `iou >= max_iou · (1 − 1e-5)` (SPEC §3).
     #[must_use]
+    #[inline]
     pub fn ties_with(self, max: Overlap) -> bool {
         self.inter * max.union >= (1.0 - TIE_TOLERANCE) * max.inter * self.union
     }
 
     /// At or above `threshold`: `inter >= threshold · union` (SPEC §3 step 4).
     #[must_use]
+    #[inline]
     pub fn reaches(self, threshold: f32) -> bool {
         self.inter >= threshold * self.union
     }

@@ -246,7 +246,7 @@ proptest! {
         seed in any::<u64>(),
         classes in prop::sample::select(vec![2_usize, 21, 81]),
         scale in prop::sample::select(vec![0.01_f32, 1.0, 4.0, 30.0, 1e4]),
-        priors in 40_usize..400,
+        priors in 40_usize..700,
         variant in 0_usize..6,
     ) {
         check(&batch(seed, 3, priors, classes, Logits::Spread(scale)), &config(variant));
@@ -258,7 +258,7 @@ proptest! {
         seed in any::<u64>(),
         classes in prop::sample::select(vec![2_usize, 21, 81]),
         tied in any::<bool>(),
-        priors in 40_usize..400,
+        priors in 40_usize..700,
         variant in 0_usize..6,
     ) {
         let logits = if tied { Logits::Tied } else { Logits::Crowded };

@@ -11,7 +11,7 @@
 use crate::config::LossConfig;
 use crate::math;
 use crate::stages::prior_terms::{
-    classes_of, loc_terms, row_max, shifted_log_sum_exp, shifted_log_sum_exp_f64, smooth_l1_grad,
+    classes_of, loc_terms, row_max, shifted_log_sum_exp, smooth_l1_grad, SoftmaxF64,
 };
 
 /// The factors `w_term / N` that the gradients of the four terms carry.
@@ -60,23 +60,13 @@ pub fn conf_grad_row(
 ) {
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    // Log-probabilities as (x − max) · scale − ln Σ: no large numbers cancel.
-    let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
-    let lse = shifted_log_sum_exp_f64(student_row, max_s, 1.0);
-    let lse_s = shifted_log_sum_exp_f64(student_row, max_s, inv_t);
-    let lse_t = shifted_log_sum_exp_f64(teacher_row, max_t, inv_t);
-    let shifted = |x: f32, max: f32| f64::from(x) - f64::from(max);
+    let softmax = SoftmaxF64::new(student_row, 1.0);
+    let student = SoftmaxF64::new(student_row, inv_t);
+    let teacher = SoftmaxF64::new(teacher_row, inv_t);
     let conf_scale = f64::from(scale.conf);
     let soft_scale = f64::from(scale.soft) * t;
-    let probabilities = |c: usize| {
-        let p = math::exp_f64(shifted(student_row[c], max_s) * inv_t - lse_s);
-        let q = math::exp_f64(shifted(teacher_row[c], max_t) * inv_t - lse_t);
-        (p, q)
-    };
-    let cross_entropy = |c: usize| {
-        math::exp_f64(shifted(student_row[c], max_s) - lse)
-            - f64::from(u8::from(c as u32 == target))
-    };
+    let probabilities = |c: usize| (student.prob(c), teacher.prob(c));
+    let cross_entropy = |c: usize| softmax.prob(c) - f64::from(u8::from(c as u32 == target));
     if config.weighted_soft_loss() {
         let eps = f64::from(config.eps);
         let class_w = |c: usize| f64::from(if c == 0 { config.neg_w } else { config.pos_w });

@@ -86,6 +86,13 @@ impl BestPrior {
         }
     }
 
+    /// The best overlap over the priors visited so far: a later prior changes nothing
+    /// unless it [`Overlap::beats`] this one (or is prior 0).
+    #[must_use]
+    pub fn best(&self) -> Overlap {
+        self.best
+    }
+
     /// The lowest prior tied with the best overlap, after every prior was visited;
     /// `overlap_at(p)` recomputes prior `p`'s overlap for the rare rescan.
     pub fn resolve(&self, priors: usize, overlap_at: impl Fn(usize) -> Overlap) -> usize {
@@ -225,18 +232,19 @@ pub fn match_finish(
         .zip(loc_target.iter_mut())
         .zip(priors)
     {
+        let positive = *word & (POSITIVE | FORCED) != 0;
+        if !positive && offsets == Offsets::Positives {
+            // Most priors: no object to look up.
+            (*word, *loc) = (0, [0.0; 4]);
+            continue;
+        }
         let row = *word & ROW;
         // Rows are ascending: the object of a row by bisection (few objects, so cheap).
         let object = match objects.binary_search_by_key(&row, |o| o.row) {
             Ok(i) => &objects[i],
             Err(_) => &objects[0], // unreachable: every word names a real object's row
         };
-        let positive = *word & (POSITIVE | FORCED) != 0;
-        *loc = if positive || offsets == Offsets::All {
-            encode(object.truth, CenterBox::from_row(*prior), variance)
-        } else {
-            [0.0; 4]
-        };
+        *loc = encode(object.truth, CenterBox::from_row(*prior), variance);
         *word = if positive {
             num_pos += 1;
             object.label + 1

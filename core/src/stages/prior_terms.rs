@@ -57,14 +57,85 @@ pub fn shifted_log_sum_exp(row: &[f32], max: f32, scale: f32) -> f32 {
     math::ln(sum)
 }
 
-/// [`shifted_log_sum_exp`] in f64.
+/// `e^((x − max) · scale)` in f64: one exponential of a row's softmax ([`SoftmaxF64`]).
 #[must_use]
-pub fn shifted_log_sum_exp_f64(row: &[f32], max: f32, scale: f64) -> f64 {
-    let sum: f64 = row
-        .iter()
-        .map(|&x| math::exp_f64((f64::from(x) - f64::from(max)) * scale))
-        .sum();
-    math::ln_f64(sum)
+#[inline]
+pub fn shifted_exp_f64(x: f32, max: f32, scale: f64) -> f64 {
+    math::exp_f64((f64::from(x) - f64::from(max)) * scale)
+}
+
+/// `softmax(row · scale)` of one row in f64, as the soft term and the conf gradient take
+/// it (SPEC §5, §6): with `e_c = e^((x_c − max) · scale)` ([`shifted_exp_f64`], `max` the
+/// row's [`row_max`]) and `S = Σ_c e_c` summed in class order,
+/// - `p_c = e_c / S` ([`SoftmaxF64::prob`]): each exponential serves the sum and the
+///   probability, so a caller that keeps the `e_c` ([`SoftmaxF64::keeping_exps`]) takes C
+///   exponentials per row, not 2C;
+/// - `ln p_c = (x_c − max) · scale − ln S` ([`SoftmaxF64::log_prob`]): S is in `[1, C]`,
+///   so no large numbers cancel (with logits of 1e6, `x · scale − lse` would lose every
+///   digit).
+#[derive(Clone, Copy, Debug)]
+pub struct SoftmaxF64<'a> {
+    row: &'a [f32],
+    max: f32,
+    scale: f64,
+    sum: f64,
+    ln_sum: f64,
+}
+
+impl<'a> SoftmaxF64<'a> {
+    /// The softmax of `row` at `scale` (1 or 1/T).
+    #[must_use]
+    pub fn new(row: &'a [f32], scale: f64) -> Self {
+        let max = row_max(row);
+        let mut sum = 0.0;
+        for &x in row {
+            sum += shifted_exp_f64(x, max, scale);
+        }
+        Self::with_sum(row, max, scale, sum)
+    }
+
+    /// [`SoftmaxF64::new`] with the row's maximum given (`max`, the value of [`row_max`]),
+    /// writing each `e_c` into `exps` (at least C long): the same values and sum, so
+    /// `exps[c] / S` is [`SoftmaxF64::prob`]`(c)` bit for bit.
+    #[must_use]
+    pub fn keeping_exps(row: &'a [f32], max: f32, scale: f64, exps: &mut [f64]) -> Self {
+        let mut sum = 0.0;
+        for (e, &x) in exps.iter_mut().zip(row) {
+            *e = shifted_exp_f64(x, max, scale);
+            sum += *e;
+        }
+        Self::with_sum(row, max, scale, sum)
+    }
+
+    fn with_sum(row: &'a [f32], max: f32, scale: f64, sum: f64) -> Self {
+        Self {
+            row,
+            max,
+            scale,
+            sum,
+            ln_sum: math::ln_f64(sum),
+        }
+    }
+
+    /// `p_c = e_c / S` from the class's exponential `e_c`.
+    #[must_use]
+    #[inline]
+    pub fn prob_of_exp(&self, exp: f64) -> f64 {
+        exp / self.sum
+    }
+
+    /// `p_c`.
+    #[must_use]
+    pub fn prob(&self, c: usize) -> f64 {
+        self.prob_of_exp(shifted_exp_f64(self.row[c], self.max, self.scale))
+    }
+
+    /// `ln p_c`.
+    #[must_use]
+    #[inline]
+    pub fn log_prob(&self, c: usize) -> f64 {
+        (f64::from(self.row[c]) - f64::from(self.max)) * self.scale - self.ln_sum
+    }
 }
 
 /// Cross-entropy of a logit row against class `target`, given the row's log-sum-exp.

@@ -9,7 +9,7 @@
 
 use crate::config::LossConfig;
 use crate::math;
-use crate::stages::prior_terms::{classes_of, row_max, shifted_log_sum_exp_f64};
+use crate::stages::prior_terms::{classes_of, SoftmaxF64};
 
 /// Un-normalised sums and counts of one image or of a whole batch (SPEC §5). A
 /// data-parallel trainer adds these over its workers before normalising.
@@ -88,9 +88,8 @@ pub struct LossTerms {
 }
 
 /// The soft-target term of one row (SPEC §5), not yet divided by N (`soft_term` in
-/// `reduce.wgsl`): with `q = softmax(teacher / T)`, `p = softmax(student / T)`,
-/// - class-weighted (`neg_w > 1`): `T² Σ_c w_c (q_c + ε)(ln(q_c + ε) − ln(p_c + ε))`;
-/// - otherwise plain KL: `T² Σ_c q_c (ln q_c − ln p_c)`, with `q_c = 0` terms counting 0.
+/// `reduce.wgsl`): with `q = softmax(teacher / T)`, `p = softmax(student / T)`
+/// ([`SoftmaxF64`]), the sum over the classes of [`soft_class_term`], times T².
 ///
 /// Computed in f64 (only the selected rows come here): a student close to its teacher makes
 /// the terms cancel.
@@ -98,30 +97,48 @@ pub struct LossTerms {
 pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    // Log-probabilities as (x − max) / T − ln Σ: no large numbers cancel.
-    let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
-    let lse_s = shifted_log_sum_exp_f64(student_row, max_s, inv_t);
-    let lse_t = shifted_log_sum_exp_f64(teacher_row, max_t, inv_t);
-    let shifted = |x: f32, max: f32| f64::from(x) - f64::from(max);
+    let student = SoftmaxF64::new(student_row, inv_t);
+    let teacher = SoftmaxF64::new(teacher_row, inv_t);
     let mut sum = 0.0;
-    if config.weighted_soft_loss() {
-        let eps = f64::from(config.eps);
-        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
-            let q = math::exp_f64(shifted(te, max_t) * inv_t - lse_t) + eps;
-            let p = math::exp_f64(shifted(s, max_s) * inv_t - lse_s) + eps;
-            let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
-            sum += w * q * (math::ln_f64(q) - math::ln_f64(p));
-        }
-    } else {
-        for (&s, &te) in student_row.iter().zip(teacher_row) {
-            let log_q = shifted(te, max_t) * inv_t - lse_t;
-            let q = math::exp_f64(log_q);
-            if q > 0.0 {
-                sum += q * (log_q - (shifted(s, max_s) * inv_t - lse_s));
-            }
-        }
+    for c in 0..student_row.len() {
+        sum += soft_class_term(
+            config,
+            c,
+            student.prob(c),
+            teacher.prob(c),
+            &student,
+            &teacher,
+        );
     }
     t * t * sum
+}
+
+/// Class `c`'s term of a row's soft-target sum (SPEC §5), from `p = p_c`, `q = q_c` and
+/// the row's two softmaxes:
+/// - class-weighted (`neg_w > 1`): `w_c (q + ε) ln((q + ε) / (p + ε))`, the form's
+///   `(q + ε)(ln(q + ε) − ln(p + ε))` with one logarithm (the ε exactly as SPEC §5 has it);
+/// - otherwise plain KL: `q (ln q_c − ln p_c)` with the stable log-softmaxes, 0 where
+///   `q = 0`.
+#[must_use]
+#[inline]
+pub fn soft_class_term(
+    config: &LossConfig,
+    c: usize,
+    p: f64,
+    q: f64,
+    student: &SoftmaxF64<'_>,
+    teacher: &SoftmaxF64<'_>,
+) -> f64 {
+    if config.weighted_soft_loss() {
+        let eps = f64::from(config.eps);
+        let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
+        let (q, p) = (q + eps, p + eps);
+        w * q * math::ln_f64(q / p)
+    } else if q > 0.0 {
+        q * (teacher.log_prob(c) - student.log_prob(c))
+    } else {
+        0.0
+    }
 }
 
 /// A loop over priors (`reduce_rows` in `reduce.wgsl`, a thread per prior): the soft term

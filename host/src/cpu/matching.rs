@@ -6,7 +6,7 @@
 //! through `tests/fast_cpu.rs` (labels, offsets and everything downstream with
 //! `assert_eq`).
 
-use super::simd::overlaps_block;
+use super::simd::{any_beats, best_objects_block, overlaps_block};
 use ssdkd_core::boxes::{CenterBox, Overlap};
 use ssdkd_core::stages::r#match::{
     match_finish, BestPrior, ObjectScratch, Offsets, FORCED, POSITIVE,
@@ -64,6 +64,11 @@ pub struct MatchScratch {
     /// `[M][BLOCK]` intersections and unions of the block being visited.
     inter: Vec<f32>,
     union: Vec<f32>,
+    /// `[BLOCK]` each prior's best overlap, best object and threshold test.
+    best_inter: Vec<f32>,
+    best_union: Vec<f32>,
+    best_object: Vec<u32>,
+    positive: Vec<bool>,
 }
 
 /// The core's `match_image`, the same words, labels and offsets; returns the positives.
@@ -111,14 +116,11 @@ pub fn match_image_fast(
     match_finish(objects, priors, variance, offsets, conf_target, loc_target)
 }
 
-/// The core's `NO_OVERLAP`.
-const NO_OVERLAP: Overlap = Overlap {
-    inter: 0.0,
-    union: 1.0,
-};
-
 /// The core's `match_priors` (steps 1 and 4, with the fused best-prior tracking), block
-/// by block.
+/// by block: each object's overlaps with the block in one pass ([`overlaps_block`]), the
+/// priors' decisions lane by lane ([`best_objects_block`]), and each object's best-prior
+/// visits only over the blocks where some prior beats its best so far ([`any_beats`]; in
+/// the others the core's visits change nothing).
 fn match_priors(
     columns: &PriorColumns,
     threshold: f32,
@@ -128,6 +130,10 @@ fn match_priors(
     let objects = scratch.states.len();
     scratch.inter.resize(objects * BLOCK, 0.0);
     scratch.union.resize(objects * BLOCK, 0.0);
+    scratch.best_inter.resize(BLOCK, 0.0);
+    scratch.best_union.resize(BLOCK, 0.0);
+    scratch.best_object.resize(BLOCK, 0);
+    scratch.positive.resize(BLOCK, false);
     let priors = columns.len();
     for start in (0..priors).step_by(BLOCK) {
         let end = (start + BLOCK).min(priors);
@@ -147,25 +153,30 @@ fn match_priors(
                 &mut scratch.union[m * BLOCK..m * BLOCK + len],
             );
         }
-        for i in 0..len {
-            let p = start + i;
-            let overlap = |m: usize| Overlap {
-                inter: scratch.inter[m * BLOCK + i],
-                union: scratch.union[m * BLOCK + i],
-            };
-            let mut best = NO_OVERLAP;
-            for (m, state) in scratch.states.iter_mut().enumerate() {
-                let current = overlap(m);
-                if m == 0 || current.beats(best) {
-                    best = current;
-                }
-                state.best.visit(p, current);
+        best_objects_block(
+            &scratch.inter,
+            &scratch.union,
+            BLOCK,
+            objects,
+            threshold,
+            &mut scratch.best_inter,
+            &mut scratch.best_union,
+            &mut scratch.best_object[..len],
+            &mut scratch.positive,
+        );
+        let decisions = scratch.best_object[..len].iter().zip(&scratch.positive);
+        for (word, (&m, &positive)) in conf_target[start..end].iter_mut().zip(decisions) {
+            *word = scratch.states[m as usize].row | if positive { POSITIVE } else { 0 };
+        }
+        for (m, state) in scratch.states.iter_mut().enumerate() {
+            let inter = &scratch.inter[m * BLOCK..m * BLOCK + len];
+            let union = &scratch.union[m * BLOCK..m * BLOCK + len];
+            if start > 0 && !any_beats(inter, union, state.best.best()) {
+                continue;
             }
-            let best_object = (0..objects)
-                .find(|&m| overlap(m).ties_with(best))
-                .unwrap_or(0);
-            let positive = if best.reaches(threshold) { POSITIVE } else { 0 };
-            conf_target[p] = scratch.states[best_object].row | positive;
+            for (i, (&inter, &union)) in inter.iter().zip(union).enumerate() {
+                state.best.visit(start + i, Overlap { inter, union });
+            }
         }
     }
 }

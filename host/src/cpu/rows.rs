@@ -1,15 +1,15 @@
 //! The selected rows' soft term and conf gradient, bit for bit the core's
 //! ([`ssdkd_core::stages::reduce::soft_term`], [`ssdkd_core::stages::grad::conf_grad_row`]),
 //! with each exponential taken once: the soft term (forward) keeps each selected row's
-//! `p_c = softmax(student / T)_c` and `q_c = softmax(teacher / T)_c`, which the gradient
-//! (backward) computes again in the core from the same f64 expressions; at T = 1 the
-//! cross-entropy's softmax is `p_c` itself (`x · 1 = x`, and the student's log-sum-exp at
-//! scale 1 is then `lse_s`). Tested against the core in `tests/fast_cpu.rs` (sums and
-//! gradients compared with `assert_eq`).
+//! exponentials, turns them into `p_c = softmax(student / T)_c` and
+//! `q_c = softmax(teacher / T)_c` (the core's [`SoftmaxF64`], same values), and keeps those
+//! for the gradient (backward), which the core computes again from the same expressions;
+//! at T = 1 the cross-entropy's softmax is `p_c` itself (`x · 1 = x`). Tested against the
+//! core in `tests/fast_cpu.rs` (sums and gradients compared with `assert_eq`).
 
-use ssdkd_core::math::{exp_f64, ln_f64};
 use ssdkd_core::stages::grad::GradScale;
-use ssdkd_core::stages::prior_terms::shifted_log_sum_exp_f64;
+use ssdkd_core::stages::prior_terms::SoftmaxF64;
+use ssdkd_core::stages::reduce::soft_class_term;
 use ssdkd_core::LossConfig;
 
 /// The core's `row_max`, the same value, by four independent chains instead of one: `max`
@@ -31,8 +31,10 @@ fn row_max(row: &[f32]) -> f32 {
     lanes[0].max(lanes[1]).max(lanes[2].max(lanes[3])).max(tail)
 }
 
-/// The core's `soft_term` of one selected row; with `keep`, appends the row's `p_c` then
-/// its `q_c` (2C values) to `kept` for [`conf_grad_row`].
+/// The core's `soft_term` of one selected row, each exponential taken once: the row's
+/// `e_c` are kept ([`SoftmaxF64::keeping_exps`]) and serve both the sums and the `p_c`,
+/// `q_c`. With `keep`, appends the row's `p_c` then its `q_c` (2C values) to `kept` for
+/// [`conf_grad_row`]; without, they are scratch past its end.
 pub fn soft_term(
     student_row: &[f32],
     teacher_row: &[f32],
@@ -42,42 +44,19 @@ pub fn soft_term(
 ) -> f64 {
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
-    let lse_s = shifted_log_sum_exp_f64(student_row, max_s, inv_t);
-    let lse_t = shifted_log_sum_exp_f64(teacher_row, max_t, inv_t);
-    let shifted = |x: f32, max: f32| f64::from(x) - f64::from(max);
     let start = kept.len();
     let classes = student_row.len();
-    if keep {
-        kept.resize(start + 2 * classes, 0.0);
-    }
+    kept.resize(start + 2 * classes, 0.0);
+    let (p, q) = kept[start..].split_at_mut(classes);
+    let student = SoftmaxF64::keeping_exps(student_row, row_max(student_row), inv_t, p);
+    let teacher = SoftmaxF64::keeping_exps(teacher_row, row_max(teacher_row), inv_t, q);
     let mut sum = 0.0;
-    if config.weighted_soft_loss() {
-        let eps = f64::from(config.eps);
-        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
-            let q_raw = exp_f64(shifted(te, max_t) * inv_t - lse_t);
-            let p_raw = exp_f64(shifted(s, max_s) * inv_t - lse_s);
-            if keep {
-                kept[start + c] = p_raw;
-                kept[start + classes + c] = q_raw;
-            }
-            let (q, p) = (q_raw + eps, p_raw + eps);
-            let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
-            sum += w * q * (ln_f64(q) - ln_f64(p));
-        }
-    } else {
-        for (c, (&s, &te)) in student_row.iter().zip(teacher_row).enumerate() {
-            let log_q = shifted(te, max_t) * inv_t - lse_t;
-            let q = exp_f64(log_q);
-            let log_p = shifted(s, max_s) * inv_t - lse_s;
-            if keep {
-                kept[start + c] = exp_f64(log_p);
-                kept[start + classes + c] = q;
-            }
-            if q > 0.0 {
-                sum += q * (log_q - log_p);
-            }
-        }
+    for (c, (p, q)) in p.iter_mut().zip(q.iter_mut()).enumerate() {
+        (*p, *q) = (student.prob_of_exp(*p), teacher.prob_of_exp(*q));
+        sum += soft_class_term(config, c, *p, *q, &student, &teacher);
+    }
+    if !keep {
+        kept.truncate(start);
     }
     t * t * sum
 }
@@ -96,21 +75,12 @@ pub fn conf_grad_row(
     let (p, q) = kept.split_at(classes);
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let unit = inv_t == 1.0;
-    let max_s = row_max(student_row);
-    let lse = if unit {
-        0.0 // not read: the softmax is p
-    } else {
-        shifted_log_sum_exp_f64(student_row, max_s, 1.0)
-    };
+    // At T = 1 the cross-entropy's softmax is the same computation as `p` (scale 1).
+    let softmax = (inv_t != 1.0).then(|| SoftmaxF64::new(student_row, 1.0));
     let conf_scale = f64::from(scale.conf);
     let soft_scale = f64::from(scale.soft) * t;
     let cross_entropy = |c: usize| {
-        let softmax = if unit {
-            p[c]
-        } else {
-            exp_f64(f64::from(student_row[c]) - f64::from(max_s) - lse)
-        };
+        let softmax = softmax.as_ref().map_or(p[c], |s| s.prob(c));
         softmax - f64::from(u8::from(c as u32 == target))
     };
     if config.weighted_soft_loss() {

@@ -8,6 +8,7 @@
 //! tests (`tests` below) well inside the margin the bounds add.
 
 use multiversion::multiversion;
+use ssdkd_core::boxes::Overlap;
 
 /// 1.5 · 2²³: adding it rounds an f32 of magnitude below 2²² to an integer, which its low
 /// mantissa bits then hold.
@@ -143,6 +144,90 @@ pub fn overlaps_block(
         inter[i] = overlap;
         union[i] = truth_area + area[i] - overlap;
     }
+}
+
+/// Steps 1 and 4 of the match (SPEC §3) for a block of `best_object.len()` priors, lane by
+/// lane the core's `match_priors` for each prior: `inter`/`union` hold each object's
+/// overlaps with the block (object `m` from `m · stride`); each prior's best overlap is
+/// object 0's replaced by every later one that [`Overlap::beats`] it, its best object the
+/// lowest `m` that [`Overlap::ties_with`] that maximum (0 when none does, as the core's
+/// `unwrap_or`), and `positive[i]` whether the maximum [`Overlap::reaches`] `threshold`.
+/// The same comparisons in the same order, as selects over the block.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[allow(clippy::too_many_arguments)] // the block's columns in and out
+pub fn best_objects_block(
+    inter: &[f32],
+    union: &[f32],
+    stride: usize,
+    objects: usize,
+    threshold: f32,
+    best_inter: &mut [f32],
+    best_union: &mut [f32],
+    best_object: &mut [u32],
+    positive: &mut [bool],
+) {
+    let len = best_object.len();
+    let (best_inter, best_union) = (&mut best_inter[..len], &mut best_union[..len]);
+    let positive = &mut positive[..len];
+    best_inter.copy_from_slice(&inter[..len]);
+    best_union.copy_from_slice(&union[..len]);
+    for m in 1..objects {
+        let (inter, union) = (&inter[m * stride..][..len], &union[m * stride..][..len]);
+        for i in 0..len {
+            let current = Overlap {
+                inter: inter[i],
+                union: union[i],
+            };
+            let best = Overlap {
+                inter: best_inter[i],
+                union: best_union[i],
+            };
+            let beats = current.beats(best);
+            best_inter[i] = if beats { current.inter } else { best.inter };
+            best_union[i] = if beats { current.union } else { best.union };
+        }
+    }
+    best_object.fill(0);
+    // From the last object down, so that the lowest tied one is written last.
+    for m in (0..objects).rev() {
+        let (inter, union) = (&inter[m * stride..][..len], &union[m * stride..][..len]);
+        for i in 0..len {
+            let current = Overlap {
+                inter: inter[i],
+                union: union[i],
+            };
+            let best = Overlap {
+                inter: best_inter[i],
+                union: best_union[i],
+            };
+            best_object[i] = if current.ties_with(best) {
+                m as u32
+            } else {
+                best_object[i]
+            };
+        }
+    }
+    for i in 0..len {
+        let best = Overlap {
+            inter: best_inter[i],
+            union: best_union[i],
+        };
+        positive[i] = best.reaches(threshold);
+    }
+}
+
+/// Whether any of a block's overlaps (`inter[i]`, `union[i]`) [`Overlap::beats`] `best`:
+/// when none does, visiting the block changes no object's best prior
+/// ([`ssdkd_core::stages::r#match::BestPrior::visit`] past prior 0), so it can be skipped.
+/// No early exit, so that the loop vectorises.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn any_beats(inter: &[f32], union: &[f32], best: Overlap) -> bool {
+    let union = &union[..inter.len()];
+    let mut any = false;
+    for (&inter, &union) in inter.iter().zip(union) {
+        any |= Overlap { inter, union }.beats(best);
+    }
+    any
 }
 
 #[cfg(test)]
