@@ -125,7 +125,8 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
     CpuBackend::new().evaluate(batch, config, request)
 }
 
-/// [`ssdkd_core::backward_image`] into zeroed buffers ([`parallel_zeros`]): only the selected rows' conf gradients (by [`rows::conf_grad_row`]
+/// [`ssdkd_core::backward_image`] into zeroed buffers ([`parallel_zeros`]): only the
+/// selected rows' conf gradients (`selected`, in prior order, by [`rows::conf_grad_row`]
 /// from the probabilities the forward pass kept in `kept`) and the positives' loc gradients
 /// (the core's [`loc_gradients`]) are written. Returns the first non-finite element of
 /// each that it wrote.
@@ -134,6 +135,7 @@ fn backward_rows(
     config: &LossConfig,
     targets: &ImageTargets<'_>,
     scale: &GradScale,
+    selected: &[u32],
     kept: &[f64],
     grad_conf: &mut [f32],
     grad_loc: &mut [[f32; 4]],
@@ -141,22 +143,24 @@ fn backward_rows(
     let mut first_bad = FirstBad::default();
     let classes = grad_conf.len() / targets.conf_target.len().max(1);
     if classes > 0 {
-        let mut kept = kept.chunks_exact(2 * classes);
-        let rows = inputs
-            .student_conf
-            .chunks_exact(classes)
-            .zip(grad_conf.chunks_exact_mut(classes))
-            .zip(targets.conf_target.iter().zip(targets.neg_mask.iter()));
-        for (p, ((student, out), (&label, &mined))) in rows.enumerate() {
-            if label > 0 || mined != 0 {
-                let row_kept = kept
-                    .next()
-                    .expect("the forward pass kept every selected row");
-                conf_grad_row(student, label, scale, config, row_kept, out);
-                if first_bad.conf.is_none() {
-                    if let Some(c) = out.iter().position(|g| !g.is_finite()) {
-                        first_bad.conf = Some(p * classes + c);
-                    }
+        fast::touch_rows(inputs.student_conf, classes, selected);
+        let rows = selected.iter().zip(kept.chunks_exact(2 * classes));
+        for (&p, row_kept) in rows {
+            let p = p as usize;
+            let span = p * classes..(p + 1) * classes;
+            let out = &mut grad_conf[span.clone()];
+            let label = targets.conf_target[p];
+            conf_grad_row(
+                &inputs.student_conf[span],
+                label,
+                scale,
+                config,
+                row_kept,
+                out,
+            );
+            if first_bad.conf.is_none() {
+                if let Some(c) = out.iter().position(|g| !g.is_finite()) {
+                    first_bad.conf = Some(p * classes + c);
                 }
             }
         }
@@ -236,6 +240,7 @@ fn evaluate_with(
                     config,
                     &targets,
                     &scale,
+                    &fast.selected,
                     &fast.kept,
                     grad_conf,
                     bytemuck::cast_slice_mut(grad_loc),

@@ -35,7 +35,7 @@ use ssdkd_core::stages::reduce::{reduce_image, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
 
 /// Floats per flat block of the bound kernel (whole rows; at least one row).
-const BLOCK_VALUES: usize = 8192;
+const BLOCK_VALUES: usize = 2048;
 
 /// Per-image scratch of the fast path, kept with the core's workspace between calls.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +50,12 @@ pub struct FastScratch {
     flat: Vec<f32>,
     /// The candidates' prior indices.
     candidates: Vec<u32>,
+    /// The positives', in prior order.
+    positives: Vec<u32>,
+    /// The mined negatives' (the candidates in the negative mask), in prior order.
+    mined: Vec<u32>,
+    /// The selected rows' (positives and mined), in prior order.
+    pub(super) selected: Vec<u32>,
     /// The match stage's.
     matching: MatchScratch,
     /// Each selected row's `p_c` then `q_c`, in prior order (`rows::soft_term`).
@@ -108,6 +114,18 @@ fn bound_scores(
     }
 }
 
+/// Reads the first and last value of each of the `rows` of `values` (C wide) in one short
+/// loop of independent loads, so that the memory system fetches the rows side by side
+/// before a long computation visits them one at a time (which would wait for each).
+pub(super) fn touch_rows(values: &[f32], classes: usize, rows: &[u32]) {
+    let mut acc = 0.0_f32;
+    for &p in rows {
+        let start = p as usize * classes;
+        acc += values[start] + values[start + classes - 1];
+    }
+    std::hint::black_box(acc);
+}
+
 /// The forward pass of one image, as [`ssdkd_core::forward_image`] computes it (same sums,
 /// same decisions, bit for bit), with the exact log-sum-exp only on the rows that can reach
 /// the loss, and the match stage's overlaps taken a block of priors at a time (`columns`:
@@ -145,14 +163,20 @@ pub fn forward_image_fast(
     let k = num_negatives(num_pos, priors as u32, config) as usize;
     let k = k.min(priors);
     let row = |p: usize| &inputs.student_conf[p * classes..(p + 1) * classes];
+    let mine = k > 0 && classes > 0;
+    if mine {
+        // First, so that the image's logits are in cache for the exact rows below.
+        bound_scores(inputs.student_conf, targets.conf_target, classes, fast);
+    }
 
-    // The positives, exactly as the prior-terms stage writes them.
-    scratch.prior_loss.fill([0.0; 4]);
-    for p in 0..priors {
-        let target_class = targets.conf_target[p];
+    // The positives, exactly as the prior-terms stage writes them. (`prior_loss` is read
+    // only on the selected rows, and each is written below: no fill.)
+    fast.positives.clear();
+    for (p, &target_class) in targets.conf_target.iter().enumerate() {
         if target_class == 0 {
             continue;
         }
+        fast.positives.push(p as u32);
         let ce = cross_entropy(log_sum_exp(row(p), 1.0), row(p), target_class);
         scratch.mining_score[p] = mining_score(ce, true);
         let terms = loc_terms(
@@ -170,11 +194,9 @@ pub fn forward_image_fast(
     }
 
     // Mining (SPEC §4) over the candidates only.
-    let num_neg = if k == 0 || classes == 0 {
-        targets.neg_mask.fill(0);
-        0
-    } else {
-        bound_scores(inputs.student_conf, targets.conf_target, classes, fast);
+    targets.neg_mask.fill(0);
+    fast.mined.clear();
+    let num_neg = if mine {
         fast.select.clear();
         fast.select.extend_from_slice(&fast.lower);
         let (_, tau, _) = fast
@@ -200,34 +222,56 @@ pub fn forward_image_fast(
         // Fewer than k candidates only when τ is NaN-free and yet fewer than k lower
         // bounds reach it, which cannot happen; guard anyway.
         let k = k.min(keys.len());
-        targets.neg_mask.fill(0);
         if k > 0 {
             let (_, kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
             let kth = *kth;
             for &p in &fast.candidates {
-                let p = p as usize;
-                if rank_key(scratch.mining_score[p], p as u32) >= kth {
-                    targets.neg_mask[p] = 1;
+                if rank_key(scratch.mining_score[p as usize], p) >= kth {
+                    targets.neg_mask[p as usize] = 1;
+                    fast.mined.push(p);
                 }
             }
         }
         k as u32
+    } else {
+        0
     };
 
-    // The core's `reduce_rows`, keeping each selected row's probabilities for the backward
-    // pass when `keep_rows`.
+    // The selected rows in prior order: the positives and the mined candidates (both in
+    // prior order), merged.
+    fast.selected.clear();
+    let (mut pos, mut neg) = (
+        fast.positives.iter().peekable(),
+        fast.mined.iter().peekable(),
+    );
+    while let Some(&next) = match (pos.peek(), neg.peek()) {
+        (Some(&&a), Some(&&b)) if a == b => {
+            neg.next();
+            pos.next()
+        }
+        (Some(&&a), Some(&&b)) => {
+            if a < b {
+                pos.next()
+            } else {
+                neg.next()
+            }
+        }
+        (Some(_), None) => pos.next(),
+        (None, _) => neg.next(),
+    } {
+        fast.selected.push(next);
+    }
+
+    // The core's `reduce_rows` on the selected rows (the others' `row_soft` is not read),
+    // keeping each one's probabilities for the backward pass when `keep_rows`.
     fast.kept.clear();
-    let rows = inputs
-        .student_conf
-        .chunks_exact(classes.max(1))
-        .zip(inputs.teacher_conf.chunks_exact(classes.max(1)));
-    for (p, (student_row, teacher_row)) in rows.enumerate() {
-        let selected = targets.conf_target[p] > 0 || targets.neg_mask[p] != 0;
-        scratch.row_soft[p] = if selected {
-            soft_term(student_row, teacher_row, config, keep_rows, &mut fast.kept)
-        } else {
-            0.0
-        };
+    if classes > 0 {
+        touch_rows(inputs.teacher_conf, classes, &fast.selected);
+        for &p in &fast.selected {
+            let p = p as usize;
+            let teacher_row = &inputs.teacher_conf[p * classes..(p + 1) * classes];
+            scratch.row_soft[p] = soft_term(row(p), teacher_row, config, keep_rows, &mut fast.kept);
+        }
     }
     reduce_image(
         targets.conf_target,

@@ -111,10 +111,17 @@ pub fn shifted_log_sum_exp_block(
         let tail: f32 = quads.remainder().iter().sum();
         *o = (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail;
     }
-    for (o, row) in out.iter_mut().zip(rows.chunks_exact(classes)) {
+    // The logarithms over the contiguous sums (vectorised), then the strided first logits.
+    for o in out.iter_mut() {
         let sum = *o;
-        let ln = ln_approx(sum) - row[0];
-        *o = if sum >= MIN_SUM { ln } else { f32::NAN };
+        *o = if sum >= MIN_SUM {
+            ln_approx(sum)
+        } else {
+            f32::NAN
+        };
+    }
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(classes)) {
+        *o -= row[0];
     }
     f32::from_bits(abs_max_bits)
 }
