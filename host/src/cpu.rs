@@ -126,8 +126,8 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
 }
 
 /// [`ssdkd_core::backward_image`] into zeroed buffers ([`parallel_zeros`]): only the
-/// selected rows' conf gradients (`selected`, in prior order, by [`rows::conf_grad_row`]
-/// from the probabilities the forward pass kept in `kept`) and the positives' loc gradients
+/// selected rows' conf gradients (`fast.selected`, in prior order, by
+/// [`rows::conf_grad_row`] from the probabilities the forward pass kept in `fast.kept`) and the positives' loc gradients
 /// (the core's [`loc_gradients`]) are written. Returns the first non-finite element of
 /// each that it wrote.
 fn backward_rows(
@@ -135,16 +135,18 @@ fn backward_rows(
     config: &LossConfig,
     targets: &ImageTargets<'_>,
     scale: &GradScale,
-    selected: &[u32],
-    kept: &[f64],
+    fast: &FastScratch,
     grad_conf: &mut [f32],
     grad_loc: &mut [[f32; 4]],
 ) -> FirstBad {
     let mut first_bad = FirstBad::default();
     let classes = grad_conf.len() / targets.conf_target.len().max(1);
     if classes > 0 {
-        fast::touch_rows(inputs.student_conf, classes, selected);
-        let rows = selected.iter().zip(kept.chunks_exact(2 * classes));
+        fast::touch_rows(inputs.student_conf, classes, &fast.selected);
+        let rows = fast
+            .selected
+            .iter()
+            .zip(fast.kept.chunks_exact(2 * classes));
         for (&p, row_kept) in rows {
             let p = p as usize;
             let span = p * classes..(p + 1) * classes;
@@ -240,8 +242,7 @@ fn evaluate_with(
                     config,
                     &targets,
                     &scale,
-                    &fast.selected,
-                    &fast.kept,
+                    fast,
                     grad_conf,
                     bytemuck::cast_slice_mut(grad_loc),
                 )
