@@ -13,19 +13,6 @@ pub fn log_sum_exp(row: &[f32], scale: f32) -> f32 {
     max + math::ln(sum)
 }
 
-/// [`log_sum_exp`] in f64, for the selected rows' soft terms and gradients.
-#[must_use]
-pub fn log_sum_exp_f64(row: &[f32], scale: f64) -> f64 {
-    let max = row
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x) * scale));
-    let sum: f64 = row
-        .iter()
-        .map(|&x| math::exp_f64(f64::from(x) * scale - max))
-        .sum();
-    max + math::ln_f64(sum)
-}
-
 /// C of a `[P, C]` row-major tensor of `len` values over `num_priors` rows (0 when P is 0):
 /// the stages take C from their slices, not from the config.
 ///
@@ -57,18 +44,26 @@ pub fn shifted_log_sum_exp(row: &[f32], max: f32, scale: f32) -> f32 {
     math::ln(sum)
 }
 
+/// `(x − max) · scale` in f64: the argument of a row's softmax exponential
+/// ([`shifted_exp_f64`]) and its log-probability before `− ln S` ([`SoftmaxF64::log_prob`]).
+#[must_use]
+#[inline(always)]
+pub fn shifted_f64(x: f32, max: f32, scale: f64) -> f64 {
+    (f64::from(x) - f64::from(max)) * scale
+}
+
 /// `e^((x − max) · scale)` in f64: one exponential of a row's softmax ([`SoftmaxF64`]).
 #[must_use]
-#[inline]
+#[inline(always)]
 pub fn shifted_exp_f64(x: f32, max: f32, scale: f64) -> f64 {
-    math::exp_f64((f64::from(x) - f64::from(max)) * scale)
+    math::exp_f64(shifted_f64(x, max, scale))
 }
 
 /// `softmax(row · scale)` of one row in f64, as the soft term and the conf gradient take
 /// it (SPEC §5, §6): with `e_c = e^((x_c − max) · scale)` ([`shifted_exp_f64`], `max` the
 /// row's [`row_max`]) and `S = Σ_c e_c` summed in class order,
 /// - `p_c = e_c / S` ([`SoftmaxF64::prob`]): each exponential serves the sum and the
-///   probability, so a caller that keeps the `e_c` ([`SoftmaxF64::keeping_exps`]) takes C
+///   probability, so a caller that keeps the `e_c` ([`SoftmaxF64::from_exps`]) takes C
 ///   exponentials per row, not 2C;
 /// - `ln p_c = (x_c − max) · scale − ln S` ([`SoftmaxF64::log_prob`]): S is in `[1, C]`,
 ///   so no large numbers cancel (with logits of 1e6, `x · scale − lse` would lose every
@@ -94,15 +89,15 @@ impl<'a> SoftmaxF64<'a> {
         Self::with_sum(row, max, scale, sum)
     }
 
-    /// [`SoftmaxF64::new`] with the row's maximum given (`max`, the value of [`row_max`]),
-    /// writing each `e_c` into `exps` (at least C long): the same values and sum, so
+    /// [`SoftmaxF64::new`] from the row's exponentials `exps[c]` = [`shifted_exp_f64`]`(row[c],
+    /// max, scale)`, that is [`math::exp_f64`] of [`shifted_f64`] (computed by the caller,
+    /// e.g. in a vectorised loop; `max` the value of [`row_max`]): the same sum, so
     /// `exps[c] / S` is [`SoftmaxF64::prob`]`(c)` bit for bit.
     #[must_use]
-    pub fn keeping_exps(row: &'a [f32], max: f32, scale: f64, exps: &mut [f64]) -> Self {
+    pub fn from_exps(row: &'a [f32], max: f32, scale: f64, exps: &[f64]) -> Self {
         let mut sum = 0.0;
-        for (e, &x) in exps.iter_mut().zip(row) {
-            *e = shifted_exp_f64(x, max, scale);
-            sum += *e;
+        for &e in exps {
+            sum += e;
         }
         Self::with_sum(row, max, scale, sum)
     }
@@ -134,7 +129,7 @@ impl<'a> SoftmaxF64<'a> {
     #[must_use]
     #[inline]
     pub fn log_prob(&self, c: usize) -> f64 {
-        (f64::from(self.row[c]) - f64::from(self.max)) * self.scale - self.ln_sum
+        shifted_f64(self.row[c], self.max, self.scale) - self.ln_sum
     }
 }
 

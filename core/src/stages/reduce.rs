@@ -89,52 +89,68 @@ pub struct LossTerms {
 
 /// The soft-target term of one row (SPEC §5), not yet divided by N (`soft_term` in
 /// `reduce.wgsl`): with `q = softmax(teacher / T)`, `p = softmax(student / T)`
-/// ([`SoftmaxF64`]), the sum over the classes of [`soft_class_term`], times T².
+/// ([`SoftmaxF64`]), T² times the sum over the classes (in class order) of
+/// [`weighted_class_terms`] (class-weighted, `neg_w > 1`) or [`kl_class_term`].
 ///
 /// Computed in f64 (only the selected rows come here): a student close to its teacher makes
 /// the terms cancel.
 #[must_use]
 pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
+    /// Classes per chunk of the weighted terms (on the stack: the core does not allocate).
+    const CHUNK: usize = 16;
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
     let student = SoftmaxF64::new(student_row, inv_t);
     let teacher = SoftmaxF64::new(teacher_row, inv_t);
     let mut sum = 0.0;
-    for c in 0..student_row.len() {
-        sum += soft_class_term(
-            config,
-            c,
-            student.prob(c),
-            teacher.prob(c),
-            &student,
-            &teacher,
-        );
+    if config.weighted_soft_loss() {
+        let (mut p, mut q, mut terms) = ([0.0; CHUNK], [0.0; CHUNK], [0.0; CHUNK]);
+        for first in (0..student_row.len()).step_by(CHUNK) {
+            let n = CHUNK.min(student_row.len() - first);
+            for i in 0..n {
+                (p[i], q[i]) = (student.prob(first + i), teacher.prob(first + i));
+            }
+            weighted_class_terms(config, first, &p[..n], &q[..n], &mut terms[..n]);
+            for &term in &terms[..n] {
+                sum += term;
+            }
+        }
+    } else {
+        for c in 0..student_row.len() {
+            sum += kl_class_term(c, teacher.prob(c), &student, &teacher);
+        }
     }
     t * t * sum
 }
 
-/// Class `c`'s term of a row's soft-target sum (SPEC §5), from `p = p_c`, `q = q_c` and
-/// the row's two softmaxes:
-/// - class-weighted (`neg_w > 1`): `w_c (q + ε) ln((q + ε) / (p + ε))`, the form's
-///   `(q + ε)(ln(q + ε) − ln(p + ε))` with one logarithm (the ε exactly as SPEC §5 has it);
-/// - otherwise plain KL: `q (ln q_c − ln p_c)` with the stable log-softmaxes, 0 where
-///   `q = 0`.
+/// The class-weighted form's terms (SPEC §5) of the classes `first..first + p.len()` from
+/// their `p_c`, `q_c`: `w_c (q_c + ε) ln((q_c + ε) / (p_c + ε))`, the form's
+/// `(q + ε)(ln(q + ε) − ln(p + ε))` with one logarithm (the ε exactly as SPEC §5 has it).
+/// A flat loop (the host vectorises it by inlining).
+#[inline(always)]
+pub fn weighted_class_terms(
+    config: &LossConfig,
+    first: usize,
+    p: &[f64],
+    q: &[f64],
+    terms: &mut [f64],
+) {
+    let eps = f64::from(config.eps);
+    let (neg_w, pos_w) = (f64::from(config.neg_w), f64::from(config.pos_w));
+    let (p, q) = (&p[..terms.len()], &q[..terms.len()]);
+    for (i, term) in terms.iter_mut().enumerate() {
+        let w = if first + i == 0 { neg_w } else { pos_w };
+        let (q, p) = (q[i] + eps, p[i] + eps);
+        *term = w * q * math::ln_f64(q / p);
+    }
+}
+
+/// The plain KL form's term of class `c` (SPEC §5) from `q = q_c` and the row's two
+/// softmaxes: `q (ln q_c − ln p_c)` with the stable log-softmaxes, 0 where `q = 0`.
 #[must_use]
 #[inline]
-pub fn soft_class_term(
-    config: &LossConfig,
-    c: usize,
-    p: f64,
-    q: f64,
-    student: &SoftmaxF64<'_>,
-    teacher: &SoftmaxF64<'_>,
-) -> f64 {
-    if config.weighted_soft_loss() {
-        let eps = f64::from(config.eps);
-        let w = f64::from(if c == 0 { config.neg_w } else { config.pos_w });
-        let (q, p) = (q + eps, p + eps);
-        w * q * math::ln_f64(q / p)
-    } else if q > 0.0 {
+pub fn kl_class_term(c: usize, q: f64, student: &SoftmaxF64<'_>, teacher: &SoftmaxF64<'_>) -> f64 {
+    if q > 0.0 {
         q * (teacher.log_prob(c) - student.log_prob(c))
     } else {
         0.0

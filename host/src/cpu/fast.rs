@@ -60,6 +60,8 @@ pub struct FastScratch {
     matching: MatchScratch,
     /// Each selected row's `p_c` then `q_c`, in prior order (`rows::soft_term`).
     pub(super) kept: Vec<f64>,
+    /// One selected row's exponentials and terms (`rows::soft_term`).
+    row: Vec<f64>,
 }
 
 /// The margin that covers, around `v` (from the vectorised kernel), the reference's f32
@@ -270,7 +272,14 @@ pub fn forward_image_fast(
         for &p in &fast.selected {
             let p = p as usize;
             let teacher_row = &inputs.teacher_conf[p * classes..(p + 1) * classes];
-            scratch.row_soft[p] = soft_term(row(p), teacher_row, config, keep_rows, &mut fast.kept);
+            scratch.row_soft[p] = soft_term(
+                row(p),
+                teacher_row,
+                config,
+                keep_rows,
+                &mut fast.kept,
+                &mut fast.row,
+            );
         }
     }
     reduce_image(

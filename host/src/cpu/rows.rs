@@ -7,9 +7,10 @@
 //! at T = 1 the cross-entropy's softmax is `p_c` itself (`x · 1 = x`). Tested against the
 //! core in `tests/fast_cpu.rs` (sums and gradients compared with `assert_eq`).
 
+use super::simd::{exps_in_place, probabilities, weighted_terms, LANES_F64};
 use ssdkd_core::stages::grad::GradScale;
-use ssdkd_core::stages::prior_terms::SoftmaxF64;
-use ssdkd_core::stages::reduce::soft_class_term;
+use ssdkd_core::stages::prior_terms::{shifted_f64, SoftmaxF64};
+use ssdkd_core::stages::reduce::kl_class_term;
 use ssdkd_core::LossConfig;
 
 /// The core's `row_max`, the same value, by four independent chains instead of one: `max`
@@ -32,31 +33,55 @@ fn row_max(row: &[f32]) -> f32 {
 }
 
 /// The core's `soft_term` of one selected row, each exponential taken once: the row's
-/// `e_c` are kept ([`SoftmaxF64::keeping_exps`]) and serve both the sums and the `p_c`,
-/// `q_c`. With `keep`, appends the row's `p_c` then its `q_c` (2C values) to `kept` for
-/// [`conf_grad_row`]; without, they are scratch past its end.
+/// `e_c` (student and teacher side by side in `scratch`, each padded to a multiple of
+/// [`LANES_F64`]) by the vectorised [`exps_in_place`], serving both the sums
+/// ([`SoftmaxF64::from_exps`]) and the `p_c`, `q_c`; the class-weighted terms by
+/// [`weighted_terms`], added in class order as the core adds them. With `keep`, appends
+/// the row's `p_c` then its `q_c` (2C values) to `kept` for [`conf_grad_row`].
 pub fn soft_term(
     student_row: &[f32],
     teacher_row: &[f32],
     config: &LossConfig,
     keep: bool,
     kept: &mut Vec<f64>,
+    scratch: &mut Vec<f64>,
 ) -> f64 {
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let start = kept.len();
     let classes = student_row.len();
-    kept.resize(start + 2 * classes, 0.0);
-    let (p, q) = kept[start..].split_at_mut(classes);
-    let student = SoftmaxF64::keeping_exps(student_row, row_max(student_row), inv_t, p);
-    let teacher = SoftmaxF64::keeping_exps(teacher_row, row_max(teacher_row), inv_t, q);
-    let mut sum = 0.0;
-    for (c, (p, q)) in p.iter_mut().zip(q.iter_mut()).enumerate() {
-        (*p, *q) = (student.prob_of_exp(*p), teacher.prob_of_exp(*q));
-        sum += soft_class_term(config, c, *p, *q, &student, &teacher);
+    let padded = classes.next_multiple_of(LANES_F64);
+    // p, q, then the weighted terms; padding arguments 0 (their values are never read).
+    scratch.clear();
+    scratch.resize(3 * padded, 0.0);
+    let (p, q) = scratch[..2 * padded].split_at_mut(padded);
+    let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
+    for (v, &x) in p.iter_mut().zip(student_row) {
+        *v = shifted_f64(x, max_s, inv_t);
     }
-    if !keep {
-        kept.truncate(start);
+    for (v, &x) in q.iter_mut().zip(teacher_row) {
+        *v = shifted_f64(x, max_t, inv_t);
+    }
+    exps_in_place(&mut scratch[..2 * padded]);
+    let (p, rest) = scratch.split_at_mut(padded);
+    let (q, terms) = rest.split_at_mut(padded);
+    let student = SoftmaxF64::from_exps(student_row, max_s, inv_t, &p[..classes]);
+    let teacher = SoftmaxF64::from_exps(teacher_row, max_t, inv_t, &q[..classes]);
+    probabilities(&student, &mut p[..classes]);
+    probabilities(&teacher, &mut q[..classes]);
+    let mut sum = 0.0;
+    if config.weighted_soft_loss() {
+        weighted_terms(config, p, q, terms);
+        for &term in &terms[..classes] {
+            sum += term;
+        }
+    } else {
+        for (c, &q) in q[..classes].iter().enumerate() {
+            sum += kl_class_term(c, q, &student, &teacher);
+        }
+    }
+    if keep {
+        kept.extend_from_slice(&p[..classes]);
+        kept.extend_from_slice(&q[..classes]);
     }
     t * t * sum
 }

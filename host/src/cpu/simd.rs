@@ -9,6 +9,10 @@
 
 use multiversion::multiversion;
 use ssdkd_core::boxes::Overlap;
+use ssdkd_core::math::exp_f64;
+use ssdkd_core::stages::prior_terms::SoftmaxF64;
+use ssdkd_core::stages::reduce::weighted_class_terms;
+use ssdkd_core::LossConfig;
 
 /// 1.5 · 2²³: adding it rounds an f32 of magnitude below 2²² to an integer, which its low
 /// mantissa bits then hold.
@@ -235,6 +239,66 @@ pub fn any_beats(inter: &[f32], union: &[f32], best: Overlap) -> bool {
         any |= Overlap { inter, union }.beats(best);
     }
     any
+}
+
+/// f64 lanes per chunk of the selected rows' kernels: a whole AVX-512 vector, two AVX2
+/// ones, four NEON ones. The rows' buffers are padded to a multiple of it so that no
+/// element is left to a scalar tail (each f64 exponential is a long dependent chain).
+pub const LANES_F64: usize = 8;
+
+/// `values[i]` = the core's [`exp_f64`]`(values[i])`: its branch-free f64 exponential
+/// inlined into chunks of [`LANES_F64`], so the same bits as the core's scalar calls,
+/// several lanes at a time.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn exps_in_place(values: &mut [f64]) {
+    let mut chunks = values.chunks_exact_mut(LANES_F64);
+    for chunk in &mut chunks {
+        for v in lanes_mut(chunk) {
+            *v = exp_f64(*v);
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = exp_f64(*v);
+    }
+}
+
+/// A chunk of [`LANES_F64`] as an array (a constant length, so that the loop over it
+/// becomes straight vector code).
+#[inline(always)]
+fn lanes_mut(chunk: &mut [f64]) -> &mut [f64; LANES_F64] {
+    chunk.try_into().expect("a chunk of LANES_F64")
+}
+
+/// [`lanes_mut`], shared.
+#[inline(always)]
+fn lanes(chunk: &[f64]) -> &[f64; LANES_F64] {
+    chunk.try_into().expect("a chunk of LANES_F64")
+}
+
+/// `values[c] = softmax.prob_of_exp(values[c])`: a row's exponentials into its
+/// probabilities, in place.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn probabilities<'a>(softmax: &SoftmaxF64<'a>, values: &mut [f64]) {
+    for v in values {
+        *v = softmax.prob_of_exp(*v);
+    }
+}
+
+/// The core's [`weighted_class_terms`] of a whole row (classes from 0), chunk by chunk of
+/// [`LANES_F64`] classes, its branch-free f64 logarithm inlined.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn weighted_terms(config: &LossConfig, p: &[f64], q: &[f64], terms: &mut [f64]) {
+    let len = terms.len();
+    let whole = len - len % LANES_F64;
+    let (p, q) = (&p[..len], &q[..len]);
+    let chunks = p[..whole]
+        .chunks_exact(LANES_F64)
+        .zip(q[..whole].chunks_exact(LANES_F64))
+        .zip(terms[..whole].chunks_exact_mut(LANES_F64));
+    for (i, ((p, q), t)) in chunks.enumerate() {
+        weighted_class_terms(config, i * LANES_F64, lanes(p), lanes(q), lanes_mut(t));
+    }
+    weighted_class_terms(config, whole, &p[whole..], &q[whole..], &mut terms[whole..]);
 }
 
 #[cfg(test)]
