@@ -26,6 +26,7 @@
 use super::matching::{match_image_fast, MatchScratch, PriorColumns};
 use super::rows::soft_term;
 use super::simd::shifted_log_sum_exp_block;
+use multiversion::multiversion;
 use ssdkd_core::stages::mine::{num_negatives, rank_key};
 use ssdkd_core::stages::prior_terms::{
     classes_of, cross_entropy, loc_terms, log_sum_exp, mining_score,
@@ -98,21 +99,27 @@ fn bound_scores(
     for (((rows, upper), lower), targets) in blocks {
         // The block's largest |x| stands for each row's in the margin (looser, still a bound).
         let max_abs = shifted_log_sum_exp_block(rows, classes, &mut scratch.flat, upper);
-        for ((u, l), &target) in upper.iter_mut().zip(lower.iter_mut()).zip(targets) {
-            if target > 0 {
-                (*u, *l) = (0.0, 0.0);
-                continue;
-            }
-            let v = *u;
-            let m = margin(max_abs, v, classes);
-            // An overflowing sum, or NaN or ∞ input (which the value scan rejects): no
-            // bound, so the prior stays a candidate and lowers no τ.
-            (*u, *l) = if v.is_finite() && m.is_finite() {
-                (v + m, v - m)
-            } else {
-                (f32::INFINITY, f32::NEG_INFINITY)
-            };
-        }
+        widen(max_abs, classes, targets, upper, lower);
+    }
+}
+
+/// Turns each row's `v` (in `upper`) into its bounds `[v − margin, v + margin]`, positives
+/// `[0, 0]`, branch-free so that it vectorises.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn widen(max_abs: f32, classes: usize, targets: &[u32], upper: &mut [f32], lower: &mut [f32]) {
+    let (targets, lower) = (&targets[..upper.len()], &mut lower[..upper.len()]);
+    for ((u, l), &target) in upper.iter_mut().zip(lower.iter_mut()).zip(targets) {
+        let v = *u;
+        let m = margin(max_abs, v, classes);
+        // An overflowing sum, or NaN or ∞ input (which the value scan rejects): no bound,
+        // so the prior stays a candidate and lowers no τ.
+        let bounded = v.is_finite() && m.is_finite();
+        let (hi, lo) = if bounded {
+            (v + m, v - m)
+        } else {
+            (f32::INFINITY, f32::NEG_INFINITY)
+        };
+        (*u, *l) = if target > 0 { (0.0, 0.0) } else { (hi, lo) };
     }
 }
 

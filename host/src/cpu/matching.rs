@@ -6,7 +6,7 @@
 //! through `tests/fast_cpu.rs` (labels, offsets and everything downstream with
 //! `assert_eq`).
 
-use super::simd::{any_beats, best_objects_block, overlaps_block};
+use super::simd::{best_objects_block, first_beating, overlaps_block};
 use ssdkd_core::boxes::{CenterBox, Overlap};
 use ssdkd_core::stages::r#match::{
     match_finish, BestPrior, ObjectScratch, Offsets, FORCED, POSITIVE,
@@ -119,8 +119,8 @@ pub fn match_image_fast(
 /// The core's `match_priors` (steps 1 and 4, with the fused best-prior tracking), block
 /// by block: each object's overlaps with the block in one pass ([`overlaps_block`]), the
 /// priors' decisions lane by lane ([`best_objects_block`]), and each object's best-prior
-/// visits only over the blocks where some prior beats its best so far ([`any_beats`]; in
-/// the others the core's visits change nothing).
+/// visits only from the first prior of the block that beats its best so far
+/// ([`first_beating`]; before it the core's visits change nothing).
 fn match_priors(
     columns: &PriorColumns,
     threshold: f32,
@@ -171,11 +171,17 @@ fn match_priors(
         for (m, state) in scratch.states.iter_mut().enumerate() {
             let inter = &scratch.inter[m * BLOCK..m * BLOCK + len];
             let union = &scratch.union[m * BLOCK..m * BLOCK + len];
-            if start > 0 && !any_beats(inter, union, state.best.best()) {
-                continue;
-            }
-            for (i, (&inter, &union)) in inter.iter().zip(union).enumerate() {
-                state.best.visit(start + i, Overlap { inter, union });
+            let first = if start == 0 {
+                0
+            } else {
+                first_beating(inter, union, state.best.best())
+            };
+            for i in first..len {
+                let overlap = Overlap {
+                    inter: inter[i],
+                    union: union[i],
+                };
+                state.best.visit(start + i, overlap);
             }
         }
     }

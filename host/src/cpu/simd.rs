@@ -227,18 +227,21 @@ pub fn best_objects_block(
     }
 }
 
-/// Whether any of a block's overlaps (`inter[i]`, `union[i]`) [`Overlap::beats`] `best`:
-/// when none does, visiting the block changes no object's best prior
-/// ([`ssdkd_core::stages::r#match::BestPrior::visit`] past prior 0), so it can be skipped.
-/// No early exit, so that the loop vectorises.
+/// The first of a block's overlaps (`inter[i]`, `union[i]`) that [`Overlap::beats`]
+/// `best`, or `inter.len()` when none does. Before it, visiting the block changes no
+/// object's best prior ([`ssdkd_core::stages::r#match::BestPrior::visit`] past prior 0), so
+/// those visits can be skipped. A minimum over the lanes, no early exit, so that the loop
+/// vectorises.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn any_beats(inter: &[f32], union: &[f32], best: Overlap) -> bool {
-    let union = &union[..inter.len()];
-    let mut any = false;
-    for (&inter, &union) in inter.iter().zip(union) {
-        any |= Overlap { inter, union }.beats(best);
+pub fn first_beating(inter: &[f32], union: &[f32], best: Overlap) -> usize {
+    let len = inter.len();
+    let union = &union[..len];
+    let mut first = len as u32;
+    for (i, (&inter, &union)) in inter.iter().zip(union).enumerate() {
+        let beats = Overlap { inter, union }.beats(best);
+        first = first.min(if beats { i as u32 } else { u32::MAX });
     }
-    any
+    first as usize
 }
 
 /// f64 lanes per chunk of the selected rows' kernels: a whole AVX-512 vector, two AVX2
