@@ -57,6 +57,93 @@ mod imp {
 
 pub use imp::{exp, ln, sqrt_f64, trunc};
 
+/// 1.5 · 2²³: adding it rounds an f32 of magnitude below 2²² to an integer, which its low
+/// mantissa bits then hold.
+const ROUND_MAGIC_F32: f32 = 12_582_912.0;
+/// ln 2 split so that `n · LN2_HI_F32` is exact for |n| ≤ 2⁸ (Cody–Waite).
+const LN2_HI_F32: f32 = 0.693_359_4;
+const LN2_LO_F32: f32 = -2.121_944_4e-4;
+
+/// `e^x` in f32, within 2 ulp of the exact value for normal results (tests below), from
+/// Cody–Waite reduction and Cephes' `expf` polynomial on |r| ≤ ln 2 / 2. Overflows to +∞
+/// above about 88.72, reaches 0 below about −103.9; NaN stays NaN. Branch-free, so that a
+/// loop of it vectorises: the mining's log-sum-exp ([`crate::stages::prior_terms::log_sum_exp`])
+/// and the host's vectorised bound and exact rows take it, with the same bits.
+#[inline(always)]
+#[must_use]
+pub fn exp_f32(x: f32) -> f32 {
+    let c = x.clamp(-104.0, 89.0);
+    let t = c * core::f32::consts::LOG2_E + ROUND_MAGIC_F32;
+    let n = t - ROUND_MAGIC_F32;
+    let r = c - n * LN2_HI_F32 - n * LN2_LO_F32;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let poly = p * (r * r) + r + 1.0;
+    // 2ⁿ as two powers of two, each a normal number for n in [−151, 129].
+    let n_int = t.to_bits().wrapping_sub(ROUND_MAGIC_F32.to_bits()) as i32;
+    let half = n_int >> 1;
+    let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    poly * pow2(half) * pow2(n_int - half)
+}
+
+/// A sum in [`LANES`] interleaved lanes: element `i` goes into lane `i mod LANES`, each lane
+/// in element order, and the lanes are combined pairwise. The fixed order of the longer
+/// sums of a row here (the log-sum-exps, the soft terms), the same whether a caller adds
+/// one element at a time ([`Lanes::add`]) or a whole chunk ([`Lanes::add_chunk`], the
+/// host's vectorised loops): the same bits either way.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lanes<T>([T; LANES]);
+
+/// The lanes of a [`Lanes`] sum.
+pub const LANES: usize = 8;
+
+impl<T: Copy + Default + core::ops::Add<Output = T>> Lanes<T> {
+    /// No elements yet: every lane `+0`.
+    #[must_use]
+    pub fn new() -> Self {
+        Self([T::default(); LANES])
+    }
+
+    /// Adds element `i` (counting from the first element of the sum).
+    #[inline(always)]
+    pub fn add(&mut self, i: usize, value: T) {
+        self.0[i % LANES] = self.0[i % LANES] + value;
+    }
+
+    /// Adds elements `i .. i + LANES` for `i` a multiple of [`LANES`].
+    #[inline(always)]
+    pub fn add_chunk(&mut self, values: &[T; LANES]) {
+        for (lane, &value) in self.0.iter_mut().zip(values) {
+            *lane = *lane + value;
+        }
+    }
+
+    /// Adds `values` as elements `0, 1, …` (chunk by chunk).
+    #[inline(always)]
+    pub fn add_all(&mut self, values: &[T]) {
+        let mut chunks = values.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            self.add_chunk(chunk.try_into().expect("a chunk of LANES"));
+        }
+        let done = values.len() - chunks.remainder().len();
+        for (i, &value) in chunks.remainder().iter().enumerate() {
+            self.add(done + i, value);
+        }
+    }
+
+    /// `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`.
+    #[inline(always)]
+    #[must_use]
+    pub fn total(&self) -> T {
+        let l = self.0;
+        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+    }
+}
+
 /// 1.5 · 2⁵²: adding it rounds an f64 of magnitude below 2⁵¹ to an integer, which its low
 /// mantissa bits then hold.
 const ROUND_MAGIC_F64: f64 = 6_755_399_441_055_744.0;
@@ -142,7 +229,51 @@ pub fn ln_f64(x: f64) -> f64 {
 
 #[cfg(all(test, feature = "std"))]
 mod tests {
-    use super::{exp_f64, ln_f64};
+    use super::{exp_f32, exp_f64, ln_f64, Lanes};
+
+    /// Within 2 ulp of the f64 exponential rounded to f32 over a dense grid of [−87, 88]
+    /// (normal results), and its edges.
+    #[test]
+    fn exp_f32_is_within_two_ulp() {
+        let steps = 4_000_000;
+        let mut worst = 0;
+        for i in 0..=steps {
+            let x = -87.0 + 175.0 * (i as f32 / steps as f32);
+            let want = f64::from(x).exp() as f32;
+            let got = exp_f32(x);
+            worst = worst.max((got.to_bits() as i32 - want.to_bits() as i32).unsigned_abs());
+        }
+        assert!(worst <= 2, "worst {worst} ulp");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-0.0), 1.0);
+        assert_eq!(exp_f32(88.8), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp_f32(-104.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(88.7) > 3.3e38 && exp_f32(88.7).is_finite());
+        let (got, want) = (exp_f32(-95.0), (-95.0_f64).exp() as f32);
+        assert!(
+            (got - want).abs() <= 2.0 * f32::from_bits(1),
+            "{got} vs {want}"
+        );
+    }
+
+    /// Element by element or chunk by chunk, the same lanes and the same total.
+    #[test]
+    fn lanes_add_the_same_in_every_grouping() {
+        let values: Vec<f32> = (0..37).map(|i| 1.0 / (1.0 + i as f32 * 0.37)).collect();
+        let mut one = Lanes::new();
+        for (i, &v) in values.iter().enumerate() {
+            one.add(i, v);
+        }
+        let mut all = Lanes::new();
+        all.add_all(&values);
+        assert_eq!(one.total().to_bits(), all.total().to_bits());
+        let want: f64 = values.iter().map(|&v| f64::from(v)).sum();
+        assert!((f64::from(one.total()) - want).abs() < 1e-5);
+        assert_eq!(Lanes::<f64>::new().total(), 0.0);
+    }
 
     /// Ulps between two finite f64 of the same sign.
     fn ulps(a: f64, b: f64) -> u64 {

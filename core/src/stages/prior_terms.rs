@@ -3,14 +3,19 @@
 //! Twin of `shaders/prior_terms.wgsl`.
 
 use crate::config::LossConfig;
-use crate::math;
+use crate::math::{self, Lanes};
 
-/// `ln Σ exp(row[c] · scale)`, stable (max first). `scale` is 1 or 1/T.
+/// `ln Σ exp(row[c] · scale)`, stable (max first), `scale` 1 or 1/T: with `max` the largest
+/// `x · scale`, `max + ln S` for `S` the [`Lanes`] sum of [`math::exp_f32`]`(x · scale − max)`
+/// (a fixed order that the host's vectorised rows reproduce bit for bit).
 #[must_use]
 pub fn log_sum_exp(row: &[f32], scale: f32) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-    let sum: f32 = row.iter().map(|&x| math::exp(x * scale - max)).sum();
-    max + math::ln(sum)
+    let mut sum = Lanes::new();
+    for (c, &x) in row.iter().enumerate() {
+        sum.add(c, math::exp_f32(x * scale - max));
+    }
+    max + math::ln(sum.total())
 }
 
 /// C of a `[P, C]` row-major tensor of `len` values over `num_priors` rows (0 when P is 0):
@@ -61,20 +66,22 @@ pub fn shifted_exp_f64(x: f32, max: f32, scale: f64) -> f64 {
 
 /// `softmax(row · scale)` of one row in f64, as the soft term and the conf gradient take
 /// it (SPEC §5, §6): with `e_c = e^((x_c − max) · scale)` ([`shifted_exp_f64`], `max` the
-/// row's [`row_max`]) and `S = Σ_c e_c` summed in class order,
+/// row's [`row_max`]) and `S = Σ_c e_c` (a [`Lanes`] sum),
 /// - `p_c = e_c / S` ([`SoftmaxF64::prob`]): each exponential serves the sum and the
 ///   probability, so a caller that keeps the `e_c` ([`SoftmaxF64::from_exps`]) takes C
 ///   exponentials per row, not 2C;
 /// - `ln p_c = (x_c − max) · scale − ln S` ([`SoftmaxF64::log_prob`]): S is in `[1, C]`,
 ///   so no large numbers cancel (with logits of 1e6, `x · scale − lse` would lose every
 ///   digit).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SoftmaxF64<'a> {
     row: &'a [f32],
     max: f32,
     scale: f64,
     sum: f64,
-    ln_sum: f64,
+    /// `ln S`, taken on the first [`SoftmaxF64::log_prob`] (the class-weighted form never
+    /// needs it).
+    ln_sum: core::cell::OnceCell<f64>,
 }
 
 impl<'a> SoftmaxF64<'a> {
@@ -82,11 +89,11 @@ impl<'a> SoftmaxF64<'a> {
     #[must_use]
     pub fn new(row: &'a [f32], scale: f64) -> Self {
         let max = row_max(row);
-        let mut sum = 0.0;
-        for &x in row {
-            sum += shifted_exp_f64(x, max, scale);
+        let mut sum = Lanes::new();
+        for (c, &x) in row.iter().enumerate() {
+            sum.add(c, shifted_exp_f64(x, max, scale));
         }
-        Self::with_sum(row, max, scale, sum)
+        Self::with_sum(row, max, scale, sum.total())
     }
 
     /// [`SoftmaxF64::new`] from the row's exponentials `exps[c]` = [`shifted_exp_f64`]`(row[c],
@@ -95,11 +102,9 @@ impl<'a> SoftmaxF64<'a> {
     /// `exps[c] / S` is [`SoftmaxF64::prob`]`(c)` bit for bit.
     #[must_use]
     pub fn from_exps(row: &'a [f32], max: f32, scale: f64, exps: &[f64]) -> Self {
-        let mut sum = 0.0;
-        for &e in exps {
-            sum += e;
-        }
-        Self::with_sum(row, max, scale, sum)
+        let mut sum = Lanes::new();
+        sum.add_all(exps);
+        Self::with_sum(row, max, scale, sum.total())
     }
 
     fn with_sum(row: &'a [f32], max: f32, scale: f64, sum: f64) -> Self {
@@ -108,7 +113,7 @@ impl<'a> SoftmaxF64<'a> {
             max,
             scale,
             sum,
-            ln_sum: math::ln_f64(sum),
+            ln_sum: core::cell::OnceCell::new(),
         }
     }
 
@@ -129,7 +134,8 @@ impl<'a> SoftmaxF64<'a> {
     #[must_use]
     #[inline]
     pub fn log_prob(&self, c: usize) -> f64 {
-        shifted_f64(self.row[c], self.max, self.scale) - self.ln_sum
+        let ln_sum = *self.ln_sum.get_or_init(|| math::ln_f64(self.sum));
+        shifted_f64(self.row[c], self.max, self.scale) - ln_sum
     }
 }
 

@@ -8,7 +8,7 @@
 //! sums in f32 by a fixed pairwise tree; SPEC §7 bounds the difference.)
 
 use crate::config::LossConfig;
-use crate::math;
+use crate::math::{self, Lanes};
 use crate::stages::prior_terms::{classes_of, SoftmaxF64};
 
 /// Un-normalised sums and counts of one image or of a whole batch (SPEC §5). A
@@ -89,7 +89,7 @@ pub struct LossTerms {
 
 /// The soft-target term of one row (SPEC §5), not yet divided by N (`soft_term` in
 /// `reduce.wgsl`): with `q = softmax(teacher / T)`, `p = softmax(student / T)`
-/// ([`SoftmaxF64`]), T² times the sum over the classes (in class order) of
+/// ([`SoftmaxF64`]), T² times the sum over the classes (a [`Lanes`] sum) of
 /// [`weighted_class_terms`] (class-weighted, `neg_w > 1`) or [`kl_class_term`].
 ///
 /// Computed in f64 (only the selected rows come here): a student close to its teacher makes
@@ -102,7 +102,7 @@ pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) 
     let inv_t = 1.0 / t;
     let student = SoftmaxF64::new(student_row, inv_t);
     let teacher = SoftmaxF64::new(teacher_row, inv_t);
-    let mut sum = 0.0;
+    let mut sum = Lanes::new();
     if config.weighted_soft_loss() {
         let (mut p, mut q, mut terms) = ([0.0; CHUNK], [0.0; CHUNK], [0.0; CHUNK]);
         for first in (0..student_row.len()).step_by(CHUNK) {
@@ -111,15 +111,16 @@ pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) 
                 (p[i], q[i]) = (student.prob(first + i), teacher.prob(first + i));
             }
             weighted_class_terms(config, first, &p[..n], &q[..n], &mut terms[..n]);
-            for &term in &terms[..n] {
-                sum += term;
+            for (i, &term) in terms[..n].iter().enumerate() {
+                sum.add(first + i, term);
             }
         }
     } else {
         for c in 0..student_row.len() {
-            sum += kl_class_term(c, teacher.prob(c), &student, &teacher);
+            sum.add(c, kl_class_term(c, teacher.prob(c), &student, &teacher));
         }
     }
+    let sum = sum.total();
     t * t * sum
 }
 

@@ -24,13 +24,11 @@
 //! probabilities kept for the gradient); the per-image sums are the core's.
 
 use super::matching::{match_image_fast, MatchScratch, PriorColumns};
-use super::rows::soft_term;
+use super::rows::{log_sum_exp as exact_lse, soft_term};
 use super::simd::shifted_log_sum_exp_block;
 use multiversion::multiversion;
 use ssdkd_core::stages::mine::{num_negatives, rank_key};
-use ssdkd_core::stages::prior_terms::{
-    classes_of, cross_entropy, loc_terms, log_sum_exp, mining_score,
-};
+use ssdkd_core::stages::prior_terms::{classes_of, cross_entropy, loc_terms, mining_score};
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::{reduce_image, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
@@ -63,6 +61,8 @@ pub struct FastScratch {
     pub(super) kept: Vec<f64>,
     /// One selected row's exponentials and terms (`rows::soft_term`).
     row: Vec<f64>,
+    /// One exact row's exponentials (`rows::log_sum_exp`).
+    lse: Vec<f32>,
 }
 
 /// The margin that covers, around `v` (from the vectorised kernel), the reference's f32
@@ -186,7 +186,7 @@ pub fn forward_image_fast(
             continue;
         }
         fast.positives.push(p as u32);
-        let ce = cross_entropy(log_sum_exp(row(p), 1.0), row(p), target_class);
+        let ce = cross_entropy(exact_lse(row(p), &mut fast.lse), row(p), target_class);
         scratch.mining_score[p] = mining_score(ce, true);
         let terms = loc_terms(
             inputs.student_loc[p],
@@ -222,7 +222,7 @@ pub fn forward_image_fast(
         for (key, &p) in keys.iter_mut().zip(&fast.candidates) {
             let p = p as usize;
             if targets.conf_target[p] == 0 {
-                let ce = cross_entropy(log_sum_exp(row(p), 1.0), row(p), 0);
+                let ce = cross_entropy(exact_lse(row(p), &mut fast.lse), row(p), 0);
                 scratch.mining_score[p] = mining_score(ce, false);
                 scratch.prior_loss[p][0] = ce;
             }

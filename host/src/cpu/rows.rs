@@ -7,7 +7,10 @@
 //! at T = 1 the cross-entropy's softmax is `p_c` itself (`x · 1 = x`). Tested against the
 //! core in `tests/fast_cpu.rs` (sums and gradients compared with `assert_eq`).
 
-use super::simd::{exps_in_place, probabilities, weighted_terms, LANES_F64};
+use super::simd::{
+    exps_f32_in_place, exps_in_place, probabilities, weighted_terms, LANES_F32, LANES_F64,
+};
+use ssdkd_core::math::{ln, Lanes};
 use ssdkd_core::stages::grad::GradScale;
 use ssdkd_core::stages::prior_terms::{shifted_f64, SoftmaxF64};
 use ssdkd_core::stages::reduce::kl_class_term;
@@ -32,11 +35,31 @@ fn row_max(row: &[f32]) -> f32 {
     lanes[0].max(lanes[1]).max(lanes[2].max(lanes[3])).max(tail)
 }
 
+/// The core's [`log_sum_exp`](ssdkd_core::stages::prior_terms::log_sum_exp) of a row at
+/// scale 1 (the mining's and the cross-entropy's), bit for bit: the same maximum (see
+/// [`row_max`]), the arguments `x · 1 − max` in `scratch` padded to a multiple of
+/// [`LANES_F32`], their exponentials by the vectorised [`exps_f32_in_place`] (the padding
+/// then set to 0, which adds nothing to a lane), the core's [`Lanes`] sum and logarithm.
+pub fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
+    let max = row_max(row);
+    let padded = row.len().next_multiple_of(LANES_F32);
+    scratch.clear();
+    scratch.resize(padded, 0.0);
+    for (v, &x) in scratch.iter_mut().zip(row) {
+        *v = x * 1.0 - max;
+    }
+    exps_f32_in_place(scratch);
+    scratch[row.len()..].fill(0.0);
+    let mut sum = Lanes::new();
+    sum.add_all(scratch);
+    max + ln(sum.total())
+}
+
 /// The core's `soft_term` of one selected row, each exponential taken once: the row's
 /// `e_c` (student and teacher side by side in `scratch`, each padded to a multiple of
 /// [`LANES_F64`]) by the vectorised [`exps_in_place`], serving both the sums
 /// ([`SoftmaxF64::from_exps`]) and the `p_c`, `q_c`; the class-weighted terms by
-/// [`weighted_terms`], added in class order as the core adds them. With `keep`, appends
+/// [`weighted_terms`], added in the core's order ([`Lanes`]). With `keep`, appends
 /// the row's `p_c` then its `q_c` (2C values) to `kept` for [`conf_grad_row`].
 pub fn soft_term(
     student_row: &[f32],
@@ -68,17 +91,16 @@ pub fn soft_term(
     let teacher = SoftmaxF64::from_exps(teacher_row, max_t, inv_t, &q[..classes]);
     probabilities(&student, &mut p[..classes]);
     probabilities(&teacher, &mut q[..classes]);
-    let mut sum = 0.0;
+    let mut sum = Lanes::new();
     if config.weighted_soft_loss() {
         weighted_terms(config, p, q, terms);
-        for &term in &terms[..classes] {
-            sum += term;
-        }
+        sum.add_all(&terms[..classes]);
     } else {
         for (c, &q) in q[..classes].iter().enumerate() {
-            sum += kl_class_term(c, q, &student, &teacher);
+            sum.add(c, kl_class_term(c, q, &student, &teacher));
         }
     }
+    let sum = sum.total();
     if keep {
         kept.extend_from_slice(&p[..classes]);
         kept.extend_from_slice(&q[..classes]);

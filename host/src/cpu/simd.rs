@@ -3,53 +3,21 @@
 //! loop over a contiguous block that the compiler vectorises at the selected width: no
 //! intrinsics, no horizontal work inside a row.
 //!
-//! The approximations here ([`exp_approx`], [`ln_approx`]) feed only the bounds of
-//! `fast.rs`; no value they return reaches a loss or a gradient. Their error is held by
-//! tests (`tests` below) well inside the margin the bounds add.
+//! The logarithm here ([`ln_approx`]) feeds only the bounds of `fast.rs`; no value it
+//! returns reaches a loss or a gradient. Its error is held by tests (`tests` below) well
+//! inside the margin the bounds add. The exponentials are the core's branch-free ones
+//! ([`exp_f32`], [`exp_f64`]), so the same bits as the core's scalar calls.
 
 use multiversion::multiversion;
 use ssdkd_core::boxes::Overlap;
-use ssdkd_core::math::exp_f64;
+use ssdkd_core::math::{exp_f32, exp_f64};
 use ssdkd_core::stages::prior_terms::SoftmaxF64;
 use ssdkd_core::stages::reduce::weighted_class_terms;
 use ssdkd_core::LossConfig;
 
-/// 1.5 · 2²³: adding it rounds an f32 of magnitude below 2²² to an integer, which its low
-/// mantissa bits then hold.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-const LOG2_E: f32 = core::f32::consts::LOG2_E;
 /// ln 2 split so that `n · LN2_HI` is exact for |n| ≤ 2⁸ (Cody–Waite).
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
-
-/// `e^x` to about 2 ulp for x in [−87, 88]; 0 below, +∞ above, NaN for NaN. Branch-free,
-/// so that a loop of it vectorises.
-#[inline(always)]
-#[must_use]
-pub fn exp_approx(x: f32) -> f32 {
-    let clamped = x.clamp(-87.0, 88.0);
-    let t = clamped * LOG2_E + ROUND_MAGIC;
-    let n = t - ROUND_MAGIC;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    // Cephes `expf` polynomial on |r| ≤ ln2/2.
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let poly = p * (r * r) + r + 1.0;
-    let n_int = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
-    let scale = f32::from_bits((n_int.wrapping_add(127) << 23) as u32);
-    let y = poly * scale;
-    let y = if x > 88.0 { f32::INFINITY } else { y };
-    let y = if x < -87.0 { 0.0 } else { y };
-    if x.is_nan() {
-        x
-    } else {
-        y
-    }
-}
 
 /// `ln x` to about 2 ulp for finite normal x > 0 (the row sums of
 /// [`shifted_log_sum_exp_block`], at least [`MIN_SUM`]); +∞ and NaN pass through.
@@ -100,7 +68,7 @@ pub fn shifted_log_sum_exp_block(
     let flat = &mut flat[..rows.len()];
     let mut abs_max_bits = 0_u32;
     for (v, &x) in flat.iter_mut().zip(rows) {
-        *v = exp_approx(x);
+        *v = exp_f32(x);
         abs_max_bits = abs_max_bits.max(x.to_bits() & 0x7fff_ffff);
     }
     for (o, row) in out.iter_mut().zip(flat.chunks_exact(classes)) {
@@ -278,6 +246,25 @@ fn lanes(chunk: &[f64]) -> &[f64; LANES_F64] {
     chunk.try_into().expect("a chunk of LANES_F64")
 }
 
+/// f32 lanes per chunk of [`exps_f32_in_place`]: a whole AVX-512 vector.
+pub const LANES_F32: usize = 16;
+
+/// `values[i]` = the core's [`exp_f32`]`(values[i])`, in chunks of [`LANES_F32`] (the
+/// same bits as the core's scalar calls).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn exps_f32_in_place(values: &mut [f32]) {
+    let mut chunks = values.chunks_exact_mut(LANES_F32);
+    for chunk in &mut chunks {
+        let chunk: &mut [f32; LANES_F32] = chunk.try_into().expect("a chunk of LANES_F32");
+        for v in chunk {
+            *v = exp_f32(*v);
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v);
+    }
+}
+
 /// `values[c] = softmax.prob_of_exp(values[c])`: a row's exponentials into its
 /// probabilities, in place.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -307,26 +294,6 @@ pub fn weighted_terms(config: &LossConfig, p: &[f64], q: &[f64], terms: &mut [f6
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Relative error of `exp_approx` against f64 `exp` over [−87, 88] (a dense grid):
-    /// below 4e-7, far inside the 1e-5 that `fast.rs`'s margin allows.
-    #[test]
-    fn exp_approx_is_within_a_few_ulp() {
-        let mut worst = 0.0_f64;
-        let steps = 2_000_000;
-        for i in 0..=steps {
-            let x = -87.0 + 175.0 * (i as f32 / steps as f32);
-            let want = f64::from(x).exp();
-            let got = f64::from(exp_approx(x));
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 4e-7, "worst relative error {worst}");
-        assert_eq!(exp_approx(0.0), 1.0);
-        assert_eq!(exp_approx(89.0), f32::INFINITY);
-        assert_eq!(exp_approx(-88.0), 0.0);
-        assert_eq!(exp_approx(-1e30), 0.0);
-        assert!(exp_approx(f32::NAN).is_nan());
-    }
 
     /// Absolute error of `ln_approx` against f64 `ln` over [8.7e-27, 1e30] (the sums it
     /// takes): below 1e-6 + 1e-7·|ln x|.
