@@ -7,13 +7,14 @@
 //!
 //! 1. every negative's score is bounded, `[v − margin, v + margin]` with
 //!    `v = ln Σ_c e^(row[c]) − row[0]` taken by the vectorised kernel of `simd.rs` (flat
-//!    blocks of many rows; no bound where the sum leaves [e⁻⁶⁰, f32::MAX]), the margin covering that kernel's error and the core's f32
-//!    rounding; a positive's score is exactly 0;
+//!    blocks of many rows; no bound where the sum leaves [e⁻⁶⁰, f32::MAX]), the margin
+//!    covering that kernel's error and the core's f32 rounding; a positive's score is
+//!    exactly 0;
 //! 2. τ = the k-th largest lower bound: at least k priors score at least τ, so a prior
 //!    whose upper bound is below τ has k priors strictly above it and is not selected;
-//! 3. every other prior (the candidates, about k of them) gets its score from the core's
-//!    own [`log_sum_exp`] and [`cross_entropy`], as the reference computes it, bit for bit;
-//!    the positives too;
+//! 3. every other prior (the candidates, about k of them) gets its score as the reference
+//!    computes it, bit for bit: the core's `log_sum_exp` (its exponentials vectorised,
+//!    `rows::log_sum_exp`) and [`cross_entropy`]; the positives too;
 //! 4. the top k among the candidates, by the core's [`rank_key`], are the reference's
 //!    top k.
 //!
