@@ -304,11 +304,23 @@ struct FirstBad {
     loc: Option<usize>,
 }
 
-/// `n` zeros, written by every core at memset speed (a `vec![0.0; n]` that the allocator
-/// hands back from its heap is zeroed by one thread), so that the gradient pass then
-/// writes only the selected rows.
+/// From this many bytes on, glibc's allocator maps every allocation afresh (its largest
+/// mmap threshold, 32 MiB on 64-bit) and hands it back to the system when freed.
+const FRESH_MAPPING: usize = 32 << 20;
+
+/// `n` zeros for the gradient pass, which then writes only the selected rows:
+/// - below [`FRESH_MAPPING`] bytes, written by every core at memset speed (the heap's
+///   recycled memory is not zero, and a `vec![0.0; n]` would be zeroed by one thread);
+/// - from it on, `vec![0.0; n]` (calloc), whose fresh mapping the kernel zeroes page by
+///   page when first written (no second zeroing here), with 2 MiB pages asked for on
+///   Linux ([`advise_huge_pages`]) so that a large batch takes few page faults.
 fn parallel_zeros(n: usize) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
+    if n * 4 >= FRESH_MAPPING {
+        let values = vec![0.0; n];
+        advise_huge_pages(&values);
+        return values;
+    }
     let mut values: Vec<f32> = Vec::with_capacity(n);
     values.spare_capacity_mut()[..n]
         .par_chunks_mut(CHUNK)
@@ -321,6 +333,27 @@ fn parallel_zeros(n: usize) -> Vec<f32> {
     unsafe { values.set_len(n) };
     values
 }
+
+/// Asks Linux for transparent huge pages (2 MiB) over the whole pages inside `values`
+/// (`madvise(MADV_HUGEPAGE)`; advice only: where the system has them off, nothing
+/// changes).
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(values: &[f32]) {
+    const HUGE_PAGE: usize = 2 << 20;
+    let start = values.as_ptr() as usize;
+    let end = start + std::mem::size_of_val(values);
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    if end > aligned + HUGE_PAGE {
+        let len = (end - aligned) / HUGE_PAGE * HUGE_PAGE;
+        // SAFETY: advice on whole pages inside the live allocation `values`; it changes
+        // no contents.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    }
+}
+
+/// Elsewhere, nothing to ask.
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_: &[f32]) {}
 
 #[cfg(test)]
 mod tests {
