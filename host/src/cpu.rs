@@ -360,6 +360,19 @@ mod tests {
     use super::*;
     use crate::demo::{synthetic_batch, SyntheticSpec};
 
+    /// Both ways of getting the zeros give `n` zeros: the heap's (below the fresh-mapping
+    /// size, after a freed buffer of garbage that the allocator may hand back) and the
+    /// fresh mapping's.
+    #[test]
+    fn parallel_zeros_are_zeros_below_and_above_the_fresh_mapping_size() {
+        for n in [1000, (FRESH_MAPPING / 4) - 1, FRESH_MAPPING / 4 + 12345] {
+            drop(vec![f32::NAN; n]);
+            let zeros = parallel_zeros(n);
+            assert_eq!(zeros.len(), n);
+            assert!(zeros.iter().all(|&z| z.to_bits() == 0), "n = {n}");
+        }
+    }
+
     #[test]
     fn each_backend_owns_its_workspaces_and_reuses_them() {
         let tensors = synthetic_batch(&SyntheticSpec::demo(3));
