@@ -203,15 +203,51 @@ pub fn reduce_image(
     num_pos: u32,
     num_neg: u32,
 ) -> LossSums {
+    let priors = 0..prior_loss.len();
+    let rows = ImageRows {
+        conf_target,
+        neg_mask,
+        prior_loss,
+        row_soft,
+    };
+    reduce_priors(priors, &rows, num_pos, num_neg)
+}
+
+/// What [`reduce_image`] reads of one image, per prior.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageRows<'a> {
+    /// `[P]` labels (0 = background).
+    pub conf_target: &'a [u32],
+    /// `[P]` the mined negatives.
+    pub neg_mask: &'a [u8],
+    /// `[P]` the prior-terms stage's `(ce, smooth_l1, student_sq, bounded)`.
+    pub prior_loss: &'a [[f32; 4]],
+    /// `[P]` the selected rows' soft terms.
+    pub row_soft: &'a [f64],
+}
+
+/// [`reduce_image`] over the priors `priors` only (ascending, and among them every
+/// selected row): the same sums in the same order, bit for bit, since the other priors
+/// add nothing. The host's fast path passes its list of selected rows.
+///
+/// # Panics
+/// If a prior is out of the slices' range.
+pub fn reduce_priors(
+    priors: impl IntoIterator<Item = usize>,
+    rows: &ImageRows<'_>,
+    num_pos: u32,
+    num_neg: u32,
+) -> LossSums {
     let mut sums = LossSums {
         num_pos,
         num_neg,
         ..LossSums::default()
     };
-    for (p, loss) in prior_loss.iter().enumerate() {
-        let positive = conf_target[p] > 0;
-        if positive || neg_mask[p] != 0 {
-            sums.soft += row_soft[p];
+    for p in priors {
+        let loss = rows.prior_loss[p];
+        let positive = rows.conf_target[p] > 0;
+        if positive || rows.neg_mask[p] != 0 {
+            sums.soft += rows.row_soft[p];
             sums.conf += f64::from(loss[0]);
         }
         if positive {

@@ -31,7 +31,7 @@ use multiversion::multiversion;
 use ssdkd_core::stages::mine::{num_negatives, rank_key};
 use ssdkd_core::stages::prior_terms::{classes_of, cross_entropy, loc_terms, mining_score};
 use ssdkd_core::stages::r#match::Offsets;
-use ssdkd_core::stages::reduce::{reduce_image, LossSums};
+use ssdkd_core::stages::reduce::{reduce_priors, ImageRows, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
 
 /// Floats per flat block of the bound kernel (whole rows; at least one row).
@@ -140,8 +140,10 @@ pub(super) fn touch_rows(values: &[f32], classes: usize, rows: &[u32]) {
 /// same decisions, bit for bit), with the exact log-sum-exp only on the rows that can reach
 /// the loss, and the match stage's overlaps taken a block of priors at a time (`columns`:
 /// the batch's priors, [`PriorColumns::new`]). With `keep_rows` the selected rows'
-/// probabilities are kept in `fast` for the backward pass. `scratch.mining_score` and the negatives' `prior_loss` are left as scratch
-/// (the reference's values on the candidates).
+/// probabilities are kept in `fast` for the backward pass, and the selected rows' prior
+/// indices (`fast.selected`, in prior order). `scratch.mining_score`, `prior_loss` and
+/// `row_soft` hold the reference's values on the rows they are read on (the candidates,
+/// the positives, the selected rows) and are scratch elsewhere.
 ///
 /// # Panics
 /// If the slices disagree on P, C or M.
@@ -290,14 +292,14 @@ pub fn forward_image_fast(
             );
         }
     }
-    reduce_image(
-        targets.conf_target,
-        targets.neg_mask,
-        scratch.prior_loss,
-        scratch.row_soft,
-        num_pos,
-        num_neg,
-    )
+    let rows = ImageRows {
+        conf_target: targets.conf_target,
+        neg_mask: targets.neg_mask,
+        prior_loss: scratch.prior_loss,
+        row_soft: scratch.row_soft,
+    };
+    let selected = fast.selected.iter().map(|&p| p as usize);
+    reduce_priors(selected, &rows, num_pos, num_neg)
 }
 
 #[cfg(test)]
