@@ -279,6 +279,7 @@ pub fn forward_image_fast(
     fast.kept.clear();
     if classes > 0 {
         touch_rows(inputs.teacher_conf, classes, &fast.selected);
+        touch_rows(inputs.student_conf, classes, &fast.selected);
         for &p in &fast.selected {
             let p = p as usize;
             let teacher_row = &inputs.teacher_conf[p * classes..(p + 1) * classes];
