@@ -4,7 +4,9 @@
 //! and the CPU backend of the `ssdkd` crate.
 //!
 //! Features: `std` (default) routes float maths through the standard library, otherwise
-//! through `libm`; `alloc` (implied by `std`) adds owned conveniences such as
+//! through `libm` (except the branch-free exponentials and logarithm of [`math`], written
+//! out so that every build and the host's vectorised loops get the same bits); `alloc`
+//! (implied by `std`) adds owned conveniences such as
 //! [`pipeline::ImageWorkspace`]. The per-image path needs neither: callers pass scratch.
 //!
 //! ```

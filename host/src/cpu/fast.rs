@@ -69,8 +69,9 @@ pub struct FastScratch {
 /// The margin that covers, around `v` (from the vectorised kernel), the reference's f32
 /// score `fl(fl(max + fl(ln S)) − row[0])`, with room to spare:
 /// - the two sums' rounding, each at most (C − 1)·2⁻²⁴ relative: `2e-7·C`;
-/// - the exponentials and logarithms, the kernel's within 4e-7 relative (its tests) and
-///   `expf`/`logf` within 1 ulp: `4e-5` in all;
+/// - the exponentials and logarithms: the core's `exp_f32` in both the kernel and the
+///   reference, within 2 ulp (its tests), the reference's `logf` within 1 ulp and the
+///   kernel's `ln_approx` within its tested bound: `4e-5` in all;
 /// - the roundings of the reference's shifted logits (`x − max`), of its two additions
 ///   and of the kernel's `ln S − row[0]`, and the kernel's logarithm's error (below
 ///   1e-6 + 1e-7·|ln S|, |ln S| ≤ max|x| + ln C), each at most 2⁻²⁴ of a magnitude
