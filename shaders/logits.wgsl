@@ -1,6 +1,8 @@
 // Included after shared.wgsl by the stages that read the logits (prior terms, reduce,
 // grad): the tensors at bindings 1 and 2 and the log-sum-exp of a row of each.
-// Twin of core/src/stages/prior_terms.rs `log_sum_exp`.
+// Twin of core/src/stages/prior_terms.rs `log_sum_exp` (which adds its exponentials in
+// eight interleaved lanes, `math::Lanes`, for the CPU's vectors; here a thread adds them in
+// class order: the same value up to f32 rounding, within SPEC §7).
 
 @group(0) @binding(1) var<storage, read> student_conf: array<f32>;
 @group(0) @binding(2) var<storage, read> teacher_conf: array<f32>;
