@@ -309,8 +309,9 @@ struct FirstBad {
 const FRESH_MAPPING: usize = 32 << 20;
 
 /// `n` zeros for the gradient pass, which then writes only the selected rows:
-/// - below [`FRESH_MAPPING`] bytes, written by every core at memset speed (the heap's
-///   recycled memory is not zero, and a `vec![0.0; n]` would be zeroed by one thread);
+/// - below [`FRESH_MAPPING`] bytes, written by every core with streaming stores
+///   ([`zero_streaming`]; the heap's recycled memory is not zero, and a `vec![0.0; n]`
+///   would be zeroed by one thread);
 /// - from it on, `vec![0.0; n]` (calloc), whose fresh mapping the kernel zeroes page by
 ///   page when first written (no second zeroing here), with 2 MiB pages asked for on
 ///   Linux ([`advise_huge_pages`]) so that a large batch takes few page faults.
@@ -324,14 +325,46 @@ fn parallel_zeros(n: usize) -> Vec<f32> {
     let mut values: Vec<f32> = Vec::with_capacity(n);
     values.spare_capacity_mut()[..n]
         .par_chunks_mut(CHUNK)
-        .for_each(|chunk| {
-            for value in chunk {
-                value.write(0.0);
-            }
-        });
+        .for_each(zero_streaming);
     // SAFETY: the capacity is at least `n` and its first `n` elements were just written.
     unsafe { values.set_len(n) };
     values
+}
+
+/// Writes zeros over `chunk` with non-temporal (streaming) stores on x86-64: the lines go
+/// to memory without being read first (a plain store reads each line it writes, so the
+/// zeroing moved the gradient's bytes twice) and without evicting the caches. Elsewhere,
+/// plain writes.
+fn zero_streaming(chunk: &mut [std::mem::MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_setzero_ps, _mm_sfence, _mm_stream_ps};
+        let len = chunk.len();
+        let head = chunk.as_ptr().align_offset(16).min(len);
+        let body = (len - head) / 4 * 4;
+        for value in &mut chunk[..head] {
+            value.write(0.0);
+        }
+        let aligned = chunk[head..].as_mut_ptr().cast::<f32>();
+        // SAFETY: `aligned` is 16-byte aligned and `aligned + j .. aligned + j + 4` lies
+        // inside `chunk` for every `j < body` (a multiple of 4 at most `len - head`); the
+        // fence orders the streaming stores before anything this thread does next (rayon's
+        // join then publishes them to the other threads).
+        unsafe {
+            let zero = _mm_setzero_ps();
+            for j in (0..body).step_by(4) {
+                _mm_stream_ps(aligned.add(j), zero);
+            }
+            _mm_sfence();
+        }
+        for value in &mut chunk[head + body..] {
+            value.write(0.0);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for value in chunk {
+        value.write(0.0);
+    }
 }
 
 /// Asks Linux for transparent huge pages (2 MiB) over the whole pages inside `values`
