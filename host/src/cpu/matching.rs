@@ -8,9 +8,7 @@
 
 use super::simd::{best_objects_block, first_beating, overlaps_block};
 use ssdkd_core::boxes::{CenterBox, Overlap};
-use ssdkd_core::stages::r#match::{
-    match_finish, BestPrior, ObjectScratch, Offsets, FORCED, POSITIVE,
-};
+use ssdkd_core::stages::r#match::{match_finish, BestPrior, ObjectScratch, Offsets, FORCED};
 
 /// Priors per block of overlaps.
 const BLOCK: usize = 256;
@@ -64,11 +62,11 @@ pub struct MatchScratch {
     /// `[M][BLOCK]` intersections and unions of the block being visited.
     inter: Vec<f32>,
     union: Vec<f32>,
-    /// `[BLOCK]` each prior's best overlap, best object and threshold test.
+    /// `[BLOCK]` each prior's best overlap.
     best_inter: Vec<f32>,
     best_union: Vec<f32>,
-    best_object: Vec<u32>,
-    positive: Vec<bool>,
+    /// `[M]` each object's `targets` row.
+    rows: Vec<u32>,
 }
 
 /// The core's `match_image`, the same words, labels and offsets; returns the positives.
@@ -132,8 +130,10 @@ fn match_priors(
     scratch.union.resize(objects * BLOCK, 0.0);
     scratch.best_inter.resize(BLOCK, 0.0);
     scratch.best_union.resize(BLOCK, 0.0);
-    scratch.best_object.resize(BLOCK, 0);
-    scratch.positive.resize(BLOCK, false);
+    scratch.rows.clear();
+    scratch
+        .rows
+        .extend(scratch.states.iter().map(|state| state.row));
     let priors = columns.len();
     for start in (0..priors).step_by(BLOCK) {
         let end = (start + BLOCK).min(priors);
@@ -157,17 +157,12 @@ fn match_priors(
             &scratch.inter,
             &scratch.union,
             BLOCK,
-            objects,
+            &scratch.rows,
             threshold,
             &mut scratch.best_inter,
             &mut scratch.best_union,
-            &mut scratch.best_object[..len],
-            &mut scratch.positive,
+            &mut conf_target[start..end],
         );
-        let decisions = scratch.best_object[..len].iter().zip(&scratch.positive);
-        for (word, (&m, &positive)) in conf_target[start..end].iter_mut().zip(decisions) {
-            *word = scratch.states[m as usize].row | if positive { POSITIVE } else { 0 };
-        }
         for (m, state) in scratch.states.iter_mut().enumerate() {
             let inter = &scratch.inter[m * BLOCK..m * BLOCK + len];
             let union = &scratch.union[m * BLOCK..m * BLOCK + len];

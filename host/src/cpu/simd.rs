@@ -12,6 +12,7 @@ use multiversion::multiversion;
 use ssdkd_core::boxes::Overlap;
 use ssdkd_core::math::{exp_f32, exp_f64};
 use ssdkd_core::stages::prior_terms::SoftmaxF64;
+use ssdkd_core::stages::r#match::POSITIVE;
 use ssdkd_core::stages::reduce::weighted_class_terms;
 use ssdkd_core::LossConfig;
 
@@ -125,32 +126,31 @@ pub fn overlaps_block(
     }
 }
 
-/// Steps 1 and 4 of the match (SPEC §3) for a block of `best_object.len()` priors, lane by
-/// lane the core's `match_priors` for each prior: `inter`/`union` hold each object's
-/// overlaps with the block (object `m` from `m · stride`); each prior's best overlap is
-/// object 0's replaced by every later one that [`Overlap::beats`] it, its best object the
-/// lowest `m` that [`Overlap::ties_with`] that maximum (0 when none does, as the core's
-/// `unwrap_or`), and `positive[i]` whether the maximum [`Overlap::reaches`] `threshold`.
-/// The same comparisons in the same order, as selects over the block.
+/// Steps 1 and 4 of the match (SPEC §3) for a block of `words.len()` priors, lane by lane
+/// the core's `match_priors` for each prior: `inter`/`union` hold each object's overlaps
+/// with the block (object `m` from `m · stride`, its `targets` row `rows[m]`); each prior's
+/// best overlap is object 0's replaced by every later one that [`Overlap::beats`] it, and
+/// its word is the row of the lowest `m` that [`Overlap::ties_with`] that maximum (object
+/// 0's when none does, as the core's `unwrap_or`), with [`POSITIVE`] when the maximum
+/// [`Overlap::reaches`] `threshold`. The same comparisons in the same order, as selects
+/// over the block.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 #[allow(clippy::too_many_arguments)] // the block's columns in and out
 pub fn best_objects_block(
     inter: &[f32],
     union: &[f32],
     stride: usize,
-    objects: usize,
+    rows: &[u32],
     threshold: f32,
     best_inter: &mut [f32],
     best_union: &mut [f32],
-    best_object: &mut [u32],
-    positive: &mut [bool],
+    words: &mut [u32],
 ) {
-    let len = best_object.len();
+    let len = words.len();
     let (best_inter, best_union) = (&mut best_inter[..len], &mut best_union[..len]);
-    let positive = &mut positive[..len];
     best_inter.copy_from_slice(&inter[..len]);
     best_union.copy_from_slice(&union[..len]);
-    for m in 1..objects {
+    for m in 1..rows.len() {
         let (inter, union) = (&inter[m * stride..][..len], &union[m * stride..][..len]);
         for i in 0..len {
             let current = Overlap {
@@ -166,9 +166,9 @@ pub fn best_objects_block(
             best_union[i] = if beats { current.union } else { best.union };
         }
     }
-    best_object.fill(0);
+    words.fill(rows[0]);
     // From the last object down, so that the lowest tied one is written last.
-    for m in (0..objects).rev() {
+    for (m, &row) in rows.iter().enumerate().rev() {
         let (inter, union) = (&inter[m * stride..][..len], &union[m * stride..][..len]);
         for i in 0..len {
             let current = Overlap {
@@ -179,10 +179,10 @@ pub fn best_objects_block(
                 inter: best_inter[i],
                 union: best_union[i],
             };
-            best_object[i] = if current.ties_with(best) {
-                m as u32
+            words[i] = if current.ties_with(best) {
+                row
             } else {
-                best_object[i]
+                words[i]
             };
         }
     }
@@ -191,7 +191,7 @@ pub fn best_objects_block(
             inter: best_inter[i],
             union: best_union[i],
         };
-        positive[i] = best.reaches(threshold);
+        words[i] |= if best.reaches(threshold) { POSITIVE } else { 0 };
     }
 }
 
