@@ -226,6 +226,9 @@ pub fn match_finish(
         loc_target.fill([0.0; 4]);
         return 0;
     }
+    if offsets == Offsets::Positives {
+        loc_target.fill([0.0; 4]); // one flat fill; the positives' offsets are written below
+    }
     let mut num_pos = 0;
     for ((word, loc), prior) in conf_target
         .iter_mut()
@@ -234,8 +237,8 @@ pub fn match_finish(
     {
         let positive = *word & (POSITIVE | FORCED) != 0;
         if !positive && offsets == Offsets::Positives {
-            // Most priors: no object to look up.
-            (*word, *loc) = (0, [0.0; 4]);
+            // Most priors: no object to look up, offsets already 0.
+            *word = 0;
             continue;
         }
         let row = *word & ROW;
