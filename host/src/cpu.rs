@@ -11,7 +11,7 @@ mod simd;
 
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::error::{Error, Result};
-use fast::{forward_image_fast, FastScratch};
+use fast::{forward_matched, match_stage, FastScratch};
 use matching::PriorColumns;
 use rayon::prelude::*;
 use rows::conf_grad_row;
@@ -19,6 +19,7 @@ use ssdkd_core::stages::grad::grad_loc as loc_gradients;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
 use ssdkd_core::{GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums};
+use std::mem::MaybeUninit;
 
 /// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
 const MAX_POOLED: usize = 256;
@@ -125,7 +126,7 @@ pub fn evaluate(batch: &Batch<'_>, config: &LossConfig, request: Request) -> Res
     CpuBackend::new().evaluate(batch, config, request)
 }
 
-/// [`ssdkd_core::backward_image`] into zeroed buffers ([`parallel_zeros`]): only the
+/// [`ssdkd_core::backward_image`] into an image's zeroed gradients ([`zeroed`]): only the
 /// selected rows' conf gradients (`fast.selected`, in prior order, by
 /// [`rows::conf_grad_row`] from the probabilities the forward pass kept in `fast.kept`) and the positives' loc gradients
 /// (the core's [`loc_gradients`]) are written. Returns the first non-finite element of
@@ -188,72 +189,102 @@ fn backward_rows(
 }
 
 /// The evaluation itself, on `pooled` workspaces (one per image), which it hands back.
+///
+/// Two passes over the images: the match stage (which gives each image's positives, so
+/// the batch's N and the gradients' factors), then the rest of the forward pass and, when
+/// asked for, the image's gradients at once, while its rows are still in cache: its part
+/// of the gradient buffers zeroed (or found zero, [`GradientBuffer`]) and only the selected
+/// rows and the positives written ([`backward_rows`]).
 fn evaluate_with(
     batch: &Batch<'_>,
     config: &LossConfig,
     request: Request,
-    mut pooled: Vec<Workspace>,
+    mut workspaces: Vec<Workspace>,
 ) -> (Evaluation, Vec<Workspace>, Finite) {
     let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
     let columns = PriorColumns::new(bytemuck::cast_slice(batch.priors()));
-    let (per_image, mut workspaces): (Vec<LossSums>, Vec<Workspace>) = (0..shape.batch)
-        .into_par_iter()
-        .zip(pooled.par_drain(..))
-        .map(|(i, (mut workspace, mut fast))| {
+    let offsets = if request.decisions {
+        Offsets::All
+    } else {
+        Offsets::Positives
+    };
+    let num_pos: Vec<u32> = workspaces
+        .par_iter_mut()
+        .enumerate()
+        .map(|(i, (workspace, fast))| {
             workspace.resize(p, shape.objects);
             let (mut scratch, mut targets) = workspace.split();
-            let offsets = if request.decisions {
-                Offsets::All
-            } else {
-                Offsets::Positives
-            };
-            let sums = forward_image_fast(
-                &batch.image(i),
+            let image = batch.image(i);
+            match_stage(
+                &image,
                 config,
                 offsets,
                 &mut scratch,
                 &mut targets,
                 &columns,
-                request.gradients,
-                &mut fast,
-            );
-            (sums, (workspace, fast))
+                fast,
+            )
         })
-        .unzip();
-    let sums = reduce_batch(&per_image);
+        .collect();
+    let scale = GradScale::new(config, num_pos.iter().sum());
 
-    let gradients = request.gradients.then(|| {
-        let scale = GradScale::new(config, sums.num_pos);
-        let mut grads = Gradients {
-            student_conf: parallel_zeros(shape.batch * p * c),
-            student_loc: parallel_zeros(shape.batch * p * 4),
+    let rest =
+        |i: usize, (workspace, fast): &mut Workspace, grads: Option<(&mut [_], &mut [_])>| {
+            let (mut scratch, mut targets) = workspace.split();
+            let image = batch.image(i);
+            let keep = grads.is_some();
+            let sums = forward_matched(
+                &image,
+                config,
+                num_pos[i],
+                &mut scratch,
+                &mut targets,
+                keep,
+                fast,
+            );
+            let bad = grads.map_or_else(FirstBad::default, |(grad_conf, grad_loc)| {
+                backward_rows(&image, config, &targets, &scale, fast, grad_conf, grad_loc)
+            });
+            (sums, bad)
         };
-        let first_bad: Vec<FirstBad> = grads
-            .student_conf
-            .par_chunks_mut(p * c)
-            .zip(grads.student_loc.par_chunks_mut(p * 4))
-            .zip(workspaces.par_iter_mut())
-            .enumerate()
-            .map(|(i, ((grad_conf, grad_loc), (workspace, fast)))| {
-                let (_, targets) = workspace.split();
-                backward_rows(
-                    &batch.image(i),
-                    config,
-                    &targets,
-                    &scale,
-                    fast,
-                    grad_conf,
-                    bytemuck::cast_slice_mut(grad_loc),
-                )
-            })
-            .collect();
-        (grads, first_bad)
-    });
-    let (gradients, first_bad) = match gradients {
-        Some((grads, first_bad)) => (Some(grads), first_bad),
-        None => (None, Vec::new()),
-    };
+    let (per_image, first_bad, gradients): (Vec<LossSums>, Vec<FirstBad>, _) =
+        if request.gradients && p > 0 {
+            let mut conf = GradientBuffer::new(shape.batch * p * c);
+            let mut loc = GradientBuffer::new(shape.batch * p * 4);
+            let (conf_fresh, loc_fresh) = (conf.fresh, loc.fresh);
+            let (per_image, first_bad) = workspaces
+                .par_iter_mut()
+                .zip(conf.slots().par_chunks_mut(p * c))
+                .zip(loc.slots().par_chunks_mut(p * 4))
+                .enumerate()
+                .map(|(i, ((workspace, grad_conf), grad_loc))| {
+                    let grad_conf = zeroed(grad_conf, conf_fresh);
+                    let grad_loc = bytemuck::cast_slice_mut(zeroed(grad_loc, loc_fresh));
+                    rest(i, workspace, Some((grad_conf, grad_loc)))
+                })
+                .unzip();
+            // SAFETY: the images' chunks cover both buffers, and `zeroed` initialised each.
+            let grads = unsafe {
+                Gradients {
+                    student_conf: conf.finish(),
+                    student_loc: loc.finish(),
+                }
+            };
+            (per_image, first_bad, Some(grads))
+        } else {
+            let (per_image, first_bad) = workspaces
+                .par_iter_mut()
+                .enumerate()
+                .map(|(i, workspace)| rest(i, workspace, None))
+                .unzip();
+            let empty = request.gradients.then(|| Gradients {
+                student_conf: Vec::new(),
+                student_loc: Vec::new(),
+            });
+            (per_image, first_bad, empty)
+        };
+    let sums = reduce_batch(&per_image);
 
     let decisions = request.decisions.then(|| {
         let mut decisions = Decisions::default();
@@ -308,34 +339,77 @@ struct FirstBad {
 /// mmap threshold, 32 MiB on 64-bit) and hands it back to the system when freed.
 const FRESH_MAPPING: usize = 32 << 20;
 
-/// `n` zeros for the gradient pass, which then writes only the selected rows:
-/// - below [`FRESH_MAPPING`] bytes, written by every core with streaming stores
-///   ([`zero_streaming`]; the heap's recycled memory is not zero, and a `vec![0.0; n]`
-///   would be zeroed by one thread);
-/// - from it on, `vec![0.0; n]` (calloc), whose fresh mapping the kernel zeroes page by
-///   page when first written (no second zeroing here), with 2 MiB pages asked for on
+/// A gradient buffer of `n` values that the gradient pass zeroes image by image
+/// ([`zeroed`]) before writing the selected rows:
+/// - below [`FRESH_MAPPING`] bytes, uninitialised capacity, zeroed with streaming stores
+///   ([`zero_streaming`]) by whichever core takes the image (the heap's recycled memory is
+///   not zero, and a `vec![0.0; n]` would be zeroed by one thread up front);
+/// - from it on (`fresh`), `vec![0.0; n]` (calloc), whose fresh mapping the kernel zeroes
+///   page by page when first written (no second zeroing), with 2 MiB pages asked for on
 ///   Linux ([`advise_huge_pages`]) so that a large batch takes few page faults.
-fn parallel_zeros(n: usize) -> Vec<f32> {
-    const CHUNK: usize = 1 << 16;
-    if n * 4 >= FRESH_MAPPING {
-        let values = vec![0.0; n];
-        advise_huge_pages(&values);
-        return values;
+struct GradientBuffer {
+    values: Vec<f32>,
+    len: usize,
+    fresh: bool,
+}
+
+impl GradientBuffer {
+    fn new(len: usize) -> Self {
+        if len * 4 >= FRESH_MAPPING {
+            let values = vec![0.0; len];
+            advise_huge_pages(&values);
+            Self {
+                values,
+                len,
+                fresh: true,
+            }
+        } else {
+            Self {
+                values: Vec::with_capacity(len),
+                len,
+                fresh: false,
+            }
+        }
     }
-    let mut values: Vec<f32> = Vec::with_capacity(n);
-    values.spare_capacity_mut()[..n]
-        .par_chunks_mut(CHUNK)
-        .for_each(zero_streaming);
-    // SAFETY: the capacity is at least `n` and its first `n` elements were just written.
-    unsafe { values.set_len(n) };
-    values
+
+    /// The buffer's `len` values, each to be passed through [`zeroed`].
+    fn slots(&mut self) -> &mut [MaybeUninit<f32>] {
+        if self.fresh {
+            let values = self.values.as_mut_slice();
+            // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and nothing writes an
+            // uninitialised value through the view (`zeroed` only writes zeros).
+            unsafe { &mut *(std::ptr::from_mut(values) as *mut [MaybeUninit<f32>]) }
+        } else {
+            &mut self.values.spare_capacity_mut()[..self.len]
+        }
+    }
+
+    /// The values.
+    ///
+    /// # Safety
+    /// Every slot of [`GradientBuffer::slots`] went through [`zeroed`].
+    unsafe fn finish(mut self) -> Vec<f32> {
+        // SAFETY: the capacity is at least `len`, and the caller initialised every value.
+        unsafe { self.values.set_len(self.len) };
+        self.values
+    }
+}
+
+/// `chunk` as zeros: zeroed here ([`zero_streaming`]) unless it is a fresh mapping's
+/// (`fresh`, already zero).
+fn zeroed(chunk: &mut [MaybeUninit<f32>], fresh: bool) -> &mut [f32] {
+    if !fresh {
+        zero_streaming(chunk);
+    }
+    // SAFETY: every value of `chunk` is initialised: written just now, or zero already.
+    unsafe { &mut *(std::ptr::from_mut(chunk) as *mut [f32]) }
 }
 
 /// Writes zeros over `chunk` with non-temporal (streaming) stores on x86-64: the lines go
 /// to memory without being read first (a plain store reads each line it writes, so the
 /// zeroing moved the gradient's bytes twice) and without evicting the caches. Elsewhere,
 /// plain writes.
-fn zero_streaming(chunk: &mut [std::mem::MaybeUninit<f32>]) {
+fn zero_streaming(chunk: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_setzero_ps, _mm_sfence, _mm_stream_ps};
@@ -393,14 +467,21 @@ mod tests {
     use super::*;
     use crate::demo::{synthetic_batch, SyntheticSpec};
 
-    /// Both ways of getting the zeros give `n` zeros: the heap's (below the fresh-mapping
-    /// size, after a freed buffer of garbage that the allocator may hand back) and the
-    /// fresh mapping's.
+    /// Both kinds of gradient buffer give `n` zeros once every chunk went through
+    /// `zeroed`: the heap's (below the fresh-mapping size, after a freed buffer of NaNs
+    /// that the allocator may hand back) and the fresh mapping's.
     #[test]
-    fn parallel_zeros_are_zeros_below_and_above_the_fresh_mapping_size() {
+    fn gradient_buffers_are_zeros_below_and_above_the_fresh_mapping_size() {
         for n in [1000, (FRESH_MAPPING / 4) - 1, FRESH_MAPPING / 4 + 12345] {
             drop(vec![f32::NAN; n]);
-            let zeros = parallel_zeros(n);
+            let mut buffer = GradientBuffer::new(n);
+            assert_eq!(buffer.fresh, n * 4 >= FRESH_MAPPING);
+            let fresh = buffer.fresh;
+            buffer.slots().par_chunks_mut(4099).for_each(|chunk| {
+                zeroed(chunk, fresh);
+            });
+            // SAFETY: every chunk went through `zeroed` just above.
+            let zeros = unsafe { buffer.finish() };
             assert_eq!(zeros.len(), n);
             assert!(zeros.iter().all(|&z| z.to_bits() == 0), "n = {n}");
         }

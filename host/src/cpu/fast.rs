@@ -159,7 +159,22 @@ pub fn forward_image_fast(
     keep_rows: bool,
     fast: &mut FastScratch,
 ) -> LossSums {
-    let num_pos = match_image_fast(
+    let num_pos = match_stage(inputs, config, offsets, scratch, targets, columns, fast);
+    forward_matched(inputs, config, num_pos, scratch, targets, keep_rows, fast)
+}
+
+/// The match stage of [`forward_image_fast`] (`matching.rs`): labels and offsets into
+/// `targets`; returns the image's positives.
+pub fn match_stage(
+    inputs: &ImageInputs<'_>,
+    config: &LossConfig,
+    offsets: Offsets,
+    scratch: &mut ImageScratch<'_>,
+    targets: &mut ImageTargets<'_>,
+    columns: &PriorColumns,
+    fast: &mut FastScratch,
+) -> u32 {
+    match_image_fast(
         inputs.targets,
         inputs.priors,
         columns,
@@ -170,7 +185,20 @@ pub fn forward_image_fast(
         targets.conf_target,
         targets.loc_target,
         &mut fast.matching,
-    );
+    )
+}
+
+/// The rest of [`forward_image_fast`] after [`match_stage`] (which found `num_pos`):
+/// prior terms, mining, soft terms and the image's sums.
+pub fn forward_matched(
+    inputs: &ImageInputs<'_>,
+    config: &LossConfig,
+    num_pos: u32,
+    scratch: &mut ImageScratch<'_>,
+    targets: &mut ImageTargets<'_>,
+    keep_rows: bool,
+    fast: &mut FastScratch,
+) -> LossSums {
     let priors = targets.conf_target.len();
     let classes = classes_of(inputs.student_conf.len(), priors);
     let k = num_negatives(num_pos, priors as u32, config) as usize;
