@@ -8,11 +8,11 @@
 //! core in `tests/fast_cpu.rs` (sums and gradients compared with `assert_eq`).
 
 use super::simd::{
-    exps_f32_in_place, exps_in_place, probabilities, weighted_terms, LANES_F32, LANES_F64,
+    probabilities, row_exps_f32, softmax_exps, weighted_terms, LANES_F32, LANES_F64,
 };
 use ssdkd_core::math::{ln, Lanes};
 use ssdkd_core::stages::grad::GradScale;
-use ssdkd_core::stages::prior_terms::{shifted_f64, SoftmaxF64};
+use ssdkd_core::stages::prior_terms::SoftmaxF64;
 use ssdkd_core::stages::reduce::kl_class_term;
 use ssdkd_core::LossConfig;
 
@@ -37,19 +37,13 @@ fn row_max(row: &[f32]) -> f32 {
 
 /// The core's [`log_sum_exp`](ssdkd_core::stages::prior_terms::log_sum_exp) of a row at
 /// scale 1 (the mining's and the cross-entropy's), bit for bit: the same maximum (see
-/// [`row_max`]), the arguments `x · 1 − max` in `scratch` padded to a multiple of
-/// [`LANES_F32`], their exponentials by the vectorised [`exps_f32_in_place`] (the padding
-/// then set to 0, which adds nothing to a lane), the core's [`Lanes`] sum and logarithm.
+/// [`row_max`]), the exponentials of `x · 1 − max` into `scratch` padded to a multiple of
+/// [`LANES_F32`] by the vectorised [`row_exps_f32`] (the padding's are 0, which adds
+/// nothing to a lane), the core's [`Lanes`] sum and logarithm.
 pub fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
     let max = row_max(row);
-    let padded = row.len().next_multiple_of(LANES_F32);
-    scratch.clear();
-    scratch.resize(padded, 0.0);
-    for (v, &x) in scratch.iter_mut().zip(row) {
-        *v = x * 1.0 - max;
-    }
-    exps_f32_in_place(scratch);
-    scratch[row.len()..].fill(0.0);
+    scratch.resize(row.len().next_multiple_of(LANES_F32), 0.0);
+    row_exps_f32(row, max, scratch);
     let mut sum = Lanes::new();
     sum.add_all(scratch);
     max + ln(sum.total())
@@ -57,10 +51,11 @@ pub fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
 
 /// The core's `soft_term` of one selected row, each exponential taken once: the row's
 /// `e_c` (student and teacher side by side in `scratch`, each padded to a multiple of
-/// [`LANES_F64`]) by the vectorised [`exps_in_place`], serving both the sums
-/// ([`SoftmaxF64::from_exps`]) and the `p_c`, `q_c`; the class-weighted terms by
-/// [`weighted_terms`], added in the core's order ([`Lanes`]). With `keep`, appends
-/// the row's `p_c` then its `q_c` (2C values) to `kept` for [`conf_grad_row`].
+/// [`LANES_F64`]) by the vectorised [`softmax_exps`], serving both the sums
+/// ([`SoftmaxF64::from_exps`]) and the `p_c`, `q_c`; the probabilities and the
+/// class-weighted terms by [`weighted_terms`], the terms added in the core's order
+/// ([`Lanes`]). With `keep`, appends the row's `p_c` then its `q_c` (2C values) to `kept`
+/// for [`conf_grad_row`].
 pub fn soft_term(
     student_row: &[f32],
     teacher_row: &[f32],
@@ -73,29 +68,28 @@ pub fn soft_term(
     let inv_t = 1.0 / t;
     let classes = student_row.len();
     let padded = classes.next_multiple_of(LANES_F64);
-    // p, q, then the weighted terms; padding arguments 0 (their values are never read).
-    scratch.clear();
+    // p, q, then the weighted terms, each padded (the padding's values are never read).
     scratch.resize(3 * padded, 0.0);
-    let (p, q) = scratch[..2 * padded].split_at_mut(padded);
     let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
-    for (v, &x) in p.iter_mut().zip(student_row) {
-        *v = shifted_f64(x, max_s, inv_t);
-    }
-    for (v, &x) in q.iter_mut().zip(teacher_row) {
-        *v = shifted_f64(x, max_t, inv_t);
-    }
-    exps_in_place(&mut scratch[..2 * padded]);
+    softmax_exps(
+        student_row,
+        max_s,
+        teacher_row,
+        max_t,
+        inv_t,
+        &mut scratch[..2 * padded],
+    );
     let (p, rest) = scratch.split_at_mut(padded);
     let (q, terms) = rest.split_at_mut(padded);
     let student = SoftmaxF64::from_exps(student_row, max_s, inv_t, &p[..classes]);
     let teacher = SoftmaxF64::from_exps(teacher_row, max_t, inv_t, &q[..classes]);
-    probabilities(&student, &mut p[..classes]);
-    probabilities(&teacher, &mut q[..classes]);
     let mut sum = Lanes::new();
     if config.weighted_soft_loss() {
-        weighted_terms(config, p, q, terms);
+        weighted_terms(config, &student, &teacher, p, q, terms);
         sum.add_all(&terms[..classes]);
     } else {
+        probabilities(&student, p);
+        probabilities(&teacher, q);
         for (c, &q) in q[..classes].iter().enumerate() {
             sum.add(c, kl_class_term(c, q, &student, &teacher));
         }

@@ -11,7 +11,7 @@
 use multiversion::multiversion;
 use ssdkd_core::boxes::Overlap;
 use ssdkd_core::math::{exp_f32, exp_f64};
-use ssdkd_core::stages::prior_terms::SoftmaxF64;
+use ssdkd_core::stages::prior_terms::{shifted_f64, SoftmaxF64};
 use ssdkd_core::stages::r#match::POSITIVE;
 use ssdkd_core::stages::reduce::weighted_class_terms;
 use ssdkd_core::LossConfig;
@@ -217,51 +217,62 @@ pub fn first_beating(inter: &[f32], union: &[f32], best: Overlap) -> usize {
 /// element is left to a scalar tail (each f64 exponential is a long dependent chain).
 pub const LANES_F64: usize = 8;
 
-/// `values[i]` = the core's [`exp_f64`]`(values[i])`: its branch-free f64 exponential
-/// inlined into chunks of [`LANES_F64`], so the same bits as the core's scalar calls,
-/// several lanes at a time.
+/// f32 lanes per chunk of [`row_exps_f32`]: a whole AVX-512 vector.
+pub const LANES_F32: usize = 16;
+
+/// The exponentials of a selected row's two softmaxes: with `out` split in two halves
+/// (each a multiple of [`LANES_F64`] long), `out[c]` = the core's
+/// [`shifted_exp_f64`]`(student[c], max_s, scale)` and, in the second half,
+/// `shifted_exp_f64(teacher[c], max_t, scale)`, each half's padding 1. The arguments
+/// first, then the core's branch-free f64 exponential inlined over whole chunks, so the
+/// same bits as its scalar calls, [`LANES_F64`] at a time. (Both passes here, at one
+/// vector width, so that the chunks' loads find the arguments' stores whole.)
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn exps_in_place(values: &mut [f64]) {
-    let mut chunks = values.chunks_exact_mut(LANES_F64);
-    for chunk in &mut chunks {
-        for v in lanes_mut(chunk) {
+pub fn softmax_exps(
+    student: &[f32],
+    max_s: f32,
+    teacher: &[f32],
+    max_t: f32,
+    scale: f64,
+    out: &mut [f64],
+) {
+    let half = out.len() / 2;
+    let (s_out, t_out) = out.split_at_mut(half);
+    for (out, row, max) in [(s_out, student, max_s), (t_out, teacher, max_t)] {
+        let (args, padding) = out.split_at_mut(row.len());
+        for (a, &x) in args.iter_mut().zip(row) {
+            *a = shifted_f64(x, max, scale);
+        }
+        for a in padding {
+            *a = 0.0;
+        }
+    }
+    for chunk in out.chunks_exact_mut(LANES_F64) {
+        let chunk: &mut [f64; LANES_F64] = chunk.try_into().expect("a chunk of LANES_F64");
+        for v in chunk {
             *v = exp_f64(*v);
         }
     }
-    for v in chunks.into_remainder() {
-        *v = exp_f64(*v);
-    }
 }
 
-/// A chunk of [`LANES_F64`] as an array (a constant length, so that the loop over it
-/// becomes straight vector code).
-#[inline(always)]
-fn lanes_mut(chunk: &mut [f64]) -> &mut [f64; LANES_F64] {
-    chunk.try_into().expect("a chunk of LANES_F64")
-}
-
-/// [`lanes_mut`], shared.
-#[inline(always)]
-fn lanes(chunk: &[f64]) -> &[f64; LANES_F64] {
-    chunk.try_into().expect("a chunk of LANES_F64")
-}
-
-/// f32 lanes per chunk of [`exps_f32_in_place`]: a whole AVX-512 vector.
-pub const LANES_F32: usize = 16;
-
-/// `values[i]` = the core's [`exp_f32`]`(values[i])`, in chunks of [`LANES_F32`] (the
-/// same bits as the core's scalar calls).
+/// `out[c]` = the core's [`exp_f32`]`(row[c] · 1 − max)`, the exponentials of the core's
+/// `log_sum_exp` at scale 1, and 0 on the padding up to `out.len()` (a multiple of
+/// [`LANES_F32`]): the same bits as the core's scalar calls, as [`softmax_exps`] takes
+/// them.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn exps_f32_in_place(values: &mut [f32]) {
-    let mut chunks = values.chunks_exact_mut(LANES_F32);
-    for chunk in &mut chunks {
+pub fn row_exps_f32(row: &[f32], max: f32, out: &mut [f32]) {
+    let (args, padding) = out.split_at_mut(row.len());
+    for (a, &x) in args.iter_mut().zip(row) {
+        *a = x * 1.0 - max;
+    }
+    for a in padding {
+        *a = f32::NEG_INFINITY;
+    }
+    for chunk in out.chunks_exact_mut(LANES_F32) {
         let chunk: &mut [f32; LANES_F32] = chunk.try_into().expect("a chunk of LANES_F32");
         for v in chunk {
             *v = exp_f32(*v);
         }
-    }
-    for v in chunks.into_remainder() {
-        *v = exp_f32(*v);
     }
 }
 
@@ -274,21 +285,34 @@ pub fn probabilities<'a>(softmax: &SoftmaxF64<'a>, values: &mut [f64]) {
     }
 }
 
-/// The core's [`weighted_class_terms`] of a whole row (classes from 0), chunk by chunk of
-/// [`LANES_F64`] classes, its branch-free f64 logarithm inlined.
+/// The class-weighted soft term of a row from its exponentials: `p` and `q` (padded to a
+/// multiple of [`LANES_F64`]) turned into the probabilities in place
+/// ([`SoftmaxF64::prob_of_exp`]), and `terms` the core's [`weighted_class_terms`] of them
+/// (classes from 0), chunk by chunk, its branch-free f64 logarithm inlined.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn weighted_terms(config: &LossConfig, p: &[f64], q: &[f64], terms: &mut [f64]) {
-    let len = terms.len();
-    let whole = len - len % LANES_F64;
-    let (p, q) = (&p[..len], &q[..len]);
-    let chunks = p[..whole]
-        .chunks_exact(LANES_F64)
-        .zip(q[..whole].chunks_exact(LANES_F64))
-        .zip(terms[..whole].chunks_exact_mut(LANES_F64));
-    for (i, ((p, q), t)) in chunks.enumerate() {
-        weighted_class_terms(config, i * LANES_F64, lanes(p), lanes(q), lanes_mut(t));
+pub fn weighted_terms<'a>(
+    config: &LossConfig,
+    student: &SoftmaxF64<'a>,
+    teacher: &SoftmaxF64<'a>,
+    p: &mut [f64],
+    q: &mut [f64],
+    terms: &mut [f64],
+) {
+    let chunks = p
+        .chunks_exact_mut(LANES_F64)
+        .zip(q.chunks_exact_mut(LANES_F64))
+        .zip(terms.chunks_exact_mut(LANES_F64));
+    for (k, ((p, q), t)) in chunks.enumerate() {
+        let (p, q): (&mut [f64; LANES_F64], &mut [f64; LANES_F64]) = (
+            p.try_into().expect("a chunk of LANES_F64"),
+            q.try_into().expect("a chunk of LANES_F64"),
+        );
+        for (p, q) in p.iter_mut().zip(q.iter_mut()) {
+            (*p, *q) = (student.prob_of_exp(*p), teacher.prob_of_exp(*q));
+        }
+        let t: &mut [f64; LANES_F64] = t.try_into().expect("a chunk of LANES_F64");
+        weighted_class_terms(config, k * LANES_F64, p, q, t);
     }
-    weighted_class_terms(config, whole, &p[whole..], &q[whole..], &mut terms[whole..]);
 }
 
 #[cfg(test)]
