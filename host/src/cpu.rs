@@ -143,7 +143,6 @@ fn backward_rows(
     let mut first_bad = FirstBad::default();
     let classes = grad_conf.len() / targets.conf_target.len().max(1);
     if classes > 0 {
-        fast::touch_rows(inputs.student_conf, classes, &fast.selected);
         let rows = fast
             .selected
             .iter()

@@ -128,7 +128,7 @@ fn widen(max_abs: f32, classes: usize, targets: &[u32], upper: &mut [f32], lower
 /// Reads the first and last value of each of the `rows` of `values` (C wide) in one short
 /// loop of independent loads, so that the memory system fetches the rows side by side
 /// before a long computation visits them one at a time (which would wait for each).
-pub(super) fn touch_rows(values: &[f32], classes: usize, rows: &[u32]) {
+fn touch_rows(values: &[f32], classes: usize, rows: &[u32]) {
     let mut acc = 0.0_f32;
     for &p in rows {
         let start = p as usize * classes;
