@@ -218,7 +218,11 @@ pub fn forward_matched(
             continue;
         }
         fast.positives.push(p as u32);
-        let ce = cross_entropy(exact_lse(row(p), &mut fast.lse), row(p), target_class);
+        let ce = cross_entropy(
+            exact_lse(&inputs.student_conf[p * classes..], classes, &mut fast.lse),
+            row(p),
+            target_class,
+        );
         scratch.mining_score[p] = mining_score(ce, true);
         let terms = loc_terms(
             inputs.student_loc[p],
@@ -254,7 +258,11 @@ pub fn forward_matched(
         for (key, &p) in keys.iter_mut().zip(&fast.candidates) {
             let p = p as usize;
             if targets.conf_target[p] == 0 {
-                let ce = cross_entropy(exact_lse(row(p), &mut fast.lse), row(p), 0);
+                let ce = cross_entropy(
+                    exact_lse(&inputs.student_conf[p * classes..], classes, &mut fast.lse),
+                    row(p),
+                    0,
+                );
                 scratch.mining_score[p] = mining_score(ce, false);
                 scratch.prior_loss[p][0] = ce;
             }
@@ -311,10 +319,11 @@ pub fn forward_matched(
         touch_rows(inputs.student_conf, classes, &fast.selected);
         for &p in &fast.selected {
             let p = p as usize;
-            let teacher_row = &inputs.teacher_conf[p * classes..(p + 1) * classes];
+            // From the row on: the kernels read whole chunks, past the row's end.
             scratch.row_soft[p] = soft_term(
-                row(p),
-                teacher_row,
+                &inputs.student_conf[p * classes..],
+                &inputs.teacher_conf[p * classes..],
+                classes,
                 config,
                 keep_rows,
                 &mut fast.kept,

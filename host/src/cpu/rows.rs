@@ -40,10 +40,10 @@ fn row_max(row: &[f32]) -> f32 {
 /// [`row_max`]), the exponentials of `x · 1 − max` into `scratch` padded to a multiple of
 /// [`LANES_F32`] by the vectorised [`row_exps_f32`] (the padding's are 0, which adds
 /// nothing to a lane), the core's [`Lanes`] sum and logarithm.
-pub fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
-    let max = row_max(row);
-    scratch.resize(row.len().next_multiple_of(LANES_F32), 0.0);
-    row_exps_f32(row, max, scratch);
+pub fn log_sum_exp(from_row: &[f32], classes: usize, scratch: &mut Vec<f32>) -> f32 {
+    let max = row_max(&from_row[..classes]);
+    scratch.resize(classes.next_multiple_of(LANES_F32), 0.0);
+    row_exps_f32(from_row, classes, max, scratch);
     let mut sum = Lanes::new();
     sum.add_all(scratch);
     max + ln(sum.total())
@@ -57,25 +57,27 @@ pub fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
 /// ([`Lanes`]). With `keep`, appends the row's `p_c` then its `q_c` (2C values) to `kept`
 /// for [`conf_grad_row`].
 pub fn soft_term(
-    student_row: &[f32],
-    teacher_row: &[f32],
+    from_student: &[f32],
+    from_teacher: &[f32],
+    classes: usize,
     config: &LossConfig,
     keep: bool,
     kept: &mut Vec<f64>,
     scratch: &mut Vec<f64>,
 ) -> f64 {
+    let (student_row, teacher_row) = (&from_student[..classes], &from_teacher[..classes]);
     let t = f64::from(config.temperature);
     let inv_t = 1.0 / t;
-    let classes = student_row.len();
     let padded = classes.next_multiple_of(LANES_F64);
     // p, q, then the weighted terms, each padded (the padding's values are never read).
     scratch.resize(3 * padded, 0.0);
     let (max_s, max_t) = (row_max(student_row), row_max(teacher_row));
     softmax_exps(
-        student_row,
+        from_student,
         max_s,
-        teacher_row,
+        from_teacher,
         max_t,
+        classes,
         inv_t,
         &mut scratch[..2 * padded],
     );

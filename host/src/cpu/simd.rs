@@ -10,8 +10,8 @@
 
 use multiversion::multiversion;
 use ssdkd_core::boxes::Overlap;
-use ssdkd_core::math::{exp_f32, exp_f64};
-use ssdkd_core::stages::prior_terms::{shifted_f64, SoftmaxF64};
+use ssdkd_core::math::exp_f32;
+use ssdkd_core::stages::prior_terms::{shifted_exp_f64, SoftmaxF64};
 use ssdkd_core::stages::r#match::POSITIVE;
 use ssdkd_core::stages::reduce::weighted_class_terms;
 use ssdkd_core::LossConfig;
@@ -220,58 +220,80 @@ pub const LANES_F64: usize = 8;
 /// f32 lanes per chunk of [`row_exps_f32`]: a whole AVX-512 vector.
 pub const LANES_F32: usize = 16;
 
-/// The exponentials of a selected row's two softmaxes: with `out` split in two halves
-/// (each a multiple of [`LANES_F64`] long), `out[c]` = the core's
-/// [`shifted_exp_f64`]`(student[c], max_s, scale)` and, in the second half,
-/// `shifted_exp_f64(teacher[c], max_t, scale)`, each half's padding 1. The arguments
-/// first, then the core's branch-free f64 exponential inlined over whole chunks, so the
-/// same bits as its scalar calls, [`LANES_F64`] at a time. (Both passes here, at one
-/// vector width, so that the chunks' loads find the arguments' stores whole.)
+/// The exponentials of a selected row's two softmaxes: with `out` split in two halves of
+/// `padded` (a multiple of [`LANES_F64`], at least C), the first half's `out[c]` = the
+/// core's [`shifted_exp_f64`]`(student[c], max_s, scale)` and the second half's
+/// `shifted_exp_f64(teacher[c], max_t, scale)` for `c < classes`; the padding's values are
+/// left unspecified (finite or not) and must not be read. `student` and `teacher` start at
+/// the row and may run on into the next rows: whole chunks are then read in place, the
+/// padding lanes from the next row ([`row_chunks`]). The core's branch-free exponential
+/// inlined, so the same bits as its scalar calls, [`LANES_F64`] at a time.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn softmax_exps(
     student: &[f32],
     max_s: f32,
     teacher: &[f32],
     max_t: f32,
+    classes: usize,
     scale: f64,
     out: &mut [f64],
 ) {
     let half = out.len() / 2;
     let (s_out, t_out) = out.split_at_mut(half);
-    for (out, row, max) in [(s_out, student, max_s), (t_out, teacher, max_t)] {
-        let (args, padding) = out.split_at_mut(row.len());
-        for (a, &x) in args.iter_mut().zip(row) {
-            *a = shifted_f64(x, max, scale);
-        }
-        for a in padding {
-            *a = 0.0;
-        }
-    }
-    for chunk in out.chunks_exact_mut(LANES_F64) {
-        let chunk: &mut [f64; LANES_F64] = chunk.try_into().expect("a chunk of LANES_F64");
-        for v in chunk {
-            *v = exp_f64(*v);
-        }
+    row_chunks::<LANES_F64, f64>(student, classes, max_s, s_out, |x| {
+        shifted_exp_f64(x, max_s, scale)
+    });
+    row_chunks::<LANES_F64, f64>(teacher, classes, max_t, t_out, |x| {
+        shifted_exp_f64(x, max_t, scale)
+    });
+}
+
+/// `out[c]` = the core's [`exp_f32`]`(row[c] · 1 − max)` for `c < classes`, the exponentials
+/// of the core's `log_sum_exp` at scale 1, and 0 on the padding up to `out.len()` (a
+/// multiple of [`LANES_F32`]), so that a sum over all of `out` is the sum over the row.
+/// `values` starts at the row and may run on into the next rows, as for [`softmax_exps`].
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn row_exps_f32(values: &[f32], classes: usize, max: f32, out: &mut [f32]) {
+    row_chunks::<LANES_F32, f32>(values, classes, max, out, |x| exp_f32(x * 1.0 - max));
+    for v in &mut out[classes..] {
+        *v = 0.0;
     }
 }
 
-/// `out[c]` = the core's [`exp_f32`]`(row[c] · 1 − max)`, the exponentials of the core's
-/// `log_sum_exp` at scale 1, and 0 on the padding up to `out.len()` (a multiple of
-/// [`LANES_F32`]): the same bits as the core's scalar calls, as [`softmax_exps`] takes
-/// them.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn row_exps_f32(row: &[f32], max: f32, out: &mut [f32]) {
-    let (args, padding) = out.split_at_mut(row.len());
-    for (a, &x) in args.iter_mut().zip(row) {
-        *a = x * 1.0 - max;
-    }
-    for a in padding {
-        *a = f32::NEG_INFINITY;
-    }
-    for chunk in out.chunks_exact_mut(LANES_F32) {
-        let chunk: &mut [f32; LANES_F32] = chunk.try_into().expect("a chunk of LANES_F32");
-        for v in chunk {
-            *v = exp_f32(*v);
+/// `out[c] = f(values[c])` chunk by chunk of `N` over `out` (its length a multiple of `N`):
+/// when `values` reaches as far as `out`, each chunk is read in place, whole (a vector load
+/// straight from the tensor, padding lanes from the next row: no store of the arguments
+/// first, which a vector load could not take whole from the store buffer); otherwise (the
+/// tensor's last row) from a copy completed with `pad`. Inlined into the kernels above.
+#[inline(always)]
+fn row_chunks<const N: usize, T: Copy>(
+    values: &[f32],
+    classes: usize,
+    pad: f32,
+    out: &mut [T],
+    f: impl Fn(f32) -> T,
+) {
+    let padded = out.len();
+    if values.len() >= padded {
+        for (xs, out) in values[..padded]
+            .chunks_exact(N)
+            .zip(out.chunks_exact_mut(N))
+        {
+            let xs: &[f32; N] = xs.try_into().expect("a chunk of N");
+            let out: &mut [T; N] = out.try_into().expect("a chunk of N");
+            for (o, &x) in out.iter_mut().zip(xs) {
+                *o = f(x);
+            }
+        }
+    } else {
+        for (k, out) in out.chunks_exact_mut(N).enumerate() {
+            let mut xs = [pad; N];
+            let start = (k * N).min(classes);
+            let rest = &values[start..classes.min(start + N)];
+            xs[..rest.len()].copy_from_slice(rest);
+            for (o, &x) in out.iter_mut().zip(&xs) {
+                *o = f(x);
+            }
         }
     }
 }
