@@ -393,4 +393,34 @@ mod tests {
             }
         }
     }
+    /// The selected rows' kernels give the core's exponentials on the row's classes,
+    /// whether they read whole chunks in place (the row runs on into the next) or from a
+    /// padded copy (the tensor's last row), for C below, at and above a chunk.
+    #[test]
+    fn row_kernels_read_in_place_or_from_a_copy_alike() {
+        for classes in [2, 7, 8, 9, 16, 21, 81] {
+            let values: Vec<f32> = (0..3 * classes)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 12.0)
+                .collect();
+            let row = &values[..classes];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let padded = classes.next_multiple_of(LANES_F64);
+            for from in [&values[..], row] {
+                let mut out = vec![0.0; 2 * padded];
+                softmax_exps(from, max, from, max - 0.5, classes, 0.5, &mut out);
+                for c in 0..classes {
+                    let want_s = shifted_exp_f64(row[c], max, 0.5);
+                    let want_t = shifted_exp_f64(row[c], max - 0.5, 0.5);
+                    assert_eq!(out[c].to_bits(), want_s.to_bits(), "C = {classes}, c = {c}");
+                    assert_eq!(out[padded + c].to_bits(), want_t.to_bits());
+                }
+                let mut out = vec![1.0; classes.next_multiple_of(LANES_F32)];
+                row_exps_f32(from, classes, max, &mut out);
+                for c in 0..classes {
+                    assert_eq!(out[c].to_bits(), exp_f32(row[c] * 1.0 - max).to_bits());
+                }
+                assert!(out[classes..].iter().all(|&v| v == 0.0), "C = {classes}");
+            }
+        }
+    }
 }
