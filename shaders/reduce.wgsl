@@ -18,7 +18,7 @@
 // class-weighted `T² Σ w_c (q_c + ε) ln((q_c + ε) / (p_c + ε))` when neg_w > 1, else the
 // plain KL `T² Σ q_c (ln q_c − ln p_c)` with q_c = 0 terms counting 0; p_c = e_c / S with
 // e_c = exp((x_c − max) / T) and S = Σ e_c, ln p_c = (x_c − max) / T − ln S. Twin of
-// core/src/stages/reduce.rs `soft_term` and `soft_class_term`.
+// core/src/stages/reduce.rs `soft_term`, `weighted_class_terms` and `kl_class_term`.
 fn soft_term(base: u32) -> f32 {
     let t = params.temperature;
     let inv_t = 1.0 / t;
