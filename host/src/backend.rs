@@ -1,7 +1,7 @@
 //! Backend selection: the CPU reference or the GPU, behind one `evaluate`; and inputs
 //! prepared once for repeated evaluations (on a GPU, uploaded once).
 
-use crate::batch::{Batch, Evaluation, Request};
+use crate::batch::{Batch, Evaluation, Gradients, Request};
 pub use crate::cpu::CpuBackend;
 use crate::error::Result;
 #[cfg(feature = "gpu")]
@@ -104,6 +104,27 @@ impl Backend {
             without_teacher_terms(&mut eval);
         }
         Ok(eval)
+    }
+
+    /// The gradients of the last evaluation's batch for other weights (`config.weights`),
+    /// without its forward pass again: on the CPU backend, from what that evaluation kept
+    /// ([`CpuBackend::gradients_of_last`]: the same bits as an evaluation with gradients).
+    /// `None` on a GPU, or when the last evaluation was not of `batch` with the same
+    /// settings: the caller then evaluates with gradients.
+    ///
+    /// # Errors
+    /// [`crate::Error::Numerical`] for a non-finite gradient element.
+    pub fn gradients_of_last(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+    ) -> Option<Result<Gradients>> {
+        let config = &for_batch(config, batch.has_teacher());
+        match self {
+            Backend::Cpu(cpu) => cpu.gradients_of_last(batch, config),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(_) => None,
+        }
     }
 
     /// Prepares `batch` for repeated evaluations with [`Backend::evaluate_prepared`], as a

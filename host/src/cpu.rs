@@ -9,7 +9,7 @@ pub mod matching;
 mod rows;
 mod simd;
 
-use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
+use crate::batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, Request};
 use crate::error::{Error, Result};
 use fast::{forward_matched, match_stage, FastScratch};
 use matching::PriorColumns;
@@ -18,7 +18,9 @@ use rows::conf_grad_row;
 use ssdkd_core::stages::grad::grad_loc as loc_gradients;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
-use ssdkd_core::{GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums};
+use ssdkd_core::{
+    GradScale, ImageInputs, ImageTargets, ImageWorkspace, LossConfig, LossSums, LossWeights,
+};
 use std::mem::MaybeUninit;
 
 /// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
@@ -30,6 +32,49 @@ const MAX_POOLED: usize = 256;
 #[derive(Debug, Default)]
 pub struct CpuBackend {
     workspaces: Vec<Workspace>,
+    /// What the last evaluation's workspaces (the last B of `workspaces`) hold, for
+    /// [`CpuBackend::gradients_of_last`]; `None` when they hold nothing usable.
+    last: Option<LastBatch>,
+}
+
+/// The evaluation whose selected rows, labels and probabilities the pooled workspaces
+/// hold: its tensors (by address and length), shape, config (weights aside: the gradient's
+/// factors are all that they change) and N.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct LastBatch {
+    shape: BatchShape,
+    tensors: [(usize, usize); 6],
+    config: LossConfig,
+    num_pos: u32,
+}
+
+impl LastBatch {
+    fn of(batch: &Batch<'_>, config: &LossConfig, num_pos: u32) -> Self {
+        let tensors = [
+            batch.student_loc(),
+            batch.student_conf(),
+            batch.teacher_loc(),
+            batch.teacher_conf(),
+            batch.targets(),
+            batch.priors(),
+        ]
+        .map(|t| (t.as_ptr() as usize, t.len()));
+        let config = LossConfig {
+            weights: LossWeights {
+                soft: 0.0,
+                conf: 0.0,
+                l2: 0.0,
+                loc: 0.0,
+            },
+            ..*config
+        };
+        Self {
+            shape: batch.shape(),
+            tensors,
+            config,
+            num_pos,
+        }
+    }
 }
 
 /// One image's core workspace and the fast path's scratch.
@@ -71,11 +116,7 @@ impl CpuBackend {
         config: &LossConfig,
         request: Request,
     ) -> Result<Evaluation> {
-        batch.check(config, request.validate)?;
-        let pooled = self.take_workspaces(batch.shape().batch);
-        let (eval, workspaces, _) = evaluate_with(batch, config, request, pooled);
-        self.return_workspaces(workspaces);
-        Ok(eval)
+        self.run(batch, config, request).map(|(eval, _)| eval)
     }
 
     /// [`CpuBackend::evaluate`], then the checks of `Evaluation::check_finite` (the same
@@ -91,30 +132,95 @@ impl CpuBackend {
         config: &LossConfig,
         request: Request,
     ) -> Result<Evaluation> {
-        batch.check(config, request.validate)?;
-        let pooled = self.take_workspaces(batch.shape().batch);
-        let (mut eval, workspaces, finite) = evaluate_with(batch, config, request, pooled);
-        self.return_workspaces(workspaces);
+        let (mut eval, finite) = self.run(batch, config, request)?;
         let gradients = eval.gradients.take();
         eval.check_finite()?; // the terms
-        eval.gradients = gradients;
-        if let Some(g) = &eval.gradients {
-            let found = [
-                ("grad_student_conf", finite.conf, &g.student_conf),
-                ("grad_student_loc", finite.loc, &g.student_loc),
-            ];
-            for (what, index, values) in found {
-                if let Some(i) = index {
-                    return Err(Error::Numerical {
-                        what,
-                        index: Some(i),
-                        value: f64::from(values[i]),
-                    });
-                }
-            }
+        if let Some(g) = &gradients {
+            check_gradients(g, finite)?;
         }
+        eval.gradients = gradients;
         Ok(eval)
     }
+
+    /// The gradients of the last evaluation's batch for other weights (`config.weights`;
+    /// every other setting as then), from what that evaluation kept in this backend's
+    /// workspaces: the selected rows, their probabilities, the labels and N. No forward
+    /// pass again — the backward of a training step whose forward already evaluated the
+    /// losses (the Python wrapper's). The same bits as [`CpuBackend::evaluate`] with
+    /// gradients asked for.
+    ///
+    /// `None` when the last evaluation on this backend was not of `batch` (the same
+    /// tensors, by address and length, and shape) with the same settings, or kept nothing
+    /// (it failed, or its batch had more images than the pool keeps); the caller then
+    /// evaluates afresh. The tensors must not have changed since.
+    ///
+    /// # Errors
+    /// [`Error::Numerical`] for a non-finite gradient element, as
+    /// [`CpuBackend::evaluate`]'s caller would find it.
+    pub fn gradients_of_last(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+    ) -> Option<Result<Gradients>> {
+        let last = self.last?;
+        if last != LastBatch::of(batch, config, last.num_pos) {
+            return None;
+        }
+        let shape = batch.shape();
+        let start = self.workspaces.len().checked_sub(shape.batch)?;
+        let workspaces = &mut self.workspaces[start..];
+        let scale = GradScale::new(config, last.num_pos);
+        if shape.priors == 0 {
+            return None;
+        }
+        let (gradients, first_bad) = gradient_pass(batch, workspaces, |i, workspace, grads| {
+            let (workspace, fast) = workspace;
+            let (_, targets) = workspace.split();
+            let image = batch.image(i);
+            backward_rows(&image, config, &targets, &scale, fast, grads.0, grads.1)
+        });
+        let finite = finite_of(&first_bad, shape.priors, shape.classes);
+        Some(check_gradients(&gradients, finite).map(|()| gradients))
+    }
+
+    /// One evaluation on the pooled workspaces; remembers what they then hold.
+    fn run(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: Request,
+    ) -> Result<(Evaluation, Finite)> {
+        self.last = None;
+        batch.check(config, request.validate)?;
+        let images = batch.shape().batch;
+        let pooled = self.take_workspaces(images);
+        let (eval, workspaces, finite) = evaluate_with(batch, config, request, pooled);
+        let before = self.workspaces.len();
+        self.return_workspaces(workspaces);
+        if self.workspaces.len() - before == images {
+            self.last = Some(LastBatch::of(batch, config, eval.sums.num_pos));
+        }
+        Ok((eval, finite))
+    }
+}
+
+/// The [`Error::Numerical`] of the first non-finite gradient element (`finite`, found by
+/// the passes that wrote them), as `Evaluation::check_finite` names it.
+fn check_gradients(g: &Gradients, finite: Finite) -> Result<()> {
+    let found = [
+        ("grad_student_conf", finite.conf, &g.student_conf),
+        ("grad_student_loc", finite.loc, &g.student_loc),
+    ];
+    for (what, index, values) in found {
+        if let Some(i) = index {
+            return Err(Error::Numerical {
+                what,
+                index: Some(i),
+                value: f64::from(values[i]),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Evaluates the loss of `batch` on the CPU with a fresh [`CpuBackend`] (nothing kept
@@ -232,14 +338,15 @@ fn evaluate_with(
         |i: usize, (workspace, fast): &mut Workspace, grads: Option<(&mut [_], &mut [_])>| {
             let (mut scratch, mut targets) = workspace.split();
             let image = batch.image(i);
-            let keep = grads.is_some();
+            // The selected rows' probabilities are kept even without gradients, for a
+            // later `CpuBackend::gradients_of_last` (a few kB per image).
             let sums = forward_matched(
                 &image,
                 config,
                 num_pos[i],
                 &mut scratch,
                 &mut targets,
-                keep,
+                true,
                 fast,
             );
             let bad = grads.map_or_else(FirstBad::default, |(grad_conf, grad_loc)| {
@@ -249,27 +356,10 @@ fn evaluate_with(
         };
     let (per_image, first_bad, gradients): (Vec<LossSums>, Vec<FirstBad>, _) =
         if request.gradients && p > 0 {
-            let mut conf = GradientBuffer::new(shape.batch * p * c);
-            let mut loc = GradientBuffer::new(shape.batch * p * 4);
-            let (conf_fresh, loc_fresh) = (conf.fresh, loc.fresh);
-            let (per_image, first_bad) = workspaces
-                .par_iter_mut()
-                .zip(conf.slots().par_chunks_mut(p * c))
-                .zip(loc.slots().par_chunks_mut(p * 4))
-                .enumerate()
-                .map(|(i, ((workspace, grad_conf), grad_loc))| {
-                    let grad_conf = zeroed(grad_conf, conf_fresh);
-                    let grad_loc = bytemuck::cast_slice_mut(zeroed(grad_loc, loc_fresh));
-                    rest(i, workspace, Some((grad_conf, grad_loc)))
-                })
-                .unzip();
-            // SAFETY: the images' chunks cover both buffers, and `zeroed` initialised each.
-            let grads = unsafe {
-                Gradients {
-                    student_conf: conf.finish(),
-                    student_loc: loc.finish(),
-                }
-            };
+            let (grads, results) = gradient_pass(batch, &mut workspaces, |i, workspace, grads| {
+                rest(i, workspace, Some(grads))
+            });
+            let (per_image, first_bad) = results.into_iter().unzip();
             (per_image, first_bad, Some(grads))
         } else {
             let (per_image, first_bad) = workspaces
@@ -304,19 +394,60 @@ fn evaluate_with(
         gradients,
         decisions,
     };
-    // The first non-finite gradient element, flat index: images in order, each image's
-    // first (only the rows `backward_rows` wrote can hold one; the rest are zeros).
+    // Only the rows `backward_rows` wrote can hold a non-finite element; the rest are zeros.
+    let finite = finite_of(&first_bad, p, c);
+    (eval, workspaces, finite)
+}
+
+/// The images' conf and loc gradient slices of fresh gradient buffers, zeroed
+/// ([`GradientBuffer`], [`zeroed`]), each handed with the image's index and workspace to
+/// `each` on whichever core takes the image; returns the buffers and `each`'s results in
+/// image order. P must be positive.
+fn gradient_pass<R: Send>(
+    batch: &Batch<'_>,
+    workspaces: &mut [Workspace],
+    each: impl Fn(usize, &mut Workspace, (&mut [f32], &mut [[f32; 4]])) -> R + Sync,
+) -> (Gradients, Vec<R>) {
+    let shape = batch.shape();
+    let (p, c) = (shape.priors, shape.classes);
+    let mut conf = GradientBuffer::new(shape.batch * p * c);
+    let mut loc = GradientBuffer::new(shape.batch * p * 4);
+    let (conf_fresh, loc_fresh) = (conf.fresh, loc.fresh);
+    let results = workspaces
+        .par_iter_mut()
+        .zip(conf.slots().par_chunks_mut(p * c))
+        .zip(loc.slots().par_chunks_mut(p * 4))
+        .enumerate()
+        .map(|(i, ((workspace, grad_conf), grad_loc))| {
+            let grad_conf = zeroed(grad_conf, conf_fresh);
+            let grad_loc = bytemuck::cast_slice_mut(zeroed(grad_loc, loc_fresh));
+            each(i, workspace, (grad_conf, grad_loc))
+        })
+        .collect();
+    // SAFETY: the images' chunks cover both buffers (B chunks of P·C and of P·4), and
+    // `zeroed` initialised each.
+    let grads = unsafe {
+        Gradients {
+            student_conf: conf.finish(),
+            student_loc: loc.finish(),
+        }
+    };
+    (grads, results)
+}
+
+/// Where the passes that wrote the gradients found their first non-finite element,
+/// as flat indices (images in order, each image's first).
+fn finite_of(first_bad: &[FirstBad], p: usize, c: usize) -> Finite {
     let non_finite = |pick: fn(&FirstBad) -> Option<usize>, per_image: usize| {
         first_bad
             .iter()
             .enumerate()
             .find_map(|(i, bad)| pick(bad).map(|index| i * per_image + index))
     };
-    let finite = Finite {
+    Finite {
         conf: non_finite(|bad| bad.conf, p * c),
         loc: non_finite(|bad| bad.loc, p * 4),
-    };
-    (eval, workspaces, finite)
+    }
 }
 
 /// Where an evaluation's gradients first hold a non-finite element (flat indices), as
@@ -483,6 +614,59 @@ mod tests {
             let zeros = unsafe { buffer.finish() };
             assert_eq!(zeros.len(), n);
             assert!(zeros.iter().all(|&z| z.to_bits() == 0), "n = {n}");
+        }
+    }
+
+    /// After an evaluation, `gradients_of_last` gives the gradients of an evaluation with
+    /// gradients, bit for bit, for other weights and either reduction of T, without a
+    /// forward pass; for another batch, other settings, or after a failed evaluation,
+    /// `None`.
+    #[test]
+    fn gradients_of_last_are_an_evaluations_gradients() {
+        let tensors = synthetic_batch(&SyntheticSpec::demo(3));
+        let batch = tensors.batch();
+        for temperature in [1.0, 2.0] {
+            let config = LossConfig {
+                temperature,
+                ..LossConfig::DEFAULT
+            };
+            let mut backend = CpuBackend::new();
+            let forward = backend
+                .evaluate(&batch, &config, Request::default())
+                .unwrap();
+            assert!(forward.gradients.is_none());
+            for weights in [
+                config.weights,
+                LossWeights {
+                    soft: 2.5,
+                    conf: -1.0,
+                    l2: 0.0,
+                    loc: 3.0,
+                },
+            ] {
+                let weighted = LossConfig { weights, ..config };
+                let again = backend
+                    .gradients_of_last(&batch, &weighted)
+                    .unwrap()
+                    .unwrap();
+                let want = evaluate(&batch, &weighted, Request::with_gradients()).unwrap();
+                assert_eq!(Some(again), want.gradients, "T = {temperature}");
+            }
+            // Other settings, or another batch (a copy: other addresses): nothing kept for them.
+            let other = LossConfig {
+                overlap_threshold: 0.4,
+                ..config
+            };
+            assert!(backend.gradients_of_last(&batch, &other).is_none());
+            let copy = tensors.clone();
+            assert!(backend.gradients_of_last(&copy.batch(), &config).is_none());
+            // A failed evaluation forgets the last one.
+            let bad = LossConfig {
+                temperature: -1.0,
+                ..config
+            };
+            assert!(backend.evaluate(&batch, &bad, Request::default()).is_err());
+            assert!(backend.gradients_of_last(&batch, &config).is_none());
         }
     }
 
