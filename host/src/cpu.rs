@@ -34,7 +34,7 @@ pub struct CpuBackend {
     workspaces: Vec<Workspace>,
     /// What the last evaluation's workspaces (the last B of `workspaces`) hold, for
     /// [`CpuBackend::gradients_of_last`]; `None` when they hold nothing usable.
-    last: Option<LastBatch>,
+    last: Option<Box<LastBatch>>,
 }
 
 /// The evaluation whose selected rows, labels and probabilities the pooled workspaces
@@ -162,7 +162,7 @@ impl CpuBackend {
         batch: &Batch<'_>,
         config: &LossConfig,
     ) -> Option<Result<Gradients>> {
-        let last = self.last?;
+        let last = *self.last.as_deref()?;
         if last != LastBatch::of(batch, config, last.num_pos) {
             return None;
         }
@@ -198,7 +198,7 @@ impl CpuBackend {
         let before = self.workspaces.len();
         self.return_workspaces(workspaces);
         if self.workspaces.len() - before == images {
-            self.last = Some(LastBatch::of(batch, config, eval.sums.num_pos));
+            self.last = Some(Box::new(LastBatch::of(batch, config, eval.sums.num_pos)));
         }
         Ok((eval, finite))
     }
