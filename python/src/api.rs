@@ -47,6 +47,9 @@ pub struct Wanted {
     pub validate: bool,
 }
 
+/// `(grad_student_conf, grad_student_loc)`, flat.
+pub type GradientVecs = (Vec<f32>, Vec<f32>);
+
 /// One evaluation in plain types.
 pub struct Output {
     /// soft_loss, l2_loss, loss_c, loss_l, total (SPEC §5).
@@ -62,7 +65,7 @@ pub struct Output {
     /// Why `auto` fell back to the CPU, the first time it did.
     pub fallback: Option<String>,
     /// `(grad_student_conf, grad_student_loc)`.
-    pub gradients: Option<(Vec<f32>, Vec<f32>)>,
+    pub gradients: Option<GradientVecs>,
     /// `(conf_target, loc_target, neg_mask)`.
     pub decisions: Option<(Vec<u32>, Vec<f32>, Vec<u8>)>,
 }
@@ -115,25 +118,7 @@ pub fn evaluate(
         validate: wanted.validate,
     };
     ssdkd::limits::check(&shape, &request)?;
-    let batch = match inputs.teacher {
-        Some((teacher_loc, teacher_conf)) => Batch::new(
-            shape,
-            inputs.student_loc,
-            inputs.student_conf,
-            teacher_loc,
-            teacher_conf,
-            inputs.targets,
-            inputs.priors,
-        )?,
-        // The plain MultiBox loss: soft and L2 terms 0 (issue 9 point 4, in the library).
-        None => Batch::without_teacher(
-            shape,
-            inputs.student_loc,
-            inputs.student_conf,
-            inputs.targets,
-            inputs.priors,
-        )?,
-    };
+    let batch = batch_of(inputs, shape)?;
     let mut fallback = None;
     let mut cache = BACKENDS
         .lock()
@@ -175,6 +160,58 @@ pub fn evaluate(
             .decisions
             .map(|d| (d.conf_target, d.loc_target, d.neg_mask)),
     })
+}
+
+/// The library's batch of `inputs`: with a teacher, or the plain MultiBox loss without one
+/// (soft and L2 terms 0, issue 9 point 4, in the library).
+fn batch_of<'a>(inputs: &Inputs<'a>, shape: BatchShape) -> Result<Batch<'a>, Error> {
+    match inputs.teacher {
+        Some((teacher_loc, teacher_conf)) => Batch::new(
+            shape,
+            inputs.student_loc,
+            inputs.student_conf,
+            teacher_loc,
+            teacher_conf,
+            inputs.targets,
+            inputs.priors,
+        ),
+        None => Batch::without_teacher(
+            shape,
+            inputs.student_loc,
+            inputs.student_conf,
+            inputs.targets,
+            inputs.priors,
+        ),
+    }
+}
+
+/// The gradients `(grad_student_conf, grad_student_loc)` of the last evaluation on the
+/// backend of `choice`, for the weights of `config_json`, when that evaluation was of the
+/// same tensors with the same settings (`Backend::gradients_of_last`: no forward pass
+/// again); `None` otherwise (a GPU, another batch in between, no backend yet), and the
+/// caller evaluates with gradients.
+pub fn gradients_of_last(
+    choice: Choice,
+    inputs: &Inputs<'_>,
+    config_json: &str,
+) -> Result<Option<GradientVecs>, Error> {
+    let (config, shape) = config_and_shape(config_json, inputs.dims)?;
+    let batch = batch_of(inputs, shape)?;
+    let mut cache = BACKENDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let backend = match choice {
+        Choice::Cpu => cache.cpu.as_mut(),
+        Choice::Auto => cache.auto.as_mut(),
+        Choice::Gpu => None,
+    };
+    let Some(backend) = backend else {
+        return Ok(None);
+    };
+    match backend.gradients_of_last(&batch, &config) {
+        Some(gradients) => gradients.map(|g| Some((g.student_conf, g.student_loc))),
+        None => Ok(None),
+    }
 }
 
 /// Owned tensors of a batch file, flat, with `[B, P, C, M]`.

@@ -259,6 +259,51 @@ fn evaluate<'py>(
     Ok(d)
 }
 
+/// `(grad_student_conf [B, P, C], grad_student_loc [B, P, 4])`.
+type GradientArrays<'py> = (Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>);
+
+/// The gradients `(grad_student_conf, grad_student_loc)` of the last evaluation on the
+/// `backend` choice's backend for the weights in `config_json`, without a forward pass,
+/// when that evaluation was of these very arrays with the same settings; `None` otherwise
+/// (the caller then evaluates with gradients). Arrays as for `evaluate`.
+#[pyfunction]
+#[pyo3(signature = (student_loc, student_conf, teacher_loc, teacher_conf, targets, priors,
+                    backend, config_json))]
+#[allow(clippy::too_many_arguments)] // one argument per tensor, as `evaluate`
+fn gradients_of_last<'py>(
+    py: Python<'py>,
+    student_loc: PyReadonlyArrayDyn<'py, f32>,
+    student_conf: PyReadonlyArrayDyn<'py, f32>,
+    teacher_loc: Option<PyReadonlyArrayDyn<'py, f32>>,
+    teacher_conf: Option<PyReadonlyArrayDyn<'py, f32>>,
+    targets: PyReadonlyArrayDyn<'py, f32>,
+    priors: PyReadonlyArrayDyn<'py, f32>,
+    backend: &str,
+    config_json: &str,
+) -> PyResult<Option<GradientArrays<'py>>> {
+    let choice = choice(py, backend)?;
+    let sl = shape_of(py, "student_loc", &student_loc, &[None, None, Some(4)])?;
+    let (b, p) = (sl[0], sl[1]);
+    let sc = shape_of(py, "student_conf", &student_conf, &[Some(b), Some(p), None])?;
+    let c = sc[2];
+    let tg = shape_of(py, "targets", &targets, &[Some(b), None, Some(5)])?;
+    shape_of(py, "priors", &priors, &[Some(p), Some(4)])?;
+    let teacher = teacher_slices(py, &teacher_loc, &teacher_conf, [b, p, c])?;
+    let inputs = api::Inputs {
+        dims: [b, p, c, tg[1]],
+        student_loc: slice(py, "student_loc", &student_loc)?,
+        student_conf: slice(py, "student_conf", &student_conf)?,
+        teacher,
+        targets: slice(py, "targets", &targets)?,
+        priors: slice(py, "priors", &priors)?,
+    };
+    let out = py
+        .detach(|| api::gradients_of_last(choice, &inputs, config_json))
+        .map_err(|e| to_py(py, &e))?;
+    out.map(|(gc, gl)| Ok((array(py, gc, &[b, p, c])?, array(py, gl, &[b, p, 4])?)))
+        .transpose()
+}
+
 fn tensors_dict<'py>(py: Python<'py>, t: api::Tensors) -> PyResult<Bound<'py, PyDict>> {
     let [b, p, c, m] = t.dims;
     let d = PyDict::new(py);
@@ -407,6 +452,7 @@ fn _ssdkd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GpuError", py.get_type::<GpuError>())?;
     m.add("NumericalError", py.get_type::<NumericalError>())?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(gradients_of_last, m)?)?;
     m.add_function(wrap_pyfunction!(read_batch, m)?)?;
     m.add_function(wrap_pyfunction!(write_batch, m)?)?;
     m.add_function(wrap_pyfunction!(preset_priors, m)?)?;

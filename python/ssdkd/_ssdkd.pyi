@@ -36,6 +36,16 @@ def evaluate(
     validate: bool,
     config_json: str,
 ) -> dict[str, Any]: ...
+def gradients_of_last(
+    student_loc: _F32,
+    student_conf: _F32,
+    teacher_loc: Optional[_F32],
+    teacher_conf: Optional[_F32],
+    targets: _F32,
+    priors: _F32,
+    backend: str,
+    config_json: str,
+) -> Optional[tuple[_F32, _F32]]: ...
 def read_batch(path: _Path) -> tuple[dict[str, Optional[_F32]], str]: ...
 def write_batch(
     path: _Path,

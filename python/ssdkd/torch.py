@@ -6,7 +6,10 @@
 - Backward is ssdkd's analytic gradient (SPEC §6): the incoming gradients of the returned
   terms are the weights of ONE ssdkd gradient evaluation, so any combination
   ``a*soft + b*loss_c + c*l2 + d*loss_l`` backpropagates as autograd on the original would.
-  A forward+backward costs one ssdkd forward and one gradient evaluation.
+  A forward+backward costs one ssdkd forward and, on the CPU backend, the gradient pass
+  alone: backward reuses what the forward kept (the selected rows, their probabilities,
+  the labels) unless another evaluation came in between (then, and on a GPU, backward is
+  one evaluation with gradients). The input tensors must not change between the two.
 - CPU float32 tensors are shared with NumPy without a copy; other tensors (CUDA, MPS,
   float64) are copied to host float32 once, and gradients come back on the inputs'
   device and dtype.
@@ -19,7 +22,7 @@ import numpy as _np
 import torch as _torch
 
 from . import InputError, evaluate as _evaluate  # noqa: F401  (InputError: re-export)
-from . import _input_error
+from . import _as_f32, _config_json, _input_error, _ssdkd
 
 __all__ = ["MultiBoxLoss", "MultiBoxLoss_KD", "global_terms", "pad_targets"]
 
@@ -82,6 +85,9 @@ class _SsdkdLoss(_torch.autograd.Function):
             targets=targets,
             priors=_host(priors, "priors"),
         )
+        # Converted once here, so that backward passes the very arrays forward evaluated
+        # (the CPU backend recognises its last batch by the arrays' addresses).
+        arrays = {k: None if v is None else _as_f32(k, v) for k, v in arrays.items()}
         ev = _evaluate(**arrays, backend=opts["backend"], validate=opts["validate"],
                        **opts["config"])
         ctx.arrays = arrays
@@ -115,12 +121,19 @@ class _SsdkdLoss(_torch.autograd.Function):
             grad_conf = _torch.zeros(a["student_conf"].shape, dtype=dt_conf, device=dev_conf)
         else:
             config = dict(ctx.opts["config"], weights=tuple(g))
-            # The inputs were scanned in forward; this evaluation only adds gradients.
-            ev = _evaluate(**a, backend=ctx.opts["backend"], gradients=True, validate=False,
-                           **config)
-            grad_loc = _torch.from_numpy(ev.grad_student_loc).to(dtype=dt_loc, device=dev_loc)
-            grad_conf = _torch.from_numpy(ev.grad_student_conf).to(dtype=dt_conf,
-                                                                  device=dev_conf)
+            # The CPU backend still holds what this step's forward kept (the selected rows,
+            # their probabilities, the labels): the gradients from it, no forward again —
+            # unless another evaluation came in between, or on a GPU: then one evaluation
+            # with gradients (the inputs were scanned in forward).
+            grads = _ssdkd.gradients_of_last(
+                a["student_loc"], a["student_conf"], a["teacher_loc"], a["teacher_conf"],
+                a["targets"], a["priors"], str(ctx.opts["backend"]), _config_json(config))
+            if grads is None:
+                ev = _evaluate(**a, backend=ctx.opts["backend"], gradients=True,
+                               validate=False, **config)
+                grads = (ev.grad_student_conf, ev.grad_student_loc)
+            grad_conf = _torch.from_numpy(grads[0]).to(dtype=dt_conf, device=dev_conf)
+            grad_loc = _torch.from_numpy(grads[1]).to(dtype=dt_loc, device=dev_loc)
         return grad_loc, grad_conf, None, None, None, None, None
 
 

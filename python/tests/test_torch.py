@@ -204,3 +204,41 @@ def test_backward_twice_with_retained_graph_accumulates(peer):
     torch.testing.assert_close(sc.grad, 2 * first)
     _, _, g_conf = peer_terms(peer, t, dict(peer.DEFAULT_CONFIG), [1.0, 0.0, 1.0, 0.0])
     assert_grad(first, g_conf)
+
+
+def test_backward_reuses_the_forward_or_evaluates_again_with_the_same_gradients():
+    """On the CPU backend, backward takes the gradients from what the forward kept; when
+    another batch was evaluated in between, from a fresh evaluation. Both give
+    ``ssdkd.evaluate``'s gradients exactly."""
+    crit = st.MultiBoxLoss_KD(21, backend="cpu", validate=False)
+    names = ("student_loc", "student_conf", "teacher_loc", "teacher_conf", "targets", "priors")
+    batches = [tensors("mobilenet300", 21, seed) for seed in (71, 72)]
+    out_weights = (0.4, 0.9, 1.3, 0.6)  # soft, l2, c, l (the outputs' order)
+
+    def want(t):
+        ev = ssdkd.evaluate(*(t[k].numpy() for k in names), backend="cpu", gradients=True,
+                            weights=(0.4, 1.3, 0.9, 0.6))  # soft, conf, l2, loc
+        return ev.grad_student_conf, ev.grad_student_loc
+
+    def step(t):
+        sl = t["student_loc"].clone().requires_grad_(True)
+        sc = t["student_conf"].clone().requires_grad_(True)
+        out = crit((sl, sc, t["priors"]), (t["teacher_loc"], t["teacher_conf"]), t["targets"])
+        return sl, sc, sum(w * o for w, o in zip(out_weights, out))
+
+    def check(sl, sc, t):
+        conf, loc = want(t)
+        np.testing.assert_array_equal(sc.grad.numpy(), conf)
+        np.testing.assert_array_equal(sl.grad.numpy(), loc)
+
+    # Forward then backward: the kept rows.
+    sl, sc, total = step(batches[0])
+    total.backward()
+    check(sl, sc, batches[0])
+    # Two forwards, then the backwards in reverse: the second reuses, the first
+    # evaluates again.
+    first, second = step(batches[0]), step(batches[1])
+    second[2].backward()
+    first[2].backward()
+    check(first[0], first[1], batches[0])
+    check(second[0], second[1], batches[1])
