@@ -186,6 +186,43 @@ fn teacher_slices<'a>(
     }
 }
 
+/// The six input arrays of `evaluate` and `gradients_of_last`.
+struct Arrays<'py> {
+    student_loc: PyReadonlyArrayDyn<'py, f32>,
+    student_conf: PyReadonlyArrayDyn<'py, f32>,
+    teacher_loc: Option<PyReadonlyArrayDyn<'py, f32>>,
+    teacher_conf: Option<PyReadonlyArrayDyn<'py, f32>>,
+    targets: PyReadonlyArrayDyn<'py, f32>,
+    priors: PyReadonlyArrayDyn<'py, f32>,
+}
+
+impl Arrays<'_> {
+    /// The arrays as the library's inputs, their shapes checked against each other
+    /// (SPEC §1): `student_loc` [B, P, 4] gives B and P, `student_conf` C, `targets` M.
+    fn inputs(&self, py: Python<'_>) -> PyResult<api::Inputs<'_>> {
+        let sl = shape_of(py, "student_loc", &self.student_loc, &[None, None, Some(4)])?;
+        let (b, p) = (sl[0], sl[1]);
+        let sc = shape_of(
+            py,
+            "student_conf",
+            &self.student_conf,
+            &[Some(b), Some(p), None],
+        )?;
+        let c = sc[2];
+        let tg = shape_of(py, "targets", &self.targets, &[Some(b), None, Some(5)])?;
+        shape_of(py, "priors", &self.priors, &[Some(p), Some(4)])?;
+        let teacher = teacher_slices(py, &self.teacher_loc, &self.teacher_conf, [b, p, c])?;
+        Ok(api::Inputs {
+            dims: [b, p, c, tg[1]],
+            student_loc: slice(py, "student_loc", &self.student_loc)?,
+            student_conf: slice(py, "student_conf", &self.student_conf)?,
+            teacher,
+            targets: slice(py, "targets", &self.targets)?,
+            priors: slice(py, "priors", &self.priors)?,
+        })
+    }
+}
+
 /// Evaluates one batch; arrays are C-contiguous float32 (the Python wrapper converts).
 #[pyfunction]
 #[pyo3(signature = (student_loc, student_conf, teacher_loc, teacher_conf, targets, priors,
@@ -206,22 +243,16 @@ fn evaluate<'py>(
     config_json: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let choice = choice(py, backend)?;
-    let sl = shape_of(py, "student_loc", &student_loc, &[None, None, Some(4)])?;
-    let (b, p) = (sl[0], sl[1]);
-    let sc = shape_of(py, "student_conf", &student_conf, &[Some(b), Some(p), None])?;
-    let c = sc[2];
-    let tg = shape_of(py, "targets", &targets, &[Some(b), None, Some(5)])?;
-    let m = tg[1];
-    shape_of(py, "priors", &priors, &[Some(p), Some(4)])?;
-    let teacher = teacher_slices(py, &teacher_loc, &teacher_conf, [b, p, c])?;
-    let inputs = api::Inputs {
-        dims: [b, p, c, m],
-        student_loc: slice(py, "student_loc", &student_loc)?,
-        student_conf: slice(py, "student_conf", &student_conf)?,
-        teacher,
-        targets: slice(py, "targets", &targets)?,
-        priors: slice(py, "priors", &priors)?,
+    let arrays = Arrays {
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        targets,
+        priors,
     };
+    let inputs = arrays.inputs(py)?;
+    let [b, p, c, _] = inputs.dims;
     let wanted = api::Wanted {
         gradients,
         decisions,
@@ -282,21 +313,16 @@ fn gradients_of_last<'py>(
     config_json: &str,
 ) -> PyResult<Option<GradientArrays<'py>>> {
     let choice = choice(py, backend)?;
-    let sl = shape_of(py, "student_loc", &student_loc, &[None, None, Some(4)])?;
-    let (b, p) = (sl[0], sl[1]);
-    let sc = shape_of(py, "student_conf", &student_conf, &[Some(b), Some(p), None])?;
-    let c = sc[2];
-    let tg = shape_of(py, "targets", &targets, &[Some(b), None, Some(5)])?;
-    shape_of(py, "priors", &priors, &[Some(p), Some(4)])?;
-    let teacher = teacher_slices(py, &teacher_loc, &teacher_conf, [b, p, c])?;
-    let inputs = api::Inputs {
-        dims: [b, p, c, tg[1]],
-        student_loc: slice(py, "student_loc", &student_loc)?,
-        student_conf: slice(py, "student_conf", &student_conf)?,
-        teacher,
-        targets: slice(py, "targets", &targets)?,
-        priors: slice(py, "priors", &priors)?,
+    let arrays = Arrays {
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        targets,
+        priors,
     };
+    let inputs = arrays.inputs(py)?;
+    let [b, p, c, _] = inputs.dims;
     let out = py
         .detach(|| api::gradients_of_last(choice, &inputs, config_json))
         .map_err(|e| to_py(py, &e))?;
