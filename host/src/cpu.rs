@@ -334,26 +334,19 @@ fn evaluate_with(
         .collect();
     let scale = GradScale::new(config, num_pos.iter().sum());
 
-    let rest =
-        |i: usize, (workspace, fast): &mut Workspace, grads: Option<(&mut [_], &mut [_])>| {
-            let (mut scratch, mut targets) = workspace.split();
-            let image = batch.image(i);
-            // The selected rows' probabilities are kept even without gradients, for a
-            // later `CpuBackend::gradients_of_last` (a few kB per image).
-            let sums = forward_matched(
-                &image,
-                config,
-                num_pos[i],
-                &mut scratch,
-                &mut targets,
-                true,
-                fast,
-            );
-            let bad = grads.map_or_else(FirstBad::default, |(grad_conf, grad_loc)| {
-                backward_rows(&image, config, &targets, &scale, fast, grad_conf, grad_loc)
-            });
-            (sums, bad)
-        };
+    let rest = |i: usize,
+                (workspace, fast): &mut Workspace,
+                grads: Option<(&mut [_], &mut [_])>| {
+        let (mut scratch, mut targets) = workspace.split();
+        let image = batch.image(i);
+        // The selected rows' probabilities are kept even without gradients, for a
+        // later `CpuBackend::gradients_of_last` (a few kB per image).
+        let sums = forward_matched(&image, config, num_pos[i], &mut scratch, &mut targets, fast);
+        let bad = grads.map_or_else(FirstBad::default, |(grad_conf, grad_loc)| {
+            backward_rows(&image, config, &targets, &scale, fast, grad_conf, grad_loc)
+        });
+        (sums, bad)
+    };
     let (per_image, first_bad, gradients): (Vec<LossSums>, Vec<FirstBad>, _) =
         if request.gradients && p > 0 {
             let (grads, results) = gradient_pass(batch, &mut workspaces, |i, workspace, grads| {

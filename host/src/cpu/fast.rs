@@ -137,34 +137,15 @@ fn touch_rows(values: &[f32], classes: usize, rows: &[u32]) {
     std::hint::black_box(acc);
 }
 
-/// The forward pass of one image, as [`ssdkd_core::forward_image`] computes it (same sums,
-/// same decisions, bit for bit), with the exact log-sum-exp only on the rows that can reach
-/// the loss, and the match stage's overlaps taken a block of priors at a time (`columns`:
-/// the batch's priors, [`PriorColumns::new`]). With `keep_rows` the selected rows'
-/// probabilities are kept in `fast` for the backward pass, and the selected rows' prior
-/// indices (`fast.selected`, in prior order). `scratch.mining_score`, `prior_loss` and
-/// `row_soft` hold the reference's values on the rows they are read on (the candidates,
-/// the positives, the selected rows) and are scratch elsewhere.
+/// The forward pass of one image is [`match_stage`] then [`forward_matched`]: together
+/// they compute what [`ssdkd_core::forward_image`] computes (same sums, same decisions,
+/// bit for bit), with the exact log-sum-exp only on the rows that can reach the loss, and
+/// the match stage's overlaps taken a block of priors at a time (`columns`: the batch's
+/// priors, [`PriorColumns::new`]). The CPU backend matches every image first (the batch's
+/// N), then runs the rest of each.
 ///
-/// # Panics
-/// If the slices disagree on P, C or M.
-#[allow(clippy::too_many_arguments)] // forward_image's, plus the columns, a flag and scratch
-pub fn forward_image_fast(
-    inputs: &ImageInputs<'_>,
-    config: &LossConfig,
-    offsets: Offsets,
-    scratch: &mut ImageScratch<'_>,
-    targets: &mut ImageTargets<'_>,
-    columns: &PriorColumns,
-    keep_rows: bool,
-    fast: &mut FastScratch,
-) -> LossSums {
-    let num_pos = match_stage(inputs, config, offsets, scratch, targets, columns, fast);
-    forward_matched(inputs, config, num_pos, scratch, targets, keep_rows, fast)
-}
-
-/// The match stage of [`forward_image_fast`] (`matching.rs`): labels and offsets into
-/// `targets`; returns the image's positives.
+/// This is the match stage (`matching.rs`): labels and offsets into `targets`; returns
+/// the image's positives.
 pub fn match_stage(
     inputs: &ImageInputs<'_>,
     config: &LossConfig,
@@ -188,15 +169,21 @@ pub fn match_stage(
     )
 }
 
-/// The rest of [`forward_image_fast`] after [`match_stage`] (which found `num_pos`):
-/// prior terms, mining, soft terms and the image's sums.
+/// The rest of the forward pass after [`match_stage`] (which found `num_pos`): prior
+/// terms, mining, soft terms and the image's sums. The selected rows' prior indices
+/// (`fast.selected`, in prior order) and probabilities (`fast.kept`) are kept for the
+/// gradients, now or later (`CpuBackend::gradients_of_last`). `scratch.mining_score`,
+/// `prior_loss` and `row_soft` hold the reference's values on the rows they are read on
+/// (the candidates, the positives, the selected rows) and are scratch elsewhere.
+///
+/// # Panics
+/// If the slices disagree on P, C or M.
 pub fn forward_matched(
     inputs: &ImageInputs<'_>,
     config: &LossConfig,
     num_pos: u32,
     scratch: &mut ImageScratch<'_>,
     targets: &mut ImageTargets<'_>,
-    keep_rows: bool,
     fast: &mut FastScratch,
 ) -> LossSums {
     let priors = targets.conf_target.len();
@@ -312,7 +299,7 @@ pub fn forward_matched(
     }
 
     // The core's `reduce_rows` on the selected rows (the others' `row_soft` is not read),
-    // keeping each one's probabilities for the backward pass when `keep_rows`.
+    // keeping each one's probabilities for the gradients.
     fast.kept.clear();
     if classes > 0 {
         touch_rows(inputs.teacher_conf, classes, &fast.selected);
@@ -325,7 +312,6 @@ pub fn forward_matched(
                 &inputs.teacher_conf[p * classes..],
                 classes,
                 config,
-                keep_rows,
                 &mut fast.kept,
                 &mut fast.row,
             );
@@ -360,14 +346,23 @@ mod tests {
             let mut workspace = ImageWorkspace::new(shape.priors, shape.objects);
             let mut fast = FastScratch::default();
             let (mut scratch, mut targets) = workspace.split();
-            let sums = forward_image_fast(
-                &batch.image(i),
+            let image = batch.image(i);
+            let offsets = Offsets::Positives;
+            let num_pos = match_stage(
+                &image,
                 &config,
-                Offsets::Positives,
+                offsets,
                 &mut scratch,
                 &mut targets,
                 &columns,
-                false,
+                &mut fast,
+            );
+            let sums = forward_matched(
+                &image,
+                &config,
+                num_pos,
+                &mut scratch,
+                &mut targets,
                 &mut fast,
             );
             let k = sums.num_neg as usize;

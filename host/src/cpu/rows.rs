@@ -54,14 +54,13 @@ pub fn log_sum_exp(from_row: &[f32], classes: usize, scratch: &mut Vec<f32>) -> 
 /// [`LANES_F64`]) by the vectorised [`softmax_exps`], serving both the sums
 /// ([`SoftmaxF64::from_exps`]) and the `p_c`, `q_c`; the probabilities and the
 /// class-weighted terms by [`weighted_terms`], the terms added in the core's order
-/// ([`Lanes`]). With `keep`, appends the row's `p_c` then its `q_c` (2C values) to `kept`
-/// for [`conf_grad_row`].
+/// ([`Lanes`]). Appends the row's `p_c` then its `q_c` (2C values) to `kept` for
+/// [`conf_grad_row`].
 pub fn soft_term(
     from_student: &[f32],
     from_teacher: &[f32],
     classes: usize,
     config: &LossConfig,
-    keep: bool,
     kept: &mut Vec<f64>,
     scratch: &mut Vec<f64>,
 ) -> f64 {
@@ -97,10 +96,8 @@ pub fn soft_term(
         }
     }
     let sum = sum.total();
-    if keep {
-        kept.extend_from_slice(&p[..classes]);
-        kept.extend_from_slice(&q[..classes]);
-    }
+    kept.extend_from_slice(&p[..classes]);
+    kept.extend_from_slice(&q[..classes]);
     t * t * sum
 }
 
