@@ -118,6 +118,34 @@ impl ObjectScratch {
             ..Self::default()
         }
     }
+
+    /// The object's box.
+    #[must_use]
+    pub fn truth(&self) -> CornerBox {
+        self.truth
+    }
+
+    /// Its row in `targets`.
+    #[must_use]
+    pub fn row(&self) -> u32 {
+        self.row
+    }
+}
+
+/// The image's real objects (label ≥ 0; padding rows skipped wherever they stand) into
+/// `objects`, in row order ([`ObjectScratch::new`]); returns how many.
+///
+/// # Panics
+/// If `objects` is shorter than the real objects.
+pub fn gather_objects(targets: &[[f32; 5]], objects: &mut [ObjectScratch]) -> usize {
+    let mut n = 0;
+    for (row, target) in targets.iter().enumerate() {
+        if target[4] >= 0.0 {
+            objects[n] = ObjectScratch::new(target, row as u32);
+            n += 1;
+        }
+    }
+    n
 }
 
 const NO_OVERLAP: Overlap = Overlap {
@@ -281,13 +309,7 @@ pub fn match_image(
     loc_target: &mut [[f32; 4]],
 ) -> u32 {
     assert!(objects.len() >= targets.len(), "object scratch too short");
-    let mut n = 0;
-    for (row, target) in targets.iter().enumerate() {
-        if target[4] >= 0.0 {
-            objects[n] = ObjectScratch::new(target, row as u32);
-            n += 1;
-        }
-    }
+    let n = gather_objects(targets, objects);
     let objects = &mut objects[..n];
     match_priors(objects, priors, threshold, conf_target);
     match_objects(objects, priors, conf_target);

@@ -8,7 +8,9 @@
 
 use super::simd::{best_objects_block, first_beating, overlaps_block};
 use ssdkd_core::boxes::{CenterBox, Overlap};
-use ssdkd_core::stages::r#match::{match_finish, BestPrior, ObjectScratch, Offsets, FORCED};
+use ssdkd_core::stages::r#match::{
+    gather_objects, match_finish, BestPrior, ObjectScratch, Offsets, FORCED,
+};
 
 /// Priors per block of overlaps.
 const BLOCK: usize = 256;
@@ -90,23 +92,18 @@ pub fn match_image_fast(
     assert!(objects.len() >= targets.len(), "object scratch too short");
     assert_eq!(columns.len(), priors.len());
     assert_eq!(conf_target.len(), priors.len());
-    let mut n = 0;
-    scratch.states.clear();
-    for (row, target) in targets.iter().enumerate() {
-        if target[4] >= 0.0 {
-            objects[n] = ObjectScratch::new(target, row as u32);
-            let truth = [target[0], target[1], target[2], target[3]];
-            let corner = ssdkd_core::boxes::CornerBox::from_row(target);
-            scratch.states.push(ObjectState {
-                truth,
-                area: corner.area(),
-                row: row as u32,
-                best: BestPrior::default(),
-            });
-            n += 1;
-        }
-    }
+    let n = gather_objects(targets, objects);
     let objects = &mut objects[..n];
+    scratch.states.clear();
+    scratch.states.extend(objects.iter().map(|object| {
+        let truth = object.truth();
+        ObjectState {
+            truth: truth.to_row(),
+            area: truth.area(),
+            row: object.row(),
+            best: BestPrior::default(),
+        }
+    }));
     if n > 0 {
         match_priors(columns, threshold, conf_target, scratch);
         match_objects(columns, conf_target, &scratch.states);
