@@ -6,7 +6,7 @@
 //! through `tests/fast_cpu.rs` (labels, offsets and everything downstream with
 //! `assert_eq`).
 
-use super::simd::{best_objects_block, first_beating, overlaps_block};
+use super::simd::{best_objects_block, first_beating, overlap_at, overlaps_block};
 use ssdkd_core::boxes::{CenterBox, Overlap};
 use ssdkd_core::stages::r#match::{
     gather_objects, match_finish, BestPrior, ObjectScratch, Offsets, FORCED,
@@ -169,11 +169,7 @@ fn match_priors(
                 first_beating(inter, union, state.best.best())
             };
             for i in first..len {
-                let overlap = Overlap {
-                    inter: inter[i],
-                    union: union[i],
-                };
-                state.best.visit(start + i, overlap);
+                state.best.visit(start + i, overlap_at(inter, union, i));
             }
         }
     }
