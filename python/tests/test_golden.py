@@ -89,22 +89,25 @@ def test_requested_outputs_only():
 
 def test_the_gil_is_released_while_the_loss_runs():
     """Another Python thread keeps running during a long evaluation: the largest pause
-    it sees is well below the evaluation's duration."""
+    it sees is well below the shortest single evaluation. Were the GIL held, the pause
+    would be at least one evaluation long. The batch is large enough (tens of ms per
+    evaluation) that the scheduler's own pauses of a few ms on a busy machine stay far
+    below the bound."""
     import threading
     import time
 
     from ssdkd.testing import synthetic_batch
 
-    t = synthetic_batch(batch=8, classes=21, preset="ssd300", seed=5)
+    t = synthetic_batch(batch=64, classes=21, preset="ssd300", seed=5)
     ssdkd.evaluate(**t, backend="cpu", gradients=True)  # warm-up
     done = threading.Event()
-    span = []
+    each = []
 
     def run():
-        start = time.perf_counter()
         for _ in range(3):
+            start = time.perf_counter()
             ssdkd.evaluate(**t, backend="cpu", gradients=True)
-        span.append(time.perf_counter() - start)
+            each.append(time.perf_counter() - start)
         done.set()
 
     worker = threading.Thread(target=run)
@@ -116,7 +119,7 @@ def test_the_gil_is_released_while_the_loss_runs():
     worker.join()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert len(stamps) > 10
-    assert max(gaps) < 0.5 * span[0] / 3, (max(gaps), span[0])
+    assert max(gaps) < 0.5 * min(each), (max(gaps), each)
 
 
 def test_c_contiguous_float32_is_passed_through_and_others_converted_once():
