@@ -175,15 +175,25 @@ def evaluate(student_loc, student_conf, teacher_loc, teacher_conf, targets, prio
     for name, x in zip(_TENSORS, (student_loc, student_conf, teacher_loc, teacher_conf,
                                   targets, priors)):
         arrays[name] = None if (x is None and name.startswith("teacher")) else _as_f32(name, x)
+    return Evaluation(_evaluate_arrays(arrays, backend, gradients, decisions, validate,
+                                       _config_json(config), stacklevel=3))
+
+
+def _evaluate_arrays(arrays, backend, gradients, decisions, validate, config_json,
+                     stacklevel):
+    """The binding's evaluation of ``arrays`` (the six of :data:`_TENSORS`, already through
+    :func:`_as_f32`; the teacher's may be ``None``) with a config from :func:`_config_json`:
+    its dict of :class:`Evaluation`'s fields. A fallback to the CPU warns, pointing
+    ``stacklevel`` frames up."""
     out = _ssdkd.evaluate(
         arrays["student_loc"], arrays["student_conf"], arrays["teacher_loc"],
         arrays["teacher_conf"], arrays["targets"], arrays["priors"],
-        str(backend), bool(gradients), bool(decisions), bool(validate), _config_json(config),
+        str(backend), bool(gradients), bool(decisions), bool(validate), config_json,
     )
     if out.get("fallback"):
         _warnings.warn(f"ssdkd: {out['fallback']}; using the CPU backend",
-                       RuntimeWarning, stacklevel=2)
-    return Evaluation(out)
+                       RuntimeWarning, stacklevel=stacklevel)
+    return out
 
 
 def priors(preset_or_config=None, /, *, image_size=None, feature_maps=None, steps=None,

@@ -6,10 +6,17 @@
 - Backward is ssdkd's analytic gradient (SPEC §6): the incoming gradients of the returned
   terms are the weights of ONE ssdkd gradient evaluation, so any combination
   ``a*soft + b*loss_c + c*l2 + d*loss_l`` backpropagates as autograd on the original would.
-  A forward+backward costs one ssdkd forward and, on the CPU backend, the gradient pass
-  alone: backward reuses what the forward kept (the selected rows, their probabilities,
-  the labels) unless another evaluation came in between (then, and on a GPU, backward is
-  one evaluation with gradients). The input tensors must not change between the two.
+- Cost of a step (``reduction="mean"``): once the last two backward calls of a module got
+  the same weights (a training loop's fixed combination), its forward evaluates the
+  gradients for those weights in the same pass, and a backward with those weights takes
+  them: one evaluation with gradients per step, as ``ssdkd bench`` times it. Otherwise
+  (the first two steps, weights that change, ``reduction="sum"``) the forward evaluates
+  the losses only and backward, on the CPU backend, runs the gradient pass alone on what
+  the forward kept (the selected rows, their probabilities, the labels) unless another
+  evaluation came in between (then, and on a GPU, backward is one evaluation with
+  gradients). Under ``torch.no_grad()`` or without inputs that need a gradient, the
+  forward never evaluates gradients. The input tensors must not change between forward
+  and backward.
 - CPU float32 tensors are shared with NumPy without a copy; other tensors (CUDA, MPS,
   float64) are copied to host float32 once, and gradients come back on the inputs'
   device and dtype.
@@ -21,8 +28,8 @@
 import numpy as _np
 import torch as _torch
 
-from . import InputError, evaluate as _evaluate  # noqa: F401  (InputError: re-export)
-from . import _as_f32, _config_json, _input_error, _ssdkd
+from . import InputError  # noqa: F401  (re-exported)
+from . import _as_f32, _config_json, _evaluate_arrays, _input_error, _ssdkd
 
 __all__ = ["MultiBoxLoss", "MultiBoxLoss_KD", "global_terms", "pad_targets"]
 
@@ -70,9 +77,41 @@ def pad_targets(targets):
     return out
 
 
+class _Step:
+    """A module's state from one step to the next: its config as JSON for each set of
+    weights (kept, a training loop uses few), and the weights its next backward will most
+    likely get (soft, conf, l2, loc): those of its last two backward calls when they were
+    equal, else ``None``."""
+
+    def __init__(self, config):
+        self.config = config
+        self._seen = None
+        self._json = {}
+        self.last = None
+        self.predicted = None
+
+    def json(self, weights=None):
+        """The config with ``weights`` (``None``: the config's own) as the binding's JSON."""
+        if self.config != self._seen:  # first use, or the module's config dict was changed
+            self._seen, self._json = dict(self.config), {}
+        text = self._json.get(weights)
+        if text is None:
+            if len(self._json) >= 8:
+                self._json.clear()
+            config = self.config if weights is None else dict(self.config, weights=weights)
+            text = self._json[weights] = _config_json(config)
+        return text
+
+    def observe(self, weights):
+        """A backward got ``weights``."""
+        self.predicted = weights if weights == self.last else None
+        self.last = weights
+
+
 class _SsdkdLoss(_torch.autograd.Function):
-    """Forward: the four terms (or sums); backward: one ssdkd gradient evaluation weighted
-    by the incoming gradients."""
+    """Forward: the four terms (or sums), with the gradients for the predicted weights
+    when there are some; backward: those gradients when the incoming gradients are those
+    weights, else one ssdkd gradient evaluation weighted by the incoming gradients."""
 
     @staticmethod
     def forward(ctx, student_loc, student_conf, teacher_loc, teacher_conf, targets, priors,
@@ -88,24 +127,28 @@ class _SsdkdLoss(_torch.autograd.Function):
         # Converted once here, so that backward passes the very arrays forward evaluated
         # (the CPU backend recognises its last batch by the arrays' addresses).
         arrays = {k: None if v is None else _as_f32(k, v) for k, v in arrays.items()}
-        ev = _evaluate(**arrays, backend=opts["backend"], validate=opts["validate"],
-                       **opts["config"])
+        step, predicted = opts["step"], opts["predicted"]
+        out = _evaluate_arrays(arrays, opts["backend"], predicted is not None, False,
+                               opts["validate"], step.json(predicted), stacklevel=2)
+        ctx.predicted = None
+        if predicted is not None:
+            ctx.predicted = (predicted, out["grad_student_conf"], out["grad_student_loc"])
         ctx.arrays = arrays
         ctx.opts = opts
         ctx.like = [(student_loc.dtype, student_loc.device),
                     (student_conf.dtype, student_conf.device)]
-        ctx.num_pos = ev.num_pos
+        ctx.num_pos = out["num_pos"]
         dtype, device = student_conf.dtype, student_conf.device
         if opts["reduction"] == "sum":
-            values = (ev.soft_sum, ev.l2_sum, ev.conf_sum, ev.loc_sum)
+            keys = ("soft_sum", "l2_sum", "conf_sum", "loc_sum")
         else:
-            values = (ev.soft_loss, ev.l2_loss, ev.loss_c, ev.loss_l)
-        out = tuple(_torch.tensor(v, dtype=dtype, device=device) for v in values)
+            keys = ("soft_loss", "l2_loss", "loss_c", "loss_l")
+        terms = tuple(_torch.tensor(out[k], dtype=dtype, device=device) for k in keys)
         if opts["reduction"] == "sum":
-            num_pos = _torch.tensor(ev.num_pos, dtype=_torch.int64, device=device)
+            num_pos = _torch.tensor(out["num_pos"], dtype=_torch.int64, device=device)
             ctx.mark_non_differentiable(num_pos)
-            out = out + (num_pos,)
-        return out
+            terms = terms + (num_pos,)
+        return terms
 
     @staticmethod
     def backward(ctx, g_soft, g_l2, g_conf, g_loc, *_):
@@ -113,25 +156,34 @@ class _SsdkdLoss(_torch.autograd.Function):
         if ctx.opts["reduction"] == "sum":
             # d(sum)/dx = N_local * d(term)/dx, N_local = max(num_pos, 1) (SPEC §5).
             scale = float(max(ctx.num_pos, 1))
-        g = [0.0 if x is None else float(x) * scale for x in (g_soft, g_conf, g_l2, g_loc)]
+        g = tuple(0.0 if x is None else float(x) * scale
+                  for x in (g_soft, g_conf, g_l2, g_loc))
+        step = ctx.opts["step"]
+        step.observe(g)
+        # Taken once: a second backward (retain_graph) must not get the same arrays again.
+        predicted, ctx.predicted = ctx.predicted, None
         (dt_loc, dev_loc), (dt_conf, dev_conf) = ctx.like
         a = ctx.arrays
         if not any(g):
             grad_loc = _torch.zeros(a["student_loc"].shape, dtype=dt_loc, device=dev_loc)
             grad_conf = _torch.zeros(a["student_conf"].shape, dtype=dt_conf, device=dev_conf)
         else:
-            config = dict(ctx.opts["config"], weights=tuple(g))
-            # The CPU backend still holds what this step's forward kept (the selected rows,
-            # their probabilities, the labels): the gradients from it, no forward again —
-            # unless another evaluation came in between, or on a GPU: then one evaluation
-            # with gradients (the inputs were scanned in forward).
-            grads = _ssdkd.gradients_of_last(
-                a["student_loc"], a["student_conf"], a["teacher_loc"], a["teacher_conf"],
-                a["targets"], a["priors"], str(ctx.opts["backend"]), _config_json(config))
-            if grads is None:
-                ev = _evaluate(**a, backend=ctx.opts["backend"], gradients=True,
-                               validate=False, **config)
-                grads = (ev.grad_student_conf, ev.grad_student_loc)
+            if predicted is not None and predicted[0] == g:
+                # The forward's evaluation had these weights: its gradients, bit for bit
+                # what an evaluation now would give.
+                grads = predicted[1:]
+            else:
+                # The CPU backend still holds what this step's forward kept (the selected
+                # rows, their probabilities, the labels): the gradients from it, no forward
+                # again — unless another evaluation came in between, or on a GPU: then one
+                # evaluation with gradients (the inputs were scanned in forward).
+                grads = _ssdkd.gradients_of_last(
+                    a["student_loc"], a["student_conf"], a["teacher_loc"], a["teacher_conf"],
+                    a["targets"], a["priors"], str(ctx.opts["backend"]), step.json(g))
+                if grads is None:
+                    out = _evaluate_arrays(a, ctx.opts["backend"], True, False, False,
+                                           step.json(g), stacklevel=2)
+                    grads = (out["grad_student_conf"], out["grad_student_loc"])
             grad_conf = _torch.from_numpy(grads[0]).to(dtype=dt_conf, device=dev_conf)
             grad_loc = _torch.from_numpy(grads[1]).to(dtype=dt_loc, device=dev_loc)
         return grad_loc, grad_conf, None, None, None, None, None
@@ -173,10 +225,18 @@ class _Base(_torch.nn.Module):
             negatives_for_hard=_count("negatives_for_hard", negatives_for_hard),
             variance=tuple(float(v) for v in variance),
         )
+        self._step = _Step(self.config)
 
     def _run(self, student_loc, student_conf, priors, teacher_loc, teacher_conf, targets):
-        opts = dict(config=self.config, backend=self.backend, reduction=self.reduction,
-                    validate=self.validate)
+        # Gradients in the forward only for a backward that will come, with weights that
+        # are known: "sum" scales them by the positive count the forward finds.
+        backward_follows = _torch.is_grad_enabled() and any(
+            isinstance(x, _torch.Tensor) and x.requires_grad for x in (student_loc, student_conf))
+        predicted = None
+        if backward_follows and self.reduction == "mean":
+            predicted = self._step.predicted
+        opts = dict(step=self._step, backend=self.backend, reduction=self.reduction,
+                    validate=self.validate, predicted=predicted)
         return _SsdkdLoss.apply(student_loc, student_conf, teacher_loc, teacher_conf,
                                 pad_targets(targets), priors, opts)
 

@@ -242,3 +242,83 @@ def test_backward_reuses_the_forward_or_evaluates_again_with_the_same_gradients(
     first[2].backward()
     check(first[0], first[1], batches[0])
     check(second[0], second[1], batches[1])
+
+
+def test_fixed_weights_take_their_gradients_from_the_forward(monkeypatch):
+    """Once two backward calls got the same weights, the forward evaluates the gradients
+    for them and backward takes them (no gradient pass); other weights, no_grad and
+    ``reduction="sum"`` do without. Every step's gradients are ``ssdkd.evaluate``'s,
+    bit for bit."""
+    names = ("student_loc", "student_conf", "teacher_loc", "teacher_conf", "targets", "priors")
+    t = tensors("mobilenet300", 21, 81)
+    calls = []
+    real_evaluate, real_ssdkd = st._evaluate_arrays, st._ssdkd
+
+    def evaluate(arrays, backend, gradients, *args, **kw):
+        calls.append("forward+gradients" if gradients else "forward")
+        return real_evaluate(arrays, backend, gradients, *args, **kw)
+
+    class Binding:
+        def __getattr__(self, name):
+            return getattr(real_ssdkd, name)
+
+        def gradients_of_last(self, *args):
+            calls.append("gradient pass")
+            return real_ssdkd.gradients_of_last(*args)
+
+    monkeypatch.setattr(st, "_evaluate_arrays", evaluate)
+    monkeypatch.setattr(st, "_ssdkd", Binding())
+
+    def step(crit, out_weights, grad=True):
+        """One step; the calls it made, and whether its gradients are exact."""
+        calls.clear()
+        sl = t["student_loc"].clone().requires_grad_(grad)
+        sc = t["student_conf"].clone().requires_grad_(grad)
+        out = crit((sl, sc, t["priors"]), (t["teacher_loc"], t["teacher_conf"]), t["targets"])
+        if not grad:
+            return list(calls), None
+        sum(w * o for w, o in zip(out_weights, out[:4])).backward()
+        soft, l2, c, l = out_weights
+        ev = ssdkd.evaluate(*(t[k].numpy() for k in names), backend="cpu", gradients=True,
+                            weights=(soft, c, l2, l))
+        exact = (np.array_equal(sc.grad.numpy(), ev.grad_student_conf)
+                 and np.array_equal(sl.grad.numpy(), ev.grad_student_loc))
+        return list(calls), exact
+
+    split = ["forward", "gradient pass"]
+    fused = ["forward+gradients"]
+    w1, w2 = (0.3, 0.5, 0.7, 1.0), (0.6, 0.5, 0.7, 1.0)
+    crit = st.MultiBoxLoss_KD(21, backend="cpu", validate=False)
+    assert step(crit, w1) == (split, True)
+    assert step(crit, w1) == (split, True)
+    assert step(crit, w1) == (fused, True)
+    assert step(crit, w1) == (fused, True)
+    with torch.no_grad():
+        assert step(crit, w1, grad=False) == (["forward"], None)
+    assert step(crit, w1, grad=False) == (["forward"], None)
+    # Other weights: the forward's gradients are not used, and the next step is split.
+    calls_w2, exact = step(crit, w2)
+    assert calls_w2[0] == "forward+gradients" and exact
+    assert step(crit, w2) == (split, True)
+    assert step(crit, w2) == (fused, True)
+    # "sum": the gradients scale with the positive count the forward finds.
+    total = st.MultiBoxLoss_KD(21, backend="cpu", validate=False, reduction="sum")
+    for _ in range(3):
+        calls.clear()
+        sc = t["student_conf"].clone().requires_grad_(True)
+        out = total((t["student_loc"], sc, t["priors"]), (t["teacher_loc"], t["teacher_conf"]),
+                    t["targets"])
+        sum(w * o for w, o in zip(w1, out[:4])).backward()
+        assert calls == split
+
+
+def test_a_changed_config_dict_is_not_served_from_the_json_cache():
+    t = tensors("mobilenet300", 21, 82)
+    crit = st.MultiBoxLoss_KD(21, backend="cpu")
+    args = ((t["student_loc"], t["student_conf"], t["priors"]),
+            (t["teacher_loc"], t["teacher_conf"]), t["targets"])
+    before = float(crit(*args)[0])
+    crit.config["temperature"] = 4.0
+    after = float(crit(*args)[0])
+    assert after == float(st.MultiBoxLoss_KD(21, backend="cpu", Temp=4.0)(*args)[0])
+    assert after != before
