@@ -19,6 +19,11 @@ bench`) over all rounds of
   batch when the binary is found (the median of the rounds' medians), and `overhead`, the
   median over rounds of wrapper / cli - 1 (issue 9 asks < 10% at B = 32), with
   `overhead_min`/`overhead_max` its range over the rounds;
+- `library_fb_ms`: the evaluation `ssdkd bench` times (gradients, no value scan, the
+  result dropped) called through the binding in this process, timed in turn with the
+  wrapper, iteration by iteration, and `overhead_vs_library`, the median of the
+  wrapper / library ratios of those pairs: the wrapper's overhead measured within
+  milliseconds, where the machine's drift cannot reach it;
 - with `--device cuda`, `copy_ms`: moving the inputs to the host and the gradients back
   (the cost of CUDA tensors with a host backend).
 Measure on a quiet machine; one run, same machine, for all columns.
@@ -51,17 +56,20 @@ def median_ms(seconds):
     return median(seconds) * 1e3
 
 
-def samples(fn, iters, sync):
-    """`iters` timings of `fn` in seconds, after two untimed calls."""
+def samples(fns, iters, sync):
+    """`iters` timings in seconds of each function of `fns`, called in turn, after two
+    untimed rounds: one list per function."""
     for _ in range(2):
-        fn()
-    out = []
+        for fn in fns:
+            fn()
+    out = [[] for _ in fns]
     for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - start)
+        for fn, times in zip(fns, out):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
     return out
 
 
@@ -91,6 +99,15 @@ def bench_one(args, b):
                               t["targets"])
         (0.3 * soft + 0.7 * c + 0.5 * l2 + l).backward()
 
+    # What `ssdkd bench` times, called through the binding in this process: one
+    # evaluation with the wrapper's weights and gradients, no value scan, result dropped.
+    names = ("student_loc", "student_conf", "teacher_loc", "teacher_conf", "targets", "priors")
+    config = ssdkd._config_json(dict(crit.config, weights=(0.3, 0.7, 0.5, 1.0)))
+
+    def library():
+        ssdkd._ssdkd.evaluate(*(arrays[k] for k in names), args.backend, True, False, False,
+                              config)
+
     def peer_fb():
         sl = t["student_loc"].detach().requires_grad_(True)
         sc = t["student_conf"].detach().requires_grad_(True)
@@ -103,29 +120,33 @@ def bench_one(args, b):
                                          "teacher_conf")]
         host[0].to(device), host[1].to(device)  # the gradients' way back
 
-    timings = {"wrapper": [], "peer": [], "copy": []}
-    cli_rounds, ratios = [], []
+    timings = {"wrapper": [], "library": [], "peer": [], "copy": []}
+    cli_rounds, ratios, pairs = [], [], []
     for _ in range(args.rounds):
-        # The wrapper and `ssdkd bench` back to back: their ratio is the figure that
-        # drifts most with the machine's speed.
-        wrapper_round = samples(wrapper, args.iters, sync)
+        # The wrapper and the library's evaluation in turn, then `ssdkd bench` right after:
+        # their ratios are the figures that drift most with the machine's speed.
+        wrapper_round, library_round = samples([wrapper, library], args.iters, sync)
         timings["wrapper"] += wrapper_round
+        timings["library"] += library_round
+        pairs += [w / lib for w, lib in zip(wrapper_round, library_round)]
         cli = None
         if args.backend == "cpu":
             cli = cli_bench(args.ssdkd, b, args.classes, args.preset, args.iters)
         if cli is not None:
             cli_rounds.append(cli)
             ratios.append(median_ms(wrapper_round) / cli["forward_backward_ms"] - 1)
-        timings["peer"] += samples(peer_fb, args.iters, sync)
+        timings["peer"] += samples([peer_fb], args.iters, sync)[0]
         if cuda:
-            timings["copy"] += samples(copy, args.iters, sync)
+            timings["copy"] += samples([copy], args.iters, sync)[0]
 
     row = dict(batch=b, classes=args.classes, preset=args.preset, priors=arrays["priors"].shape[0],
                backend=args.backend, device=str(device), iters=args.iters, rounds=args.rounds,
                threads=torch.get_num_threads(), torch=torch.__version__,
                ssdkd=ssdkd.__version__,
                wrapper_fb_ms=median_ms(timings["wrapper"]),
-               peer_fb_ms=median_ms(timings["peer"]))
+               peer_fb_ms=median_ms(timings["peer"]),
+               library_fb_ms=median_ms(timings["library"]),
+               overhead_vs_library=median(pairs) - 1)
     if cuda:
         row["copy_ms"] = median_ms(timings["copy"])
     if cli_rounds:
@@ -163,6 +184,8 @@ def main():
                 extra = (f"  cli {row['cli_fb_ms']:.1f} ms  overhead {row['overhead']:+.1%}"
                          f" ({row['overhead_min']:+.1%} to {row['overhead_max']:+.1%}"
                          f" over {args.rounds} rounds)")
+            extra += (f"  library {row['library_fb_ms']:.1f} ms  overhead"
+                      f" {row['overhead_vs_library']:+.1%}")
             if "copy_ms" in row:
                 extra += f"  copy {row['copy_ms']:.2f} ms"
             print(f"B={b:3d}  ssdkd.torch {row['wrapper_fb_ms']:.1f} ms  "
