@@ -103,8 +103,8 @@ class _Step:
         return text
 
     def observe(self, weights):
-        """A backward got ``weights``."""
-        self.predicted = weights if weights == self.last else None
+        """A backward got ``weights`` (all zero: no gradients to predict)."""
+        self.predicted = weights if weights == self.last and any(weights) else None
         self.last = weights
 
 
