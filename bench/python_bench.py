@@ -101,11 +101,10 @@ def bench_one(args, b):
 
     # What `ssdkd bench` times, called through the binding in this process: one
     # evaluation with the wrapper's weights and gradients, no value scan, result dropped.
-    names = ("student_loc", "student_conf", "teacher_loc", "teacher_conf", "targets", "priors")
     config = ssdkd._config_json(dict(crit.config, weights=(0.3, 0.7, 0.5, 1.0)))
 
     def library():
-        ssdkd._ssdkd.evaluate(*(arrays[k] for k in names), args.backend, True, False, False,
+        ssdkd._ssdkd.evaluate(*(arrays[k] for k in ssdkd._TENSORS), args.backend, True, False, False,
                               config)
 
     def peer_fb():

@@ -278,9 +278,10 @@ fn evaluate<'py>(
     d.set_item("backend", out.backend)?;
     d.set_item("adapter", out.adapter)?;
     d.set_item("fallback", out.fallback)?;
-    if let Some((gc, gl)) = out.gradients {
-        d.set_item("grad_student_conf", array(py, gc, &[b, p, c])?)?;
-        d.set_item("grad_student_loc", array(py, gl, &[b, p, 4])?)?;
+    if let Some(gradients) = out.gradients {
+        let (conf, loc) = gradient_arrays(py, gradients, [b, p, c])?;
+        d.set_item("grad_student_conf", conf)?;
+        d.set_item("grad_student_loc", loc)?;
     }
     if let Some((ct, lt, nm)) = out.decisions {
         d.set_item("conf_target", array(py, ct, &[b, p])?)?;
@@ -292,6 +293,15 @@ fn evaluate<'py>(
 
 /// `(grad_student_conf [B, P, C], grad_student_loc [B, P, 4])`.
 type GradientArrays<'py> = (Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>);
+
+/// The library's flat gradients of a `[B, P, C]` batch as NumPy arrays, without a copy.
+fn gradient_arrays(
+    py: Python<'_>,
+    (conf, loc): api::GradientVecs,
+    [b, p, c]: [usize; 3],
+) -> PyResult<GradientArrays<'_>> {
+    Ok((array(py, conf, &[b, p, c])?, array(py, loc, &[b, p, 4])?))
+}
 
 /// The gradients `(grad_student_conf, grad_student_loc)` of the last evaluation on the
 /// `backend` choice's backend for the weights in `config_json`, without a forward pass,
@@ -326,7 +336,7 @@ fn gradients_of_last<'py>(
     let out = py
         .detach(|| api::gradients_of_last(choice, &inputs, config_json))
         .map_err(|e| to_py(py, &e))?;
-    out.map(|(gc, gl)| Ok((array(py, gc, &[b, p, c])?, array(py, gl, &[b, p, 4])?)))
+    out.map(|gradients| gradient_arrays(py, gradients, [b, p, c]))
         .transpose()
 }
 

@@ -211,12 +211,11 @@ def test_backward_reuses_the_forward_or_evaluates_again_with_the_same_gradients(
     another batch was evaluated in between, from a fresh evaluation. Both give
     ``ssdkd.evaluate``'s gradients exactly."""
     crit = st.MultiBoxLoss_KD(21, backend="cpu", validate=False)
-    names = ("student_loc", "student_conf", "teacher_loc", "teacher_conf", "targets", "priors")
     batches = [tensors("mobilenet300", 21, seed) for seed in (71, 72)]
     out_weights = (0.4, 0.9, 1.3, 0.6)  # soft, l2, c, l (the outputs' order)
 
     def want(t):
-        ev = ssdkd.evaluate(*(t[k].numpy() for k in names), backend="cpu", gradients=True,
+        ev = ssdkd.evaluate(*(t[k].numpy() for k in ssdkd._TENSORS), backend="cpu", gradients=True,
                             weights=(0.4, 1.3, 0.9, 0.6))  # soft, conf, l2, loc
         return ev.grad_student_conf, ev.grad_student_loc
 
@@ -249,7 +248,6 @@ def test_fixed_weights_take_their_gradients_from_the_forward(monkeypatch):
     for them and backward takes them (no gradient pass); other weights, no_grad and
     ``reduction="sum"`` do without. Every step's gradients are ``ssdkd.evaluate``'s,
     bit for bit."""
-    names = ("student_loc", "student_conf", "teacher_loc", "teacher_conf", "targets", "priors")
     t = tensors("mobilenet300", 21, 81)
     calls = []
     real_evaluate, real_ssdkd = st._evaluate_arrays, st._ssdkd
@@ -279,7 +277,7 @@ def test_fixed_weights_take_their_gradients_from_the_forward(monkeypatch):
             return list(calls), None
         sum(w * o for w, o in zip(out_weights, out[:4])).backward()
         soft, l2, c, l = out_weights
-        ev = ssdkd.evaluate(*(t[k].numpy() for k in names), backend="cpu", gradients=True,
+        ev = ssdkd.evaluate(*(t[k].numpy() for k in ssdkd._TENSORS), backend="cpu", gradients=True,
                             weights=(soft, c, l2, l))
         exact = (np.array_equal(sc.grad.numpy(), ev.grad_student_conf)
                  and np.array_equal(sl.grad.numpy(), ev.grad_student_loc))
