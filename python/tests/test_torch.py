@@ -206,6 +206,16 @@ def test_backward_twice_with_retained_graph_accumulates(peer):
     assert_grad(first, g_conf)
 
 
+def assert_evaluate_gradients(sl, sc, t, out_weights):
+    """``sl.grad`` and ``sc.grad`` are bit for bit ``ssdkd.evaluate``'s for the weights of
+    the outputs ``(soft, l2, c, l)``."""
+    soft, l2, c, l = out_weights
+    ev = ssdkd.evaluate(*(t[k].numpy() for k in ssdkd._TENSORS), backend="cpu", gradients=True,
+                        weights=(soft, c, l2, l))  # soft, conf, l2, loc
+    np.testing.assert_array_equal(sc.grad.numpy(), ev.grad_student_conf)
+    np.testing.assert_array_equal(sl.grad.numpy(), ev.grad_student_loc)
+
+
 def test_backward_reuses_the_forward_or_evaluates_again_with_the_same_gradients():
     """On the CPU backend, backward takes the gradients from what the forward kept; when
     another batch was evaluated in between, from a fresh evaluation. Both give
@@ -214,11 +224,6 @@ def test_backward_reuses_the_forward_or_evaluates_again_with_the_same_gradients(
     batches = [tensors("mobilenet300", 21, seed) for seed in (71, 72)]
     out_weights = (0.4, 0.9, 1.3, 0.6)  # soft, l2, c, l (the outputs' order)
 
-    def want(t):
-        ev = ssdkd.evaluate(*(t[k].numpy() for k in ssdkd._TENSORS), backend="cpu", gradients=True,
-                            weights=(0.4, 1.3, 0.9, 0.6))  # soft, conf, l2, loc
-        return ev.grad_student_conf, ev.grad_student_loc
-
     def step(t):
         sl = t["student_loc"].clone().requires_grad_(True)
         sc = t["student_conf"].clone().requires_grad_(True)
@@ -226,9 +231,7 @@ def test_backward_reuses_the_forward_or_evaluates_again_with_the_same_gradients(
         return sl, sc, sum(w * o for w, o in zip(out_weights, out))
 
     def check(sl, sc, t):
-        conf, loc = want(t)
-        np.testing.assert_array_equal(sc.grad.numpy(), conf)
-        np.testing.assert_array_equal(sl.grad.numpy(), loc)
+        assert_evaluate_gradients(sl, sc, t, out_weights)
 
     # Forward then backward: the kept rows.
     sl, sc, total = step(batches[0])
@@ -268,37 +271,31 @@ def test_fixed_weights_take_their_gradients_from_the_forward(monkeypatch):
     monkeypatch.setattr(st, "_ssdkd", Binding())
 
     def step(crit, out_weights, grad=True):
-        """One step; the calls it made, and whether its gradients are exact."""
+        """One step, its gradients checked to be exact; the calls it made."""
         calls.clear()
         sl = t["student_loc"].clone().requires_grad_(grad)
         sc = t["student_conf"].clone().requires_grad_(grad)
         out = crit((sl, sc, t["priors"]), (t["teacher_loc"], t["teacher_conf"]), t["targets"])
-        if not grad:
-            return list(calls), None
-        sum(w * o for w, o in zip(out_weights, out[:4])).backward()
-        soft, l2, c, l = out_weights
-        ev = ssdkd.evaluate(*(t[k].numpy() for k in ssdkd._TENSORS), backend="cpu", gradients=True,
-                            weights=(soft, c, l2, l))
-        exact = (np.array_equal(sc.grad.numpy(), ev.grad_student_conf)
-                 and np.array_equal(sl.grad.numpy(), ev.grad_student_loc))
-        return list(calls), exact
+        if grad:
+            sum(w * o for w, o in zip(out_weights, out[:4])).backward()
+            assert_evaluate_gradients(sl, sc, t, out_weights)  # unpatched: not in `calls`
+        return list(calls)
 
     split = ["forward", "gradient pass"]
     fused = ["forward+gradients"]
     w1, w2 = (0.3, 0.5, 0.7, 1.0), (0.6, 0.5, 0.7, 1.0)
     crit = st.MultiBoxLoss_KD(21, backend="cpu", validate=False)
-    assert step(crit, w1) == (split, True)
-    assert step(crit, w1) == (split, True)
-    assert step(crit, w1) == (fused, True)
-    assert step(crit, w1) == (fused, True)
+    assert step(crit, w1) == split
+    assert step(crit, w1) == split
+    assert step(crit, w1) == fused
+    assert step(crit, w1) == fused
     with torch.no_grad():
-        assert step(crit, w1, grad=False) == (["forward"], None)
-    assert step(crit, w1, grad=False) == (["forward"], None)
+        assert step(crit, w1, grad=False) == ["forward"]
+    assert step(crit, w1, grad=False) == ["forward"]
     # Other weights: the forward's gradients are not used, and the next step is split.
-    calls_w2, exact = step(crit, w2)
-    assert calls_w2[0] == "forward+gradients" and exact
-    assert step(crit, w2) == (split, True)
-    assert step(crit, w2) == (fused, True)
+    assert step(crit, w2)[0] == "forward+gradients"
+    assert step(crit, w2) == split
+    assert step(crit, w2) == fused
     # "sum": the gradients scale with the positive count the forward finds.
     total = st.MultiBoxLoss_KD(21, backend="cpu", validate=False, reduction="sum")
     for _ in range(3):
