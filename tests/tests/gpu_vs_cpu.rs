@@ -428,7 +428,7 @@ fn caller_buffers_are_evaluated_in_place() {
         });
         gpu.queue()
             .write_buffer(&buffer, 0, bytemuck::cast_slice(data));
-        buffer
+        ssdkd::gpu::GpuSlice::whole(buffer)
     };
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
     let tensors = ssdkd::gpu::GpuTensors {
@@ -461,7 +461,7 @@ fn caller_buffers_are_evaluated_in_place() {
 
     // A GPU failure (a destroyed buffer) is an error, not a panic, and the backend recovers.
     let broken = tensors.clone();
-    broken.student_conf.destroy();
+    broken.student_conf.buffer.destroy();
     let broken = gpu.wrap(batch.shape(), broken).unwrap();
     match gpu.evaluate_resident(&broken, &config, request) {
         Err(ssdkd::Error::Gpu(message)) => eprintln!("destroyed buffer: {message}"),

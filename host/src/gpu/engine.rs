@@ -8,6 +8,7 @@ use crate::batch::{Batch, BatchShape};
 use crate::error::{Error, Result};
 use crate::gpu::params::Params;
 use crate::gpu::plan::{Chunk, DeviceLimits, Layout, Owner, Recording, Resource, KERNELS};
+use crate::gpu::resident::{self, GpuBatch, GpuGradients, GpuSlice, GpuTensors, SliceRules};
 use ssdkd_core::Stage;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -40,82 +41,6 @@ const WORKSPACES_KEPT: usize = 2;
 
 static NEXT_WORKSPACE_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The input tensors of a batch (SPEC §1) in the caller's GPU buffers, each starting at
-/// offset 0 of its buffer, laid out like [`Batch`]'s slices, and created with
-/// `wgpu::BufferUsages::STORAGE` on the backend's device ([`crate::gpu::GpuBackend::device`]).
-#[derive(Clone, Debug)]
-pub struct GpuTensors {
-    /// `[B, P, 4]` f32.
-    pub student_loc: wgpu::Buffer,
-    /// `[B, P, C]` f32.
-    pub student_conf: wgpu::Buffer,
-    /// `[B, P, 4]` f32.
-    pub teacher_loc: wgpu::Buffer,
-    /// `[B, P, C]` f32.
-    pub teacher_conf: wgpu::Buffer,
-    /// `[B, M, 5]` f32.
-    pub targets: wgpu::Buffer,
-    /// `[P, 4]` f32.
-    pub priors: wgpu::Buffer,
-}
-
-/// A batch resident on the GPU: its input tensors and the buffers its gradients are
-/// written to. Evaluate it with [`crate::gpu::GpuBackend::evaluate_resident`]; bind groups
-/// are cached per `GpuBatch`, so keep it and rewrite its buffers rather than making a new one.
-#[derive(Debug)]
-pub struct GpuBatch {
-    shape: BatchShape,
-    tensors: GpuTensors,
-    grad_student_conf: wgpu::Buffer,
-    grad_student_loc: wgpu::Buffer,
-    /// Its bind groups, made on its first evaluation and dropped with it.
-    bound: Mutex<Option<Bound>>,
-}
-
-impl GpuBatch {
-    /// The dimensions.
-    #[must_use]
-    pub fn shape(&self) -> BatchShape {
-        self.shape
-    }
-
-    /// The input buffers.
-    #[must_use]
-    pub fn tensors(&self) -> &GpuTensors {
-        &self.tensors
-    }
-
-    /// `[B, P, C]` f32 ∂total/∂student_conf, written by an evaluation that computes
-    /// gradients (`STORAGE | COPY_SRC`).
-    #[must_use]
-    pub fn grad_student_conf(&self) -> &wgpu::Buffer {
-        &self.grad_student_conf
-    }
-
-    /// `[B, P, 4]` f32 ∂total/∂student_loc, written by an evaluation that computes
-    /// gradients (`STORAGE | COPY_SRC`).
-    #[must_use]
-    pub fn grad_student_loc(&self) -> &wgpu::Buffer {
-        &self.grad_student_loc
-    }
-
-    /// The buffer of an input or gradient resource.
-    fn buffer(&self, resource: Resource) -> Option<&wgpu::Buffer> {
-        let t = &self.tensors;
-        Some(match resource {
-            Resource::StudentConf => &t.student_conf,
-            Resource::TeacherConf => &t.teacher_conf,
-            Resource::StudentLoc => &t.student_loc,
-            Resource::TeacherLoc => &t.teacher_loc,
-            Resource::Targets => &t.targets,
-            Resource::Priors => &t.priors,
-            Resource::GradStudentConf => &self.grad_student_conf,
-            Resource::GradStudentLoc => &self.grad_student_loc,
-            _ => return None,
-        })
-    }
-}
-
 /// A compiled kernel and the layout of its bind group.
 struct Pipeline {
     pipeline: wgpu::ComputePipeline,
@@ -142,7 +67,7 @@ impl Drop for Live {
 /// The bind groups of one batch bound as `chunks` over the workspace `workspace_id`: per
 /// chunk, its `Params` uniform and one bind group per kernel (in [`KERNELS`] order).
 #[derive(Debug)]
-struct Bound {
+pub(crate) struct Bound {
     workspace_id: u64,
     chunks: Vec<Chunk>,
     params: Vec<wgpu::Buffer>,
@@ -170,7 +95,8 @@ impl Workspace {
 
 /// Adapter, device, queue, pipelines and caches.
 pub(crate) struct Engine {
-    adapter: wgpu::Adapter,
+    /// The adapter the device was opened on.
+    info: wgpu::AdapterInfo,
     device: wgpu::Device,
     queue: wgpu::Queue,
     /// One per row of [`KERNELS`].
@@ -180,6 +106,8 @@ pub(crate) struct Engine {
     workspaces: Vec<Workspace>,
     /// Bind-group sets alive (held by batches).
     live_bound: Arc<AtomicUsize>,
+    /// Bytes mapped back to the host so far.
+    bytes_read_back: u64,
 }
 
 fn gpu_error(what: &str, error: impl std::fmt::Display) -> Error {
@@ -274,7 +202,26 @@ impl Engine {
                     .push(format!("device lost: {message}"));
             }
         });
+        Self::with_device(device, queue, failures)
+    }
 
+    /// An engine on a device someone else opened (and owns the callbacks of): no device
+    /// callbacks are installed, errors are caught by error scopes around ssdkd's own work,
+    /// and the pipeline cache is used only where the device was opened with the feature.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Self::with_device(device, queue, Arc::new(Mutex::new(Vec::new())))
+    }
+
+    /// Creates every pipeline on `device` (through the per-user pipeline cache where the
+    /// device has the feature). `failures` is where the device's callbacks, if any, report.
+    fn with_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        failures: Arc<Mutex<Vec<String>>>,
+    ) -> Result<Self> {
+        let info = device.adapter_info();
+        let cache_file = pipeline_cache_file(&info)
+            .filter(|_| device.features().contains(wgpu::Features::PIPELINE_CACHE));
         let cached = cache_file.as_ref().and_then(|f| std::fs::read(f).ok());
         let cache = cache_file.as_ref().map(|_| {
             // SAFETY: the data was written by `PipelineCache::get_data` below (wgpu checks
@@ -296,13 +243,14 @@ impl Engine {
             }
         }
         let engine = Self {
-            adapter,
+            info,
             device,
             queue,
             pipelines,
             failures,
             workspaces: Vec::new(),
             live_bound: Arc::new(AtomicUsize::new(0)),
+            bytes_read_back: 0,
         };
         engine.check_failures()?;
         Ok(engine)
@@ -310,7 +258,12 @@ impl Engine {
 
     /// The adapter's name.
     pub fn adapter_name(&self) -> String {
-        self.adapter.get_info().name
+        self.info.name.clone()
+    }
+
+    /// Bytes mapped back to the host by every evaluation so far.
+    pub fn bytes_read_back(&self) -> u64 {
+        self.bytes_read_back
     }
 
     /// The device.
@@ -383,6 +336,13 @@ impl Engine {
         Ok(())
     }
 
+    /// What a slice must satisfy on this device.
+    fn slice_rules(&self) -> SliceRules {
+        SliceRules {
+            alignment: u64::from(self.device.limits().min_storage_buffer_offset_alignment),
+        }
+    }
+
     /// New input and gradient buffers for a batch of `shape` (contents undefined until
     /// written with [`Engine::write_batch`]).
     pub fn create_batch(&self, shape: BatchShape) -> Result<GpuBatch> {
@@ -391,101 +351,120 @@ impl Engine {
         self.check_buffer_size("student_conf", conf)?;
         self.check_buffer_size("student_loc", loc)?;
         let input = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let whole = |label, bytes| GpuSlice::whole(self.buffer(label, bytes, input));
         self.guarded("allocating the batch", || {
             let tensors = GpuTensors {
-                student_loc: self.buffer("ssdkd.student_loc", loc, input),
-                student_conf: self.buffer("ssdkd.student_conf", conf, input),
-                teacher_loc: self.buffer("ssdkd.teacher_loc", loc, input),
-                teacher_conf: self.buffer("ssdkd.teacher_conf", conf, input),
-                targets: self.buffer(
+                student_loc: whole("ssdkd.student_loc", loc),
+                student_conf: whole("ssdkd.student_conf", conf),
+                teacher_loc: whole("ssdkd.teacher_loc", loc),
+                teacher_conf: whole("ssdkd.teacher_conf", conf),
+                targets: whole(
                     "ssdkd.targets",
                     Layout::Target.image_bytes(&shape) * shape.batch as u64,
-                    input,
                 ),
-                priors: self.buffer("ssdkd.priors", shape.priors as u64 * 16, input),
+                priors: whole("ssdkd.priors", shape.priors as u64 * 16),
             };
-            Ok(self.with_gradient_buffers(shape, tensors))
+            Ok(GpuBatch {
+                shape,
+                tensors,
+                gradients: self.gradient_buffers(shape),
+                owns_gradients: true,
+                gradients_out: None,
+                bound: Mutex::new(None),
+            })
         })
     }
 
-    fn with_gradient_buffers(&self, shape: BatchShape, tensors: GpuTensors) -> GpuBatch {
+    /// ssdkd's own gradient buffers for `shape`.
+    fn gradient_buffers(&self, shape: BatchShape) -> GpuGradients {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-        GpuBatch {
-            bound: Mutex::new(None),
-            shape,
-            tensors,
-            grad_student_conf: self.buffer(
+        let b = shape.batch as u64;
+        GpuGradients {
+            student_conf: GpuSlice::whole(self.buffer(
                 "ssdkd.grad_student_conf",
-                Layout::Conf.image_bytes(&shape) * shape.batch as u64,
+                Layout::Conf.image_bytes(&shape) * b,
                 usage,
-            ),
-            grad_student_loc: self.buffer(
+            )),
+            student_loc: GpuSlice::whole(self.buffer(
                 "ssdkd.grad_student_loc",
-                Layout::Loc.image_bytes(&shape) * shape.batch as u64,
+                Layout::Loc.image_bytes(&shape) * b,
                 usage,
-            ),
+            )),
         }
     }
 
-    /// A batch over the caller's buffers, checked for size and usage; gradient buffers are
-    /// allocated for it.
-    pub fn wrap_batch(&self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
-        let b = shape.batch as u64;
-        let checks: [(&'static str, &wgpu::Buffer, u64); 6] = [
-            (
-                "student_loc",
-                &tensors.student_loc,
-                Layout::Loc.image_bytes(&shape) * b,
-            ),
-            (
-                "student_conf",
-                &tensors.student_conf,
-                Layout::Conf.image_bytes(&shape) * b,
-            ),
-            (
-                "teacher_loc",
-                &tensors.teacher_loc,
-                Layout::Loc.image_bytes(&shape) * b,
-            ),
-            (
-                "teacher_conf",
-                &tensors.teacher_conf,
-                Layout::Conf.image_bytes(&shape) * b,
-            ),
-            (
-                "targets",
-                &tensors.targets,
-                Layout::Target.image_bytes(&shape) * b,
-            ),
-            ("priors", &tensors.priors, shape.priors as u64 * 16),
-        ];
-        for (tensor, buffer, needed) in checks {
-            if buffer.size() < needed {
-                return Err(Error::Shape {
-                    tensor,
-                    problem: format!(
-                        "GPU buffer of {} bytes where the shape needs {needed}",
-                        buffer.size()
-                    ),
-                });
+    /// A batch over the caller's slices, checked for alignment, size and usage. The
+    /// gradients go to `gradients` when given (through ssdkd's own buffers and a copy on
+    /// the device when they share a buffer with an input), else to buffers allocated here.
+    pub fn wrap_batch(
+        &self,
+        shape: BatchShape,
+        tensors: GpuTensors,
+        gradients: Option<GpuGradients>,
+    ) -> Result<GpuBatch> {
+        let mut batch = GpuBatch {
+            shape,
+            tensors: tensors.clone(),
+            gradients: GpuGradients {
+                student_conf: tensors.student_conf.clone(),
+                student_loc: tensors.student_loc.clone(),
+            },
+            owns_gradients: false,
+            gradients_out: None,
+            bound: Mutex::new(None),
+        };
+        self.rebind(&mut batch, tensors, Some(gradients))?;
+        Ok(batch)
+    }
+
+    /// Points `batch` at new slices of the same shape and drops its bind groups. With
+    /// `gradients` `None` its gradients keep going where they went (checked again against
+    /// the new inputs); `Some(None)` sends them to ssdkd's own buffers.
+    pub fn rebind(
+        &self,
+        batch: &mut GpuBatch,
+        tensors: GpuTensors,
+        gradients: Option<Option<GpuGradients>>,
+    ) -> Result<()> {
+        let rules = self.slice_rules();
+        let shape = batch.shape;
+        resident::check_tensors(rules, &shape, &tensors)?;
+        let caller = match gradients {
+            Some(given) => given,
+            None if batch.owns_gradients => batch.gradients_out.clone(),
+            None => Some(batch.gradients.clone()),
+        };
+        let shared = match &caller {
+            Some(caller) => resident::check_gradients(rules, &shape, &tensors, caller)?,
+            None => false,
+        };
+        let owns = caller.is_none() || shared;
+        let (written, out) = match caller {
+            Some(caller) if !shared => (caller, None),
+            caller => {
+                let own = if batch.owns_gradients {
+                    batch.gradients.clone()
+                } else {
+                    self.guarded("allocating the gradient buffers", || {
+                        Ok(self.gradient_buffers(shape))
+                    })?
+                };
+                (own, caller)
             }
-            if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(Error::Shape {
-                    tensor,
-                    problem: "GPU buffer without STORAGE usage".into(),
-                });
-            }
-        }
-        self.guarded("allocating the gradient buffers", || {
-            Ok(self.with_gradient_buffers(shape, tensors))
-        })
+        };
+        batch.owns_gradients = owns;
+        batch.tensors = tensors;
+        batch.gradients = written;
+        batch.gradients_out = out;
+        *batch.bound.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
     }
 
     /// Copies `batch`'s tensors into `gpu`'s buffers (the shapes must agree; the caller checks).
     pub fn write_batch(&self, gpu: &GpuBatch, batch: &Batch<'_>) -> Result<()> {
         self.guarded("uploading the batch", || {
             let t = &gpu.tensors;
-            for (buffer, data) in [
+            for (slice, data) in [
                 (&t.student_loc, batch.student_loc()),
                 (&t.student_conf, batch.student_conf()),
                 (&t.teacher_loc, batch.teacher_loc()),
@@ -494,7 +473,7 @@ impl Engine {
                 (&t.priors, batch.priors()),
             ] {
                 self.queue
-                    .write_buffer(buffer, 0, bytemuck::cast_slice(data));
+                    .write_buffer(&slice.buffer, slice.offset, bytemuck::cast_slice(data));
             }
             Ok(())
         })
@@ -573,6 +552,7 @@ impl Engine {
             pipelines,
             workspaces,
             live_bound,
+            bytes_read_back,
             ..
         } = self;
         let workspace = &mut workspaces[index];
@@ -625,17 +605,49 @@ impl Engine {
                 pass.dispatch_workgroups(x, y, z);
             }
         }
+        if recording.writes_gradients() {
+            if let Some(out) = &batch.gradients_out {
+                let own = &batch.gradients;
+                let b = batch.shape.batch as u64;
+                for (from, to, bytes) in [
+                    (
+                        &own.student_conf,
+                        &out.student_conf,
+                        Layout::Conf.image_bytes(&batch.shape) * b,
+                    ),
+                    (
+                        &own.student_loc,
+                        &out.student_loc,
+                        Layout::Loc.image_bytes(&batch.shape) * b,
+                    ),
+                ] {
+                    encoder.copy_buffer_to_buffer(
+                        &from.buffer,
+                        from.offset,
+                        &to.buffer,
+                        to.offset,
+                        bytes,
+                    );
+                }
+            }
+        }
         let mut offset = 0;
         for download in &recording.downloads {
             let resource = download.resource();
-            let source = batch
-                .buffer(resource)
-                .or_else(|| workspace.buffer(resource))
-                .ok_or_else(|| Error::Gpu(format!("no buffer for {}", resource.name())))?;
-            encoder.copy_buffer_to_buffer(source, 0, staging, offset, download.bytes);
+            let (source, source_offset) = match batch.slice(resource) {
+                Some(slice) => (&slice.buffer, slice.offset),
+                None => (
+                    workspace
+                        .buffer(resource)
+                        .ok_or_else(|| Error::Gpu(format!("no buffer for {}", resource.name())))?,
+                    0,
+                ),
+            };
+            encoder.copy_buffer_to_buffer(source, source_offset, staging, offset, download.bytes);
             offset += download.bytes;
         }
         queue.submit([encoder.finish()]);
+        *bytes_read_back += total;
 
         let slice = staging.slice(..total);
         let (sender, receiver) = mpsc::channel();
@@ -803,16 +815,23 @@ fn bind(
                         resource: params.as_entire_binding(),
                     }];
                     for b in kernel.bindings {
-                        let buffer = batch
-                            .buffer(b.resource)
-                            .or_else(|| workspace.buffer(b.resource))
-                            .expect("every resource has a buffer");
+                        // A caller's slice starts at its base offset (aligned, as every
+                        // window offset is); ssdkd's own buffers at 0.
+                        let (buffer, base) = match batch.slice(b.resource) {
+                            Some(slice) => (&slice.buffer, slice.offset),
+                            None => (
+                                workspace
+                                    .buffer(b.resource)
+                                    .expect("every resource has a buffer"),
+                                0,
+                            ),
+                        };
                         let (offset, size) = match b.resource.layout() {
                             Some(layout) => {
                                 let window = chunk.window(layout);
-                                (window.offset, window.size)
+                                (base + window.offset, window.size)
                             }
-                            None => (0, b.resource.bytes(&batch.shape).max(4)),
+                            None => (base, b.resource.bytes(&batch.shape).max(4)),
                         };
                         entries.push(wgpu::BindGroupEntry {
                             binding: b.resource.binding(),

@@ -20,8 +20,9 @@
 mod engine;
 mod params;
 mod plan;
+mod resident;
 
-pub use engine::{GpuBatch, GpuTensors};
+pub use resident::{GpuBatch, GpuGradients, GpuSlice, GpuTensors};
 /// The wgpu this backend is built with, for callers that make their own buffers.
 pub use wgpu;
 
@@ -71,6 +72,29 @@ impl GpuBackend {
     pub fn new() -> Result<Self> {
         Ok(Self {
             engine: Engine::new(false)?,
+            cpu_fallback: None,
+            cpu: crate::cpu::CpuBackend::new(),
+            binding_cap: None,
+            uploaded: None,
+        })
+    }
+
+    /// A backend on a device the caller already has (a training framework's, such as
+    /// Burn's): its buffers can then be bound directly ([`GpuBackend::wrap`]). Installs no
+    /// device callbacks (the device's owner keeps its own; ssdkd catches its errors with
+    /// error scopes), uses the pipeline cache only where the device was opened with
+    /// `Features::PIPELINE_CACHE`, and names the adapter from `device.adapter_info()`.
+    /// The limits are the device's own.
+    ///
+    /// Work the caller has recorded but not submitted on `queue` is the caller's to submit
+    /// first: ssdkd submits its own command buffer, which runs after what was submitted
+    /// before it, and waits for it before returning.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] when a pipeline fails to build.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Ok(Self {
+            engine: Engine::from_device(device, queue)?,
             cpu_fallback: None,
             cpu: crate::cpu::CpuBackend::new(),
             binding_cap: None,
@@ -222,20 +246,61 @@ impl GpuBackend {
         self.engine.write_batch(gpu, batch)
     }
 
-    /// A batch over buffers the caller already has on this backend's device (no upload).
+    /// A batch over slices of buffers the caller already has on this backend's device (no
+    /// upload); its gradients go to buffers allocated here.
     ///
     /// # Errors
-    /// [`Error::Shape`] when a buffer is smaller than `shape` needs or lacks `STORAGE`
-    /// usage; [`Error::Gpu`] when the gradient buffers cannot be allocated.
+    /// [`Error::Shape`] naming the tensor when a slice is shorter than `shape` needs, runs
+    /// past its buffer, starts at an offset that is not a multiple of the device's
+    /// `min_storage_buffer_offset_alignment`, or its buffer lacks `STORAGE` usage;
+    /// [`Error::Gpu`] when the gradient buffers cannot be allocated.
     pub fn wrap(&mut self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
-        let dims = [shape.batch, shape.priors, shape.classes, shape.objects];
-        if dims.contains(&0) || shape.classes < 2 {
-            return Err(Error::Shape {
-                tensor: "batch",
-                problem: format!("shape {shape:?}: every dimension > 0 and C >= 2"),
-            });
-        }
-        self.engine.wrap_batch(shape, tensors)
+        check_dimensions(shape)?;
+        self.engine.wrap_batch(shape, tensors, None)
+    }
+
+    /// [`GpuBackend::wrap`], with the gradients written into the caller's slices: in place,
+    /// or, where a gradient slice shares a buffer with an input (a buffer cannot be bound
+    /// read-only and read-write in one dispatch), into ssdkd's buffers and then copied there
+    /// on the device in the same submit.
+    ///
+    /// # Errors
+    /// As [`GpuBackend::wrap`], for the gradient slices too; [`Error::Shape`] when a
+    /// gradient slice overlaps an input or the other gradient, or shares a buffer with an
+    /// input and lacks `COPY_DST` usage.
+    pub fn wrap_with_gradients(
+        &mut self,
+        shape: BatchShape,
+        tensors: GpuTensors,
+        gradients: GpuGradients,
+    ) -> Result<GpuBatch> {
+        check_dimensions(shape)?;
+        self.engine.wrap_batch(shape, tensors, Some(gradients))
+    }
+
+    /// Points `batch` at new slices of the same shape (a framework's next step), dropping
+    /// its bind groups so that none binds the old slices. With `gradients` `None` the
+    /// gradients keep their destination (ssdkd's buffers, or the caller's slices checked
+    /// again against the new inputs).
+    ///
+    /// # Errors
+    /// As [`GpuBackend::wrap_with_gradients`]; on an error `batch` may be left half-updated
+    /// and should be rebound or dropped.
+    pub fn rebind(
+        &mut self,
+        batch: &mut GpuBatch,
+        tensors: GpuTensors,
+        gradients: Option<GpuGradients>,
+    ) -> Result<()> {
+        self.engine.rebind(batch, tensors, gradients.map(Some))
+    }
+
+    /// Bytes mapped back to the host by this backend's evaluations so far: the sums of
+    /// each (a few hundred bytes), plus gradients and decisions when they were asked for.
+    /// What a caller checks to see that a resident evaluation kept its tensors on the GPU.
+    #[must_use]
+    pub fn bytes_read_back(&self) -> u64 {
+        self.engine.bytes_read_back()
     }
 
     /// Evaluates a batch already on the GPU. Input values are not scanned (they stay on the
@@ -252,6 +317,21 @@ impl GpuBackend {
         request: GpuRequest,
     ) -> Result<Evaluation> {
         batch.shape().check_config(config)?;
+        if request.read_gradients {
+            for (tensor, slice) in [
+                ("grad_student_conf", &batch.gradients.student_conf),
+                ("grad_student_loc", &batch.gradients.student_loc),
+            ] {
+                if !slice.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                    return Err(Error::Shape {
+                        tensor,
+                        problem: "GPU buffer without COPY_SRC usage, so the gradients \
+                                  cannot be read back"
+                            .into(),
+                    });
+                }
+            }
+        }
         let recording = self.record(batch.shape(), config, request)?;
         self.execute(batch, config, &recording)
     }
@@ -293,6 +373,18 @@ impl GpuBackend {
             decisions: output.decisions,
         })
     }
+}
+
+/// Every dimension > 0 and C ≥ 2: a shape a batch can be bound with.
+fn check_dimensions(shape: BatchShape) -> Result<()> {
+    let dims = [shape.batch, shape.priors, shape.classes, shape.objects];
+    if dims.contains(&0) || shape.classes < 2 {
+        return Err(Error::Shape {
+            tensor: "batch",
+            problem: format!("shape {shape:?}: every dimension > 0 and C >= 2"),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -766,6 +766,13 @@ impl Recording {
         })
     }
 
+    /// Whether it runs the gradient kernels (which write the gradient resources).
+    pub fn writes_gradients(&self) -> bool {
+        self.dispatches
+            .iter()
+            .any(|d| KERNELS[d.kernel].phase == Phase::Backward)
+    }
+
     /// Total bytes of the downloads.
     pub fn download_bytes(&self) -> u64 {
         self.downloads.iter().map(|d| d.bytes).sum()
