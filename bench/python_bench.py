@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Times ssdkd.torch.MultiBoxLoss_KD forward+backward beside the PyTorch peer (issue 9
-point 8), on the same batches `ssdkd bench` times (SSD300 priors, 6 objects per image,
-seed 300; the value scan skipped, as `ssdkd bench` does).
+"""Times ssdkd.torch.MultiBoxLoss_KD forward+backward beside the PyTorch peer, on the
+same batches `ssdkd bench` times (SSD300 priors, 6 objects per image, seed 300; the value
+scan skipped, as `ssdkd bench` does).
 
 Usage (after `pip install ./python`, with torch):
     python bench/python_bench.py [--batch 8,32] [--classes 21] [--preset ssd300]
@@ -17,7 +17,7 @@ bench`) over all rounds of
 - `peer_fb_ms`: the peer's `kd_loss` forward+backward (autograd, `--matching loop`),
 - `cli_fb_ms`: `ssdkd bench --backend cpu --json`'s `forward_backward_ms` for the same
   batch when the binary is found (the median of the rounds' medians), and `overhead`, the
-  median over rounds of wrapper / cli - 1 (issue 9 asks < 10% at B = 32), with
+  median over rounds of wrapper / cli - 1 (the wrapper's target: < 10% at B = 32), with
   `overhead_min`/`overhead_max` its range over the rounds;
 - `library_fb_ms`: the evaluation `ssdkd bench` times (gradients, no value scan, the
   result dropped) called through the binding in this process, timed in turn with the

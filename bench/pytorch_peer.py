@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""PyTorch peer benchmark of ssdkd: the SSD knowledge-distillation loss of SPEC.md.
+"""PyTorch peer benchmark of ssdkd: the SSD knowledge-distillation loss of docs/SPEC.md.
 
-A faithful PyTorch implementation of the project's SPEC.md (priors §2, matching with
+A faithful PyTorch implementation of the project's docs/SPEC.md (priors §2, matching with
 the tie rule §3, hard-negative mining §4, the four terms §5, gradients §6 via
 autograd), timed the way `ssdkd bench` times itself.
 

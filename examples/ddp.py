@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Data-parallel distillation loss with torch.distributed (issue 9 point 6, SPEC §5, §7).
+"""Data-parallel distillation loss with torch.distributed (SPEC §5.7, §7).
 
     torchrun --nproc_per_node 2 examples/ddp.py
 

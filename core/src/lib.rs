@@ -1,5 +1,5 @@
-//! `ssdkd-core`: the `no_std` reference of the SSD knowledge-distillation loss
-//! (see `SPEC.md`): prior boxes, box maths, matching, hard-negative mining, the four loss
+//! `ssdkd-core`: the `no_std` reference of the SSD knowledge-distillation loss (see
+//! `docs/SPEC.md`): prior boxes, box maths, matching, hard-negative mining, the four loss
 //! terms and their gradients. It is the ground truth the GPU kernels are tested against,
 //! and the CPU backend of the `ssdkd` crate.
 //!

@@ -141,8 +141,8 @@ impl BatchFile {
         expect("student_loc", &loc_dims, &[b, p, 4])?;
         expect("student_conf", &conf_dims, &[b, p, c])?;
         expect("targets", &target_dims, &[b, m, 5])?;
-        // The teacher's tensors are optional, both or neither (issue 9 point 4): without
-        // them the file holds the plain MultiBox loss's batch.
+        // The teacher's tensors are optional, both or neither (SPEC §10.1): without them
+        // the file holds the plain MultiBox loss's batch.
         let teacher = match (tensors.has("teacher_loc"), tensors.has("teacher_conf")) {
             (true, true) => {
                 let (dims, teacher_loc) = read("teacher_loc")?;

@@ -1,4 +1,4 @@
-//! The binary at its edges (issue 14 §4, issue 12 §3–4): a failing stdout, negative flag
+//! The binary at its edges (SPEC §7.3, §9.2, §9.4, §9.5): a failing stdout, negative flag
 //! values, one-line messages with file names escaped, the missing-argument message, numerical
 //! failures and the `--backend both` verdict.
 

@@ -1,5 +1,5 @@
-//! Files that cannot be destroyed and inputs that cannot hang or exhaust memory (issue 12
-//! points 1–2, issue 13 points 2–3): output targets that are special files or inputs are
+//! Files that cannot be destroyed and inputs that cannot hang or exhaust memory (SPEC §8.2,
+//! §8.4, §9.6): output targets that are special files or inputs are
 //! refused, outputs are replaced atomically, honour the umask and keep symbolic links;
 //! special, sparse and truncated inputs are refused at once; repeated JSON keys are errors.
 

@@ -1,4 +1,4 @@
-//! Size limits checked before allocating (issue 13 point 1): the estimate of what an
+//! Size limits checked before allocating (SPEC §9.6): the estimate of what an
 //! evaluation holds, the memory-available figure, and `demo`, `bench` and `eval` refusing
 //! at once (exit 2, naming the flags and the estimate) what would not fit.
 

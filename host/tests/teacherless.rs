@@ -1,5 +1,5 @@
-//! Batches without teacher tensors (issue 9 point 4: the plain MultiBox loss that trains
-//! the teacher). Their evaluation is the KD evaluation with the soft and L2 weights 0, with
+//! Batches without teacher tensors (SPEC §10.1: the plain MultiBox loss that trains the
+//! teacher). Their evaluation is the KD evaluation with the soft and L2 weights 0, with
 //! `soft_loss`, `l2_loss`, `num_bounded` and their sums 0: checked through `ssdkd eval` on
 //! every golden file with its teacher tensors removed, and through the library's gradients,
 //! on the CPU (bit-equal) and the GPU (SPEC §7).
