@@ -181,7 +181,7 @@ impl Backend {
     }
 }
 
-// Batches without teacher (SPEC §10, issue 9 point 4) are handled here, at the one place both
+// Batches without teacher (SPEC §10.1) are handled here, at the one place both
 // backends go through, rather than in the core's stages: the batch's student tensors stand
 // in for the teacher's (`Batch::without_teacher`), the soft and L2 weights are 0 so that
 // the stand-in adds nothing to the total or the gradients, and the soft/L2 terms it gave

@@ -45,8 +45,8 @@ impl BatchShape {
 /// Borrowed batch tensors (SPEC §1), flat row-major f32, whose lengths agree with their
 /// shape: [`Batch::new`] and [`Batch::without_teacher`] are the only ways to make one.
 ///
-/// A batch without teacher tensors (SPEC §10, issue 9 point 4: the plain MultiBox loss that
-/// trains the teacher) is evaluated as the KD loss with the soft and L2 weights 0, its
+/// A batch without teacher tensors (SPEC §10.1: the plain MultiBox loss that trains the
+/// teacher) is evaluated as the KD loss with the soft and L2 weights 0, its
 /// `soft_loss`, `l2_loss`, `num_bounded` and their sums reported as 0
 /// ([`crate::Backend::evaluate`]).
 #[derive(Clone, Copy, Debug)]
@@ -157,7 +157,7 @@ impl<'a> Batch<'a> {
         })
     }
 
-    /// A batch without teacher tensors (issue 9 point 4): the plain MultiBox loss, whose
+    /// A batch without teacher tensors (SPEC §10.1): the plain MultiBox loss, whose
     /// soft and L2 terms are 0 and not computed from a teacher (see [`Batch`]).
     ///
     /// # Errors

@@ -1,4 +1,4 @@
-//! `ssdkd`: the SSD knowledge-distillation loss (SPEC.md) and its gradient on the CPU
+//! `ssdkd`: the SSD knowledge-distillation loss (docs/SPEC.md) and its gradient on the CPU
 //! (the `ssdkd-core` reference on every core) and on any GPU wgpu drives.
 //!
 //! Borrow your tensors as a [`Batch`] (or read a batch file with [`file::BatchFile`]),
