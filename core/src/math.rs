@@ -67,7 +67,7 @@ const LN2_LO_F32: f32 = -2.121_944_4e-4;
 /// `e^x` in f32, within 2 ulp of the exact value for normal results (tests below), from
 /// Cody–Waite reduction and Cephes' `expf` polynomial on |r| ≤ ln 2 / 2. Overflows to +∞
 /// above about 88.72, reaches 0 below about −103.9; NaN stays NaN. Branch-free, so that a
-/// loop of it vectorises: the mining's log-sum-exp ([`crate::stages::prior_terms::log_sum_exp`])
+/// loop of it vectorises: the cross-entropy's ([`crate::stages::prior_terms::cross_entropy`])
 /// and the host's vectorised bound and exact rows take it, with the same bits.
 #[inline(always)]
 #[must_use]

@@ -1,22 +1,9 @@
-//! Stage **prior terms** (SPEC §4, §5): the per-prior maths — log-sum-exp, cross-entropy,
+//! Stage **prior terms** (SPEC §4, §5): the per-prior maths — cross-entropy,
 //! mining score, smooth-L1 and the teacher-bounded L2 test.
 //! Twin of `shaders/prior_terms.wgsl`.
 
 use crate::config::LossConfig;
 use crate::math::{self, Lanes};
-
-/// `ln Σ exp(row[c] · scale)`, stable (max first), `scale` 1 or 1/T: with `max` the largest
-/// `x · scale`, `max + ln S` for `S` the [`Lanes`] sum of [`math::exp_f32`]`(x · scale − max)`
-/// (a fixed order that the host's vectorised rows reproduce bit for bit).
-#[must_use]
-pub fn log_sum_exp(row: &[f32], scale: f32) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-    let mut sum = Lanes::new();
-    for (c, &x) in row.iter().enumerate() {
-        sum.add(c, math::exp_f32(x * scale - max));
-    }
-    max + math::ln(sum.total())
-}
 
 /// C of a `[P, C]` row-major tensor of `len` values over `num_priors` rows (0 when P is 0):
 /// the stages take C from their slices, not from the config.
@@ -139,10 +126,27 @@ impl<'a> SoftmaxF64<'a> {
     }
 }
 
-/// Cross-entropy of a logit row against class `target`, given the row's log-sum-exp.
+/// Cross-entropy of a logit row against class `target` (SPEC §5): with `max` the row's
+/// largest logit ([`row_max`]) and `S` the [`Lanes`] sum of [`math::exp_f32`]`(x − max)`,
+/// `(max − row[target]) + ln S`. The difference is formed before `ln S` (in `[0, ln C]`) is
+/// added, so that equal logits of any magnitude give ln C: `(max + ln S) − x` would round
+/// `ln S` away next to a large `max`. The fast path hands its own exponentials to
+/// [`cross_entropy_from`].
 #[must_use]
-pub fn cross_entropy(lse: f32, row: &[f32], target: u32) -> f32 {
-    lse - row[target as usize]
+pub fn cross_entropy(row: &[f32], target: u32) -> f32 {
+    let max = row_max(row);
+    let mut exps = Lanes::new();
+    for (c, &x) in row.iter().enumerate() {
+        exps.add(c, math::exp_f32(x - max));
+    }
+    cross_entropy_from(max, row[target as usize], &exps)
+}
+
+/// [`cross_entropy`] from the row's maximum, its target logit and the [`Lanes`] sum of its
+/// exponentials `exp_f32(x − max)`.
+#[must_use]
+pub fn cross_entropy_from(max: f32, target_logit: f32, exps: &Lanes<f32>) -> f32 {
+    (max - target_logit) + math::ln(exps.total())
 }
 
 /// Mining score (SPEC §4): the cross-entropy against the matched label, 0 for positives.
@@ -242,7 +246,7 @@ pub fn prior_terms(
     for (p, row) in student_conf.chunks_exact(num_classes).enumerate() {
         let target_class = conf_target[p];
         let positive = target_class > 0;
-        let ce = cross_entropy(log_sum_exp(row, 1.0), row, target_class);
+        let ce = cross_entropy(row, target_class);
         mining_score_out[p] = mining_score(ce, positive);
         let mut loss = [ce, 0.0, 0.0, 0.0];
         if positive {

@@ -13,8 +13,8 @@
 //! 2. τ = the k-th largest lower bound: at least k priors score at least τ, so a prior
 //!    whose upper bound is below τ has k priors strictly above it and is not selected;
 //! 3. every other prior (the candidates, about k of them) gets its score as the reference
-//!    computes it, bit for bit: the core's `log_sum_exp` (its exponentials vectorised,
-//!    `rows::log_sum_exp`) and [`cross_entropy`]; the positives too;
+//!    computes it, bit for bit: the core's `cross_entropy` (its exponentials vectorised,
+//!    `rows::row_cross_entropy`); the positives too;
 //! 4. the top k among the candidates, by the core's [`rank_key`], are the reference's
 //!    top k.
 //!
@@ -25,11 +25,11 @@
 //! probabilities kept for the gradient); the per-image sums are the core's.
 
 use super::matching::{match_image_fast, MatchScratch, PriorColumns};
-use super::rows::{log_sum_exp as exact_lse, soft_term};
+use super::rows::{row_cross_entropy, soft_term};
 use super::simd::shifted_log_sum_exp_block;
 use multiversion::multiversion;
 use ssdkd_core::stages::mine::{num_negatives, rank_key};
-use ssdkd_core::stages::prior_terms::{classes_of, cross_entropy, loc_terms, mining_score};
+use ssdkd_core::stages::prior_terms::{classes_of, loc_terms, mining_score};
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::{reduce_priors, ImageRows, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
@@ -62,18 +62,18 @@ pub struct FastScratch {
     pub(super) kept: Vec<f64>,
     /// One selected row's exponentials and terms (`rows::soft_term`).
     row: Vec<f64>,
-    /// One exact row's exponentials (`rows::log_sum_exp`).
+    /// One exact row's exponentials (`rows::row_cross_entropy`).
     lse: Vec<f32>,
 }
 
 /// The margin that covers, around `v` (from the vectorised kernel), the reference's f32
-/// score `fl(fl(max + fl(ln S)) − row[0])`, with room to spare:
+/// score `fl(fl(max − row[0]) + fl(ln S))`, with room to spare:
 /// - the two sums' rounding, each at most (C − 1)·2⁻²⁴ relative: `2e-7·C`;
 /// - the exponentials and logarithms: the core's `exp_f32` in both the kernel and the
 ///   reference, within 2 ulp (its tests), the reference's `logf` within 1 ulp and the
 ///   kernel's `ln_approx` within its tested bound: `4e-5` in all;
-/// - the roundings of the reference's shifted logits (`x − max`), of its two additions
-///   and of the kernel's `ln S − row[0]`, and the kernel's logarithm's error (below
+/// - the roundings of the reference's shifted logits (`x − max`), of its difference and
+///   addition and of the kernel's `ln S − row[0]`, and the kernel's logarithm's error (below
 ///   1e-6 + 1e-7·|ln S|, |ln S| ≤ max|x| + ln C), each at most 2⁻²⁴ of a magnitude
 ///   ≤ 2·max|x| or ≤ |v| + max|x|: `4e-7·(2·max|x| + |v|)`.
 fn margin(max_abs: f32, v: f32, classes: usize) -> f32 {
@@ -190,7 +190,6 @@ pub fn forward_matched(
     let classes = classes_of(inputs.student_conf.len(), priors);
     let k = num_negatives(num_pos, priors as u32, config) as usize;
     let k = k.min(priors);
-    let row = |p: usize| &inputs.student_conf[p * classes..(p + 1) * classes];
     let mine = k > 0 && classes > 0;
     if mine {
         // First, so that the image's logits are in cache for the exact rows below.
@@ -205,10 +204,11 @@ pub fn forward_matched(
             continue;
         }
         fast.positives.push(p as u32);
-        let ce = cross_entropy(
-            exact_lse(&inputs.student_conf[p * classes..], classes, &mut fast.lse),
-            row(p),
+        let ce = row_cross_entropy(
+            &inputs.student_conf[p * classes..],
+            classes,
             target_class,
+            &mut fast.lse,
         );
         scratch.mining_score[p] = mining_score(ce, true);
         let terms = loc_terms(
@@ -245,10 +245,11 @@ pub fn forward_matched(
         for (key, &p) in keys.iter_mut().zip(&fast.candidates) {
             let p = p as usize;
             if targets.conf_target[p] == 0 {
-                let ce = cross_entropy(
-                    exact_lse(&inputs.student_conf[p * classes..], classes, &mut fast.lse),
-                    row(p),
+                let ce = row_cross_entropy(
+                    &inputs.student_conf[p * classes..],
+                    classes,
                     0,
+                    &mut fast.lse,
                 );
                 scratch.mining_score[p] = mining_score(ce, false);
                 scratch.prior_loss[p][0] = ce;

@@ -10,9 +10,9 @@
 use super::simd::{
     probabilities, row_exps_f32, softmax_exps, weighted_terms, LANES_F32, LANES_F64,
 };
-use ssdkd_core::math::{ln, Lanes};
+use ssdkd_core::math::Lanes;
 use ssdkd_core::stages::grad::GradScale;
-use ssdkd_core::stages::prior_terms::SoftmaxF64;
+use ssdkd_core::stages::prior_terms::{cross_entropy_from, SoftmaxF64};
 use ssdkd_core::stages::reduce::kl_class_term;
 use ssdkd_core::LossConfig;
 
@@ -35,18 +35,23 @@ fn row_max(row: &[f32]) -> f32 {
     lanes[0].max(lanes[1]).max(lanes[2].max(lanes[3])).max(tail)
 }
 
-/// The core's [`log_sum_exp`](ssdkd_core::stages::prior_terms::log_sum_exp) of a row at
-/// scale 1 (the mining's and the cross-entropy's), bit for bit: the same maximum (see
-/// [`row_max`]), the exponentials of `x · 1 − max` into `scratch` padded to a multiple of
-/// [`LANES_F32`] by the vectorised [`row_exps_f32`] (the padding's are 0, which adds
-/// nothing to a lane), the core's [`Lanes`] sum and logarithm.
-pub fn log_sum_exp(from_row: &[f32], classes: usize, scratch: &mut Vec<f32>) -> f32 {
+/// The core's [`cross_entropy`](ssdkd_core::stages::prior_terms::cross_entropy) of a row
+/// (the mining's and the loss's), bit for bit: the same maximum (see [`row_max`]), the
+/// exponentials of `x − max` into `scratch` padded to a multiple of [`LANES_F32`] by the
+/// vectorised [`row_exps_f32`] (the padding's are 0, which adds nothing to a lane), then
+/// the core's [`cross_entropy_from`] of their [`Lanes`] sum.
+pub fn row_cross_entropy(
+    from_row: &[f32],
+    classes: usize,
+    target: u32,
+    scratch: &mut Vec<f32>,
+) -> f32 {
     let max = row_max(&from_row[..classes]);
     scratch.resize(classes.next_multiple_of(LANES_F32), 0.0);
     row_exps_f32(from_row, classes, max, scratch);
-    let mut sum = Lanes::new();
-    sum.add_all(scratch);
-    max + ln(sum.total())
+    let mut exps = Lanes::new();
+    exps.add_all(scratch);
+    cross_entropy_from(max, from_row[target as usize], &exps)
 }
 
 /// The core's `soft_term` of one selected row, each exponential taken once: the row's

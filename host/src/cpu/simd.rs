@@ -254,7 +254,7 @@ pub fn softmax_exps(
 }
 
 /// `out[c]` = the core's [`exp_f32`]`(row[c] · 1 − max)` for `c < classes`, the exponentials
-/// of the core's `log_sum_exp` at scale 1, and 0 on the padding up to `out.len()` (a
+/// of the core's `cross_entropy`, and 0 on the padding up to `out.len()` (a
 /// multiple of [`LANES_F32`]), so that a sum over all of `out` is the sum over the row.
 /// `values` starts at the row and may run on into the next rows, as for [`softmax_exps`].
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
