@@ -23,6 +23,12 @@ textured noise.
     pip install ./python torchvision torchmetrics faster-coco-eval tqdm matplotlib
     python examples/distill_shapes.py --out runs/shapes            # about 3 minutes on 2 cores
     python examples/distill_shapes.py --out runs/quick --quick     # under 90 seconds
+
+`--study` trains a teacher per seed and the student under a grid of loss variants (baseline,
+the seed recipe, each distillation term alone, plain KL, temperatures, hard/soft balances),
+and writes `study.json`, `study.md` and `study.png` (see `distill_study.py`):
+
+    python examples/distill_shapes.py --study --out runs/study --threads 1
 """
 
 import argparse
@@ -193,13 +199,14 @@ class TinySSD(nn.Module):
 # --------------------------------------------------------------------------- training
 
 
-def run_epoch(stage, model, data, steps, priors, loss_fn, desc, optimizer=None, scheduler=None, teacher=None):
+def run_epoch(stage, model, data, steps, priors, loss_fn, desc, optimizer=None, scheduler=None, teacher=None,
+              weights=KD_WEIGHTS, quiet=False):
     """One pass over `data` (`steps` mini-batches, for the bar); returns the mean of every term and of the total. Trains when an
-    optimizer is given."""
+    optimizer is given. `weights` weigh the four terms of the "kd" stage (the seed recipe by default); `quiet` hides the bar."""
     training = optimizer is not None
     model.train(training)
     sums, count = {}, 0
-    bar = tqdm(data, desc=desc, total=steps, leave=False, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(data, desc=desc, total=steps, leave=False, dynamic_ncols=True, mininterval=0.5, disable=quiet)
     for images, targets in bar:
         images = images.to(priors.device)
         targets = [t.to(priors.device) for t in targets]
@@ -210,7 +217,7 @@ def run_epoch(stage, model, data, steps, priors, loss_fn, desc, optimizer=None, 
                     t_loc, t_conf = teacher(images)
                 soft, l2, loss_c, loss_l = loss_fn((loc, conf, priors), (t_loc, t_conf), targets)
                 terms = dict(soft_loss=soft, l2_loss=l2, loss_c=loss_c, loss_l=loss_l)
-                total = sum(KD_WEIGHTS[k] * v for k, v in terms.items())
+                total = sum(weights[k] * v for k, v in terms.items())
             else:
                 loss_l, loss_c = loss_fn((loc, conf, priors), targets)
                 terms = dict(loss_c=loss_c, loss_l=loss_l)
@@ -234,8 +241,13 @@ def run_epoch(stage, model, data, steps, priors, loss_fn, desc, optimizer=None, 
     return {k: v / count for k, v in sums.items()}
 
 
-def train_stage(stage, title, model, train, val, priors, loss_fn, args, teacher=None):
-    print(title, flush=True)
+def train_stage(stage, title, model, train, val, priors, loss_fn, args, teacher=None, weights=KD_WEIGHTS,
+                quiet=False, on_epoch=None):
+    """Trains `model` for `args.epochs` epochs (AdamW, one-cycle schedule, the same data order for
+    every stage of a seed); returns a record per epoch. `quiet` prints nothing and shows no bars
+    (the study shows its own); `on_epoch()` is called after every epoch."""
+    if not quiet:
+        print(title, flush=True)
     steps_per_epoch = math.ceil(len(train[0]) / args.batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -247,20 +259,72 @@ def train_stage(stage, title, model, train, val, priors, loss_fn, args, teacher=
         start = time.perf_counter()
         train_means = run_epoch(
             stage, model, batches(*train, args.batch, shuffle), steps_per_epoch, priors, loss_fn,
-            f"Epoch {epoch}/{args.epochs} train", optimizer, scheduler, teacher,
+            f"Epoch {epoch}/{args.epochs} train", optimizer, scheduler, teacher, weights, quiet,
         )
         with torch.no_grad():
             val_means = run_epoch(
                 stage, model, batches(*val, args.batch), math.ceil(len(val[0]) / args.batch), priors, loss_fn,
-                f"Epoch {epoch}/{args.epochs} val  ", teacher=teacher,
+                f"Epoch {epoch}/{args.epochs} val  ", teacher=teacher, weights=weights, quiet=quiet,
             )
         seconds = time.perf_counter() - start
         lr = scheduler.get_last_lr()[0]
         shown = "  ".join(f"{TERM_NAMES.get(k, k)} {v:.4f}" for k, v in train_means.items())
-        print(f"  epoch {epoch:>2}/{args.epochs}  train {shown}  |  val total {val_means['total']:.4f}"
-              f"  lr {lr:.2e}  {seconds:.1f} s", flush=True)
+        if not quiet:
+            print(f"  epoch {epoch:>2}/{args.epochs}  train {shown}  |  val total {val_means['total']:.4f}"
+                  f"  lr {lr:.2e}  {seconds:.1f} s", flush=True)
         records.append(dict(epoch=epoch, train=train_means, val=val_means, lr=lr, time_s=seconds))
+        if on_epoch is not None:
+            on_epoch()
     return records
+
+
+# --------------------------------------------------------------------------- set-up (shared with the study)
+
+TEACHER_WIDTH = 16
+STUDENT_WIDTH = 6
+
+
+def make_data(args, seed):
+    """The training and validation splits of `seed` (`args.train_images`, `args.val_images`)."""
+    return make_split(args.train_images, seed * 2 + 1000), make_split(args.val_images, seed * 2 + 1001)
+
+
+def make_priors(device):
+    return torch.from_numpy(np.asarray(ssdkd.priors(**PRIOR_CONFIG), np.float32)).to(device)
+
+
+def make_plain_loss(backend):
+    """`MultiBoxLoss` (conf + loc), for the teacher and the baseline."""
+    return ssdkd_torch.MultiBoxLoss(NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False, True,
+                                    variance=VARIANCE, backend=backend)
+
+
+def make_kd_loss(backend, temperature, neg_w=1.5):
+    """`MultiBoxLoss_KD` at temperature T; `neg_w` 1.5 is the class-weighted soft term, 1 plain KL."""
+    return ssdkd_torch.MultiBoxLoss_KD(NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False, True, 100.0, neg_w, 1.0,
+                                       temperature, 0.0, variance=VARIANCE, backend=backend)
+
+
+def make_teacher(seed, device):
+    torch.manual_seed(seed)
+    return TinySSD(width=TEACHER_WIDTH).to(device)
+
+
+def make_student(seed, device, width=STUDENT_WIDTH):
+    """The student's initialisation of `seed`: the same for every loss it is trained with."""
+    torch.manual_seed(seed + 7)
+    return TinySSD(width=width).to(device)
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -376,7 +440,8 @@ def plot_detections(models, val, priors, path, count=4, min_score=0.3):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/shapes", help="folder for log.json, losses.png, detections.png")
+    p.add_argument("--out", help="folder for log.json, losses.png, detections.png (default runs/shapes); "
+                   "with --study, for every run's results and study.json, study.md, study.png (default runs/study)")
     p.add_argument("--quick", action="store_true", help="fewer images and epochs (under 90 s on 2 cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (PyTorch device of the models)")
@@ -388,7 +453,20 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    study = p.add_argument_group(
+        "study", "--study trains a teacher per seed and the student under a grid of loss variants, and reports "
+        "mAP@0.5 per variant against the baseline over the seeds (see distill_study.py)")
+    study.add_argument("--study", action="store_true", help="run the study instead of the three stages")
+    study.add_argument("--variants", default="all",
+                       help="comma-separated variants to train, or 'all' (the default); --list-variants names them")
+    study.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, or a range like 0-4 (default 0,1,2)")
+    study.add_argument("--widths", default=str(STUDENT_WIDTH),
+                       help=f"comma-separated student widths (default {STUDENT_WIDTH}, today's student; "
+                       f"the teacher's is {TEACHER_WIDTH})")
+    study.add_argument("--list-variants", action="store_true", help="print the variants and exit")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = "runs/study" if args.study else "runs/shapes"
     if args.train_images is None:
         args.train_images = 400 if args.quick else 1600
     if args.val_images is None:
@@ -400,6 +478,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.study or args.list_variants:
+        import distill_study
+
+        return distill_study.run(args, argv)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -408,29 +490,23 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(args.device)
 
-    train = make_split(args.train_images, args.seed * 2 + 1000)
-    val = make_split(args.val_images, args.seed * 2 + 1001)
-    priors = torch.from_numpy(np.asarray(ssdkd.priors(**PRIOR_CONFIG), np.float32)).to(device)
+    train, val = make_data(args, args.seed)
+    priors = make_priors(device)
     print(f"data: {len(train[0])} training and {len(val[0])} validation images of {IMAGE_SIZE} px, "
           f"{sum(len(o) for o in train[1])} training objects; {priors.shape[0]} priors; "
           f"{NUM_CLASSES} classes with background", flush=True)
 
-    common = dict(variance=VARIANCE, backend=args.backend)
-    plain_loss = ssdkd_torch.MultiBoxLoss(NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False, True, **common)
-    kd_loss = ssdkd_torch.MultiBoxLoss_KD(
-        NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False, True, 100.0, 1.5, 1.0, args.temperature, 0.0, **common
-    )
+    plain_loss = make_plain_loss(args.backend)
+    kd_loss = make_kd_loss(args.backend, args.temperature)
 
-    torch.manual_seed(args.seed)
-    teacher = TinySSD(width=16).to(device)
-    torch.manual_seed(args.seed + 7)
-    student_init = TinySSD(width=6).to(device)
-    student_kd = TinySSD(width=6).to(device)
+    teacher = make_teacher(args.seed, device)
+    student_init = make_student(args.seed, device)
+    student_kd = TinySSD(width=STUDENT_WIDTH).to(device)
     student_kd.load_state_dict(student_init.state_dict())
-    student_base = TinySSD(width=6).to(device)
+    student_base = TinySSD(width=STUDENT_WIDTH).to(device)
     student_base.load_state_dict(student_init.state_dict())
-    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    print(f"teacher: {params(teacher):,} parameters; student: {params(student_kd):,} parameters", flush=True)
+    print(f"teacher: {count_parameters(teacher):,} parameters; student: {count_parameters(student_kd):,} parameters",
+          flush=True)
 
     log = dict(
         command=[sys.executable] + sys.argv if argv is None else ["distill_shapes.py"] + list(argv),
@@ -440,9 +516,7 @@ def main(argv=None):
     log["stages"]["teacher"] = train_stage(
         "plain", "Start Teacher Train", teacher, train, val, priors, plain_loss, args
     )
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    freeze(teacher)
     log["stages"]["teacher2student_KD"] = train_stage(
         "kd", "Start teacher2student_KD Train", student_kd, train, val, priors, kd_loss, args, teacher
     )
