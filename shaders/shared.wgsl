@@ -60,7 +60,7 @@ struct Sums {
 }
 
 // Every buffer has one binding number, the same in every file that declares it (`params`
-// 0, then `Resource::ALL` order in host/src/gpu/plan.rs: student_conf 1, teacher_conf 2,
+// 0, then `Resource::ALL` order in host/src/gpu/resources.rs: student_conf 1, teacher_conf 2,
 // student_loc 3, teacher_loc 4, targets 5, priors 6, conf_target 7, loc_target 8,
 // neg_mask 9, mining_score 10, prior_loss 11, row_soft 12, image_sums 13, batch_sums 14,
 // grad_student_conf 15, grad_student_loc 16); a naga test checks it.

@@ -6,12 +6,18 @@
 
 use crate::batch::{Batch, BatchShape};
 use crate::error::{Error, Result};
+use crate::gpu::chunks::{Chunk, Layout};
+use crate::gpu::kernels::KERNELS;
 use crate::gpu::params::Params;
-use crate::gpu::plan::{Chunk, DeviceLimits, Layout, Owner, Recording, Resource, KERNELS};
+use crate::gpu::pipeline_cache::{pipeline_cache_file, store_pipeline_cache};
+use crate::gpu::recording::{DeviceLimits, Recording};
 use crate::gpu::resident::{self, GpuBatch, GpuGradients, GpuSlice, GpuTensors, SliceRules};
+use crate::gpu::resources::{Owner, Resource};
 use ssdkd_core::Stage;
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+#[cfg(test)]
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 /// A stage's WGSL: the shared include, any further includes, then the stage's own file.
@@ -48,9 +54,11 @@ struct Pipeline {
 }
 
 /// Counts the bind-group sets alive, for the test that dropped batches release theirs.
+#[cfg(test)]
 #[derive(Debug)]
 struct Live(Arc<AtomicUsize>);
 
+#[cfg(test)]
 impl Live {
     fn new(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
@@ -58,6 +66,7 @@ impl Live {
     }
 }
 
+#[cfg(test)]
 impl Drop for Live {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -72,7 +81,8 @@ pub(crate) struct Bound {
     chunks: Vec<Chunk>,
     params: Vec<wgpu::Buffer>,
     groups: Vec<Vec<wgpu::BindGroup>>,
-    _live: Live,
+    #[cfg(test)]
+    _live: Option<Live>,
 }
 
 /// The per-prior and per-image buffers of one shape (one per [`Owner::Workspace`]
@@ -105,6 +115,7 @@ pub(crate) struct Engine {
     failures: Arc<Mutex<Vec<String>>>,
     workspaces: Vec<Workspace>,
     /// Bind-group sets alive (held by batches).
+    #[cfg(test)]
     live_bound: Arc<AtomicUsize>,
     /// Bytes mapped back to the host so far.
     bytes_read_back: u64,
@@ -249,6 +260,7 @@ impl Engine {
             pipelines,
             failures,
             workspaces: Vec::new(),
+            #[cfg(test)]
             live_bound: Arc::new(AtomicUsize::new(0)),
             bytes_read_back: 0,
         };
@@ -551,6 +563,7 @@ impl Engine {
             queue,
             pipelines,
             workspaces,
+            #[cfg(test)]
             live_bound,
             bytes_read_back,
             ..
@@ -562,14 +575,13 @@ impl Engine {
             .is_none_or(|b| b.workspace_id != workspace.id || b.chunks != recording.chunks)
         {
             *bound = None; // release the old set first
-            *bound = Some(bind(
-                device,
-                pipelines,
-                workspace,
-                batch,
-                &recording.chunks,
-                live_bound,
-            ));
+            let made = bind(device, pipelines, workspace, batch, &recording.chunks);
+            #[cfg(test)]
+            let made = Bound {
+                _live: Some(Live::new(live_bound)),
+                ..made
+            };
+            *bound = Some(made);
         }
         let bound = bound.as_ref().expect("bound just made");
         for (buffer, params) in bound.params.iter().zip(&recording.uploads) {
@@ -672,32 +684,6 @@ impl Engine {
     }
 }
 
-/// The per-user pipeline cache file of an adapter: `$XDG_CACHE_HOME/ssdkd/<key>` or
-/// `~/.cache/ssdkd/<key>`, the key from `wgpu::util::pipeline_cache_key` (`None` where wgpu
-/// has no cache for the backend, or no cache directory is known).
-fn pipeline_cache_file(info: &wgpu::AdapterInfo) -> Option<std::path::PathBuf> {
-    let key = wgpu::util::pipeline_cache_key(info)?;
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|d| !d.is_empty())
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
-    Some(base.join("ssdkd").join(key))
-}
-
-/// Writes the pipeline cache (a temporary file renamed over the old one, so that a
-/// concurrent process reads a whole file or none). Failures are ignored: the cache only
-/// saves time.
-fn store_pipeline_cache(file: &std::path::Path, data: &[u8]) {
-    let Some(dir) = file.parent() else { return };
-    if std::fs::create_dir_all(dir).is_err() {
-        return;
-    }
-    let temporary = file.with_extension(format!("tmp{}", std::process::id()));
-    if std::fs::write(&temporary, data).is_ok() && std::fs::rename(&temporary, file).is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-}
-
 /// Runs `f` inside out-of-memory, validation and internal error scopes of `device`; the
 /// first error they catch becomes [`Error::Gpu`].
 fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -789,7 +775,6 @@ fn bind(
     workspace: &Workspace,
     batch: &GpuBatch,
     chunks: &[Chunk],
-    live: &Arc<AtomicUsize>,
 ) -> Bound {
     let params: Vec<wgpu::Buffer> = chunks
         .iter()
@@ -856,7 +841,8 @@ fn bind(
         chunks: chunks.to_vec(),
         params,
         groups,
-        _live: Live::new(live),
+        #[cfg(test)]
+        _live: None,
     }
 }
 

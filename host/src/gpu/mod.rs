@@ -2,9 +2,14 @@
 //! the twin of `ssdkd_core::stages::<stage>`), dispatched by wgpu.
 //!
 //! - `params.rs`: the uniform shared with the WGSL, and the sums record;
-//! - `plan.rs`: the resources and the kernel table, how a batch is split into chunks,
-//!   and the `Recording` of an evaluation — parameter uploads,
-//!   dispatches folded to `[x, y, 1]`, downloads with their layout — and its decoding;
+//! - `resources.rs`: the buffers the kernels bind; `kernels.rs`: the kernel table with
+//!   each kernel's launch shape, phase, bindings and loop budget; `chunks.rs`: how a batch
+//!   is split into chunks of images and the windows they bind;
+//! - `recording.rs`: the `Recording` of an evaluation — parameter uploads, dispatches
+//!   folded to `[x, y, 1]`, downloads with their layout — and its decoding;
+//! - `resident.rs`: the public types of batches on the GPU (`GpuSlice`, `GpuTensors`,
+//!   `GpuGradients`, `GpuBatch`) and the checks of the caller's slices;
+//! - `pipeline_cache.rs`: the per-user pipeline cache's file;
 //! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
 //!   cache), cached buffers, bind groups kept by their batch, the execution of a
 //!   recording in one command encoder and one submit, returning the downloaded bytes.
@@ -17,10 +22,14 @@
 //! by one batch reduce, so results do not depend on the chunking. Only the batch sums are
 //! read back, plus the gradients and decisions when asked.
 
+mod chunks;
 mod engine;
+mod kernels;
 mod params;
-mod plan;
+mod pipeline_cache;
+mod recording;
 mod resident;
+mod resources;
 
 pub use resident::{GpuBatch, GpuGradients, GpuSlice, GpuTensors};
 /// The wgpu this backend is built with, for callers that make their own buffers.
@@ -29,7 +38,7 @@ pub use wgpu;
 use crate::batch::{Batch, BatchShape, Evaluation, Request};
 use crate::error::{Error, Result};
 use engine::Engine;
-use plan::{Recording, Wanted};
+use recording::{Recording, Wanted};
 use ssdkd_core::{LossConfig, LossSums};
 
 /// What a resident evaluation computes and reads back beyond the losses.

@@ -5,7 +5,8 @@
 
 use crate::batch::BatchShape;
 use crate::error::{Error, Result};
-use crate::gpu::plan::{Layout, Resource};
+use crate::gpu::chunks::Layout;
+use crate::gpu::resources::Resource;
 use std::sync::Mutex;
 
 /// A tensor in a GPU buffer: `size` bytes from byte `offset`, row-major `f32` laid out like
