@@ -59,11 +59,12 @@ struct Sums {
     _pad: u32,
 }
 
-// Every buffer has one binding number, the same in every file that declares it (`params`
-// 0, then `Resource::ALL` order in host/src/gpu/resources.rs: student_conf 1, teacher_conf 2,
+// `params` is binding 0 in every file. The host reads every other binding from the WGSL
+// (naga's reflection, host/src/gpu/shader.rs): a buffer is known by its variable's name.
+// By convention each keeps one number in every file (student_conf 1, teacher_conf 2,
 // student_loc 3, teacher_loc 4, targets 5, priors 6, conf_target 7, loc_target 8,
 // neg_mask 9, mining_score 10, prior_loss 11, row_soft 12, image_sums 13, batch_sums 14,
-// grad_student_conf 15, grad_student_loc 16); a naga test checks it.
+// grad_student_conf 15, grad_student_loc 16), so that the files read alike.
 @group(0) @binding(0) var<uniform> params: Params;
 
 // The flat index of a thread of a 1-D launch that the host may have folded into 2-D

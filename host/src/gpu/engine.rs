@@ -13,34 +13,13 @@ use crate::gpu::pipeline_cache::{pipeline_cache_file, store_pipeline_cache};
 use crate::gpu::recording::{DeviceLimits, Recording};
 use crate::gpu::resident::{self, GpuBatch, GpuGradients, GpuSlice, GpuTensors, SliceRules};
 use crate::gpu::resources::{Owner, Resource};
+use crate::gpu::shader::{kernel_bindings, stage_source, Binding};
 use ssdkd_core::Stage;
 use std::num::NonZeroU64;
 #[cfg(test)]
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-
-/// A stage's WGSL: the shared include, any further includes, then the stage's own file.
-macro_rules! stage_source {
-    ($($file:literal),+) => {
-        concat!(
-            include_str!("../../../shaders/shared.wgsl"),
-            $(include_str!(concat!("../../../shaders/", $file))),+
-        )
-    };
-}
-
-/// The WGSL of a stage (`shaders/<stage>.wgsl` after `shaders/shared.wgsl`, and after
-/// `shaders/logits.wgsl` for the stages that read the logits).
-pub(crate) fn stage_source(stage: Stage) -> &'static str {
-    match stage {
-        Stage::Match => stage_source!("match.wgsl"),
-        Stage::PriorTerms => stage_source!("logits.wgsl", "prior_terms.wgsl"),
-        Stage::Mine => stage_source!("mine.wgsl"),
-        Stage::Reduce => stage_source!("logits.wgsl", "reduce.wgsl"),
-        Stage::Grad => stage_source!("logits.wgsl", "grad.wgsl"),
-    }
-}
 
 /// Workspaces (per-prior buffers) kept for this many recent shapes.
 const WORKSPACES_KEPT: usize = 2;
@@ -51,6 +30,8 @@ static NEXT_WORKSPACE_ID: AtomicU64 = AtomicU64::new(1);
 struct Pipeline {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
+    /// The storage buffers it binds, reflected from its WGSL.
+    bindings: &'static [Binding],
 }
 
 /// Counts the bind-group sets alive, for the test that dropped batches release theirs.
@@ -246,8 +227,11 @@ impl Engine {
                 })
             }
         });
-        let pipelines = scoped(&device, || Ok(create_pipelines(&device, cache.as_ref())))
-            .map_err(|e| Error::Gpu(format!("creating the pipelines: {e}")))?;
+        let bindings = kernel_bindings()?;
+        let pipelines = scoped(&device, || {
+            Ok(create_pipelines(&device, cache.as_ref(), bindings))
+        })
+        .map_err(|e| Error::Gpu(format!("creating the pipelines: {e}")))?;
         if let (Some(file), Some(data)) = (&cache_file, cache.and_then(|c| c.get_data())) {
             if cached.as_deref() != Some(&data[..]) {
                 store_pipeline_cache(file, &data);
@@ -702,7 +686,11 @@ fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> 
     result
 }
 
-fn create_pipelines(device: &wgpu::Device, cache: Option<&wgpu::PipelineCache>) -> Vec<Pipeline> {
+fn create_pipelines(
+    device: &wgpu::Device,
+    cache: Option<&wgpu::PipelineCache>,
+    bindings: &'static [Vec<Binding>],
+) -> Vec<Pipeline> {
     let modules: Vec<(Stage, wgpu::ShaderModule)> = Stage::ALL
         .into_iter()
         .map(|stage| {
@@ -716,7 +704,8 @@ fn create_pipelines(device: &wgpu::Device, cache: Option<&wgpu::PipelineCache>) 
         .collect();
     KERNELS
         .iter()
-        .map(|kernel| {
+        .zip(bindings)
+        .map(|(kernel, bindings)| {
             let label = kernel.label();
             let module = &modules
                 .iter()
@@ -733,8 +722,8 @@ fn create_pipelines(device: &wgpu::Device, cache: Option<&wgpu::PipelineCache>) 
                 },
                 count: None,
             }];
-            entries.extend(kernel.bindings.iter().map(|b| wgpu::BindGroupLayoutEntry {
-                binding: b.resource.binding(),
+            entries.extend(bindings.iter().map(|b| wgpu::BindGroupLayoutEntry {
+                binding: b.binding,
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Storage {
@@ -762,7 +751,11 @@ fn create_pipelines(device: &wgpu::Device, cache: Option<&wgpu::PipelineCache>) 
                 compilation_options: wgpu::PipelineCompilationOptions::default(),
                 cache,
             });
-            Pipeline { pipeline, layout }
+            Pipeline {
+                pipeline,
+                layout,
+                bindings,
+            }
         })
         .collect()
 }
@@ -799,7 +792,7 @@ fn bind(
                         binding: 0,
                         resource: params.as_entire_binding(),
                     }];
-                    for b in kernel.bindings {
+                    for b in pipeline.bindings {
                         // A caller's slice starts at its base offset (aligned, as every
                         // window offset is); ssdkd's own buffers at 0.
                         let (buffer, base) = match batch.slice(b.resource) {
@@ -819,7 +812,7 @@ fn bind(
                             None => (base, b.resource.bytes(&batch.shape).max(4)),
                         };
                         entries.push(wgpu::BindGroupEntry {
-                            binding: b.resource.binding(),
+                            binding: b.binding,
                             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                                 buffer,
                                 offset,
@@ -843,122 +836,5 @@ fn bind(
         groups,
         #[cfg(test)]
         _live: None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use wgpu::naga;
-
-    fn module(stage: Stage) -> naga::Module {
-        let source = stage_source(stage);
-        naga::front::wgsl::parse_str(source)
-            .unwrap_or_else(|e| panic!("{}.wgsl: {}", stage.name(), e.emit_to_string(source)))
-    }
-
-    /// Every stage's WGSL parses and validates (no adapter needed).
-    #[test]
-    fn every_stage_compiles() {
-        for stage in Stage::ALL {
-            naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::default(),
-            )
-            .validate(&module(stage))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}.wgsl: {}",
-                    stage.name(),
-                    e.emit_to_string(stage_source(stage))
-                )
-            });
-        }
-    }
-
-    /// Every entry point of every shader has a CPU twin of the same name in the core's
-    /// table (`ssdkd_core::KERNELS`), and a row in the host's kernel table.
-    #[test]
-    fn every_entry_point_has_a_cpu_twin_and_a_kernel_row() {
-        let mut seen = Vec::new();
-        for stage in Stage::ALL {
-            for entry in &module(stage).entry_points {
-                let name = entry.name.as_str();
-                assert!(
-                    ssdkd_core::KERNELS.contains(&(stage, name)),
-                    "{}.wgsl entry point {name} has no CPU twin in ssdkd_core::KERNELS",
-                    stage.name()
-                );
-                assert!(
-                    KERNELS
-                        .iter()
-                        .any(|k| k.stage == stage && k.entry_point == name),
-                    "{}.wgsl entry point {name} has no kernel row",
-                    stage.name()
-                );
-                seen.push((stage, name.to_string()));
-            }
-        }
-        assert_eq!(seen.len(), ssdkd_core::KERNELS.len(), "{seen:?}");
-    }
-
-    /// Every binding a kernel row lists is declared in its stage's WGSL at the resource's
-    /// one binding number, under the resource's name, with the same access; and every
-    /// storage variable any shader declares is a resource at its number (so a buffer has
-    /// the same binding everywhere).
-    #[test]
-    fn bindings_match_the_wgsl() {
-        for kernel in &KERNELS {
-            let module = module(kernel.stage);
-            assert!(
-                module
-                    .entry_points
-                    .iter()
-                    .any(|e| e.name == kernel.entry_point),
-                "{}: entry point",
-                kernel.label()
-            );
-            for b in kernel.bindings {
-                let binding = b.resource.binding();
-                let (_, global) = module
-                    .global_variables
-                    .iter()
-                    .find(|(_, g)| {
-                        g.binding
-                            .as_ref()
-                            .is_some_and(|r| r.group == 0 && r.binding == binding)
-                    })
-                    .unwrap_or_else(|| panic!("{}: binding {binding}", kernel.label()));
-                assert_eq!(global.name.as_deref(), Some(b.resource.name()));
-                let writes = matches!(global.space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE));
-                assert_eq!(
-                    writes,
-                    b.writes,
-                    "{}: binding {binding} access",
-                    kernel.label()
-                );
-            }
-        }
-        for stage in Stage::ALL {
-            for (_, global) in module(stage).global_variables.iter() {
-                let (Some(binding), Some(name)) = (&global.binding, &global.name) else {
-                    continue;
-                };
-                if binding.binding == 0 {
-                    assert_eq!(name, "params");
-                    continue;
-                }
-                let resource = Resource::ALL
-                    .into_iter()
-                    .find(|r| r.name() == name)
-                    .unwrap_or_else(|| panic!("{}.wgsl: {name} is no resource", stage.name()));
-                assert_eq!(
-                    binding.binding,
-                    resource.binding(),
-                    "{}.wgsl: {name}",
-                    stage.name()
-                );
-            }
-        }
     }
 }

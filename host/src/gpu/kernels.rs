@@ -1,10 +1,8 @@
-//! The kernel table ([`KERNELS`]): each WGSL entry point once, with its stage, launch
-//! shape, phase, bindings and loop budget, in pipeline order; and the limits the loop
-//! budgets set.
+//! The kernel table ([`KERNELS`]): each kernel of the core's table with its launch shape,
+//! phase and loop budget, in pipeline order; and the limits the loop budgets set.
 
 use crate::batch::BatchShape;
 use crate::gpu::params::WORKGROUP_SIZE;
-use crate::gpu::resources::{read, write, Binding, Resource};
 use ssdkd_core::Stage;
 /// How many workgroups a kernel launches over a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +36,6 @@ pub(crate) struct Kernel {
     pub entry_point: &'static str,
     pub launch: Launch,
     pub phase: Phase,
-    /// The storage buffers it binds, as its WGSL declares them.
-    pub bindings: &'static [Binding],
     /// An upper bound on the loop iterations one invocation runs over a batch of this
     /// shape: every loop of the entry point and the functions it calls, on every path,
     /// added up (a SIMD group of invocations that diverge runs the loops of both paths).
@@ -119,16 +115,15 @@ fn no_loop(_: &BatchShape) -> u64 {
     0
 }
 
-/// Every kernel, in pipeline order (the order of `ssdkd_core::KERNELS`, checked by a
-/// test): adding a kernel is one row here plus its WGSL entry point and CPU twin.
-pub(crate) const KERNELS: [Kernel; 10] = {
-    use Resource::*;
+/// Every kernel, in pipeline order: each row of `ssdkd_core::KERNELS` (its stage and entry
+/// point, the name of its CPU twin) with what the GPU needs of it — launch shape, phase and
+/// loop budget. Its bindings are read from its WGSL (`shader.rs`). Adding a kernel is one
+/// row in the core's table, one here, its WGSL entry point and its CPU twin.
+pub(crate) const KERNELS: [Kernel; ssdkd_core::KERNELS.len()] = {
     const fn kernel(
-        stage: Stage,
-        entry_point: &'static str,
+        (stage, entry_point): (Stage, &'static str),
         launch: Launch,
         phase: Phase,
-        bindings: &'static [Binding],
         iterations: fn(&BatchShape) -> u64,
     ) -> Kernel {
         Kernel {
@@ -136,134 +131,62 @@ pub(crate) const KERNELS: [Kernel; 10] = {
             entry_point,
             launch,
             phase,
-            bindings,
             iterations,
         }
     }
-    const MATCH: &[Binding] = &[
-        read(Targets),
-        read(Priors),
-        write(ConfTarget),
-        write(LocTarget),
-        write(ImageSums),
-    ];
     use Launch::*;
     use Phase::*;
     [
         kernel(
-            Stage::Match,
-            "match_priors",
+            ssdkd_core::KERNELS[0],
             PerPrior,
             Forward,
-            MATCH,
             match_priors_iterations,
         ),
         kernel(
-            Stage::Match,
-            "match_objects",
+            ssdkd_core::KERNELS[1],
             PerObjectRow,
             Forward,
-            MATCH,
             match_objects_iterations,
         ),
         kernel(
-            Stage::Match,
-            "match_finish",
+            ssdkd_core::KERNELS[2],
             PerImage,
             Forward,
-            MATCH,
             match_finish_iterations,
         ),
         kernel(
-            Stage::PriorTerms,
-            "prior_terms",
+            ssdkd_core::KERNELS[3],
             PerPrior,
             Forward,
-            &[
-                read(StudentConf),
-                read(StudentLoc),
-                read(TeacherLoc),
-                read(ConfTarget),
-                read(LocTarget),
-                write(MiningScore),
-                write(PriorLoss),
-            ],
             prior_terms_iterations,
         ),
+        kernel(ssdkd_core::KERNELS[4], PerImage, Forward, mine_iterations),
         kernel(
-            Stage::Mine,
-            "mine",
-            PerImage,
-            Forward,
-            &[read(MiningScore), write(ImageSums), write(NegMask)],
-            mine_iterations,
-        ),
-        kernel(
-            Stage::Reduce,
-            "reduce_rows",
+            ssdkd_core::KERNELS[5],
             PerPrior,
             Forward,
-            &[
-                read(StudentConf),
-                read(TeacherConf),
-                read(ConfTarget),
-                read(NegMask),
-                write(RowSoft),
-            ],
             reduce_rows_iterations,
         ),
         kernel(
-            Stage::Reduce,
-            "reduce_image",
+            ssdkd_core::KERNELS[6],
             PerImage,
             Forward,
-            &[
-                read(ConfTarget),
-                read(NegMask),
-                read(PriorLoss),
-                write(ImageSums),
-                write(RowSoft),
-            ],
             reduce_image_iterations,
         ),
         kernel(
-            Stage::Reduce,
-            "reduce_batch",
+            ssdkd_core::KERNELS[7],
             Single,
             Batch,
-            &[write(ImageSums), write(BatchSums)],
             reduce_batch_iterations,
         ),
         kernel(
-            Stage::Grad,
-            "grad_conf",
+            ssdkd_core::KERNELS[8],
             PerPrior,
             Backward,
-            &[
-                read(StudentConf),
-                read(TeacherConf),
-                read(ConfTarget),
-                read(NegMask),
-                read(BatchSums),
-                write(GradStudentConf),
-            ],
             grad_conf_iterations,
         ),
-        kernel(
-            Stage::Grad,
-            "grad_loc",
-            PerPrior,
-            Backward,
-            &[
-                read(StudentLoc),
-                read(ConfTarget),
-                read(LocTarget),
-                read(PriorLoss),
-                read(BatchSums),
-                write(GradStudentLoc),
-            ],
-            no_loop,
-        ),
+        kernel(ssdkd_core::KERNELS[9], PerPrior, Backward, no_loop),
     ]
 };
 

@@ -10,6 +10,8 @@
 //! - `resident.rs`: the public types of batches on the GPU (`GpuSlice`, `GpuTensors`,
 //!   `GpuGradients`, `GpuBatch`) and the checks of the caller's slices;
 //! - `pipeline_cache.rs`: the per-user pipeline cache's file;
+//! - `shader.rs`: the WGSL of each stage and, by naga's reflection, the buffers each
+//!   kernel binds;
 //! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
 //!   cache), cached buffers, bind groups kept by their batch, the execution of a
 //!   recording in one command encoder and one submit, returning the downloaded bytes.
@@ -30,6 +32,7 @@ mod pipeline_cache;
 mod recording;
 mod resident;
 mod resources;
+mod shader;
 
 pub use resident::{GpuBatch, GpuGradients, GpuSlice, GpuTensors};
 /// The wgpu this backend is built with, for callers that make their own buffers.

@@ -1,11 +1,12 @@
-//! The buffers the kernels bind ([`Resource`]): each declared once, with its `@binding`
-//! number (the same in every shader that declares it), WGSL name, layout and owner.
+//! The buffers the kernels bind ([`Resource`]): each declared once, with its WGSL name,
+//! layout and owner (its `@binding` numbers are read from the shaders, `shader.rs`).
 
 use crate::batch::BatchShape;
 use crate::gpu::chunks::Layout;
 use crate::gpu::params::GpuSums;
-/// A buffer the kernels bind: declared here once, with its `@binding` number (the same in
-/// every shader that declares it), its WGSL name, its layout and who owns it.
+
+/// A buffer the kernels bind: declared here once, with its WGSL name, its layout and who
+/// owns it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Resource {
     StudentConf,
@@ -38,7 +39,7 @@ pub(crate) enum Owner {
 }
 
 impl Resource {
-    /// Every resource, in binding order (binding 0 is the `Params` uniform).
+    /// Every resource.
     pub const ALL: [Resource; 16] = [
         Resource::StudentConf,
         Resource::TeacherConf,
@@ -57,11 +58,6 @@ impl Resource {
         Resource::GradStudentConf,
         Resource::GradStudentLoc,
     ];
-
-    /// Its `@group(0) @binding(n)` in every shader: its place in [`Resource::ALL`] + 1.
-    pub fn binding(self) -> u32 {
-        Resource::ALL.iter().position(|&r| r == self).unwrap_or(0) as u32 + 1
-    }
 
     /// Its variable name in the WGSL, and its buffer's label `"ssdkd.<name>"`.
     pub fn name(self) -> &'static str {
@@ -117,26 +113,5 @@ impl Resource {
             (Resource::ImageSums, None) => sums * shape.batch as u64,
             _ => sums,
         }
-    }
-}
-
-/// How a kernel binds a resource (at [`Resource::binding`]) and whether it writes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Binding {
-    pub resource: Resource,
-    pub writes: bool,
-}
-
-pub(crate) const fn read(resource: Resource) -> Binding {
-    Binding {
-        resource,
-        writes: false,
-    }
-}
-
-pub(crate) const fn write(resource: Resource) -> Binding {
-    Binding {
-        resource,
-        writes: true,
     }
 }
