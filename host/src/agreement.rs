@@ -78,10 +78,23 @@ fn units(actual: f64, expected: f64, tolerance: f64) -> f64 {
 /// A loss against its expected value, to SPEC §7.
 #[must_use]
 pub fn loss_difference(what: &'static str, actual: f64, expected: f64) -> Difference {
+    loss_difference_within(what, actual, expected, LOSS_REL, LOSS_ABS)
+}
+
+/// A loss against its expected value with other tolerances than SPEC §7's: `rel`
+/// relative, or `abs` absolute where `|expected|` is below [`LOSS_SMALL`].
+#[must_use]
+pub fn loss_difference_within(
+    what: &'static str,
+    actual: f64,
+    expected: f64,
+    rel: f64,
+    abs: f64,
+) -> Difference {
     let tolerance = if expected.abs() < LOSS_SMALL {
-        LOSS_ABS
+        abs
     } else {
-        LOSS_REL * expected.abs()
+        rel * expected.abs()
     };
     Difference {
         what,

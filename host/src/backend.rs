@@ -2,6 +2,7 @@
 //! prepared once for repeated evaluations (on a GPU, uploaded once).
 
 use crate::batch::{Batch, Evaluation, Gradients, Request};
+use crate::cancel::CancelToken;
 pub use crate::cpu::CpuBackend;
 use crate::error::Result;
 #[cfg(feature = "gpu")]
@@ -89,12 +90,29 @@ impl Backend {
         config: &LossConfig,
         request: Request,
     ) -> Result<Evaluation> {
+        self.evaluate_cancellable(batch, config, request, None)
+    }
+
+    /// [`Backend::evaluate`], stopped early when `cancel` is cancelled from another thread:
+    /// the CPU backend checks the token before each image of each pass, the GPU backend
+    /// before it starts.
+    ///
+    /// # Errors
+    /// As [`Backend::evaluate`], and [`crate::Error::Cancelled`].
+    pub fn evaluate_cancellable(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &LossConfig,
+        request: Request,
+        cancel: Option<&CancelToken>,
+    ) -> Result<Evaluation> {
         let config = &for_batch(config, batch.has_teacher());
         let mut eval = match self {
             // The CPU backend checks the gradient rows as it writes them (cpu.rs).
-            Backend::Cpu(cpu) => cpu.evaluate_checked(batch, config, request)?,
+            Backend::Cpu(cpu) => cpu.evaluate_checked(batch, config, request, cancel)?,
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu) => {
+                cancel.map_or(Ok(()), CancelToken::check)?;
                 let eval = gpu.evaluate(batch, config, request)?;
                 eval.check_finite()?;
                 eval

@@ -42,6 +42,84 @@ impl BatchShape {
     }
 }
 
+/// The tensors of SPEC §1, in the order every API takes them.
+pub const TENSOR_NAMES: [&str; 6] = [
+    "student_loc",
+    "student_conf",
+    "teacher_loc",
+    "teacher_conf",
+    "targets",
+    "priors",
+];
+
+/// The teacher's tensors, both or neither (SPEC §10: neither is the plain MultiBox loss);
+/// one alone is an error naming the one missing.
+///
+/// # Errors
+/// [`Error::Shape`] naming the missing teacher tensor.
+pub fn teacher_pair<T>(teacher_loc: Option<T>, teacher_conf: Option<T>) -> Result<Option<(T, T)>> {
+    match (teacher_loc, teacher_conf) {
+        (Some(loc), Some(conf)) => Ok(Some((loc, conf))),
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(Error::shape(
+            "teacher_loc",
+            "missing while teacher_conf is given (give both or neither)",
+        )),
+        (Some(_), None) => Err(Error::shape(
+            "teacher_conf",
+            "missing while teacher_loc is given (give both or neither)",
+        )),
+    }
+}
+
+impl BatchShape {
+    /// The shape of tensors with these dimensions (SPEC §1), before any value is read:
+    /// `student_loc` `[B, P, 4]` gives B and P, `student_conf` C, `targets` M; the others
+    /// must agree. The teacher's are both given or both absent ([`teacher_pair`]).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming the first tensor whose dimensions disagree.
+    pub fn from_dims(dims: [Option<&[usize]>; 6]) -> Result<Self> {
+        let [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors] = dims;
+        let given = |name: &'static str, d: Option<&[usize]>| {
+            d.map(<[usize]>::to_vec)
+                .ok_or_else(|| Error::shape(name, "missing"))
+        };
+        let expect = |name: &'static str, got: &[usize], want: &[Option<usize>]| {
+            let fits = got.len() == want.len()
+                && got.iter().zip(want).all(|(g, w)| w.is_none_or(|w| *g == w));
+            if fits {
+                return Ok(());
+            }
+            let want: Vec<String> = want
+                .iter()
+                .map(|w| w.map_or_else(|| "_".to_owned(), |w| w.to_string()))
+                .collect();
+            let problem = format!("shape {got:?} where [{}] is needed", want.join(", "));
+            Err(Error::shape(name, problem))
+        };
+        let sl = given("student_loc", student_loc)?;
+        expect("student_loc", &sl, &[None, None, Some(4)])?;
+        let (b, p) = (sl[0], sl[1]);
+        let sc = given("student_conf", student_conf)?;
+        expect("student_conf", &sc, &[Some(b), Some(p), None])?;
+        let c = sc[2];
+        if let Some((tl, tc)) = teacher_pair(teacher_loc, teacher_conf)? {
+            expect("teacher_loc", tl, &[Some(b), Some(p), Some(4)])?;
+            expect("teacher_conf", tc, &[Some(b), Some(p), Some(c)])?;
+        }
+        let tg = given("targets", targets)?;
+        expect("targets", &tg, &[Some(b), None, Some(5)])?;
+        expect("priors", &given("priors", priors)?, &[Some(p), Some(4)])?;
+        Ok(Self {
+            batch: b,
+            priors: p,
+            classes: c,
+            objects: tg[1],
+        })
+    }
+}
+
 /// Borrowed batch tensors (SPEC §1), flat row-major f32, whose lengths agree with their
 /// shape: [`Batch::new`] and [`Batch::without_teacher`] are the only ways to make one.
 ///

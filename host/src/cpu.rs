@@ -10,6 +10,7 @@ mod rows;
 mod simd;
 
 use crate::batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, Request};
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use fast::{forward_matched, match_stage, FastScratch};
 use matching::PriorColumns;
@@ -116,23 +117,27 @@ impl CpuBackend {
         config: &LossConfig,
         request: Request,
     ) -> Result<Evaluation> {
-        self.run(batch, config, request).map(|(eval, _)| eval)
+        self.run(batch, config, request, None).map(|(eval, _)| eval)
     }
 
     /// [`CpuBackend::evaluate`], then the checks of `Evaluation::check_finite` (the same
     /// error for the same evaluation) without scanning the gradients: the backward pass
     /// checked the rows it wrote, and the others are zeros.
     ///
+    /// With `cancel`, each image of each pass first checks the token, and a cancelled
+    /// evaluation returns [`Error::Cancelled`].
+    ///
     /// # Errors
-    /// As [`CpuBackend::evaluate`], and [`Error::Numerical`] for a non-finite term or
-    /// gradient element.
+    /// As [`CpuBackend::evaluate`], [`Error::Numerical`] for a non-finite term or
+    /// gradient element, and [`Error::Cancelled`].
     pub(crate) fn evaluate_checked(
         &mut self,
         batch: &Batch<'_>,
         config: &LossConfig,
         request: Request,
+        cancel: Option<&CancelToken>,
     ) -> Result<Evaluation> {
-        let (mut eval, finite) = self.run(batch, config, request)?;
+        let (mut eval, finite) = self.run(batch, config, request, cancel)?;
         let gradients = eval.gradients.take();
         eval.check_finite()?; // the terms
         if let Some(g) = &gradients {
@@ -189,14 +194,17 @@ impl CpuBackend {
         batch: &Batch<'_>,
         config: &LossConfig,
         request: Request,
+        cancel: Option<&CancelToken>,
     ) -> Result<(Evaluation, Finite)> {
         self.last = None;
         batch.check(config, request.validate)?;
         let images = batch.shape().batch;
         let pooled = self.take_workspaces(images);
-        let (eval, workspaces, finite) = evaluate_with(batch, config, request, pooled);
+        let (eval, workspaces, finite) = evaluate_with(batch, config, request, pooled, cancel);
         let before = self.workspaces.len();
         self.return_workspaces(workspaces);
+        // A cancelled evaluation skipped images: its results and workspaces mean nothing.
+        cancel.map_or(Ok(()), CancelToken::check)?;
         if self.workspaces.len() - before == images {
             self.last = Some(Box::new(LastBatch::of(batch, config, eval.sums.num_pos)));
         }
@@ -305,7 +313,10 @@ fn evaluate_with(
     config: &LossConfig,
     request: Request,
     mut workspaces: Vec<Workspace>,
+    cancel: Option<&CancelToken>,
 ) -> (Evaluation, Vec<Workspace>, Finite) {
+    // Checked before each image of each pass; once cancelled, every later image is skipped.
+    let cancelled = || cancel.is_some_and(CancelToken::is_cancelled);
     let shape = batch.shape();
     let (p, c) = (shape.priors, shape.classes);
     let columns = PriorColumns::new(bytemuck::cast_slice(batch.priors()));
@@ -318,6 +329,9 @@ fn evaluate_with(
         .par_iter_mut()
         .enumerate()
         .map(|(i, (workspace, fast))| {
+            if cancelled() {
+                return 0;
+            }
             workspace.resize(p, shape.objects);
             let (mut scratch, mut targets) = workspace.split();
             let image = batch.image(i);
@@ -337,6 +351,9 @@ fn evaluate_with(
     let rest = |i: usize,
                 (workspace, fast): &mut Workspace,
                 grads: Option<(&mut [_], &mut [_])>| {
+        if cancelled() {
+            return (LossSums::default(), FirstBad::default());
+        }
         let (mut scratch, mut targets) = workspace.split();
         let image = batch.image(i);
         // The selected rows' probabilities are kept even without gradients, for a

@@ -66,6 +66,9 @@ pub enum Error {
         /// The value found.
         value: f64,
     },
+    /// The caller cancelled the evaluation through its [`crate::CancelToken`].
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl From<ConfigError> for Error {

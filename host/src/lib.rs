@@ -9,6 +9,7 @@
 pub mod agreement;
 mod backend;
 mod batch;
+mod cancel;
 pub mod config_keys;
 pub mod cpu;
 pub mod demo;
@@ -21,7 +22,11 @@ pub mod limits;
 pub mod output;
 
 pub use backend::{Backend, Prepared};
-pub use batch::{Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request};
+pub use batch::{
+    teacher_pair, Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request,
+    TENSOR_NAMES,
+};
+pub use cancel::CancelToken;
 pub use error::{Error, Result};
 pub use ssdkd_core::validate::{ConfigError, InputError, Tensor};
 pub use ssdkd_core::{LossConfig, LossSums, LossTerms, LossWeights, PriorPreset};

@@ -1,9 +1,11 @@
 """ssdkd: the SSD knowledge-distillation loss and its analytic gradient (SPEC.md).
 
-A thin layer over the Rust library: :func:`evaluate` on NumPy arrays, :func:`priors`,
+A thin layer over the Rust library: :func:`evaluate` on NumPy arrays (on a
+:class:`Backend` of your own, or a default one per ``backend=`` choice), :func:`priors`,
 :func:`read_batch` / :func:`write_batch` for batch files (SPEC §8), and the exceptions
 :class:`InputError` (a ``ValueError``), :class:`NoAdapterError`, :class:`GpuError` and
-:class:`NumericalError` (``RuntimeError``\\ s). The PyTorch drop-ins are in :mod:`ssdkd.torch`, the verification
+:class:`NumericalError` (``RuntimeError``\\ s). Ctrl-C stops a running evaluation
+(``KeyboardInterrupt``). The PyTorch drop-ins are in :mod:`ssdkd.torch`, the verification
 helper for your own loss in :mod:`ssdkd.testing`.
 """
 
@@ -20,22 +22,12 @@ if not _os.environ.get("XDG_RUNTIME_DIR"):
 import numpy as _np  # noqa: E402  (never bind the bare name `numpy`: STYLE.md)
 
 from . import _ssdkd  # noqa: E402
-from ._ssdkd import GpuError, InputError, NoAdapterError, NumericalError  # noqa: E402
+from ._ssdkd import (Backend, Evaluation, GpuError, InputError, NoAdapterError,  # noqa: E402
+                     NumericalError)
 
-__all__ = [
-    "CONFIG_KEYS",
-    "DEFAULT_CONFIG",
-    "Evaluation",
-    "GpuError",
-    "InputError",
-    "NoAdapterError",
-    "NumericalError",
-    "PRESETS",
-    "evaluate",
-    "priors",
-    "read_batch",
-    "write_batch",
-]
+__all__ = ["CONFIG_KEYS", "DEFAULT_CONFIG", "Backend", "Evaluation", "GpuError", "InputError",
+           "NoAdapterError", "NumericalError", "PRESETS", "evaluate", "priors", "read_batch",
+           "write_batch"]
 
 try:
     from importlib.metadata import version as _version
@@ -44,60 +36,58 @@ try:
 except Exception:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-#: The SPEC §8 ``config`` keys and their defaults. ``num_classes`` ``None``: C comes from
-#: the arrays' shapes; when given, it is checked against them (as the CLI's config key).
-DEFAULT_CONFIG = {
-    "num_classes": None,
-    "overlap_threshold": 0.5,
-    "negpos_ratio": 3,
-    "negatives_for_hard": 100,
-    "variance": (0.1, 0.2),
-    "temperature": 1.0,
-    "pos_w": 1.0,
-    "neg_w": 1.5,
-    "reg_m": 0.0,
-    "eps": 1e-10,
-    "weights": (0.3, 0.7, 0.5, 1.0),
-}
-CONFIG_KEYS = tuple(DEFAULT_CONFIG)
-#: The prior presets of SPEC §2.
-PRESETS = ("ssd300", "ssd300-strided", "ssd512", "mobilenet300")
 
-_TENSORS = ("student_loc", "student_conf", "teacher_loc", "teacher_conf", "targets", "priors")
+def _config_dict(text):
+    """A SPEC §8 config from the library's JSON, pairs as tuples, keys in CONFIG_KEYS' order."""
+    config = _json.loads(text)
+    return {k: tuple(config[k]) if isinstance(config[k], list) else config[k]
+            for k in _ssdkd.CONFIG_KEYS}
+
+
+#: The SPEC §8 ``config`` keys (the library's table).
+CONFIG_KEYS = tuple(_ssdkd.CONFIG_KEYS)
+#: Their defaults (the library's). ``num_classes`` ``None``: C comes from the arrays'
+#: shapes; when given, it is checked against them (as the CLI's config key).
+DEFAULT_CONFIG = dict(_config_dict(_ssdkd.DEFAULT_CONFIG_JSON), num_classes=None)
+#: The prior presets of SPEC §2.
+PRESETS = tuple(_ssdkd.PRESETS)
+_TENSORS = tuple(_ssdkd.TENSORS)
 
 
 def _input_error(message, tensor=None, key=None):
-    return _ssdkd.make_input_error(message, tensor, key)
+    e = InputError(message)
+    e.tensor, e.image, e.index, e.key, e.path = tensor, None, None, key, None
+    return e
 
 
-def _as_f32(name, x):
-    """C-contiguous float32 arrays pass through without a copy; other float arrays are
-    converted once; anything else is an InputError naming the tensor."""
-    if not isinstance(x, _np.ndarray):
-        raise _input_error(
-            f"tensor `{name}`: expected a NumPy float array, found {type(x).__name__}",
-            tensor=name,
-        )
-    if x.dtype.kind != "f":
-        raise _input_error(
-            f"tensor `{name}`: expected a float array, found dtype {x.dtype}", tensor=name
-        )
-    return _np.ascontiguousarray(x, dtype=_np.float32)
+def _float_arrays(tensors, gradients=False, decisions=False):
+    """The six tensors of ``tensors`` (a dict; the teacher's may be None) as C-contiguous
+    float32 arrays, after the library has checked their shapes and the memory an
+    evaluation needs: nothing is converted before. Float32 C-contiguous arrays are not
+    copied."""
+    for name in _TENSORS:
+        x = tensors.get(name)
+        if x is None and name.startswith("teacher"):
+            continue
+        found = type(x).__name__ if not isinstance(x, _np.ndarray) else f"dtype {x.dtype}"
+        if not isinstance(x, _np.ndarray) or x.dtype.kind != "f":
+            raise _input_error(f"tensor `{name}`: expected a NumPy float array, found {found}",
+                               tensor=name)
+    shapes = [None if tensors.get(n) is None else list(tensors[n].shape) for n in _TENSORS]
+    _ssdkd.check_shapes(shapes, bool(gradients), bool(decisions))
+    return [None if tensors.get(n) is None else _np.ascontiguousarray(tensors[n], _np.float32)
+            for n in _TENSORS]
 
 
 def _plain(key, value):
     """A config value as JSON-ready Python numbers (NumPy scalars and tuples included)."""
     if isinstance(value, (list, tuple, _np.ndarray)):
         return [_plain(key, v) for v in value]
-    if isinstance(value, (bool, _np.bool_)):
-        raise _input_error(f"config `{key}`: expected a number, found {value!r}", key=key)
-    if isinstance(value, (int, _np.integer)):
-        return int(value)
-    if isinstance(value, (float, _np.floating)):
-        value = float(value)
-        if not _math.isfinite(value):
-            raise _input_error(f"config `{key}`: {value} is not finite", key=key)
-        return value
+    if isinstance(value, (int, float, _np.integer, _np.floating)) and not isinstance(
+            value, (bool, _np.bool_)):
+        if _math.isfinite(value):
+            return int(value) if isinstance(value, (int, _np.integer)) else float(value)
+        raise _input_error(f"config `{key}`: {value} is not finite", key=key)
     raise _input_error(f"config `{key}`: expected a number, found {value!r}", key=key)
 
 
@@ -108,42 +98,16 @@ def _config_json(config):
                         if not (k == "num_classes" and v is None)})
 
 
-class Evaluation:
-    """The result of :func:`evaluate`.
+def _new_backend(kind, stacklevel):
+    """A :class:`Backend`; warns when ``"auto"`` fell back to the CPU."""
+    backend = Backend(kind if isinstance(kind, str) else repr(kind))
+    if backend.fallback:
+        _warnings.warn(f"ssdkd: {backend.fallback}; using the CPU backend", RuntimeWarning,
+                       stacklevel=stacklevel + 1)
+    return backend
 
-    Attributes: ``soft_loss``, ``l2_loss``, ``loss_c``, ``loss_l``, ``total`` (floats,
-    SPEC §5); ``num_pos``, ``num_neg``, ``num_bounded`` (ints); the un-normalised sums
-    ``soft_sum``, ``l2_sum``, ``conf_sum``, ``loc_sum`` (each term = sum / max(num_pos, 1));
-    ``backend`` (``"cpu"`` or ``"gpu"``) and ``adapter``; with ``gradients=True``
-    ``grad_student_conf`` [B, P, C] and ``grad_student_loc`` [B, P, 4] (float32, of the
-    weighted total, SPEC §6); with ``decisions=True`` ``conf_target`` [B, P] (uint32),
-    ``loc_target`` [B, P, 4] (float32) and ``neg_mask`` [B, P] (uint8), SPEC §3-4.
-    Attributes that were not requested are ``None``.
-    """
 
-    _FIELDS = (
-        "soft_loss", "l2_loss", "loss_c", "loss_l", "total",
-        "num_pos", "num_neg", "num_bounded",
-        "soft_sum", "l2_sum", "conf_sum", "loc_sum",
-        "backend", "adapter",
-        "grad_student_conf", "grad_student_loc", "conf_target", "loc_target", "neg_mask",
-    )
-    __slots__ = _FIELDS
-
-    def __init__(self, fields):
-        for name in self._FIELDS:
-            setattr(self, name, fields.get(name))
-
-    def terms(self):
-        """The four terms and the total as a dict."""
-        return {k: getattr(self, k) for k in ("soft_loss", "l2_loss", "loss_c", "loss_l", "total")}
-
-    def __repr__(self):
-        shown = ", ".join(
-            f"{k}={getattr(self, k)!r}"
-            for k in self._FIELDS[:8] + ("backend", "adapter")
-        )
-        return f"Evaluation({shown})"
+_DEFAULT_BACKENDS = {}
 
 
 def evaluate(student_loc, student_conf, teacher_loc, teacher_conf, targets, priors, *,
@@ -153,47 +117,32 @@ def evaluate(student_loc, student_conf, teacher_loc, teacher_conf, targets, prio
     Arrays have the shapes of SPEC §1: ``student_loc``/``teacher_loc`` [B, P, 4],
     ``student_conf``/``teacher_conf`` [B, P, C], ``targets`` [B, M, 5] (label < 0 =
     padding), ``priors`` [P, 4] or a preset name (see :data:`PRESETS`). ``teacher_loc``
-    and ``teacher_conf`` may both be ``None``: the plain MultiBox loss (SPEC §10), soft
-    and L2 terms 0. ``config`` keywords are the SPEC §8 keys (:data:`CONFIG_KEYS`) with
-    their defaults; ``num_classes`` (default ``None``: C from ``student_conf``'s shape) is
-    only checked against the arrays' C. ``backend``: ``"auto"`` (a GPU when one is found, else the CPU, with
-    a warning), ``"cpu"`` or ``"gpu"``. ``validate=False`` skips the value scan (shapes and
-    config are checked regardless). The GIL is released while the loss runs.
+    and ``teacher_conf`` may both be ``None``: the plain MultiBox loss (SPEC §10). ``config``
+    keywords are the SPEC §8 keys (:data:`CONFIG_KEYS`) with their defaults
+    (:data:`DEFAULT_CONFIG`); ``num_classes`` (default ``None``: C from ``student_conf``'s
+    shape) is only checked against the arrays' C. ``backend``: a :class:`Backend`, or
+    ``"auto"`` (a GPU when one is found, else the CPU, with a warning), ``"cpu"`` or
+    ``"gpu"`` for the default backend of that choice (made on first use). ``validate=False``
+    skips the value scan (shapes and config are checked regardless). The GIL is released
+    while the loss runs; Ctrl-C stops it.
 
-    C-contiguous float32 arrays are read without a copy; other float arrays are converted
-    once; anything else raises :class:`InputError`. Before anything is allocated, the
-    memory the evaluation needs is checked against the memory available (as ``ssdkd
-    eval``): too large a batch raises :class:`InputError` with ``key == "batch"``. Errors:
-    :class:`InputError` (shapes, dtypes, values, config), :class:`NoAdapterError`
-    (``backend="gpu"`` without an adapter), :class:`GpuError` (a GPU failure, or a batch
-    over the GPU backend's limits with ``backend="gpu"``), :class:`NumericalError` (a
-    non-finite result from accepted inputs).
+    Before anything is converted or allocated, the shapes and the memory the evaluation
+    needs are checked (as ``ssdkd eval``): too large a batch raises :class:`InputError`
+    with ``key == "batch"``. C-contiguous float32 arrays are read without a copy; other
+    float arrays are converted once. Errors: :class:`InputError` (shapes, dtypes, values,
+    config), :class:`NoAdapterError`, :class:`GpuError`, :class:`NumericalError`.
     """
+    if not isinstance(backend, Backend):
+        if backend not in _DEFAULT_BACKENDS:
+            _DEFAULT_BACKENDS[backend] = _new_backend(backend, stacklevel=2)
+        backend = _DEFAULT_BACKENDS[backend]
     if isinstance(priors, str):
         priors = _ssdkd.preset_priors(priors)
-    arrays = {}
-    for name, x in zip(_TENSORS, (student_loc, student_conf, teacher_loc, teacher_conf,
-                                  targets, priors)):
-        arrays[name] = None if (x is None and name.startswith("teacher")) else _as_f32(name, x)
-    return Evaluation(_evaluate_arrays(arrays, backend, gradients, decisions, validate,
-                                       _config_json(config), stacklevel=3))
-
-
-def _evaluate_arrays(arrays, backend, gradients, decisions, validate, config_json,
-                     stacklevel):
-    """The binding's evaluation of ``arrays`` (the six of :data:`_TENSORS`, already through
-    :func:`_as_f32`; the teacher's may be ``None``) with a config from :func:`_config_json`:
-    its dict of :class:`Evaluation`'s fields. A fallback to the CPU warns, pointing
-    ``stacklevel`` frames up."""
-    out = _ssdkd.evaluate(
-        arrays["student_loc"], arrays["student_conf"], arrays["teacher_loc"],
-        arrays["teacher_conf"], arrays["targets"], arrays["priors"],
-        str(backend), bool(gradients), bool(decisions), bool(validate), config_json,
-    )
-    if out.get("fallback"):
-        _warnings.warn(f"ssdkd: {out['fallback']}; using the CPU backend",
-                       RuntimeWarning, stacklevel=stacklevel)
-    return out
+    tensors = dict(zip(_TENSORS, (student_loc, student_conf, teacher_loc, teacher_conf,
+                                  targets, priors)))
+    arrays = _float_arrays(tensors, gradients, decisions)
+    return backend.evaluate(*arrays, _config_json(config), bool(gradients), bool(decisions),
+                            bool(validate))
 
 
 def priors(preset_or_config=None, /, *, image_size=None, feature_maps=None, steps=None,
@@ -213,38 +162,36 @@ def priors(preset_or_config=None, /, *, image_size=None, feature_maps=None, step
                   min_sizes=min_sizes, max_sizes=max_sizes, aspect_ratios=aspect_ratios,
                   clip=clip)
     if isinstance(preset_or_config, dict):
-        unknown = set(preset_or_config) - set(fields)
+        unknown = sorted(set(preset_or_config) - set(fields))
         if unknown:
-            key = sorted(unknown)[0]
-            raise _input_error(f"config `{key}`: unknown prior field (known: "
-                               f"{', '.join(fields)})", key=key)
+            raise _input_error(f"config `{unknown[0]}`: unknown prior field (known: "
+                               f"{', '.join(fields)})", key=unknown[0])
         fields.update(preset_or_config)
     elif preset_or_config is not None:
-        raise _input_error("priors: expected a preset name or the prior fields",
-                           key="preset")
-    for key in ("image_size", "feature_maps", "aspect_ratios"):
-        if fields[key] is None:
-            raise _input_error(f"config `{key}`: required for a custom prior configuration",
-                               key=key)
-    maps = list(fields["feature_maps"])
-    steps = fields["steps"]
-    per_map = {"min_sizes": list(fields["min_sizes"]), "max_sizes": list(fields["max_sizes"]),
-               "aspect_ratios": [list(a) for a in fields["aspect_ratios"]],
-               "steps": list(steps) if steps is not None else [None] * len(maps)}
-    for key, values in per_map.items():
-        if len(values) != len(maps):
-            raise _input_error(f"config `{key}`: {len(values)} values for {len(maps)} "
-                               f"feature maps", key=key)
-    try:
-        records = [(int(f), None if s is None else float(s), float(lo), float(hi),
-                    [float(a) for a in ar])
-                   for f, s, lo, hi, ar in zip(maps, per_map["steps"], per_map["min_sizes"],
-                                               per_map["max_sizes"], per_map["aspect_ratios"])]
-        if any(f < 0 for f, *_ in records):
-            raise ValueError("negative feature map size")
-    except (TypeError, ValueError, OverflowError) as e:
-        raise _input_error(f"config `feature_maps`: {e}", key="feature_maps") from None
-    return _ssdkd.custom_priors(float(fields["image_size"]), records, bool(fields["clip"]))
+        raise _input_error("priors: expected a preset name or the prior fields", key="preset")
+    per_map = ("feature_maps", "steps", "min_sizes", "max_sizes", "aspect_ratios")
+    columns = {}
+    for key in ("image_size",) + per_map:
+        value = fields[key]
+        try:
+            if key == "steps" and value is None:
+                value = [None] * len(columns["feature_maps"])
+            elif key == "image_size":
+                value = float(value)
+            else:
+                value = [[float(a) for a in v] if key == "aspect_ratios" else
+                         (None if v is None else (int(v) if key == "feature_maps" else float(v)))
+                         for v in value]
+                if len(value) != len(columns.get("feature_maps", value)):
+                    raise ValueError(f"{len(value)} values for {len(columns['feature_maps'])} "
+                                     "feature maps")
+                if key == "feature_maps" and not all(0 <= f < 2**63 for f in value):
+                    raise ValueError(f"sizes must be in 0..2^63, found {value}")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise _input_error(f"config `{key}`: {e}", key=key) from None
+        columns[key] = value
+    records = list(zip(*(columns[k] for k in per_map)))
+    return _ssdkd.custom_priors(columns["image_size"], records, bool(fields["clip"]))
 
 
 def read_batch(path):
@@ -254,10 +201,7 @@ def read_batch(path):
     ``teacher_loc`` and ``teacher_conf`` are ``None``. ``evaluate(**tensors, **config)``
     evaluates it."""
     tensors, config = _ssdkd.read_batch(_os.fspath(path))
-    config = _json.loads(config)
-    config["variance"] = tuple(config["variance"])
-    config["weights"] = tuple(config["weights"])
-    return tensors, config
+    return tensors, _config_dict(config)
 
 
 def write_batch(path, tensors, config=None):
@@ -266,19 +210,11 @@ def write_batch(path, tensors, config=None):
     the six tensors of SPEC §1 (priors may be a preset name; ``teacher_loc`` and
     ``teacher_conf`` may both be absent or ``None``: a batch without teacher), ``config``
     SPEC §8 keys (defaults for the rest)."""
-    config = dict(config or {})
     tensors = dict(tensors)
-    for name in ("teacher_loc", "teacher_conf"):
-        tensors.setdefault(name, None)
-    missing = [n for n in _TENSORS if n not in tensors]
-    if missing:
-        raise _input_error(f"tensor `{missing[0]}`: missing", tensor=missing[0])
-    extra = sorted(set(tensors) - set(_TENSORS))
-    if extra:
-        raise _input_error(f"tensor `{extra[0]}`: not a batch tensor (known: "
-                           f"{', '.join(_TENSORS)})", tensor=extra[0])
-    if isinstance(tensors["priors"], str):
+    unknown = sorted(set(tensors) - set(_TENSORS))
+    if unknown:
+        raise _input_error(f"tensor `{unknown[0]}`: not a batch tensor (known: "
+                           f"{', '.join(_TENSORS)})", tensor=unknown[0])
+    if isinstance(tensors.get("priors"), str):
         tensors["priors"] = _ssdkd.preset_priors(tensors["priors"])
-    arrays = [None if (tensors[n] is None and n.startswith("teacher")) else _as_f32(n, tensors[n])
-              for n in _TENSORS]
-    _ssdkd.write_batch(_os.fspath(path), *arrays, _config_json(config))
+    _ssdkd.write_batch(_os.fspath(path), *_float_arrays(tensors), _config_json(config or {}))

@@ -6,6 +6,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
+from ._ssdkd import Backend as Backend
+from ._ssdkd import Evaluation as Evaluation
 from ._ssdkd import GpuError as GpuError
 from ._ssdkd import InputError as InputError
 from ._ssdkd import NoAdapterError as NoAdapterError
@@ -20,28 +22,6 @@ DEFAULT_CONFIG: dict[str, Any]
 CONFIG_KEYS: tuple[str, ...]
 PRESETS: tuple[str, ...]
 
-class Evaluation:
-    soft_loss: float
-    l2_loss: float
-    loss_c: float
-    loss_l: float
-    total: float
-    num_pos: int
-    num_neg: int
-    num_bounded: int
-    soft_sum: float
-    l2_sum: float
-    conf_sum: float
-    loc_sum: float
-    backend: str
-    adapter: str
-    grad_student_conf: Optional[_F32]
-    grad_student_loc: Optional[_F32]
-    conf_target: Optional[npt.NDArray[np.uint32]]
-    loc_target: Optional[_F32]
-    neg_mask: Optional[npt.NDArray[np.uint8]]
-    def terms(self) -> dict[str, float]: ...
-
 def evaluate(
     student_loc: _Array,
     student_conf: _Array,
@@ -50,7 +30,7 @@ def evaluate(
     targets: _Array,
     priors: Union[_Array, str],
     *,
-    backend: str = "auto",
+    backend: Union[str, Backend] = "auto",
     gradients: bool = False,
     decisions: bool = False,
     validate: bool = True,

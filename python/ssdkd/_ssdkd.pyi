@@ -23,29 +23,64 @@ class NumericalError(RuntimeError):
     tensor: Optional[str]
     index: Optional[int]
 
-def evaluate(
-    student_loc: _F32,
-    student_conf: _F32,
-    teacher_loc: Optional[_F32],
-    teacher_conf: Optional[_F32],
-    targets: _F32,
-    priors: _F32,
-    backend: str,
-    gradients: bool,
-    decisions: bool,
-    validate: bool,
-    config_json: str,
-) -> dict[str, Any]: ...
-def gradients_of_last(
-    student_loc: _F32,
-    student_conf: _F32,
-    teacher_loc: Optional[_F32],
-    teacher_conf: Optional[_F32],
-    targets: _F32,
-    priors: _F32,
-    backend: str,
-    config_json: str,
-) -> Optional[tuple[_F32, _F32]]: ...
+class Backend:
+    kind: str
+    name: str
+    adapter: str
+    fallback: Optional[str]
+    def __init__(self, kind: str = "auto") -> None: ...
+    def evaluate(
+        self,
+        student_loc: _F32,
+        student_conf: _F32,
+        teacher_loc: Optional[_F32],
+        teacher_conf: Optional[_F32],
+        targets: _F32,
+        priors: _F32,
+        config_json: str,
+        gradients: bool = False,
+        decisions: bool = False,
+        validate: bool = True,
+    ) -> Evaluation: ...
+
+class Evaluation:
+    soft_loss: float
+    l2_loss: float
+    loss_c: float
+    loss_l: float
+    total: float
+    num_pos: int
+    num_neg: int
+    num_bounded: int
+    soft_sum: float
+    l2_sum: float
+    conf_sum: float
+    loc_sum: float
+    backend: str
+    adapter: str
+    grad_student_conf: Optional[_F32]
+    grad_student_loc: Optional[_F32]
+    conf_target: Optional[npt.NDArray[np.uint32]]
+    loc_target: Optional[_F32]
+    neg_mask: Optional[npt.NDArray[np.uint8]]
+    def terms(self) -> dict[str, float]: ...
+
+CONFIG_KEYS: list[str]
+DEFAULT_CONFIG_JSON: str
+PRESETS: list[str]
+TENSORS: list[str]
+TERMS: list[str]
+LOSS_TOLERANCE: tuple[float, float]
+GRADIENT_TOLERANCE: tuple[float, float]
+
+def check_shapes(
+    shapes: list[Optional[list[int]]], gradients: bool = False, decisions: bool = False
+) -> None: ...
+def check_config(config_json: str) -> None: ...
+def compare_loss(actual: float, expected: float, rel: float, abs: float) -> float: ...
+def compare_gradient(
+    actual: _F32, expected: _F32, rel: float, abs: float
+) -> tuple[int, float, float, float, int]: ...
 def read_batch(path: _Path) -> tuple[dict[str, Optional[_F32]], str]: ...
 def write_batch(
     path: _Path,
@@ -66,6 +101,3 @@ def custom_priors(
 def synthetic(
     batch: int, classes: int, preset: str, objects: int, vary_objects: bool, seed: int
 ) -> dict[str, _F32]: ...
-def make_input_error(
-    message: str, tensor: Optional[str] = None, key: Optional[str] = None
-) -> InputError: ...

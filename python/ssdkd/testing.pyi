@@ -17,6 +17,7 @@ class Row:
     ssdkd: float
     rel_diff: float
     ok: bool
+    reason: str
 
 class Report:
     rows: list[Row]
@@ -35,10 +36,10 @@ def compare(
     seed: int = 0,
     batch_size: int = 2,
     preset: str = "ssd300",
-    rtol: float = 1e-4,
-    atol: float = 1e-6,
-    grad_rtol: float = 1e-3,
-    grad_atol: float = 1e-7,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    grad_rtol: Optional[float] = None,
+    grad_atol: Optional[float] = None,
     dtype: torch.dtype = torch.float64,
     targets: str = "list",
     backend: str = "cpu",

@@ -2,48 +2,62 @@
 
 - :class:`MultiBoxLoss_KD` (the distillation loss) returns ``(soft_loss, l2_loss, loss_c,
   loss_l)``; :class:`MultiBoxLoss` (the plain SSD loss that trains the teacher) returns
-  ``(loss_l, loss_c)``. Both are ``torch.nn.Module``\\ s with the original constructors.
+  ``(loss_l, loss_c)``. Both are ``torch.nn.Module``\\ s with the original constructors and
+  attributes (``threshold``, ``negpos_ratio``, ``T``, ...), read at each forward.
 - Backward is ssdkd's analytic gradient (SPEC §6): the incoming gradients of the returned
   terms are the weights of ONE ssdkd gradient evaluation, so any combination
   ``a*soft + b*loss_c + c*l2 + d*loss_l`` backpropagates as autograd on the original would.
-- Cost of a step (``reduction="mean"``): once the last two backward calls of a module got
-  the same weights (a training loop's fixed combination), its forward evaluates the
-  gradients for those weights in the same pass, and a backward with those weights takes
-  them: one evaluation with gradients per step, as ``ssdkd bench`` times it. Otherwise
-  (the first two steps, weights that change, ``reduction="sum"``) the forward evaluates
-  the losses only and backward, on the CPU backend, runs the gradient pass alone on what
-  the forward kept (the selected rows, their probabilities, the labels) unless another
-  evaluation came in between (then, and on a GPU, backward is one evaluation with
-  gradients). Under ``torch.no_grad()`` or without inputs that need a gradient, the
-  forward never evaluates gradients. The input tensors must not change between forward
-  and backward.
-- CPU float32 tensors are shared with NumPy without a copy; other tensors (CUDA, MPS,
-  float64) are copied to host float32 once, and gradients come back on the inputs'
-  device and dtype.
+  The inputs are saved with ``save_for_backward``: an in-place change between forward and
+  backward raises PyTorch's own error. Backward is once-differentiable: a gradient penalty
+  through it raises PyTorch's ``once_differentiable`` error. Non-finite incoming gradients give non-finite gradients.
+- Cost of a step (``reduction="mean"``): once a module's last two backward calls got the
+  same weights (a training loop's fixed combination), its forward evaluates the gradients
+  for those weights in the same pass and a backward with those weights takes them: one
+  evaluation per step, the gradients of what the forward saw. Otherwise (the first two
+  steps, other weights, ``reduction="sum"``) backward evaluates again, with gradients, on
+  the saved inputs. Each module owns its :class:`ssdkd.Backend`.
+- Terms are float32 (float64 for float64 inputs), also for float16/bfloat16 inputs and
+  under autocast, as PyTorch's own losses; gradients come back in the inputs' dtype and
+  device. CPU float32 tensors are shared with NumPy without a copy; others are copied to
+  host float32 once.
 - ``reduction="sum"`` returns the un-normalised sums and the local positive count for
   data-parallel training; :func:`global_terms` normalises them by the positives of all
   workers (see ``examples/ddp.py``).
 """
 
+import contextlib as _contextlib
+import math as _math
+
 import numpy as _np
 import torch as _torch
 
-from . import InputError  # noqa: F401  (re-exported)
-from . import _as_f32, _config_json, _evaluate_arrays, _input_error, _ssdkd
+from . import InputError, _TENSORS, _config_json, _input_error, _new_backend, _plain, _ssdkd
 
 __all__ = ["MultiBoxLoss", "MultiBoxLoss_KD", "global_terms", "pad_targets"]
+
+# The original modules' attributes that are SPEC §8 config keys, read at each forward.
+_KEYS = {"num_classes": "num_classes", "threshold": "overlap_threshold",
+         "negpos_ratio": "negpos_ratio", "negatives_for_hard": "negatives_for_hard",
+         "variance": "variance", "T": "temperature", "pos_w": "pos_w", "neg_w": "neg_w",
+         "reg_m": "reg_m"}
+# Attributes of the originals with the one value ssdkd supports (SPEC.md).
+_FIXED = {"use_prior_for_matching": True, "background_label": 0, "do_neg_mining": True}
+
+
+def _float_tensor(t, name):
+    if not isinstance(t, _torch.Tensor) or not t.is_floating_point():
+        found = t.dtype if isinstance(t, _torch.Tensor) else type(t).__name__
+        raise _input_error(f"tensor `{name}`: expected a float torch.Tensor, found {found}",
+                           tensor=name)
+    return t
 
 
 def _host(t, name):
     """A C-contiguous float32 NumPy array of tensor ``t`` (no copy for a contiguous CPU
     float32 tensor)."""
-    if not isinstance(t, _torch.Tensor):
-        raise _input_error(f"tensor `{name}`: expected a torch.Tensor, found "
-                           f"{type(t).__name__}", tensor=name)
-    if not t.is_floating_point():
-        raise _input_error(f"tensor `{name}`: expected a float tensor, found {t.dtype}",
-                           tensor=name)
-    t = t.detach()
+    if isinstance(t, _np.ndarray):
+        return t
+    t = _float_tensor(t, name).detach()
     if t.device.type != "cpu" or t.dtype != _torch.float32 or not t.is_contiguous():
         t = t.to(device="cpu", dtype=_torch.float32).contiguous()
     return t.numpy()
@@ -52,205 +66,193 @@ def _host(t, name):
 def pad_targets(targets):
     """Per-image ``[M_i, 5]`` target tensors (the original data loader's list) as one
     padded ``[B, M, 5]`` float32 array, padding rows labelled -1 (SPEC §1); a tensor that
-    is already ``[B, M, 5]`` passes through."""
+    is already ``[B, M, 5]`` is copied as it is."""
     if isinstance(targets, _torch.Tensor):
-        return _host(targets, "targets")
+        return _host(targets, "targets").copy()
     if not isinstance(targets, (list, tuple)):
         raise _input_error("tensor `targets`: expected a list of [M_i, 5] tensors or a "
                            f"[B, M, 5] tensor, found {type(targets).__name__}",
                            tensor="targets")
-    rows = []
-    for i, t in enumerate(targets):
-        a = _host(t, "targets")
+    rows = [_host(t, "targets") for t in targets]
+    for i, a in enumerate(rows):
         if a.ndim != 2 or a.shape[1] != 5:
-            if a.size == 0:
-                a = a.reshape(0, 5)
-            else:
+            if a.size:
                 raise _input_error(f"tensor `targets`: image {i} has shape {list(a.shape)} "
                                    "where [M_i, 5] is needed", tensor="targets")
-        rows.append(a)
-    m = max([1] + [a.shape[0] for a in rows])
-    out = _np.zeros((len(rows), m, 5), _np.float32)
+            rows[i] = a.reshape(0, 5)
+    out = _np.zeros((len(rows), max([1] + [a.shape[0] for a in rows]), 5), _np.float32)
     out[..., 4] = -1.0
     for i, a in enumerate(rows):
         out[i, : a.shape[0]] = a
     return out
 
 
-class _Step:
-    """A module's state from one step to the next: its config as JSON for each set of
-    weights (kept, a training loop uses few), and the weights its next backward will most
-    likely get (soft, conf, l2, loc): those of its last two backward calls when they were
-    equal, else ``None``."""
-
-    def __init__(self, config):
-        self.config = config
-        self._seen = None
-        self._json = {}
-        self.last = None
-        self.predicted = None
-
-    def json(self, weights=None):
-        """The config with ``weights`` (``None``: the config's own) as the binding's JSON."""
-        if self.config != self._seen:  # first use, or the module's config dict was changed
-            self._seen, self._json = dict(self.config), {}
-        text = self._json.get(weights)
-        if text is None:
-            if len(self._json) >= 8:
-                self._json.clear()
-            config = self.config if weights is None else dict(self.config, weights=weights)
-            text = self._json[weights] = _config_json(config)
-        return text
-
-    def observe(self, weights):
-        """A backward got ``weights`` (all zero: no gradients to predict)."""
-        self.predicted = weights if weights == self.last and any(weights) else None
-        self.last = weights
+def _evaluate(ctx, tensors, weights, validate=False):
+    """One evaluation of ``tensors`` (student_loc, student_conf, teacher_loc, teacher_conf,
+    priors) with the forward's settings; with gradients for ``weights`` when given."""
+    arrays = dict(zip(("student_loc", "student_conf", "teacher_loc", "teacher_conf", "priors"),
+                      tensors), targets=ctx.targets)
+    arrays = [None if arrays[n] is None else _host(arrays[n], n) for n in _TENSORS]
+    config = ctx.config if weights is None else dict(ctx.config, weights=weights)
+    return ctx.backend.evaluate(*arrays, _config_json(config), weights is not None, False,
+                                validate)
 
 
 class _SsdkdLoss(_torch.autograd.Function):
-    """Forward: the four terms (or sums), with the gradients for the predicted weights
-    when there are some; backward: those gradients when the incoming gradients are those
-    weights, else one ssdkd gradient evaluation weighted by the incoming gradients."""
+    """Forward: the four terms (or sums), with the gradients for the module's predicted
+    weights when it has some; backward: those gradients when the incoming gradients are
+    those weights, else an evaluation with gradients of the saved inputs."""
 
     @staticmethod
-    def forward(ctx, student_loc, student_conf, teacher_loc, teacher_conf, targets, priors,
-                opts):
-        arrays = dict(
-            student_loc=_host(student_loc, "student_loc"),
-            student_conf=_host(student_conf, "student_conf"),
-            teacher_loc=None if teacher_loc is None else _host(teacher_loc, "teacher_loc"),
-            teacher_conf=None if teacher_conf is None else _host(teacher_conf, "teacher_conf"),
-            targets=targets,
-            priors=_host(priors, "priors"),
-        )
-        # Converted once here, so that backward passes the very arrays forward evaluated
-        # (the CPU backend recognises its last batch by the arrays' addresses).
-        arrays = {k: None if v is None else _as_f32(k, v) for k, v in arrays.items()}
-        step, predicted = opts["step"], opts["predicted"]
-        out = _evaluate_arrays(arrays, opts["backend"], predicted is not None, False,
-                               opts["validate"], step.json(predicted), stacklevel=2)
-        ctx.predicted = None
-        if predicted is not None:
-            ctx.predicted = (predicted, out["grad_student_conf"], out["grad_student_loc"])
-        ctx.arrays = arrays
-        ctx.opts = opts
-        ctx.like = [(student_loc.dtype, student_loc.device),
-                    (student_conf.dtype, student_conf.device)]
-        ctx.num_pos = out["num_pos"]
-        dtype, device = student_conf.dtype, student_conf.device
-        if opts["reduction"] == "sum":
-            keys = ("soft_sum", "l2_sum", "conf_sum", "loc_sum")
-        else:
-            keys = ("soft_loss", "l2_loss", "loss_c", "loss_l")
-        terms = tuple(_torch.tensor(out[k], dtype=dtype, device=device) for k in keys)
-        if opts["reduction"] == "sum":
-            num_pos = _torch.tensor(out["num_pos"], dtype=_torch.int64, device=device)
+    def forward(ctx, module, targets, predicted, student_loc, student_conf, teacher_loc,
+                teacher_conf, priors):
+        ctx.module, ctx.targets, ctx.backend = module, targets, module._owned_backend()
+        ctx.config, ctx.sum = module._config(), module.reduction == "sum"
+        tensors = (student_loc, student_conf, teacher_loc, teacher_conf, priors)
+        ctx.save_for_backward(*tensors)
+        ev = _evaluate(ctx, tensors, predicted, module.validate)
+        ctx.cached = predicted and (predicted, ev.grad_student_conf, ev.grad_student_loc)
+        ctx.num_pos = ev.num_pos
+        keys = ("soft_sum", "l2_sum", "conf_sum", "loc_sum") if ctx.sum else (
+            "soft_loss", "l2_loss", "loss_c", "loss_l")
+        like = dict(dtype=student_conf.dtype, device=student_conf.device)
+        terms = tuple(_torch.tensor(getattr(ev, k), **like) for k in keys)
+        if ctx.sum:
+            num_pos = _torch.tensor(ev.num_pos, dtype=_torch.int64, device=like["device"])
             ctx.mark_non_differentiable(num_pos)
-            terms = terms + (num_pos,)
+            terms += (num_pos,)
         return terms
 
     @staticmethod
-    def backward(ctx, g_soft, g_l2, g_conf, g_loc, *_):
-        scale = 1.0
-        if ctx.opts["reduction"] == "sum":
-            # d(sum)/dx = N_local * d(term)/dx, N_local = max(num_pos, 1) (SPEC §5).
-            scale = float(max(ctx.num_pos, 1))
-        g = tuple(0.0 if x is None else float(x) * scale
-                  for x in (g_soft, g_conf, g_l2, g_loc))
-        step = ctx.opts["step"]
-        step.observe(g)
-        # Taken once: a second backward (retain_graph) must not get the same arrays again.
-        predicted, ctx.predicted = ctx.predicted, None
-        (dt_loc, dev_loc), (dt_conf, dev_conf) = ctx.like
-        a = ctx.arrays
-        if not any(g):
-            grad_loc = _torch.zeros(a["student_loc"].shape, dtype=dt_loc, device=dev_loc)
-            grad_conf = _torch.zeros(a["student_conf"].shape, dtype=dt_conf, device=dev_conf)
+    def backward(ctx, *incoming):
+        with _torch.no_grad():
+            grads = _SsdkdLoss.gradients(ctx, *incoming)
+        if _torch.is_grad_enabled():
+            # create_graph=True: what once_differentiable gives, so that differentiating
+            # the gradient (a gradient penalty) raises instead of counting it as constant.
+            grads = _torch._C._functions.DelayedError(
+                b"trying to differentiate twice a function that was marked with "
+                b"@once_differentiable", 2)(*(g.detach().requires_grad_() for g in grads))
+        return (None, None, None) + tuple(grads) + (None, None, None)
+
+    @staticmethod
+    def gradients(ctx, g_soft, g_l2, g_conf, g_loc, *_):
+        tensors = ctx.saved_tensors  # PyTorch's error if one was changed in place since
+        # d(sum)/dx = N_local * d(term)/dx, N_local = max(num_pos, 1) (SPEC §5).
+        scale = float(max(ctx.num_pos, 1)) if ctx.sum else 1.0
+        g = tuple(0.0 if x is None else float(x) * scale for x in (g_soft, g_conf, g_l2, g_loc))
+        ctx.module._observe(g)
+        cached, ctx.cached = ctx.cached, None  # a second backward (retain_graph) evaluates
+        grads = None
+        if cached and cached[0] == g:
+            grads = [_torch.from_numpy(cached[2]), _torch.from_numpy(cached[1])]
         else:
-            if predicted is not None and predicted[0] == g:
-                # The forward's evaluation had these weights: its gradients, bit for bit
-                # what an evaluation now would give.
-                grads = predicted[1:]
-            else:
-                # The CPU backend still holds what this step's forward kept (the selected
-                # rows, their probabilities, the labels): the gradients from it, no forward
-                # again — unless another evaluation came in between, or on a GPU: then one
-                # evaluation with gradients (the inputs were scanned in forward).
-                grads = _ssdkd.gradients_of_last(
-                    a["student_loc"], a["student_conf"], a["teacher_loc"], a["teacher_conf"],
-                    a["targets"], a["priors"], str(ctx.opts["backend"]), step.json(g))
-                if grads is None:
-                    out = _evaluate_arrays(a, ctx.opts["backend"], True, False, False,
-                                           step.json(g), stacklevel=2)
-                    grads = (out["grad_student_conf"], out["grad_student_loc"])
-            grad_conf = _torch.from_numpy(grads[0]).to(dtype=dt_conf, device=dev_conf)
-            grad_loc = _torch.from_numpy(grads[1]).to(dtype=dt_loc, device=dev_loc)
-        return grad_loc, grad_conf, None, None, None, None, None
+            # Non-finite weights as autograd uses them: w * ∂term, on the elements that
+            # term reaches; the finite weights in one evaluation.
+            finite = tuple(w if _math.isfinite(w) else 0.0 for w in g)
+            parts = [(None, finite)] if any(finite) else []
+            parts += [(w, tuple(float(i == k) for i in range(4)))
+                      for k, w in enumerate(g) if not _math.isfinite(w)]
+            for w, weights in parts:
+                ev = _evaluate(ctx, tensors, weights)
+                new = [_torch.from_numpy(a) for a in (ev.grad_student_loc, ev.grad_student_conf)]
+                if w is not None:
+                    new = [_torch.where(a != 0, w * a, 0.0) for a in new]
+                grads = new if grads is None else [a + b for a, b in zip(grads, new)]
+        grads = grads or [_torch.zeros(t.shape) for t in tensors[:2]]
+        return [a.to(dtype=t.dtype, device=t.device) for a, t in zip(grads, tensors)]
 
 
-def _count(name, value):
-    if float(value) != int(value) or int(value) < 0:
-        raise _input_error(f"config `{name}`: expected a non-negative integer, found {value}",
-                           key=name)
-    return int(value)
-
-
-def _unsupported(name, value, supported):
-    if value != supported:
-        raise _input_error(f"config `{name}`: {value!r} is not supported by ssdkd (only "
-                           f"{supported!r}, as in SPEC.md)", key=name)
+@_contextlib.contextmanager
+def _naming_attributes():
+    """An InputError about a config key raised inside names the module's attribute."""
+    try:
+        yield
+    except InputError as e:
+        attr = {key: attr for attr, key in _KEYS.items()}.get(e.key)
+        if attr is None:
+            raise
+        problem = str(e).split(": ", 1)[-1]
+        raise _input_error(f"attribute `{attr}` (config `{e.key}`): {problem}",
+                           key=attr) from None
 
 
 class _Base(_torch.nn.Module):
     def _setup(self, num_classes, overlap_thresh, prior_for_matching, bkg_label, neg_mining,
-               neg_pos, negatives_for_hard, variance, backend, reduction, validate):
-        _unsupported("prior_for_matching", prior_for_matching, True)
-        _unsupported("bkg_label", bkg_label, 0)
-        _unsupported("neg_mining", neg_mining, True)
-        if reduction not in ("mean", "sum"):
-            raise _input_error(f"config `reduction`: {reduction!r}: expected \"mean\" or "
-                               "\"sum\"", key="reduction")
-        self.num_classes = num_classes
-        self.threshold = overlap_thresh
-        self.negpos_ratio = neg_pos
-        self.variance = tuple(variance)
-        self.backend = backend
-        self.reduction = reduction
-        self.validate = validate
-        self.config = dict(
-            num_classes=_count("num_classes", num_classes),
-            overlap_threshold=float(overlap_thresh),
-            negpos_ratio=_count("neg_pos", neg_pos),
-            negatives_for_hard=_count("negatives_for_hard", negatives_for_hard),
-            variance=tuple(float(v) for v in variance),
-        )
-        self._step = _Step(self.config)
+               neg_pos, neg_overlap, encode_target, use_gpu, negatives_for_hard, variance,
+               backend, reduction, validate):
+        self.num_classes, self.threshold, self.negpos_ratio = num_classes, overlap_thresh, neg_pos
+        self.use_prior_for_matching, self.background_label = prior_for_matching, bkg_label
+        self.do_neg_mining, self.neg_overlap, self.encode_target = neg_mining, neg_overlap, encode_target
+        self.use_gpu, self.negatives_for_hard, self.variance = use_gpu, negatives_for_hard, variance
+        self.backend, self.reduction, self.validate = backend, reduction, validate
+        self._device = None  # (choice, ssdkd.Backend), made at the first forward
+        self._last = self._predicted = None
+        self._config()
+
+    def _config(self):
+        """The SPEC §8 config of the module's attributes now; a bad value is an InputError
+        naming the attribute."""
+        for name, value in _FIXED.items():
+            if getattr(self, name) != value:
+                raise _input_error(f"attribute `{name}`: {getattr(self, name)!r} is not "
+                                   f"supported by ssdkd (only {value!r}, as in SPEC.md)", key=name)
+        if self.reduction not in ("mean", "sum"):
+            raise _input_error(f"attribute `reduction`: {self.reduction!r}: expected \"mean\" "
+                               "or \"sum\"", key="reduction")
+        config = {key: getattr(self, attr) for attr, key in _KEYS.items() if hasattr(self, attr)}
+        with _naming_attributes():
+            _plain("num_classes", self.num_classes)  # required, as in the originals
+            _ssdkd.check_config(_config_json(config))
+        return config
+
+    def _owned_backend(self):
+        if self._device is None or self._device[0] != self.backend:
+            self._device = (self.backend, _new_backend(self.backend, stacklevel=6))
+        return self._device[1]
+
+    def _observe(self, weights):
+        """A backward got ``weights``: the next forward predicts them when the last two
+        were equal (and not all zero)."""
+        self._predicted = weights if weights == self._last and any(weights) else None
+        self._last = weights
+
+    def __getstate__(self):  # copy.deepcopy and pickle make their own backend
+        return dict(self.__dict__, _device=None)
 
     def _run(self, student_loc, student_conf, priors, teacher_loc, teacher_conf, targets):
+        targets = pad_targets(targets)
+        # The shapes and the memory are checked before anything is converted.
+        tensors = (student_loc, student_conf, teacher_loc, teacher_conf, targets, priors)
+        shapes = [None if t is None else list(getattr(t, "shape", ())) for t in tensors]
+        _ssdkd.check_shapes(shapes, True)
+        student_conf = _float_tensor(student_conf, "student_conf")
+        # float16/bfloat16 (autocast) are evaluated and returned as float32, as PyTorch's
+        # own losses; autograd casts the gradients back.
+        student_loc = _float_tensor(student_loc, "student_loc")
+        dtype = _torch.float64 if student_conf.dtype == _torch.float64 else _torch.float32
+        student_loc, student_conf = student_loc.to(dtype), student_conf.to(dtype)
         # Gradients in the forward only for a backward that will come, with weights that
         # are known: "sum" scales them by the positive count the forward finds.
-        backward_follows = _torch.is_grad_enabled() and any(
-            isinstance(x, _torch.Tensor) and x.requires_grad for x in (student_loc, student_conf))
-        predicted = None
-        if backward_follows and self.reduction == "mean":
-            predicted = self._step.predicted
-        opts = dict(step=self._step, backend=self.backend, reduction=self.reduction,
-                    validate=self.validate, predicted=predicted)
-        return _SsdkdLoss.apply(student_loc, student_conf, teacher_loc, teacher_conf,
-                                pad_targets(targets), priors, opts)
+        follows = _torch.is_grad_enabled() and (student_loc.requires_grad or
+                                                student_conf.requires_grad)
+        predicted = self._predicted if follows and self.reduction == "mean" else None
+        with _naming_attributes():
+            return _SsdkdLoss.apply(self, targets, predicted, student_loc, student_conf,
+                                    teacher_loc, teacher_conf, priors)
 
 
 class MultiBoxLoss_KD(_Base):  # noqa: N801  (the original's name)
     """The distillation loss of SPEC §5, a drop-in for the seed code base's
-    ``MultiBoxLoss_KD`` (same constructor arguments, names and order).
+    ``MultiBoxLoss_KD`` (same constructor arguments, names and order, same attributes).
 
     ``forward(predictions, pred_t, targets)``: ``predictions = (loc [B,P,4], conf [B,P,C],
     priors [P,4])``, ``pred_t = (loc, conf, ...)`` (the teacher's outputs; they get no
-    gradient), ``targets`` a list of per-image ``[M_i, 5]`` tensors or a padded
-    ``[B, M, 5]`` tensor (label < 0 = padding). Returns ``(soft_loss, l2_loss, loss_c,
-    loss_l)`` as 0-d tensors on the inputs' device and dtype; with ``reduction="sum"``,
-    ``(soft_sum, l2_sum, conf_sum, loc_sum, num_pos)`` (see :func:`global_terms`).
+    gradient, even when they require one), ``targets`` a list of per-image ``[M_i, 5]``
+    tensors or a padded ``[B, M, 5]`` tensor (label < 0 = padding). Returns ``(soft_loss,
+    l2_loss, loss_c, loss_l)`` as 0-d tensors on the inputs' device; with
+    ``reduction="sum"``, ``(soft_sum, l2_sum, conf_sum, loc_sum, num_pos)`` (see
+    :func:`global_terms`).
 
     Not supported (raise :class:`ssdkd.InputError`): ``prior_for_matching=False``,
     ``bkg_label != 0``, ``neg_mining=False``. ``neg_overlap``, ``encode_target`` and
@@ -265,16 +267,15 @@ class MultiBoxLoss_KD(_Base):  # noqa: N801  (the original's name)
                  reg_m=0.0, *, variance=(0.1, 0.2), backend="auto", reduction="mean",
                  validate=True):
         super().__init__()
-        self._setup(num_classes, overlap_thresh, prior_for_matching, bkg_label, neg_mining,
-                    neg_pos, negatives_for_hard, variance, backend, reduction, validate)
         self.neg_w, self.pos_w, self.T, self.reg_m = neg_w, pos_w, Temp, reg_m
-        self.config.update(temperature=float(Temp), pos_w=float(pos_w), neg_w=float(neg_w),
-                           reg_m=float(reg_m))
+        self._setup(num_classes, overlap_thresh, prior_for_matching, bkg_label, neg_mining,
+                    neg_pos, neg_overlap, encode_target, use_gpu, negatives_for_hard, variance,
+                    backend, reduction, validate)
 
     def forward(self, predictions, pred_t, targets):
         """Returns ``(soft_loss, l2_loss, loss_c, loss_l)`` (see the class)."""
-        loc, conf, priors = predictions[0], predictions[1], predictions[2]
-        return self._run(loc, conf, priors, pred_t[0], pred_t[1], targets)
+        return self._run(predictions[0], predictions[1], predictions[2], pred_t[0], pred_t[1],
+                         targets)
 
 
 class MultiBoxLoss(_Base):
@@ -289,15 +290,13 @@ class MultiBoxLoss(_Base):
                  backend="auto", reduction="mean", validate=True):
         super().__init__()
         self._setup(num_classes, overlap_thresh, prior_for_matching, bkg_label, neg_mining,
-                    neg_pos, negatives_for_hard, variance, backend, reduction, validate)
+                    neg_pos, neg_overlap, encode_target, use_gpu, negatives_for_hard, variance,
+                    backend, reduction, validate)
 
     def forward(self, predictions, targets):
         """Returns ``(loss_l, loss_c)`` (see the class)."""
-        loc, conf, priors = predictions[0], predictions[1], predictions[2]
-        out = self._run(loc, conf, priors, None, None, targets)
-        if self.reduction == "sum":
-            return out[3], out[2], out[4]
-        return out[3], out[2]
+        out = self._run(predictions[0], predictions[1], predictions[2], None, None, targets)
+        return (out[3], out[2], out[4]) if self.reduction == "sum" else (out[3], out[2])
 
 
 def global_terms(soft_sum, l2_sum, conf_sum, loc_sum, num_pos, group=None):

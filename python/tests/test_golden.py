@@ -123,13 +123,13 @@ def test_the_gil_is_released_while_the_loss_runs():
 
 
 def test_c_contiguous_float32_is_passed_through_and_others_converted_once():
-    a = np.zeros((2, 3, 4), np.float32)
-    assert ssdkd._as_f32("student_loc", a) is a
-    b = np.zeros((2, 3, 4), np.float64)
-    c = ssdkd._as_f32("student_loc", b)
-    assert c.dtype == np.float32 and c.flags.c_contiguous
-    f = np.asfortranarray(a)
-    assert ssdkd._as_f32("student_loc", f).flags.c_contiguous
+    t = ssdkd.testing.synthetic_batch(batch=2, classes=5, preset="mobilenet300")
+    arrays = ssdkd._float_arrays(t)
+    assert all(a is t[k] for a, k in zip(arrays, ssdkd._TENSORS))
+    t["student_conf"] = t["student_conf"].astype(np.float64)
+    t["student_loc"] = np.asfortranarray(t["student_loc"])
+    arrays = ssdkd._float_arrays(t)
+    assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])

@@ -61,7 +61,7 @@ def test_soft_loss_without_t2_fails_and_is_named(peer):
         assert_matches(peer_loss(peer, cfg, broken="no_T2"), config=cfg, seed=0,
                        preset="mobilenet300")
     line = next(x for x in str(e.value).splitlines() if x.startswith("soft_loss"))
-    assert line.rstrip().endswith("FAIL")
+    assert line.rstrip().endswith("FAIL: out of tolerance")
     assert "MISMATCH in soft_loss" in str(e.value)
 
 
