@@ -94,3 +94,51 @@ def test_bounded_l2_off_by_one_percent_fails_and_is_named(peer):
     report = compare(peer_loss(peer, cfg, broken="l2_plus_1pct"), config=cfg, seed=0,
                      preset="mobilenet300")
     assert report.failed[:1] == ["l2_loss"]
+
+
+def broken(peer, cfg, how):
+    """The peer's loss, broken the ways a user's loss can be."""
+    loss = peer_loss(peer, cfg)
+
+    def loss_fn(predictions, pred_t, targets):
+        if how == "raises":
+            raise KeyError("conf")
+        out = loss(predictions, pred_t, targets)
+        if how == "detached":
+            return tuple(x.detach() for x in out)
+        if how == "floats":
+            return tuple(float(x) for x in out)
+        if how == "three":
+            return out[:3]
+        if how == "nan":
+            return (out[0] * float("nan"),) + out[1:]
+        if how == "no student_loc":
+            return (out[0], out[1].detach(), out[2], out[3].detach())
+        return out
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("how,failed,reason", [
+    ("detached", ["grad_student_conf", "grad_student_loc"], "detached"),
+    ("floats", ["grad_student_conf", "grad_student_loc"], "Python numbers"),
+    ("three", "all", "returned 3 values"),
+    ("raises", "all", "loss_fn raised KeyError"),
+    ("nan", ["soft_loss", "total", "grad_student_conf"], "not finite"),
+    ("no student_loc", ["l2_loss", "loss_l", "grad_student_loc"], "no gradient reached"),
+])
+def test_a_broken_loss_gets_fail_rows_with_the_reason(peer, how, failed, reason):
+    cfg = dict(peer.DEFAULT_CONFIG, num_classes=11)
+    report = compare(broken(peer, cfg, how), config=cfg, seed=0, preset="mobilenet300")
+    names = [r.name for r in report.rows]
+    if failed == "all":
+        failed = names
+    assert not report.ok
+    if how == "no student_loc":  # detached terms still match in value; their gradient is missing
+        assert "grad_student_loc" in report.failed and "grad_student_conf" not in report.failed
+    else:
+        assert report.failed == failed, str(report)
+    assert any(reason in r.reason for r in report.rows if not r.ok), str(report)
+    with pytest.raises(AssertionError) as e:
+        assert_matches(broken(peer, cfg, how), config=cfg, seed=0, preset="mobilenet300")
+    assert reason in str(e.value) and "MISMATCH" in str(e.value)
