@@ -62,10 +62,10 @@ fn grad_conf(
     }
     // Log-probabilities as (x − max) · scale − ln Σ: no large numbers cancel.
     let max_s = student_conf[base + top];
-    let max_t = teacher_max(base);
-    let lse = student_shifted_lse(base, max_s, 1.0);
-    let lse_s = student_shifted_lse(base, max_s, inv_t);
-    let lse_t = teacher_shifted_lse(base, max_t, inv_t);
+    let max_t = row_max(TEACHER, base);
+    let lse = shifted_lse(STUDENT, base, max_s, 1.0);
+    let lse_s = shifted_lse(STUDENT, base, max_s, inv_t);
+    let lse_t = shifted_lse(TEACHER, base, max_t, inv_t);
     var g_sum = 0.0;
     var rest_p = 0.0;
     var rest_q = 0.0;

@@ -7,51 +7,41 @@
 @group(0) @binding(1) var<storage, read> student_conf: array<f32>;
 @group(0) @binding(2) var<storage, read> teacher_conf: array<f32>;
 
-// The largest value of the student row starting at `base`.
-fn student_max(base: u32) -> f32 {
-    var m = student_conf[base];
+// Which logits a row is read from: the helpers below take it as their first argument, so
+// that each is written once for both tensors (WGSL takes no storage pointers as arguments).
+const STUDENT: u32 = 0u;
+const TEACHER: u32 = 1u;
+
+// Logit `i` of the student (`STUDENT`) or the teacher (`TEACHER`) tensor.
+fn logit(which: u32, i: u32) -> f32 {
+    if which == TEACHER {
+        return teacher_conf[i];
+    }
+    return student_conf[i];
+}
+
+// The largest value of the row starting at `base` (twin of the core's `row_max`).
+fn row_max(which: u32, base: u32) -> f32 {
+    var m = logit(which, base);
     for (var c = 1u; c < params.num_classes; c++) {
-        m = max(m, student_conf[base + c]);
+        m = max(m, logit(which, base + c));
     }
     return m;
 }
 
-// The largest value of the teacher row starting at `base`.
-fn teacher_max(base: u32) -> f32 {
-    var m = teacher_conf[base];
-    for (var c = 1u; c < params.num_classes; c++) {
-        m = max(m, teacher_conf[base + c]);
-    }
-    return m;
-}
-
-// Σ exp((row[c] − m) · scale) of the student row at `base`, m its maximum: in [1, C], the
+// Σ exp((row[c] − m) · scale) of the row at `base`, m its maximum: in [1, C], the
 // denominator of its softmax (twin of core/src/stages/prior_terms.rs `SoftmaxF64`).
-fn student_shifted_sum(base: u32, m: f32, scale: f32) -> f32 {
+fn shifted_sum(which: u32, base: u32, m: f32, scale: f32) -> f32 {
     var sum = 0.0;
     for (var c = 0u; c < params.num_classes; c++) {
-        sum += exp((student_conf[base + c] - m) * scale);
+        sum += exp((logit(which, base + c) - m) * scale);
     }
     return sum;
 }
 
-// The same over the teacher row at `base`.
-fn teacher_shifted_sum(base: u32, m: f32, scale: f32) -> f32 {
-    var sum = 0.0;
-    for (var c = 0u; c < params.num_classes; c++) {
-        sum += exp((teacher_conf[base + c] - m) * scale);
-    }
-    return sum;
-}
-
-// ln Σ exp((row[c] − m) · scale) of the student row at `base`: in [0, ln C], so that a
+// ln Σ exp((row[c] − m) · scale) of the row at `base`: in [0, ln C], so that a
 // log-probability (x − m) · scale − ln Σ never subtracts two large numbers.
 // Twin of core/src/stages/prior_terms.rs `shifted_log_sum_exp`.
-fn student_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
-    return log(student_shifted_sum(base, m, scale));
-}
-
-// The same over the teacher row at `base`.
-fn teacher_shifted_lse(base: u32, m: f32, scale: f32) -> f32 {
-    return log(teacher_shifted_sum(base, m, scale));
+fn shifted_lse(which: u32, base: u32, m: f32, scale: f32) -> f32 {
+    return log(shifted_sum(which, base, m, scale));
 }

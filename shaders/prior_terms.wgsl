@@ -28,8 +28,8 @@ fn prior_terms(
     let target_class = conf_target[params.prior_base + index];
     let positive = target_class > 0u;
     // (max − x_label) + ln S: ln S in [0, ln C] is not rounded away next to a large max.
-    let max_s = student_max(row);
-    let cross_entropy = (max_s - student_conf[row + target_class]) + student_shifted_lse(row, max_s, 1.0);
+    let max_s = row_max(STUDENT, row);
+    let cross_entropy = (max_s - student_conf[row + target_class]) + shifted_lse(STUDENT, row, max_s, 1.0);
     // Positives score 0 (SPEC §4); `+ 0.0` keeps the score off −0 as on the CPU.
     mining_score[params.prior_base + index] = select(cross_entropy + 0.0, 0.0, positive);
 

@@ -22,10 +22,10 @@
 fn soft_term(base: u32) -> f32 {
     let t = params.temperature;
     let inv_t = 1.0 / t;
-    let max_s = student_max(base);
-    let max_t = teacher_max(base);
-    let sum_s = student_shifted_sum(base, max_s, inv_t);
-    let sum_t = teacher_shifted_sum(base, max_t, inv_t);
+    let max_s = row_max(STUDENT, base);
+    let max_t = row_max(TEACHER, base);
+    let sum_s = shifted_sum(STUDENT, base, max_s, inv_t);
+    let sum_t = shifted_sum(TEACHER, base, max_t, inv_t);
     var sum = 0.0;
     if params.weighted_soft != 0u {
         let eps = params.eps;

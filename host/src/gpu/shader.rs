@@ -161,8 +161,9 @@ mod tests {
         assert_eq!(seen.len(), ssdkd_core::KERNELS.len(), "{seen:?}");
     }
 
-    /// The reflection follows calls: `prior_terms` reads the student logits only through
-    /// `logits.wgsl`'s helpers, and writes what it declares `read_write`; `reduce_batch`
+    /// The reflection follows calls and reads the declared access: `prior_terms` reads the
+    /// logits through `logits.wgsl`'s helpers and writes what it declares `read_write`;
+    /// the match kernels, which include no `logits.wgsl`, bind no logits; `reduce_batch`
     /// binds only the sums.
     #[test]
     fn bindings_come_from_the_functions_an_entry_point_calls() {
@@ -181,7 +182,14 @@ mod tests {
             find(&prior_terms, Resource::MiningScore).map(|b| b.writes),
             Some(true)
         );
-        assert_eq!(find(&prior_terms, Resource::TeacherConf), None);
+        for entry in ["match_priors", "match_objects", "match_finish"] {
+            let bound = of(entry);
+            assert_eq!(find(&bound, Resource::StudentConf), None, "{entry}");
+            assert!(
+                find(&bound, Resource::ConfTarget).is_some_and(|b| b.writes),
+                "{entry}"
+            );
+        }
         let reduce_batch: Vec<Resource> = of("reduce_batch").iter().map(|b| b.resource).collect();
         assert_eq!(reduce_batch, [Resource::ImageSums, Resource::BatchSums]);
     }
