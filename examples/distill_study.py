@@ -11,7 +11,8 @@ Every finished run is kept in `--out` (`runs/seed<S>/teacher.pt` and `teacher.js
 when the same command is run again; runs already there are not trained again. After every
 run, `study.json` (every run's settings and figures, and the summary), `study.md` (the table,
 sorted by the difference from the baseline) and `study.png` (mAP per variant, a point per
-seed and the mean) are rewritten from all the runs in `--out`.
+seed and the mean; below it, each run's difference from its seed's baseline) are rewritten
+from all the runs in `--out`.
 
     python examples/distill_shapes.py --study --out runs/study --threads 1
     python examples/distill_shapes.py --study --variants baseline,recipe --seeds 0-4 --widths 6,3
@@ -360,6 +361,9 @@ def write_markdown(path, rows, teacher, config):
 
 
 def plot(path, rows, teacher):
+    """Top: mAP per variant, a point per seed and the mean (bar); bottom: the same runs' difference
+    from the baseline of their seed, which removes the seed-to-seed spread they share. One
+    column per student width; variants in the table's order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,29 +373,35 @@ def plot(path, rows, teacher):
     panels = [[r for r in rows if r["width"] == w] for w in widths]
     seeds = sorted({s for r in rows for s in r["seeds"]})
     colour = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5, 0.85 * max(len(p) for p in panels) + 1.5) * len(panels),
-                                                      4.2), squeeze=False, sharey=True)
-    for ax, panel, width in zip(axes[0], panels, widths):
+    fig, axes = plt.subplots(2, len(panels), squeeze=False, sharex="col", height_ratios=(3, 2),
+                             figsize=(max(4.5, 0.8 * max(len(p) for p in panels) + 1.5) * len(panels), 6.4))
+    for col, (panel, width) in enumerate(zip(panels, widths)):
+        top, bottom = axes[0][col], axes[1][col]
         for x, r in enumerate(panel):
+            spread = lambda i, n: x + (i - (n - 1) / 2) * 0.08  # noqa: E731
             for i, (s, m) in enumerate(zip(r["seeds"], r["map50"])):
-                offset = (i - (len(r["seeds"]) - 1) / 2) * 0.08
-                ax.plot(x + offset, m, "o", ms=5, color=colour[s], alpha=0.8,
-                        label=f"seed {s}" if x == 0 or s not in {t for q in panel[:x] for t in q["seeds"]} else None)
-            ax.plot([x - 0.3, x + 0.3], [r["map50_mean"]] * 2, "-", color="black", lw=2,
-                    label="mean" if x == 0 else None)
+                top.plot(spread(i, len(r["seeds"])), m, "o", ms=5, color=colour[s], alpha=0.8, label=f"seed {s}")
+            top.plot([x - 0.3, x + 0.3], [r["map50_mean"]] * 2, "-", color="black", lw=2, label="mean")
+            if r["variant"] != "baseline" and r["diff"]:
+                for i, (s, d) in enumerate(zip(r["paired_seeds"], r["diff"])):
+                    bottom.plot(spread(i, len(r["diff"])), d, "o", ms=5, color=colour[s], alpha=0.8)
+                bottom.plot([x - 0.3, x + 0.3], [r["diff_mean"]] * 2, "-", color="black", lw=2)
         base = next((r for r in panel if r["variant"] == "baseline"), None)
         if base is not None:
-            ax.axhline(base["map50_mean"], ls="--", color="grey", lw=1, label="baseline mean")
-        ax.set_xticks(range(len(panel)))
-        ax.set_xticklabels([r["variant"] for r in panel], rotation=35, ha="right")
-        ax.set_title(f"student width {width} ({panel[0]['parameters']:,} parameters)", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower left")
+            top.axhline(base["map50_mean"], ls="--", color="grey", lw=1, label="baseline mean")
+        bottom.axhline(0.0, ls="--", color="grey", lw=1)
+        top.set_title(f"student width {width} ({panel[0]['parameters']:,} parameters)", fontsize=10)
+        bottom.set_xticks(range(len(panel)))
+        bottom.set_xticklabels([r["variant"] for r in panel], rotation=35, ha="right")
+        for ax in (top, bottom):
+            ax.grid(axis="y", alpha=0.3)
+        handles, labels = top.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))  # one entry per seed
+        top.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     axes[0][0].set_ylabel("mAP@0.5 (validation)")
+    axes[1][0].set_ylabel("minus the baseline\nof the same seed")
     if teacher["map50_mean"] is not None:
-        fig.suptitle(f"students by loss variant, best Δ first (teacher: {teacher['map50_mean']:.3f} mean)",
+        fig.suptitle(f"students by loss variant, best first (teacher: mAP {teacher['map50_mean']:.3f}, mean)",
                      fontsize=10)
     fig.tight_layout()
     _write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
