@@ -88,6 +88,7 @@ def bench_one(args, b):
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     arrays = ssdkd._ssdkd.synthetic(b, args.classes, args.preset, 6, False, 300)
+    backend = ssdkd.Backend(args.backend)  # the library's evaluation, on a backend of its own
     t = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
     crit = st.MultiBoxLoss_KD(args.classes, backend=args.backend, validate=False)
     cfg = dict(peer.DEFAULT_CONFIG, num_classes=args.classes)
@@ -101,11 +102,10 @@ def bench_one(args, b):
 
     # What `ssdkd bench` times, called through the binding in this process: one
     # evaluation with the wrapper's weights and gradients, no value scan, result dropped.
-    config = ssdkd._config_json(dict(crit.config, weights=(0.3, 0.7, 0.5, 1.0)))
+    config = ssdkd._config_json(dict(crit._config(), weights=(0.3, 0.7, 0.5, 1.0)))
 
     def library():
-        ssdkd._ssdkd.evaluate(*(arrays[k] for k in ssdkd._TENSORS), args.backend, True, False, False,
-                              config)
+        backend.evaluate(*(arrays[k] for k in ssdkd._TENSORS), config, True, False, False)
 
     def peer_fb():
         sl = t["student_loc"].detach().requires_grad_(True)

@@ -1,6 +1,7 @@
 //! The batch API shared by every backend: borrowed tensors in, terms, sums, counts and
 //! (on request) gradients and per-prior decisions out.
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use ssdkd_core::validate::{validate_config, validate_image, validate_priors};
@@ -322,6 +323,19 @@ impl<'a> Batch<'a> {
     /// # Errors
     /// [`Error::Config`] naming the key, or [`Error::Input`] naming the tensor, image and index.
     pub fn check(&self, config: &LossConfig, scan_values: bool) -> Result<()> {
+        self.check_cancellable(config, scan_values, None)
+    }
+
+    /// [`Batch::check`], whose scan checks `cancel` before each image.
+    ///
+    /// # Errors
+    /// As [`Batch::check`], and [`Error::Cancelled`].
+    pub(crate) fn check_cancellable(
+        &self,
+        config: &LossConfig,
+        scan_values: bool,
+        cancel: Option<&CancelToken>,
+    ) -> Result<()> {
         self.shape.check_config(config)?;
         if !scan_values {
             return Ok(());
@@ -329,12 +343,12 @@ impl<'a> Batch<'a> {
         validate_priors(bytemuck::cast_slice(self.priors))?;
         let first_bad = (0..self.shape.batch)
             .into_par_iter()
-            .map(|i| validate_image(&self.image(i), i))
+            .map(|i| {
+                cancel.map_or(Ok(()), CancelToken::check)?;
+                Ok(validate_image(&self.image(i), i)?)
+            })
             .find_first(Result::is_err);
-        match first_bad {
-            Some(Err(e)) => Err(e.into()),
-            _ => Ok(()),
-        }
+        first_bad.unwrap_or(Ok(()))
     }
 
     /// Image `i`'s slices, as the core's per-image stages take them.

@@ -197,7 +197,7 @@ impl CpuBackend {
         cancel: Option<&CancelToken>,
     ) -> Result<(Evaluation, Finite)> {
         self.last = None;
-        batch.check(config, request.validate)?;
+        batch.check_cancellable(config, request.validate, cancel)?;
         let images = batch.shape().batch;
         let pooled = self.take_workspaces(images);
         let (eval, workspaces, finite) = evaluate_with(batch, config, request, pooled, cancel);

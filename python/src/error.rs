@@ -61,6 +61,7 @@ pub fn to_py(py: Python<'_>, e: &Error, writing: bool) -> PyErr {
             f.tensor = Some(input.tensor().name().to_owned());
             (f.image, f.index) = match *input {
                 BadValue::NonFinite { image, row, .. } => (image, Some(row)),
+                BadValue::OutOfRange { image, row, .. } => (Some(image), Some(row)),
                 BadValue::DegenerateBox { image, object, .. }
                 | BadValue::BoxOutOfRange { image, object, .. }
                 | BadValue::BadLabel { image, object, .. } => (Some(image), Some(object)),

@@ -457,6 +457,33 @@ fn preset_priors(py: Python<'_>, name: &str) -> PyResult<Py<PyArrayDyn<f32>>> {
     array(py, rows.concat(), &[rows.len(), 4])
 }
 
+/// A preset's fields (SPEC §2) as `ssdkd.priors` takes them: `image_size`, and per map
+/// `feature_maps`, `steps`, `min_sizes`, `max_sizes`, `aspect_ratios`; `clip`.
+#[pyfunction]
+fn preset_config<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+    let config = py_ok(py, parse_preset(name))?.config();
+    let maps = config.feature_maps;
+    let d = PyDict::new(py);
+    d.set_item("image_size", config.image_size)?;
+    d.set_item(
+        "feature_maps",
+        maps.iter().map(|m| m.size).collect::<Vec<_>>(),
+    )?;
+    d.set_item("steps", maps.iter().map(|m| m.step).collect::<Vec<_>>())?;
+    d.set_item(
+        "min_sizes",
+        maps.iter().map(|m| m.min_size).collect::<Vec<_>>(),
+    )?;
+    d.set_item(
+        "max_sizes",
+        maps.iter().map(|m| m.max_size).collect::<Vec<_>>(),
+    )?;
+    let ratios: Vec<Vec<f32>> = maps.iter().map(|m| m.aspect_ratios.to_vec()).collect();
+    d.set_item("aspect_ratios", ratios)?;
+    d.set_item("clip", config.clip)?;
+    Ok(d)
+}
+
 /// The most priors a custom configuration may emit (a bound on the allocation).
 const MAX_PRIORS: u64 = 1 << 24;
 
@@ -619,6 +646,7 @@ fn _ssdkd(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(read_batch, m)?,
         wrap_pyfunction!(write_batch, m)?,
         wrap_pyfunction!(preset_priors, m)?,
+        wrap_pyfunction!(preset_config, m)?,
         wrap_pyfunction!(custom_priors, m)?,
         wrap_pyfunction!(synthetic, m)?,
         wrap_pyfunction!(compare_loss, m)?,

@@ -146,21 +146,23 @@ def evaluate(student_loc, student_conf, teacher_loc, teacher_conf, targets, prio
 
 
 def priors(preset_or_config=None, /, *, image_size=None, feature_maps=None, steps=None,
-           min_sizes=(30, 60, 111, 162, 213, 264), max_sizes=(60, 111, 162, 213, 264, 315),
-           aspect_ratios=None, clip=True):
+           min_sizes=None, max_sizes=None, aspect_ratios=None, clip=True):
     """Prior boxes (SPEC §2) as a [P, 4] float32 array in centre form.
 
     ``priors("ssd300")`` gives a preset (:data:`PRESETS`); otherwise give the fields:
     ``image_size`` S, ``feature_maps`` (one size f per map), ``steps`` (one step per map,
-    ``f_k = S / step``; ``None`` for ``f_k = f``), ``min_sizes``, ``max_sizes``,
-    ``aspect_ratios`` (one list per map) and ``clip``. A dict of those fields may be
-    passed as the only positional argument.
+    ``f_k = S / step``; ``None`` for ``f_k = f``), ``min_sizes`` and ``max_sizes``
+    (default: SSD300's, SPEC §2), ``aspect_ratios`` (one list per map) and ``clip``. A
+    dict of those fields may be passed as the only positional argument;
+    ``_ssdkd.preset_config(name)`` gives a preset's.
     """
     if isinstance(preset_or_config, str):
         return _ssdkd.preset_priors(preset_or_config)
+    ssd300 = _ssdkd.preset_config("ssd300")
     fields = dict(image_size=image_size, feature_maps=feature_maps, steps=steps,
-                  min_sizes=min_sizes, max_sizes=max_sizes, aspect_ratios=aspect_ratios,
-                  clip=clip)
+                  min_sizes=ssd300["min_sizes"] if min_sizes is None else min_sizes,
+                  max_sizes=ssd300["max_sizes"] if max_sizes is None else max_sizes,
+                  aspect_ratios=aspect_ratios, clip=clip)
     if isinstance(preset_or_config, dict):
         unknown = sorted(set(preset_or_config) - set(fields))
         if unknown:

@@ -43,8 +43,8 @@ def priors(
     image_size: Optional[float] = None,
     feature_maps: Optional[Sequence[int]] = None,
     steps: Optional[Sequence[float]] = None,
-    min_sizes: Sequence[float] = ...,
-    max_sizes: Sequence[float] = ...,
+    min_sizes: Optional[Sequence[float]] = None,
+    max_sizes: Optional[Sequence[float]] = None,
     aspect_ratios: Optional[Sequence[Sequence[float]]] = None,
     clip: bool = True,
 ) -> _F32: ...

@@ -113,8 +113,7 @@ class _SsdkdLoss(_torch.autograd.Function):
         ev = _evaluate(ctx, tensors, predicted, module.validate)
         ctx.cached = predicted and (predicted, ev.grad_student_conf, ev.grad_student_loc)
         ctx.num_pos = ev.num_pos
-        keys = ("soft_sum", "l2_sum", "conf_sum", "loc_sum") if ctx.sum else (
-            "soft_loss", "l2_loss", "loss_c", "loss_l")
+        keys = ("soft_sum", "l2_sum", "conf_sum", "loc_sum") if ctx.sum else _ssdkd.TERMS[:4]
         like = dict(dtype=student_conf.dtype, device=student_conf.device)
         terms = tuple(_torch.tensor(getattr(ev, k), **like) for k in keys)
         if ctx.sum:

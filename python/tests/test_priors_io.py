@@ -87,3 +87,9 @@ def test_batch_file_without_teacher_round_trips(tmp_path):
     assert (ev.soft_loss, ev.l2_loss, ev.num_bounded) == (0.0, 0.0, 0)
     assert (ev.loss_c, ev.loss_l, ev.num_pos) == (kd.loss_c, kd.loss_l, kd.num_pos)
     assert kd.soft_loss > 0.0
+
+
+@pytest.mark.parametrize("name", ssdkd.PRESETS)
+def test_a_presets_fields_give_its_priors(name):
+    fields = ssdkd._ssdkd.preset_config(name)
+    np.testing.assert_array_equal(ssdkd.priors(fields), ssdkd.priors(name))
