@@ -9,6 +9,31 @@ use core::fmt;
 /// How far outside [0, 1] a ground-truth corner may lie (augmentation round-off).
 pub const BOX_TOLERANCE: f32 = 1e-3;
 
+// The accepted domain (SPEC §1.3, §8.3): inside it both backends give finite results that
+// agree to SPEC §7 (the GPU sums in f32, the CPU in f64); outside it validation refuses the
+// input for both, so that no input is a number on one backend and a failure on the other.
+
+/// The largest |logit| of `student_conf` and `teacher_conf`.
+pub const MAX_LOGIT: f32 = 1e15;
+/// The largest |value| of `student_loc` and `teacher_loc`.
+pub const MAX_OFFSET: f32 = 1e12;
+/// The smallest width or height of a prior.
+pub const MIN_PRIOR_SIZE: f32 = 1e-4;
+/// The smallest encoding variance.
+pub const MIN_VARIANCE: f32 = 1e-6;
+/// The smallest temperature.
+pub const MIN_TEMPERATURE: f32 = 1e-2;
+/// The largest temperature (the soft gradient scales with it; the GPU backend takes at
+/// most 20, SPEC §7.4, and leaves larger ones to the CPU backend).
+pub const MAX_TEMPERATURE: f32 = 1e6;
+/// The smallest ε of the class-weighted soft loss (ε = 0 would take `0 · ln 0`, which f32
+/// reaches where f64 does not).
+pub const MIN_EPS: f32 = 1e-30;
+/// The largest |weight| of a term or a class.
+pub const MAX_WEIGHT: f32 = 1e6;
+/// The largest |margin| of the teacher bound.
+pub const MAX_MARGIN: f32 = 1e24;
+
 /// The input tensors of SPEC §1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tensor {
@@ -86,7 +111,23 @@ pub enum InputError {
         /// C, classes including background.
         num_classes: u32,
     },
-    /// A prior with non-positive width or height.
+    /// A finite value beyond the accepted magnitude of its tensor ([`MAX_LOGIT`],
+    /// [`MAX_OFFSET`]) at `[image, row, column]`.
+    OutOfRange {
+        /// The tensor.
+        tensor: Tensor,
+        /// The image.
+        image: usize,
+        /// Prior row.
+        row: usize,
+        /// Column within the row.
+        column: usize,
+        /// The value.
+        value: f32,
+        /// The largest accepted |value|.
+        limit: f32,
+    },
+    /// A prior whose width or height is below [`MIN_PRIOR_SIZE`].
     BadPrior {
         /// The prior index.
         index: usize,
@@ -102,7 +143,7 @@ impl InputError {
     #[must_use]
     pub fn tensor(&self) -> Tensor {
         match self {
-            InputError::NonFinite { tensor, .. } => *tensor,
+            InputError::NonFinite { tensor, .. } | InputError::OutOfRange { tensor, .. } => *tensor,
             InputError::DegenerateBox { .. }
             | InputError::BoxOutOfRange { .. }
             | InputError::BadLabel { .. } => Tensor::Targets,
@@ -121,6 +162,11 @@ impl fmt::Display for InputError {
             InputError::NonFinite { image: None, row, column, value, .. } => {
                 write!(f, "non-finite value {value} at prior {row}, column {column}")
             }
+            InputError::OutOfRange { image, row, column, value, limit, .. } => write!(
+                f,
+                "value {value} at image {image}, prior {row}, column {column} is beyond ±{limit:e}, \
+                 the accepted magnitude (SPEC §1.3)"
+            ),
             InputError::DegenerateBox { image, object, corners: [x0, y0, x1, y1] } => write!(
                 f,
                 "image {image}, object {object}: degenerate box (xmin {x0}, ymin {y0}, xmax {x1}, ymax {y1}): \
@@ -138,7 +184,7 @@ impl fmt::Display for InputError {
                 num_classes.saturating_sub(2)
             ),
             InputError::BadPrior { index, prior: [cx, cy, w, h] } => {
-                write!(f, "prior {index} (cx {cx}, cy {cy}, w {w}, h {h}): width and height must be positive")
+                write!(f, "prior {index} (cx {cx}, cy {cy}, w {w}, h {h}): width and height must be at least {MIN_PRIOR_SIZE:e}")
             }
         }
     }
@@ -167,9 +213,11 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Checks a configuration: temperature > 0, finite weights, threshold in (0, 1],
-/// variances > 0, finite class weights, margin and ε. (C ≥ 2 is a property of the
-/// tensors, checked with their shapes.)
+/// Checks a configuration against SPEC §8.3's ranges: temperature in
+/// [[`MIN_TEMPERATURE`], [`MAX_TEMPERATURE`]],
+/// threshold in (0, 1], variances ≥ [`MIN_VARIANCE`], term and class weights within
+/// ±[`MAX_WEIGHT`], margin within ±[`MAX_MARGIN`], ε ≥ [`MIN_EPS`], all finite. (C ≥ 2 is a
+/// property of the tensors, checked with their shapes.)
 ///
 /// # Errors
 /// The first key that cannot work.
@@ -182,35 +230,34 @@ pub fn validate_config(config: &LossConfig) -> Result<(), ConfigError> {
         })
     };
     let t = config.temperature;
-    if !(t.is_finite() && t > 0.0) {
-        return fail("temperature", t, "finite and > 0");
+    if !((MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&t)) {
+        return fail("temperature", t, "in [1e-2, 1e6]");
     }
     let th = config.overlap_threshold;
     if !(th > 0.0 && th <= 1.0) {
         return fail("overlap_threshold", th, "in (0, 1]");
     }
     for v in config.variance {
-        if !(v.is_finite() && v > 0.0) {
-            return fail("variance", v, "finite and > 0");
+        if !(v.is_finite() && v >= MIN_VARIANCE) {
+            return fail("variance", v, "finite and >= 1e-6");
         }
     }
     let w = config.weights;
     for v in [w.soft, w.conf, w.l2, w.loc] {
-        if !v.is_finite() {
-            return fail("weights", v, "finite");
+        if !(v.abs() <= MAX_WEIGHT) {
+            return fail("weights", v, "finite and within ±1e6");
         }
     }
-    for (key, v) in [
-        ("pos_w", config.pos_w),
-        ("neg_w", config.neg_w),
-        ("reg_m", config.reg_m),
-    ] {
-        if !v.is_finite() {
-            return fail(key, v, "finite");
+    for (key, v) in [("pos_w", config.pos_w), ("neg_w", config.neg_w)] {
+        if !(v.abs() <= MAX_WEIGHT) {
+            return fail(key, v, "finite and within ±1e6");
         }
     }
-    if !(config.eps.is_finite() && config.eps >= 0.0) {
-        return fail("eps", config.eps, "finite and >= 0");
+    if !(config.reg_m.abs() <= MAX_MARGIN) {
+        return fail("reg_m", config.reg_m, "finite and within ±1e24");
+    }
+    if !(config.eps.is_finite() && config.eps >= MIN_EPS) {
+        return fail("eps", config.eps, "finite and >= 1e-30");
     }
     Ok(())
 }
@@ -221,26 +268,53 @@ fn check_finite(
     data: &[f32],
     width: usize,
 ) -> Result<(), InputError> {
+    check_magnitude(tensor, image, data, width, f32::MAX)
+}
+
+/// The first value of `data` (rows of `width`) that is not finite, or whose magnitude is
+/// over `limit`.
+fn check_magnitude(
+    tensor: Tensor,
+    image: Option<usize>,
+    data: &[f32],
+    width: usize,
+    limit: f32,
+) -> Result<(), InputError> {
     let width = width.max(1);
-    match data.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(InputError::NonFinite {
+    // One comparison per value (NaN fails it too), so that the scan vectorises.
+    let Some(i) = data.iter().position(|v| !(v.abs() <= limit)) else {
+        return Ok(());
+    };
+    let (row, column, value) = (i / width, i % width, data[i]);
+    match image {
+        Some(image) if value.is_finite() => Err(InputError::OutOfRange {
             tensor,
             image,
-            row: i / width,
-            column: i % width,
-            value: data[i],
+            row,
+            column,
+            value,
+            limit,
+        }),
+        _ => Err(InputError::NonFinite {
+            tensor,
+            image,
+            row,
+            column,
+            value,
         }),
     }
 }
 
-/// Checks the priors: finite, positive width and height.
+/// Checks the priors: finite, width and height at least [`MIN_PRIOR_SIZE`].
 ///
 /// # Errors
 /// The first bad prior.
 pub fn validate_priors(priors: &[[f32; 4]]) -> Result<(), InputError> {
     check_finite(Tensor::Priors, None, priors.as_flattened(), 4)?;
-    match priors.iter().position(|p| !(p[2] > 0.0 && p[3] > 0.0)) {
+    match priors
+        .iter()
+        .position(|p| !(p[2] >= MIN_PRIOR_SIZE && p[3] >= MIN_PRIOR_SIZE))
+    {
         None => Ok(()),
         Some(index) => Err(InputError::BadPrior {
             index,
@@ -250,7 +324,7 @@ pub fn validate_priors(priors: &[[f32; 4]]) -> Result<(), InputError> {
 }
 
 /// Checks one image's tensors (priors excepted: see [`validate_priors`]): everything
-/// finite, real objects with non-degenerate boxes inside [0, 1] and integer labels in
+/// finite, logits within ±[`MAX_LOGIT`] and box offsets within ±[`MAX_OFFSET`], real objects with non-degenerate boxes inside [0, 1] and integer labels in
 /// `0..=C-2`, with C taken from the slices (`student_conf` holds P × C values for the P
 /// rows of `student_loc`). `image` is only used to name the image in the error.
 ///
@@ -264,10 +338,14 @@ pub fn validate_image(inputs: &ImageInputs<'_>, image: usize) -> Result<(), Inpu
         .unwrap_or(0);
     let num_classes = u32::try_from(c).unwrap_or(u32::MAX);
     let at = Some(image);
-    check_finite(Tensor::StudentLoc, at, inputs.student_loc.as_flattened(), 4)?;
-    check_finite(Tensor::StudentConf, at, inputs.student_conf, c)?;
-    check_finite(Tensor::TeacherLoc, at, inputs.teacher_loc.as_flattened(), 4)?;
-    check_finite(Tensor::TeacherConf, at, inputs.teacher_conf, c)?;
+    let loc = |tensor, values: &[[f32; 4]]| {
+        check_magnitude(tensor, at, values.as_flattened(), 4, MAX_OFFSET)
+    };
+    let conf = |tensor, values| check_magnitude(tensor, at, values, c, MAX_LOGIT);
+    loc(Tensor::StudentLoc, inputs.student_loc)?;
+    conf(Tensor::StudentConf, inputs.student_conf)?;
+    loc(Tensor::TeacherLoc, inputs.teacher_loc)?;
+    conf(Tensor::TeacherConf, inputs.teacher_conf)?;
     check_finite(Tensor::Targets, at, inputs.targets.as_flattened(), 5)?;
     for (object, row) in inputs.targets.iter().enumerate() {
         let label = row[4];

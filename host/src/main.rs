@@ -799,7 +799,7 @@ mod tests {
             (
                 Error::Config {
                     key: "temperature".into(),
-                    problem: "temperature = 0: must be finite and > 0".into(),
+                    problem: "temperature = 0: must be in [1e-2, 1e6]".into(),
                 }
                 .into(),
                 2,

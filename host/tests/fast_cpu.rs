@@ -284,15 +284,16 @@ fn the_bench_batch_agrees_with_the_reference() {
 }
 
 /// The backend's check of the gradient rows it wrote finds what a full scan finds: the
-/// same error, naming the same first non-finite element (weights near f32's maximum and
-/// T = 1e6 make the selected rows' gradients overflow).
+/// same error (NaN logits, let through by a request without the value scan, make their
+/// rows' terms and gradients NaN; inside the accepted domain of SPEC §1.3 and §8.3 nothing
+/// overflows).
 #[test]
 fn the_written_rows_check_finds_what_the_full_scan_finds() {
-    let tensors = batch(5, 2, 200, 21, Logits::Spread(4.0));
-    let mut config = config(0);
-    config.weights.soft = 3e38;
-    config.weights.conf = 3e38;
-    config.temperature = 1e6; // the soft gradient's factor w·T/N: 3e44/N
+    let mut tensors = batch(5, 2, 200, 21, Logits::Spread(4.0));
+    for i in [3 * 21 + 4, 57 * 21, 199 * 21 + 20, 200 * 21 + 7] {
+        tensors.student_conf_mut()[i] = f32::NAN;
+    }
+    let config = config(0);
     let request = Request {
         gradients: true,
         validate: false,
@@ -306,9 +307,6 @@ fn the_written_rows_check_finds_what_the_full_scan_finds() {
     let checked = backend
         .evaluate(&tensors.batch(), &config, request)
         .expect_err("the backend refuses the result");
-    assert!(matches!(
-        scanned,
-        ssdkd::Error::Numerical { index: Some(_), .. }
-    ));
+    assert!(matches!(scanned, ssdkd::Error::Numerical { .. }));
     assert_eq!(format!("{checked:?}"), format!("{scanned:?}"));
 }

@@ -53,7 +53,7 @@ pub(crate) const MAX_LOOP_ITERATIONS: u64 = 65_535;
 /// The largest temperature the GPU backend takes: above it, f32 cannot give the gradient
 /// of the soft term to SPEC §7 where a student and its teacher nearly agree (`p − q` then
 /// loses its digits, and `T` scales the loss); the CPU backend computes those rows in f64.
-pub(crate) const MAX_TEMPERATURE: f32 = 20.0;
+pub(crate) const GPU_MAX_TEMPERATURE: f32 = 20.0;
 
 /// Iterations kept free of the counted loops: each loop's exit test and the like count
 /// too on llvmpipe (measured: `grad_conf` at C = 6553 ran about 19 past its 10 C − 1).

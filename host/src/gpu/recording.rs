@@ -7,7 +7,7 @@ use crate::batch::{BatchShape, Decisions, Gradients};
 use crate::error::{Error, Result};
 use crate::gpu::chunks::{chunks, Chunk};
 use crate::gpu::kernels::{
-    Kernel, Phase, KERNELS, LOOP_SLACK, MAX_LOOP_ITERATIONS, MAX_TEMPERATURE,
+    Kernel, Phase, GPU_MAX_TEMPERATURE, KERNELS, LOOP_SLACK, MAX_LOOP_ITERATIONS,
 };
 use crate::gpu::params::{GpuSums, Params};
 use crate::gpu::resources::Resource;
@@ -138,9 +138,9 @@ impl Recording {
         limits: &DeviceLimits,
         wanted: Wanted,
     ) -> Result<Self> {
-        if config.temperature > MAX_TEMPERATURE {
+        if config.temperature > GPU_MAX_TEMPERATURE {
             return Err(Error::GpuUnsupported(format!(
-                "temperature {} is over the GPU backend's {MAX_TEMPERATURE} \
+                "temperature {} is over the GPU backend's {GPU_MAX_TEMPERATURE} \
                  (README \"GPU limits\")",
                 config.temperature
             )));
