@@ -244,22 +244,27 @@ pub fn validate_config(config: &LossConfig) -> Result<(), ConfigError> {
     }
     let w = config.weights;
     for v in [w.soft, w.conf, w.l2, w.loc] {
-        if !(v.abs() <= MAX_WEIGHT) {
+        if !within(v, MAX_WEIGHT) {
             return fail("weights", v, "finite and within ±1e6");
         }
     }
     for (key, v) in [("pos_w", config.pos_w), ("neg_w", config.neg_w)] {
-        if !(v.abs() <= MAX_WEIGHT) {
+        if !within(v, MAX_WEIGHT) {
             return fail(key, v, "finite and within ±1e6");
         }
     }
-    if !(config.reg_m.abs() <= MAX_MARGIN) {
+    if !within(config.reg_m, MAX_MARGIN) {
         return fail("reg_m", config.reg_m, "finite and within ±1e24");
     }
     if !(config.eps.is_finite() && config.eps >= MIN_EPS) {
         return fail("eps", config.eps, "finite and >= 1e-30");
     }
     Ok(())
+}
+
+/// Whether `value` is a number of magnitude at most `limit` (NaN is not).
+fn within(value: f32, limit: f32) -> bool {
+    value.abs() <= limit
 }
 
 fn check_finite(
@@ -282,7 +287,7 @@ fn check_magnitude(
 ) -> Result<(), InputError> {
     let width = width.max(1);
     // One comparison per value (NaN fails it too), so that the scan vectorises.
-    let Some(i) = data.iter().position(|v| !(v.abs() <= limit)) else {
+    let Some(i) = data.iter().position(|&v| !within(v, limit)) else {
         return Ok(());
     };
     let (row, column, value) = (i / width, i % width, data[i]);
