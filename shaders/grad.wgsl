@@ -1,8 +1,8 @@
 // Stage **grad** (SPEC §6): ∂total/∂student_conf and ∂total/∂student_loc, with matching,
 // mining and the teacher bound held fixed. Twin of core/src/stages/grad.rs, kernel by
-// kernel (`grad_conf`, `grad_loc`), one thread per prior each; this f32 algorithm is
-// ported there as `conf_grad_row_complement`. N comes from the batch totals of the reduce
-// stage, recorded before in the same command encoder.
+// kernel (`grad_conf`, `grad_loc`), one thread per prior each; `grad_conf` runs the
+// core's `conf_grad` in f32. N comes from the batch totals of the reduce stage, recorded
+// before in the same command encoder.
 
 // Bindings 1 and 2 (student_conf, teacher_conf) and their rows' log-sum-exp: logits.wgsl.
 @group(0) @binding(7) var<storage, read> conf_target: array<u32>;

@@ -6,7 +6,7 @@
 
 use crate::config::LossConfig;
 use crate::stages::grad::{grad_conf, grad_loc, GradScale};
-use crate::stages::mine::{mine, num_negatives};
+use crate::stages::mine::mine;
 use crate::stages::prior_terms::prior_terms;
 use crate::stages::r#match::{match_image, ObjectScratch, Offsets};
 use crate::stages::reduce::{reduce_image, reduce_rows, LossSums};
@@ -88,8 +88,13 @@ pub fn forward_image(
         scratch.mining_score,
         scratch.prior_loss,
     );
-    let k = num_negatives(num_pos, inputs.priors.len() as u32, config);
-    let num_neg = mine(scratch.mining_score, k, scratch.keys, targets.neg_mask);
+    let num_neg = mine(
+        scratch.mining_score,
+        num_pos,
+        config,
+        scratch.keys,
+        targets.neg_mask,
+    );
     reduce_rows(
         inputs.student_conf,
         inputs.teacher_conf,

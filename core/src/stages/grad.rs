@@ -2,17 +2,16 @@
 //! mining and the teacher bound held fixed. Twin of `shaders/grad.wgsl`, kernel by kernel:
 //! [`grad_conf`] and [`grad_loc`], each a loop over priors (a thread per prior there).
 //!
-//! A selected row's conf gradient has two forms here: [`conf_grad_row`], the reference,
-//! direct in f64 and rounded once (exact to f32 rounding), and
-//! [`conf_grad_row_complement`], the port of the GPU's f32 algorithm (the target's and
-//! the top class's entries from the other classes' sums). The CPU backend runs the
-//! reference; a test holds the port to it within SPEC §7.
+//! A selected row's conf gradient is one algorithm, [`conf_grad`], the one `grad_conf`
+//! runs on the GPU (the target's and the top class's entries from the other classes' sums
+//! where their probability is over 1/2), generic over its float: the CPU runs it in f64
+//! from the f64 softmaxes and rounds once ([`conf_grad_row`], and [`conf_grad_row_kept`]
+//! from probabilities the fast path kept), the GPU in f32 (a test holds the f32
+//! instantiation to the f64 one within SPEC §7).
 
 use crate::config::LossConfig;
-use crate::math;
-use crate::stages::prior_terms::{
-    classes_of, loc_terms, row_max, shifted_log_sum_exp, smooth_l1_grad, SoftmaxF64,
-};
+use crate::stages::prior_terms::{classes_of, loc_terms, smooth_l1_grad, SoftmaxF64};
+use core::ops::{Add, Div, Mul, Neg, Sub};
 
 /// The factors `w_term / N` that the gradients of the four terms carry.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,14 +41,237 @@ impl GradScale {
     }
 }
 
-/// Writes the gradient of one selected row's `w_conf·CE + w_soft·soft` into `out`:
-/// - cross-entropy: `softmax(s)_c − [c = target]`;
+/// A float [`conf_grad`] runs in: f64 on the CPU, f32 as the GPU's `grad_conf` does.
+pub trait GradFloat:
+    Copy
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    /// From an f32 (exact).
+    fn of(x: f32) -> Self;
+    /// Rounded to f32.
+    fn to_f32(self) -> f32;
+}
+
+impl GradFloat for f32 {
+    #[inline(always)]
+    fn of(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl GradFloat for f64 {
+    #[inline(always)]
+    fn of(x: f32) -> Self {
+        f64::from(x)
+    }
+    #[inline(always)]
+    #[allow(clippy::cast_possible_truncation)] // the one rounding, to the gradient's f32
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// Class `c` of a selected row as [`conf_grad`] takes it (SPEC §6).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClassProbs<F> {
+    /// `softmax(student)_c`, the cross-entropy's.
+    pub softmax: F,
+    /// `p_c = softmax(student / T)_c`.
+    pub p: F,
+    /// `q_c = softmax(teacher / T)_c`.
+    pub q: F,
+}
+
+/// The class of a row's largest logit, the lowest on ties (NaN never wins), as `grad_conf`
+/// finds its `top`: the only class whose probability can be over 1/2.
+#[must_use]
+#[inline]
+pub fn top_class(row: &[f32]) -> usize {
+    let Some((&first, rest)) = row.split_first() else {
+        return 0;
+    };
+    let (mut top, mut max) = (0, first);
+    for (c, &x) in rest.iter().enumerate() {
+        // Selects, not branches: random logits would mispredict them.
+        let above = x > max;
+        top = if above { c + 1 } else { top };
+        max = if above { x } else { max };
+    }
+    top
+}
+
+/// Writes the gradient of one selected row's `w_conf·CE + w_soft·soft` into `out`
+/// (C entries; `class(c)` gives class `c`'s probabilities, `top` is [`top_class`] of the
+/// student row), the algorithm of `grad_conf` in `grad.wgsl`:
+/// - cross-entropy: `softmax_c − [c = target]`;
 /// - plain KL: `T (p_c − q_c)`;
-/// - class-weighted: `T p_c (G − h_c)` with `h_c = w_c (q_c + ε) / (p_c + ε)`, `G = Σ h_c p_c`.
+/// - class-weighted: `T p_c (G − h_c)` with `h_c = w_c (q_c + ε) / (p_c + ε)`,
+///   `G = Σ h_c p_c`;
 ///
-/// Computed in f64 and rounded once: with few positives the factors `w / N` are large, and
-/// `softmax − 1` or `p − q` near 1 would lose the small results' digits in f32. Only the
-/// selected rows come here, so the cost is small.
+/// each scaled by its `w / N`. `softmax − 1` at the target and `p − q` or `G − h` at a
+/// class whose `p` is near 1 would lose their digits; where that probability is over 1/2
+/// they are taken from the other classes' sums instead: the target's cross-entropy term is
+/// `−Σ_{c≠t} softmax_c`, and the class `top` gets `Σ_{c≠top} q_c − Σ_{c≠top} p_c`, or
+/// `G − h_top = Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c`. (Below 1/2 the direct form is
+/// the exact one: the complements would cancel instead, e.g. at a large temperature.)
+///
+/// Every entry in the direct form first (a flat loop, which vectorises), then the at most
+/// two entries whose probability is over 1/2 again from the sums over the other classes,
+/// taken only then; each entry is rounded once to f32. In f64 with few positives, where
+/// the factors `w / N` are large, every entry is exact to that rounding.
+#[inline(always)]
+pub fn conf_grad<F: GradFloat>(
+    top: usize,
+    target: u32,
+    scale: &GradScale,
+    config: &LossConfig,
+    class: impl Fn(usize) -> ClassProbs<F>,
+    out: &mut [f32],
+) {
+    let target = target as usize;
+    let num_classes = out.len();
+    if num_classes == 0 {
+        return;
+    }
+    let mut row = RowForm::new(scale, config, target);
+    if row.weighted {
+        row.g_sum = (0..num_classes).fold(F::of(0.0), |sum, c| {
+            let ClassProbs { p, q, .. } = class(c);
+            sum + row.h(c, p, q) * p
+        });
+    }
+    // The branch in `direct_soft` is the same for every class: the loop is unswitched and
+    // each form vectorises.
+    for (c, o) in out.iter_mut().enumerate() {
+        let ClassProbs { softmax, p, q } = class(c);
+        *o = row.entry(row.direct_ce(c, softmax), row.direct_soft(c, p, q));
+    }
+    // The complements only where they are the exact side: a probability over 1/2.
+    let half = F::of(0.5);
+    let ce_complement = target < num_classes && class(target).softmax > half;
+    let soft_complement = class(top).p > half;
+    if ce_complement || soft_complement {
+        row.complements(top, ce_complement, soft_complement, &class, out);
+    }
+}
+
+/// What [`conf_grad`]'s entries of one row share: the factors, the class weights and
+/// `G`.
+#[derive(Clone, Copy, Debug)]
+struct RowForm<F> {
+    /// `w_conf / N`.
+    conf_scale: F,
+    /// `T w_soft / N`.
+    soft_scale: F,
+    eps: F,
+    neg_w: F,
+    pos_w: F,
+    weighted: bool,
+    target: usize,
+    /// `G = Σ h_c p_c` (class-weighted form).
+    g_sum: F,
+}
+
+impl<F: GradFloat> RowForm<F> {
+    #[inline(always)]
+    fn new(scale: &GradScale, config: &LossConfig, target: usize) -> Self {
+        Self {
+            conf_scale: F::of(scale.conf),
+            soft_scale: F::of(scale.soft) * F::of(config.temperature),
+            eps: F::of(config.eps),
+            neg_w: F::of(config.neg_w),
+            pos_w: F::of(config.pos_w),
+            weighted: config.weighted_soft_loss(),
+            target,
+            g_sum: F::of(0.0),
+        }
+    }
+
+    /// `h_c = w_c (q_c + ε) / (p_c + ε)`.
+    #[inline(always)]
+    fn h(&self, c: usize, p: F, q: F) -> F {
+        (if c == 0 { self.neg_w } else { self.pos_w }) * (q + self.eps) / (p + self.eps)
+    }
+
+    /// `softmax_c − [c = target]`.
+    #[inline(always)]
+    fn direct_ce(&self, c: usize, softmax: F) -> F {
+        softmax - F::of(if c == self.target { 1.0 } else { 0.0 })
+    }
+
+    /// `p_c (G − h_c)` or `p_c − q_c`.
+    #[inline(always)]
+    fn direct_soft(&self, c: usize, p: F, q: F) -> F {
+        if self.weighted {
+            p * (self.g_sum - self.h(c, p, q))
+        } else {
+            p - q
+        }
+    }
+
+    /// The entry from its two parts, each scaled by its `w / N`, rounded once.
+    #[inline(always)]
+    fn entry(&self, ce: F, soft: F) -> f32 {
+        (self.conf_scale * ce + self.soft_scale * soft).to_f32()
+    }
+
+    /// Writes again the entries at the target (`ce_complement`) and the top class
+    /// (`soft_complement`) from the sums over the other classes. Apart from the direct
+    /// form's loops, so that those vectorise.
+    #[inline(never)]
+    fn complements(
+        &self,
+        top: usize,
+        ce_complement: bool,
+        soft_complement: bool,
+        class: &impl Fn(usize) -> ClassProbs<F>,
+        out: &mut [f32],
+    ) {
+        let (target, num_classes) = (self.target, out.len());
+        // Σ_{c≠skip} term(c) in class order.
+        let sum_except = |skip: usize, term: &dyn Fn(usize, ClassProbs<F>) -> F| {
+            (0..num_classes)
+                .filter(|&c| c != skip)
+                .fold(F::of(0.0), |sum, c| sum + term(c, class(c)))
+        };
+        let fixes = if top == target { 1 } else { 2 };
+        for c in [target, top].into_iter().take(fixes) {
+            let at_target = c == target && ce_complement;
+            let at_top = c == top && soft_complement;
+            if !(at_target || at_top) {
+                continue;
+            }
+            let ClassProbs { softmax, p, q } = class(c);
+            let ce = if at_target {
+                -sum_except(target, &|_, k| k.softmax)
+            } else {
+                self.direct_ce(c, softmax)
+            };
+            let soft = if !at_top {
+                self.direct_soft(c, p, q)
+            } else if self.weighted {
+                let rest_p = sum_except(top, &|_, k| k.p);
+                let rest_ph = sum_except(top, &|c, k| k.p * self.h(c, k.p, k.q));
+                p * (rest_ph - self.h(top, p, q) * rest_p)
+            } else {
+                sum_except(top, &|_, k| k.q) - sum_except(top, &|_, k| k.p)
+            };
+            out[c] = self.entry(ce, soft);
+        }
+    }
+}
+
+/// [`conf_grad`] in f64 of one selected row from its logits (the reference's softmaxes,
+/// [`SoftmaxF64`]).
 pub fn conf_grad_row(
     student_row: &[f32],
     teacher_row: &[f32],
@@ -58,35 +280,68 @@ pub fn conf_grad_row(
     config: &LossConfig,
     out: &mut [f32],
 ) {
-    let t = f64::from(config.temperature);
-    let inv_t = 1.0 / t;
+    let inv_t = 1.0 / f64::from(config.temperature);
     let softmax = SoftmaxF64::new(student_row, 1.0);
     let student = SoftmaxF64::new(student_row, inv_t);
     let teacher = SoftmaxF64::new(teacher_row, inv_t);
-    let conf_scale = f64::from(scale.conf);
-    let soft_scale = f64::from(scale.soft) * t;
-    let probabilities = |c: usize| (student.prob(c), teacher.prob(c));
-    let cross_entropy = |c: usize| softmax.prob(c) - f64::from(u8::from(c as u32 == target));
-    if config.weighted_soft_loss() {
-        let eps = f64::from(config.eps);
-        let class_w = |c: usize| f64::from(if c == 0 { config.neg_w } else { config.pos_w });
-        let g_sum: f64 = (0..out.len())
-            .map(|c| {
-                let (p, q) = probabilities(c);
-                class_w(c) * (q + eps) / (p + eps) * p
-            })
-            .sum();
-        for (c, o) in out.iter_mut().enumerate() {
-            let (p, q) = probabilities(c);
-            let h = class_w(c) * (q + eps) / (p + eps);
-            *o = (conf_scale * cross_entropy(c) + soft_scale * p * (g_sum - h)) as f32;
-        }
-    } else {
-        for (c, o) in out.iter_mut().enumerate() {
-            let (p, q) = probabilities(c);
-            *o = (conf_scale * cross_entropy(c) + soft_scale * (p - q)) as f32;
-        }
+    let class = |c: usize| ClassProbs {
+        softmax: softmax.prob(c),
+        p: student.prob(c),
+        q: teacher.prob(c),
+    };
+    conf_grad(top_class(student_row), target, scale, config, class, out);
+}
+
+/// [`conf_grad_row`] from the row's probabilities `kept`: its `p_c` then its `q_c` (2C
+/// values, [`SoftmaxF64::prob`]'s bits, as the fast path keeps them from the soft term's
+/// exponentials), the same entries bit for bit. At T = 1 the cross-entropy's softmax is
+/// `p_c` itself (`x · 1 = x`); otherwise it is taken from the row.
+#[inline]
+pub fn conf_grad_row_kept(
+    student_row: &[f32],
+    target: u32,
+    scale: &GradScale,
+    config: &LossConfig,
+    kept: &[f64],
+    out: &mut [f32],
+) {
+    let classes = student_row.len();
+    let (p, q) = (&kept[..classes], &kept[classes..2 * classes]);
+    let out = &mut out[..classes];
+    let top = top_class(student_row);
+    if config.temperature != 1.0 {
+        conf_grad_kept_at_t(student_row, top, target, scale, config, p, q, out);
+        return;
     }
+    let class = |c: usize| ClassProbs {
+        softmax: p[c],
+        p: p[c],
+        q: q[c],
+    };
+    conf_grad(top, target, scale, config, class, out);
+}
+
+/// [`conf_grad_row_kept`] at T ≠ 1, with the cross-entropy's softmax from the row (apart,
+/// so that the T = 1 loops vectorise).
+#[inline(never)]
+#[allow(clippy::too_many_arguments)] // conf_grad_row_kept's, with the row's probabilities split
+fn conf_grad_kept_at_t(
+    student_row: &[f32],
+    top: usize,
+    target: u32,
+    scale: &GradScale,
+    config: &LossConfig,
+    p: &[f64],
+    q: &[f64],
+    out: &mut [f32],
+) {
+    let softmax = SoftmaxF64::new(student_row, 1.0);
+    let class = |c: usize| ClassProbs {
+        softmax: softmax.prob(c),
+        p: p[c],
+        q: q[c],
+    };
+    conf_grad(top, target, scale, config, class, out);
 }
 
 /// The gradient of one positive prior's `w_loc·smooth-L1 + w_l2·bounded L2`.
@@ -104,95 +359,6 @@ pub fn loc_grad_row(
         let d = student_loc[i] - loc_target[i];
         scale.loc * smooth_l1_grad(d) + l2 * d
     })
-}
-
-/// The GPU's f32 algorithm for one selected row's conf gradient (`grad_conf` in
-/// `grad.wgsl`), ported line by line: the same result as [`conf_grad_row`] where f32
-/// suffices, the form the GPU runs. In f32, `softmax − 1` at the target and `p − q` or
-/// `G − h` at a class whose `p` is near 1 lose their digits; where that probability is over
-/// 1/2 they are taken from the other classes' sums instead: the target's cross-entropy
-/// term is `−Σ_{c≠t} softmax_c`, and the class `top` of largest logit (the only `p` that
-/// can be over 1/2) gets `Σ_{c≠top} q_c − Σ_{c≠top} p_c`, or
-/// `G − h_top = Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c`. (Below 1/2 the direct form is
-/// the exact one: the complements would cancel instead, e.g. at a large temperature.)
-pub fn conf_grad_row_complement(
-    student_row: &[f32],
-    teacher_row: &[f32],
-    target: u32,
-    scale: &GradScale,
-    config: &LossConfig,
-    out: &mut [f32],
-) {
-    let num_classes = student_row.len();
-    let target_class = target as usize;
-    let t = config.temperature;
-    let inv_t = 1.0 / t;
-    let mut top = 0;
-    for c in 1..num_classes {
-        if student_row[c] > student_row[top] {
-            top = c;
-        }
-    }
-    // Log-probabilities as (x − max) · scale − ln Σ: no large numbers cancel.
-    let max_s = student_row[top];
-    let max_t = row_max(teacher_row);
-    let lse = shifted_log_sum_exp(student_row, max_s, 1.0);
-    let lse_s = shifted_log_sum_exp(student_row, max_s, inv_t);
-    let lse_t = shifted_log_sum_exp(teacher_row, max_t, inv_t);
-    let soft_scale = scale.soft * t;
-    let eps = config.eps;
-    let weighted = config.weighted_soft_loss();
-    let class_w = |c: usize| if c == 0 { config.neg_w } else { config.pos_w };
-    let mut g_sum = 0.0;
-    let mut rest_p = 0.0;
-    let mut rest_q = 0.0;
-    let mut rest_ph = 0.0;
-    let mut rest_ce = 0.0;
-    for c in 0..num_classes {
-        let s = student_row[c];
-        let q = math::exp((teacher_row[c] - max_t) * inv_t - lse_t);
-        let p = math::exp((s - max_s) * inv_t - lse_s);
-        let h = class_w(c) * (q + eps) / (p + eps);
-        g_sum += h * p;
-        if c != top {
-            rest_p += p;
-            rest_q += q;
-            rest_ph += p * h;
-        }
-        if c != target_class {
-            rest_ce += math::exp((s - max_s) - lse);
-        }
-    }
-    for c in 0..num_classes {
-        let s = student_row[c];
-        let q = math::exp((teacher_row[c] - max_t) * inv_t - lse_t);
-        let p = math::exp((s - max_s) * inv_t - lse_s);
-        let softmax = math::exp((s - max_s) - lse);
-        // The complements only where they are the exact side: a probability over 1/2.
-        let ce = if c == target_class {
-            if softmax > 0.5 {
-                -rest_ce
-            } else {
-                softmax - 1.0
-            }
-        } else {
-            softmax
-        };
-        let complement = c == top && p > 0.5;
-        let soft = if weighted {
-            let h = class_w(c) * (q + eps) / (p + eps);
-            p * if complement {
-                rest_ph - h * rest_p
-            } else {
-                g_sum - h
-            }
-        } else if complement {
-            rest_q - rest_p
-        } else {
-            p - q
-        };
-        out[c] = scale.conf * ce + soft_scale * soft;
-    }
 }
 
 /// A loop over priors (`grad_conf` in `grad.wgsl`): each selected row's conf gradient by
@@ -266,6 +432,32 @@ pub fn grad_loc(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::math;
+    use crate::stages::prior_terms::{row_max, shifted_log_sum_exp};
+
+    /// [`conf_grad`] in f32 from f32 probabilities `e^((x − max) · scale − ln Σ)`, as
+    /// `grad_conf` in `grad.wgsl` runs it.
+    fn conf_grad_row_f32(
+        student_row: &[f32],
+        teacher_row: &[f32],
+        target: u32,
+        scale: &GradScale,
+        config: &LossConfig,
+        out: &mut [f32],
+    ) {
+        let inv_t = 1.0 / config.temperature;
+        let top = top_class(student_row);
+        let (max_s, max_t) = (student_row[top], row_max(teacher_row));
+        let lse = shifted_log_sum_exp(student_row, max_s, 1.0);
+        let lse_s = shifted_log_sum_exp(student_row, max_s, inv_t);
+        let lse_t = shifted_log_sum_exp(teacher_row, max_t, inv_t);
+        let class = |c: usize| ClassProbs {
+            softmax: math::exp((student_row[c] - max_s) - lse),
+            p: math::exp((student_row[c] - max_s) * inv_t - lse_s),
+            q: math::exp((teacher_row[c] - max_t) * inv_t - lse_t),
+        };
+        conf_grad(top, target, scale, config, class, out);
+    }
 
     /// A small deterministic generator (no dependency in the no_std core).
     struct Lcg(u64);
@@ -279,13 +471,13 @@ mod tests {
         }
     }
 
-    /// The GPU's f32 complement algorithm agrees with the f64 reference to SPEC §7
+    /// The algorithm in f32, as the GPU runs it, agrees with the f64 reference to SPEC §7
     /// (1e-3 relative + 1e-7 absolute) on rows with one positive in the batch (N = 1, the
     /// largest w/N), plain and class-weighted, with a confident top class (p near 1), where
     /// the direct f32 formula would lose the small entries' digits; over the temperatures
     /// the GPU takes (up to 20) and logits up to ±1e6.
     #[test]
-    fn the_complement_port_agrees_with_the_f64_reference_with_few_positives() {
+    fn the_f32_algorithm_agrees_with_the_f64_reference_with_few_positives() {
         let mut rng = Lcg(7);
         let mut worst: f64 = 0.0;
         for case in 0..1200 {
@@ -304,7 +496,7 @@ mod tests {
             let mut reference = vec![0.0; num_classes];
             let mut port = vec![0.0; num_classes];
             conf_grad_row(&student, &teacher, target, &scale, &config, &mut reference);
-            conf_grad_row_complement(&student, &teacher, target, &scale, &config, &mut port);
+            conf_grad_row_f32(&student, &teacher, target, &scale, &config, &mut port);
             for (c, (&r, &g)) in reference.iter().zip(&port).enumerate() {
                 let bound = 1e-3 * f64::from(r.abs()) + 1e-7;
                 let error = f64::from((r - g).abs());
@@ -315,7 +507,7 @@ mod tests {
                 worst = worst.max(error / bound);
             }
         }
-        // The cases are not trivially equal: the port really runs in f32.
+        // The cases are not trivially equal: the f32 instantiation really runs in f32.
         assert!(worst > 0.0);
     }
 

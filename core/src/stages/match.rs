@@ -130,6 +130,18 @@ impl ObjectScratch {
     pub fn row(&self) -> u32 {
         self.row
     }
+
+    /// Takes prior `p`'s overlap into the object's best prior ([`BestPrior::visit`]).
+    #[inline]
+    pub fn visit(&mut self, p: usize, overlap: Overlap) {
+        self.best.visit(p, overlap);
+    }
+
+    /// The object's best prior over the priors visited so far.
+    #[must_use]
+    pub fn best_prior(&self) -> &BestPrior {
+        &self.best
+    }
 }
 
 /// The image's real objects (label ≥ 0; padding rows skipped wherever they stand) into
@@ -174,11 +186,13 @@ pub const ROW: u32 = 0x3fff_ffff;
 
 /// Steps 1 and 4, a loop over priors (`match_priors` in `match.wgsl`, a thread per
 /// prior): each prior's best object row (the lowest tied row) and [`POSITIVE`] when the
-/// maximum reaches the threshold; 0 for every prior of an image without objects.
-/// `objects` holds the image's real objects in row order ([`ObjectScratch::new`]).
+/// maximum reaches the threshold ([`prior_words_block`], one prior at a time); 0 for every
+/// prior of an image without objects. `objects` holds the image's real objects in row
+/// order ([`ObjectScratch::new`]).
 ///
 /// CPU fusion: the same loop also gathers each object's best overlap over the priors and
-/// its lowest best prior, which `match_objects` on the GPU finds by a loop of its own.
+/// its lowest best prior ([`ObjectScratch::visit`]), which `match_objects` on the GPU finds
+/// by a loop of its own.
 ///
 /// # Panics
 /// If `conf_target` is not `priors.len()` long.
@@ -195,23 +209,93 @@ pub fn match_priors(
     }
     for (p, prior) in priors.iter().enumerate() {
         let prior_box = CenterBox::from_row(*prior).to_corners();
-        let mut best = NO_OVERLAP;
-        for (m, object) in objects.iter_mut().enumerate() {
+        for object in objects.iter_mut() {
             let overlap = Overlap::of(object.truth, prior_box);
             object.current = overlap;
-            if m == 0 || overlap.beats(best) {
-                best = overlap;
-            }
-            // CPU fusion, the object's best prior.
-            object.best.visit(p, overlap);
+            object.visit(p, overlap); // CPU fusion, the object's best prior
         }
-        // The lowest row tied with the maximum (the GPU recomputes the overlaps here).
-        let best_object = objects
-            .iter()
-            .find(|o| o.current.ties_with(best))
-            .unwrap_or(&objects[0]); // only NaN input (rejected by validation) finds no tie
-        let positive = if best.reaches(threshold) { POSITIVE } else { 0 };
-        conf_target[p] = best_object.row | positive;
+        let objects = &*objects;
+        prior_words_block(
+            objects.len(),
+            |m| objects[m].row,
+            |m| {
+                let current = &objects[m].current;
+                (
+                    core::slice::from_ref(&current.inter),
+                    core::slice::from_ref(&current.union),
+                )
+            },
+            threshold,
+            &mut [0.0],
+            &mut [0.0],
+            &mut conf_target[p..=p],
+        );
+    }
+}
+
+/// The decisions of steps 1 and 4 for a block of `words.len()` priors, lane by lane:
+/// `overlaps(m)` gives object `m`'s overlaps with the block as columns
+/// `(intersections, unions)` (objects in row order, `row(m)` its `targets` row, at least
+/// one object). Each prior's maximum is object 0's overlap replaced by every later one that
+/// [`Overlap::beats`] it; its word is the row of the lowest object that
+/// [`Overlap::ties_with`] that maximum (object 0's when none does: only NaN input, which
+/// validation rejects), with [`POSITIVE`] when the maximum [`Overlap::reaches`]
+/// `threshold`. `best_inter`, `best_union` are scratch of the block's length. Written as
+/// selects over the block, so that the host's loops over blocks of priors vectorise it;
+/// [`match_priors`] passes a block of one prior.
+#[inline(always)]
+// Index loops over the columns: the same loops over `iter_mut().enumerate()` of `words`
+// measured about three times slower in the host's block kernel (not vectorised).
+#[allow(clippy::needless_range_loop)]
+pub fn prior_words_block<'a>(
+    objects: usize,
+    row: impl Fn(usize) -> u32,
+    overlaps: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    threshold: f32,
+    best_inter: &mut [f32],
+    best_union: &mut [f32],
+    words: &mut [u32],
+) {
+    let len = words.len();
+    let (best_inter, best_union) = (&mut best_inter[..len], &mut best_union[..len]);
+    let (inter, union) = overlaps(0);
+    best_inter.copy_from_slice(&inter[..len]);
+    best_union.copy_from_slice(&union[..len]);
+    let lane = |inter: &[f32], union: &[f32], i: usize| Overlap {
+        inter: inter[i],
+        union: union[i],
+    };
+    for m in 1..objects {
+        let (inter, union) = overlaps(m);
+        let (inter, union) = (&inter[..len], &union[..len]);
+        for i in 0..len {
+            let (current, best) = (lane(inter, union, i), lane(best_inter, best_union, i));
+            let beats = current.beats(best);
+            best_inter[i] = if beats { current.inter } else { best.inter };
+            best_union[i] = if beats { current.union } else { best.union };
+        }
+    }
+    words.fill(row(0));
+    // From the last object down, so that the lowest tied one is written last.
+    for m in (0..objects).rev() {
+        let (inter, union) = overlaps(m);
+        let (inter, union) = (&inter[..len], &union[..len]);
+        let row = row(m);
+        for i in 0..len {
+            let (current, best) = (lane(inter, union, i), lane(best_inter, best_union, i));
+            words[i] = if current.ties_with(best) {
+                row
+            } else {
+                words[i]
+            };
+        }
+    }
+    for i in 0..len {
+        words[i] |= if lane(best_inter, best_union, i).reaches(threshold) {
+            POSITIVE
+        } else {
+            0
+        };
     }
 }
 

@@ -38,19 +38,37 @@ pub fn rank_key(score: f32, index: u32) -> u64 {
     (u64::from(ordered_bits(score)) << 32) | u64::from(!index)
 }
 
-/// Marks in `neg_mask` (1 = selected) the `k` priors of highest `mining_score`, ranking
-/// over all priors with ties to the lower index, and returns how many were marked
-/// (`min(k, P)`). `keys` is caller scratch of P entries. Uses selection
-/// (`select_nth_unstable`), not a sort: expected O(P). The result is independent of the
-/// selection algorithm because the keys are distinct.
+/// The `k`-th largest of `keys` ([`rank_key`]s, `1 ≤ k ≤ keys.len()`), found by selection
+/// (`select_nth_unstable`), not a sort: expected O(len). The keys are reordered. Since the
+/// keys of an image are distinct, the result does not depend on the selection algorithm.
+///
+/// # Panics
+/// If `k` is 0 or over `keys.len()`.
+#[must_use]
+pub fn kth_key(keys: &mut [u64], k: usize) -> u64 {
+    let (_, kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    *kth
+}
+
+/// The stage for one image (`mine` in `mine.wgsl`, a workgroup per image): k from the
+/// image's `num_pos` ([`num_negatives`]), then marks in `neg_mask` (1 = selected) the `k`
+/// priors of highest `mining_score`, ranking over all priors with ties to the lower index,
+/// and returns how many were marked (`min(k, P)`, the image's `num_neg`). `keys` is caller
+/// scratch of P entries. Expected O(P) ([`kth_key`]).
 ///
 /// # Panics
 /// If the slices' lengths differ.
-pub fn mine(mining_score: &[f32], k: u32, keys: &mut [u64], neg_mask: &mut [u8]) -> u32 {
+pub fn mine(
+    mining_score: &[f32],
+    num_pos: u32,
+    config: &LossConfig,
+    keys: &mut [u64],
+    neg_mask: &mut [u8],
+) -> u32 {
     let num_priors = mining_score.len();
     assert_eq!(keys.len(), num_priors);
     assert_eq!(neg_mask.len(), num_priors);
-    let k = (k as usize).min(num_priors);
+    let k = num_negatives(num_pos, num_priors as u32, config) as usize;
     if k == 0 {
         neg_mask.fill(0);
         return 0;
@@ -58,8 +76,7 @@ pub fn mine(mining_score: &[f32], k: u32, keys: &mut [u64], neg_mask: &mut [u8])
     for (p, (key, &score)) in keys.iter_mut().zip(mining_score).enumerate() {
         *key = rank_key(score, p as u32);
     }
-    let (_, kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-    let kth = *kth;
+    let kth = kth_key(keys, k);
     for (p, (mask, &score)) in neg_mask.iter_mut().zip(mining_score).enumerate() {
         *mask = u8::from(rank_key(score, p as u32) >= kth);
     }

@@ -5,6 +5,26 @@
 //! workgroup each), so that the two can be read side by side. [`KERNELS`] lists them in
 //! pipeline order; the host's kernel table follows it (a test checks both against the
 //! shaders).
+//!
+//! Each formula is one function here, which the twins' loops call; the CPU backend's fast
+//! path (`host/src/cpu/`) calls the same functions on its lane blocks or on exponentials
+//! it took in vectorised loops. Where a CPU twin differs from its kernel, and why:
+//! - `match_priors`: also gathers each object's best prior (`BestPrior` in `match.rs`), one
+//!   pass over the P × M overlaps where the GPU needs `match_objects`' second one.
+//! - `match_objects`: reads those best priors instead of searching the priors again
+//!   (a rescan only when a best overlap rose within the tie band).
+//! - `match_finish`, `prior_terms`: the kernel's loop; the CPU takes each row's maximum
+//!   and sum itself where the GPU reads them from `logits.wgsl`'s pass.
+//! - `mine`: k from the image's `num_pos` as in the kernel, the k-th key by a selection
+//!   (`select_nth_unstable`) where the GPU runs a radix select; the same key, as keys are
+//!   distinct.
+//! - `reduce_rows`: the same soft term in f64 (f32 on the GPU; SPEC §7 bounds the gap).
+//! - `reduce_image`, `reduce_batch`: f64 sums in prior, then image order where the GPU
+//!   adds f32 by a fixed pairwise tree.
+//! - `grad_conf`: the kernel's algorithm ([`grad::conf_grad`]) in f64, rounded once.
+//! - `grad_loc`: tests the teacher bound again from `teacher_loc` (the same f32
+//!   operations) where the GPU reads `prior_loss`, so that a backward pass needs only the
+//!   forward's decisions.
 
 pub mod grad;
 #[path = "match.rs"]

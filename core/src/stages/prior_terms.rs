@@ -21,19 +21,48 @@ pub fn classes_of(len: usize, num_priors: usize) -> usize {
     num_classes
 }
 
-/// The largest value of a row.
+/// The largest value of a row (NaN passed over), by four independent chains of
+/// [`f32::max`] (IEEE maxNum) combined at the end, so that a loop of it vectorises and
+/// does not wait on one long chain. maxNum is associative and commutative, so the order
+/// gives the value of a left-to-right fold, up to the sign of a zero maximum, which enters
+/// the formulas only as `x − max` or `e^(±0) = 1`.
 #[must_use]
+#[inline]
 pub fn row_max(row: &[f32]) -> f32 {
-    row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    let mut lanes = [f32::NEG_INFINITY; 4];
+    let mut quads = row.chunks_exact(4);
+    for quad in &mut quads {
+        for (lane, &x) in lanes.iter_mut().zip(quad) {
+            *lane = lane.max(x);
+        }
+    }
+    let tail = quads
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    lanes[0].max(lanes[1]).max(lanes[2].max(lanes[3])).max(tail)
 }
 
-/// `ln Σ exp((row[c] − max) · scale)` for the row's `max` ([`row_max`]): in `[0, ln C]`, so
-/// that a log-probability `(x − max) · scale − ln Σ` never subtracts two large numbers
-/// (with logits of 1e6, `x · scale − lse` would lose every digit of f32).
+/// The [`Lanes`] sum of a row's f32 exponentials `exp_f32((x − max) · scale)` for the
+/// row's `max` ([`row_max`]): each term in `(0, 1]`, the sum in `[1, C]`. Its logarithm
+/// is the row's shifted log-sum-exp ([`shifted_log_sum_exp`], [`cross_entropy_from`]);
+/// the fast path computes the same exponentials in a vectorised loop and sums them with
+/// [`Lanes::add_all`], the same bits.
+#[must_use]
+pub fn shifted_exps(row: &[f32], max: f32, scale: f32) -> Lanes<f32> {
+    let mut exps = Lanes::new();
+    for (c, &x) in row.iter().enumerate() {
+        exps.add(c, math::exp_f32((x - max) * scale));
+    }
+    exps
+}
+
+/// `ln Σ exp((row[c] − max) · scale)` ([`shifted_exps`]) for the row's `max`: in
+/// `[0, ln C]`, so that a log-probability `(x − max) · scale − ln Σ` never subtracts two
+/// large numbers (with logits of 1e6, `x · scale − lse` would lose every digit of f32).
 #[must_use]
 pub fn shifted_log_sum_exp(row: &[f32], max: f32, scale: f32) -> f32 {
-    let sum: f32 = row.iter().map(|&x| math::exp((x - max) * scale)).sum();
-    math::ln(sum)
+    math::ln(shifted_exps(row, max, scale).total())
 }
 
 /// `(x − max) · scale` in f64: the argument of a row's softmax exponential
@@ -111,10 +140,17 @@ impl<'a> SoftmaxF64<'a> {
         exp / self.sum
     }
 
+    /// `e_c`, the exponential of class `c` ([`shifted_exp_f64`]).
+    #[must_use]
+    #[inline]
+    pub fn exp(&self, c: usize) -> f64 {
+        shifted_exp_f64(self.row[c], self.max, self.scale)
+    }
+
     /// `p_c`.
     #[must_use]
     pub fn prob(&self, c: usize) -> f64 {
-        self.prob_of_exp(shifted_exp_f64(self.row[c], self.max, self.scale))
+        self.prob_of_exp(self.exp(c))
     }
 
     /// `ln p_c`.
@@ -135,15 +171,11 @@ impl<'a> SoftmaxF64<'a> {
 #[must_use]
 pub fn cross_entropy(row: &[f32], target: u32) -> f32 {
     let max = row_max(row);
-    let mut exps = Lanes::new();
-    for (c, &x) in row.iter().enumerate() {
-        exps.add(c, math::exp_f32(x - max));
-    }
-    cross_entropy_from(max, row[target as usize], &exps)
+    cross_entropy_from(max, row[target as usize], &shifted_exps(row, max, 1.0))
 }
 
 /// [`cross_entropy`] from the row's maximum, its target logit and the [`Lanes`] sum of its
-/// exponentials `exp_f32(x − max)`.
+/// exponentials ([`shifted_exps`] at scale 1).
 #[must_use]
 pub fn cross_entropy_from(max: f32, target_logit: f32, exps: &Lanes<f32>) -> f32 {
     (max - target_logit) + math::ln(exps.total())

@@ -8,7 +8,7 @@
 //! sums in f32 by a fixed pairwise tree; SPEC §7 bounds the difference.)
 
 use crate::config::LossConfig;
-use crate::math::{self, Lanes};
+use crate::math::{self, Lanes, LANES};
 use crate::stages::prior_terms::{classes_of, SoftmaxF64};
 
 /// Un-normalised sums and counts of one image or of a whole batch (SPEC §5). A
@@ -90,38 +90,90 @@ pub struct LossTerms {
 /// The soft-target term of one row (SPEC §5), not yet divided by N (`soft_term` in
 /// `reduce.wgsl`): with `q = softmax(teacher / T)`, `p = softmax(student / T)`
 /// ([`SoftmaxF64`]), T² times the sum over the classes (a [`Lanes`] sum) of
-/// [`weighted_class_terms`] (class-weighted, `neg_w > 1`) or [`kl_class_term`].
+/// [`weighted_class_terms`] (class-weighted, `neg_w > 1`) or [`kl_class_term`]:
+/// [`add_soft_terms`] a chunk of classes at a time, then [`soft_term_total`].
 ///
 /// Computed in f64 (only the selected rows come here): a student close to its teacher makes
 /// the terms cancel.
 #[must_use]
 pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
-    /// Classes per chunk of the weighted terms (on the stack: the core does not allocate).
-    const CHUNK: usize = 16;
-    let t = f64::from(config.temperature);
-    let inv_t = 1.0 / t;
+    /// Classes per chunk (on the stack: the core does not allocate).
+    const CHUNK: usize = 2 * LANES;
+    let inv_t = 1.0 / f64::from(config.temperature);
     let student = SoftmaxF64::new(student_row, inv_t);
     let teacher = SoftmaxF64::new(teacher_row, inv_t);
     let mut sum = Lanes::new();
-    if config.weighted_soft_loss() {
-        let (mut p, mut q, mut terms) = ([0.0; CHUNK], [0.0; CHUNK], [0.0; CHUNK]);
-        for first in (0..student_row.len()).step_by(CHUNK) {
-            let n = CHUNK.min(student_row.len() - first);
-            for i in 0..n {
-                (p[i], q[i]) = (student.prob(first + i), teacher.prob(first + i));
-            }
-            weighted_class_terms(config, first, &p[..n], &q[..n], &mut terms[..n]);
-            for (i, &term) in terms[..n].iter().enumerate() {
-                sum.add(first + i, term);
-            }
+    let (mut p, mut q) = ([0.0; CHUNK], [0.0; CHUNK]);
+    for first in (0..student_row.len()).step_by(CHUNK) {
+        let n = CHUNK.min(student_row.len() - first);
+        for i in 0..n {
+            p[i] = student.exp(first + i);
+            q[i] = teacher.exp(first + i);
         }
-    } else {
-        for c in 0..student_row.len() {
-            sum.add(c, kl_class_term(c, teacher.prob(c), &student, &teacher));
+        add_soft_terms(
+            config, &student, &teacher, first, n, &mut p, &mut q, &mut sum,
+        );
+    }
+    soft_term_total(config, &sum)
+}
+
+/// The soft term's summands of the classes `first..first + n` into `sum` (`first` a
+/// multiple of [`LANES`]), from their exponentials `p[i] = e_{first+i}` of the student's
+/// and `q[i]` of the teacher's softmax (each slice a multiple of [`LANES`] long, at least
+/// `n`; the values past `n` are never added), which it turns into the probabilities
+/// `p_c`, `q_c` in place ([`SoftmaxF64::prob_of_exp`]). The reference passes a chunk of a
+/// row at a time ([`soft_term`]); the fast path passes a whole row's exponentials, taken in
+/// a vectorised loop, and keeps the probabilities for the gradient. Inlined, so that the
+/// caller's vectorisation reaches [`weighted_class_terms`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)] // the row's two softmaxes and buffers, the chunk and the sum
+pub fn add_soft_terms(
+    config: &LossConfig,
+    student: &SoftmaxF64<'_>,
+    teacher: &SoftmaxF64<'_>,
+    first: usize,
+    n: usize,
+    p: &mut [f64],
+    q: &mut [f64],
+    sum: &mut Lanes<f64>,
+) {
+    let weighted = config.weighted_soft_loss();
+    let chunks = p.chunks_exact_mut(LANES).zip(q.chunks_exact_mut(LANES));
+    for (k, (p, q)) in chunks.take(n.div_ceil(LANES)).enumerate() {
+        let start = first + k * LANES;
+        let (p, q): (&mut [f64; LANES], &mut [f64; LANES]) = (
+            p.try_into().expect("a chunk of LANES"),
+            q.try_into().expect("a chunk of LANES"),
+        );
+        for (p, q) in p.iter_mut().zip(q.iter_mut()) {
+            (*p, *q) = (student.prob_of_exp(*p), teacher.prob_of_exp(*q));
+        }
+        let count = LANES.min(first + n - start);
+        if weighted {
+            let mut terms = [0.0; LANES];
+            weighted_class_terms(config, start, p, q, &mut terms);
+            if count == LANES {
+                sum.add_chunk(&terms);
+            } else {
+                for (i, &term) in terms[..count].iter().enumerate() {
+                    sum.add(start + i, term);
+                }
+            }
+        } else {
+            for (i, &q) in q[..count].iter().enumerate() {
+                sum.add(start + i, kl_class_term(start + i, q, student, teacher));
+            }
         }
     }
-    let sum = sum.total();
-    t * t * sum
+}
+
+/// The soft term of a row from the [`Lanes`] sum of its summands ([`add_soft_terms`]):
+/// T² times the total.
+#[must_use]
+#[inline]
+pub fn soft_term_total(config: &LossConfig, sum: &Lanes<f64>) -> f64 {
+    let t = f64::from(config.temperature);
+    t * t * sum.total()
 }
 
 /// The class-weighted form's terms (SPEC §5) of the classes `first..first + p.len()` from

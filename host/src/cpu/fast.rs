@@ -25,10 +25,10 @@
 //! probabilities kept for the gradient); the per-image sums are the core's.
 
 use super::matching::{match_image_fast, MatchScratch, PriorColumns};
-use super::rows::{row_cross_entropy, soft_term};
-use super::simd::shifted_log_sum_exp_block;
+use super::rows::{row_cross_entropy, row_soft_term};
+use super::simd::score_estimates_block;
 use multiversion::multiversion;
-use ssdkd_core::stages::mine::{num_negatives, rank_key};
+use ssdkd_core::stages::mine::{kth_key, num_negatives, rank_key};
 use ssdkd_core::stages::prior_terms::{classes_of, loc_terms, mining_score};
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::{reduce_priors, ImageRows, LossSums};
@@ -58,9 +58,9 @@ pub struct FastScratch {
     pub(super) selected: Vec<u32>,
     /// The match stage's.
     matching: MatchScratch,
-    /// Each selected row's `p_c` then `q_c`, in prior order (`rows::soft_term`).
+    /// Each selected row's `p_c` then `q_c`, in prior order (`rows::row_soft_term`).
     pub(super) kept: Vec<f64>,
-    /// One selected row's exponentials and terms (`rows::soft_term`).
+    /// One selected row's exponentials and terms (`rows::row_soft_term`).
     row: Vec<f64>,
     /// One exact row's exponentials (`rows::row_cross_entropy`).
     lse: Vec<f32>,
@@ -71,7 +71,7 @@ pub struct FastScratch {
 /// - the two sums' rounding, each at most (C − 1)·2⁻²⁴ relative: `2e-7·C`;
 /// - the exponentials and logarithms: the core's `exp_f32` in both the kernel and the
 ///   reference, within 2 ulp (its tests), the reference's `logf` within 1 ulp and the
-///   kernel's `ln_approx` within its tested bound: `4e-5` in all;
+///   kernel's `ln_f32` (the core's) within its tested bound: `4e-5` in all;
 /// - the roundings of the reference's shifted logits (`x − max`), of its difference and
 ///   addition and of the kernel's `ln S − row[0]`, and the kernel's logarithm's error (below
 ///   1e-6 + 1e-7·|ln S|, |ln S| ≤ max|x| + ln C), each at most 2⁻²⁴ of a magnitude
@@ -100,7 +100,7 @@ fn bound_scores(
         .zip(conf_target.chunks(rows_per_block));
     for (((rows, upper), lower), targets) in blocks {
         // The block's largest |x| stands for each row's in the margin (looser, still a bound).
-        let max_abs = shifted_log_sum_exp_block(rows, classes, &mut scratch.flat, upper);
+        let max_abs = score_estimates_block(rows, classes, &mut scratch.flat, upper);
         widen(max_abs, classes, targets, upper, lower);
     }
 }
@@ -260,8 +260,7 @@ pub fn forward_matched(
         // bounds reach it, which cannot happen; guard anyway.
         let k = k.min(keys.len());
         if k > 0 {
-            let (_, kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-            let kth = *kth;
+            let kth = kth_key(keys, k);
             for &p in &fast.candidates {
                 if rank_key(scratch.mining_score[p as usize], p) >= kth {
                     targets.neg_mask[p as usize] = 1;
@@ -308,7 +307,7 @@ pub fn forward_matched(
         for &p in &fast.selected {
             let p = p as usize;
             // From the row on: the kernels read whole chunks, past the row's end.
-            scratch.row_soft[p] = soft_term(
+            scratch.row_soft[p] = row_soft_term(
                 &inputs.student_conf[p * classes..],
                 &inputs.teacher_conf[p * classes..],
                 classes,

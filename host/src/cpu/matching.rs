@@ -1,15 +1,16 @@
-//! The match stage (SPEC §3) of the CPU fast path: the core's `match_priors` and
-//! `match_objects` decisions, word for word, with the overlaps of one object against a
-//! block of priors taken in one vectorised pass (priors' corners and areas laid out as
-//! columns once per evaluation) instead of one prior–object pair at a time. The labels and
-//! offsets are then the core's [`match_finish`]. Tested against the core's `match_image`
-//! through `tests/fast_cpu.rs` (labels, offsets and everything downstream with
-//! `assert_eq`).
+//! The match stage (SPEC §3) of the CPU fast path: the core's match, its decisions taken
+//! on a block of priors at a time. The overlaps of one object against a block of priors
+//! come in one vectorised pass (priors' corners and areas laid out as columns once per
+//! evaluation, the core's [`Overlap::of_rows`](ssdkd_core::boxes::Overlap::of_rows) lane
+//! by lane), each block's words are the core's `prior_words_block`, each object's best
+//! prior the core's [`ObjectScratch::visit`], and the rest the core's [`match_objects`]
+//! and [`match_finish`]. Tested against the core's `match_image` through `tests/fast_cpu.rs`
+//! (labels, offsets and everything downstream with `assert_eq`).
 
 use super::simd::{best_objects_block, first_beating, overlap_at, overlaps_block};
-use ssdkd_core::boxes::{CenterBox, Overlap};
+use ssdkd_core::boxes::CenterBox;
 use ssdkd_core::stages::r#match::{
-    gather_objects, match_finish, BestPrior, ObjectScratch, Offsets, FORCED,
+    gather_objects, match_finish, match_objects, ObjectScratch, Offsets,
 };
 
 /// Priors per block of overlaps.
@@ -47,20 +48,11 @@ impl PriorColumns {
     }
 }
 
-/// One real object's state across the priors (the core's `ObjectScratch` fields).
-#[derive(Clone, Copy, Debug)]
-struct ObjectState {
-    /// `[xmin, ymin, xmax, ymax]`.
-    truth: [f32; 4],
-    area: f32,
-    row: u32,
-    best: BestPrior,
-}
-
 /// Per-image scratch of the fast match.
 #[derive(Clone, Debug, Default)]
 pub struct MatchScratch {
-    states: Vec<ObjectState>,
+    /// `[M]` each object's `[xmin, ymin, xmax, ymax]` and area.
+    truths: Vec<([f32; 4], f32)>,
     /// `[M][BLOCK]` intersections and unions of the block being visited.
     inter: Vec<f32>,
     union: Vec<f32>,
@@ -94,51 +86,45 @@ pub fn match_image_fast(
     assert_eq!(conf_target.len(), priors.len());
     let n = gather_objects(targets, objects);
     let objects = &mut objects[..n];
-    scratch.states.clear();
-    scratch.states.extend(objects.iter().map(|object| {
-        let truth = object.truth();
-        ObjectState {
-            truth: truth.to_row(),
-            area: truth.area(),
-            row: object.row(),
-            best: BestPrior::default(),
-        }
-    }));
     if n > 0 {
-        match_priors(columns, threshold, conf_target, scratch);
-        match_objects(columns, conf_target, &scratch.states);
+        visit_prior_blocks(objects, columns, threshold, conf_target, scratch);
+        match_objects(objects, priors, conf_target);
     }
     match_finish(objects, priors, variance, offsets, conf_target, loc_target)
 }
 
-/// The core's `match_priors` (steps 1 and 4, with the fused best-prior tracking), block
-/// by block: each object's overlaps with the block in one pass ([`overlaps_block`]), the
-/// priors' decisions lane by lane ([`best_objects_block`]), and each object's best-prior
+/// The core's `match_priors` (steps 1 and 4, with the fused best-prior visits), block by
+/// block: each object's overlaps with the block in one pass ([`overlaps_block`]), the
+/// priors' words lane by lane ([`best_objects_block`]), and each object's best-prior
 /// visits only from the first prior of the block that beats its best so far
 /// ([`first_beating`]; before it the core's visits change nothing).
-fn match_priors(
+fn visit_prior_blocks(
+    objects: &mut [ObjectScratch],
     columns: &PriorColumns,
     threshold: f32,
     conf_target: &mut [u32],
     scratch: &mut MatchScratch,
 ) {
-    let objects = scratch.states.len();
-    scratch.inter.resize(objects * BLOCK, 0.0);
-    scratch.union.resize(objects * BLOCK, 0.0);
+    let count = objects.len();
+    scratch.truths.clear();
+    scratch.truths.extend(objects.iter().map(|object| {
+        let truth = object.truth();
+        (truth.to_row(), truth.area())
+    }));
+    scratch.rows.clear();
+    scratch.rows.extend(objects.iter().map(ObjectScratch::row));
+    scratch.inter.resize(count * BLOCK, 0.0);
+    scratch.union.resize(count * BLOCK, 0.0);
     scratch.best_inter.resize(BLOCK, 0.0);
     scratch.best_union.resize(BLOCK, 0.0);
-    scratch.rows.clear();
-    scratch
-        .rows
-        .extend(scratch.states.iter().map(|state| state.row));
     let priors = columns.len();
     for start in (0..priors).step_by(BLOCK) {
         let end = (start + BLOCK).min(priors);
         let len = end - start;
-        for (m, state) in scratch.states.iter().enumerate() {
+        for (m, &(truth, area)) in scratch.truths.iter().enumerate() {
             overlaps_block(
-                state.truth,
-                state.area,
+                truth,
+                area,
                 [
                     &columns.x0[start..end],
                     &columns.y0[start..end],
@@ -160,51 +146,17 @@ fn match_priors(
             &mut scratch.best_union,
             &mut conf_target[start..end],
         );
-        for (m, state) in scratch.states.iter_mut().enumerate() {
+        for (m, object) in objects.iter_mut().enumerate() {
             let inter = &scratch.inter[m * BLOCK..m * BLOCK + len];
             let union = &scratch.union[m * BLOCK..m * BLOCK + len];
             let first = if start == 0 {
                 0
             } else {
-                first_beating(inter, union, state.best.best())
+                first_beating(inter, union, object.best_prior().best())
             };
             for i in first..len {
-                state.best.visit(start + i, overlap_at(inter, union, i));
+                object.visit(start + i, overlap_at(inter, union, i));
             }
         }
-    }
-}
-
-/// The core's `match_objects` (steps 2 and 3): each object's best prior forced onto it.
-fn match_objects(columns: &PriorColumns, conf_target: &mut [u32], states: &[ObjectState]) {
-    for state in states {
-        let best_prior = state
-            .best
-            .resolve(columns.len(), |p| overlap_of(state, columns, p));
-        let word = &mut conf_target[best_prior];
-        *word = (*word).max(FORCED | state.row);
-    }
-}
-
-/// One object's overlap with prior `p`, as `Overlap::of` computes it.
-fn overlap_of(state: &ObjectState, columns: &PriorColumns, p: usize) -> Overlap {
-    let mut inter = [0.0];
-    let mut union = [0.0];
-    overlaps_block(
-        state.truth,
-        state.area,
-        [
-            &columns.x0[p..=p],
-            &columns.y0[p..=p],
-            &columns.x1[p..=p],
-            &columns.y1[p..=p],
-            &columns.area[p..=p],
-        ],
-        &mut inter,
-        &mut union,
-    );
-    Overlap {
-        inter: inter[0],
-        union: union[0],
     }
 }

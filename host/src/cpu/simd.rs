@@ -1,57 +1,29 @@
 //! Vectorised kernels of the CPU fast path, compiled for AVX-512, AVX2+FMA and NEON and
-//! chosen at run time by [`multiversion`] (scalar baseline otherwise). Each is a flat
-//! loop over a contiguous block that the compiler vectorises at the selected width: no
-//! intrinsics, no horizontal work inside a row.
+//! chosen at run time by [`multiversion`](mod@multiversion) (scalar baseline otherwise).
+//! Each is a flat loop over a contiguous block that the compiler vectorises at the selected
+//! width: no intrinsics, no horizontal work inside a row.
 //!
-//! The logarithm here ([`ln_approx`]) feeds only the bounds of `fast.rs`; no value it
-//! returns reaches a loss or a gradient. Its error is held by tests (`tests` below) well
-//! inside the margin the bounds add. The exponentials are the core's branch-free ones
-//! ([`exp_f32`], [`exp_f64`]), so the same bits as the core's scalar calls.
+//! Every formula here is the core's, inlined into the loop: the exponentials and the
+//! logarithm ([`exp_f32`], `exp_f64`, [`ln_f32`] and, through the soft terms,
+//! `ln_f64`), the overlaps ([`Overlap::of_rows`]), the match decisions
+//! ([`prior_words_block`]) and the soft term's summands ([`add_soft_terms`]), so the same
+//! bits as the core's scalar calls. The logarithm over a block of sums
+//! ([`score_estimates_block`]) feeds only the bounds of `fast.rs`; no value it returns
+//! reaches a loss or a gradient.
 
 use multiversion::multiversion;
 use ssdkd_core::boxes::Overlap;
-use ssdkd_core::math::exp_f32;
+use ssdkd_core::math::{exp_f32, ln_f32, Lanes, LANES};
 use ssdkd_core::stages::prior_terms::{shifted_exp_f64, SoftmaxF64};
-use ssdkd_core::stages::r#match::POSITIVE;
-use ssdkd_core::stages::reduce::weighted_class_terms;
+use ssdkd_core::stages::r#match::prior_words_block;
+use ssdkd_core::stages::reduce::add_soft_terms;
 use ssdkd_core::LossConfig;
 
-/// ln 2 split so that `n · LN2_HI` is exact for |n| ≤ 2⁸ (Cody–Waite).
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-
-/// `ln x` to about 2 ulp for finite normal x > 0 (the row sums of
-/// [`shifted_log_sum_exp_block`], at least [`MIN_SUM`]); +∞ and NaN pass through.
-/// Branch-free.
-#[inline(always)]
-#[must_use]
-pub fn ln_approx(x: f32) -> f32 {
-    let bits = x.to_bits();
-    // x = 2^e · m with m in [1/√2, √2).
-    let shifted = bits.wrapping_sub(0x3f35_04f3); // bits of 1/√2
-    let e = (shifted as i32) >> 23;
-    let m = f32::from_bits((shifted & 0x007f_ffff).wrapping_add(0x3f35_04f3));
-    // ln m = 2 atanh(z), z = (m − 1)/(m + 1), |z| ≤ 0.1716.
-    let z = (m - 1.0) / (m + 1.0);
-    let z2 = z * z;
-    let mut s = 1.0 / 11.0_f32;
-    s = s * z2 + 1.0 / 9.0;
-    s = s * z2 + 1.0 / 7.0;
-    s = s * z2 + 1.0 / 5.0;
-    s = s * z2 + 1.0 / 3.0;
-    let ln_m = 2.0 * z + 2.0 * z * z2 * s;
-    let y = e as f32 * LN2_HI + (ln_m + e as f32 * LN2_LO);
-    if x < f32::INFINITY {
-        y
-    } else {
-        x // +∞ or NaN
-    }
-}
-
-/// The smallest row sum [`shifted_log_sum_exp_block`] takes a logarithm of: e⁻⁶⁰. Below it
+/// The smallest row sum [`score_estimates_block`] takes a logarithm of: e⁻⁶⁰. Below it
 /// the exponentials it flushes to 0 (each < e⁻⁸⁷) could matter, so the row gets no bound.
 const MIN_SUM: f32 = 8.7e-27;
 
+/// The estimate of each row's mining score (the cross-entropy against class 0, unshifted):
 /// `out[i] = ln Σ_c e^(row[c]) − row[0] = ln Σ_c e^(row[c] − row[0])` for each row of the
 /// row-major `rows` (`C` classes, `out.len()` rows), through the flat buffer `flat` (at
 /// least `rows.len()` long): the exponentials of all the rows' logits in one flat pass,
@@ -60,7 +32,7 @@ const MIN_SUM: f32 = 8.7e-27;
 /// (no bound). Returns the largest `|x|` of the block (by the bits of `|x|`, an integer
 /// maximum that vectorises; NaN counts as larger than +∞).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn shifted_log_sum_exp_block(
+pub fn score_estimates_block(
     rows: &[f32],
     classes: usize,
     flat: &mut [f32],
@@ -88,7 +60,7 @@ pub fn shifted_log_sum_exp_block(
     for o in out.iter_mut() {
         let sum = *o;
         *o = if sum >= MIN_SUM {
-            ln_approx(sum)
+            ln_f32(sum)
         } else {
             f32::NAN
         };
@@ -101,8 +73,7 @@ pub fn shifted_log_sum_exp_block(
 
 /// The overlaps (`inter`, `union`) of the corner box `truth` (`[xmin, ymin, xmax, ymax]`,
 /// area `truth_area`) with a block of priors given as columns `[x0, y0, x1, y1, area]`,
-/// with the operations of the core's `Overlap::of` in its order (glam's `min`/`max` are
-/// the selects written here), so the same bits; one flat pass over the block.
+/// by the core's [`Overlap::of_rows`] lane by lane; one flat pass over the block.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn overlaps_block(
     truth: [f32; 4],
@@ -115,31 +86,19 @@ pub fn overlaps_block(
     let len = inter.len();
     let (x0, y0, x1, y1, area) = (&x0[..len], &y0[..len], &x1[..len], &y1[..len], &area[..len]);
     let union = &mut union[..len];
-    let min = |a: f32, b: f32| if a < b { a } else { b };
-    let max = |a: f32, b: f32| if a > b { a } else { b };
     for i in 0..len {
-        let dx = max(min(truth[2], x1[i]) - max(truth[0], x0[i]), 0.0);
-        let dy = max(min(truth[3], y1[i]) - max(truth[1], y0[i]), 0.0);
-        let overlap = dx * dy;
-        inter[i] = overlap;
-        union[i] = truth_area + area[i] - overlap;
+        let prior = [x0[i], y0[i], x1[i], y1[i]];
+        let overlap = Overlap::of_rows(truth, truth_area, prior, area[i]);
+        inter[i] = overlap.inter;
+        union[i] = overlap.union;
     }
 }
 
-/// Steps 1 and 4 of the match (SPEC §3) for a block of `words.len()` priors, lane by lane
-/// the core's `match_priors` for each prior: `inter`/`union` hold each object's overlaps
-/// with the block (object `m` from `m · stride`, its `targets` row `rows[m]`); each prior's
-/// best overlap is object 0's replaced by every later one that [`Overlap::beats`] it, and
-/// its word is the row of the lowest `m` that [`Overlap::ties_with`] that maximum (object
-/// 0's when none does, as the core's `unwrap_or`), with [`POSITIVE`] when the maximum
-/// [`Overlap::reaches`] `threshold`. The same comparisons in the same order, as selects
-/// over the block.
+/// Steps 1 and 4 of the match (SPEC §3) for a block of `words.len()` priors: the core's
+/// [`prior_words_block`] on the columns `inter`/`union` (object `m`'s overlaps with the
+/// block from `m · stride`, its `targets` row `rows[m]`), compiled for the vector width.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-#[allow(clippy::too_many_arguments)]
-// the block's columns in and out
-// Index loops over the columns: the same loops written with `iter_mut().enumerate()` over
-// `words` measured about three times slower (not vectorised).
-#[allow(clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments)] // the block's columns in and out
 pub fn best_objects_block(
     inter: &[f32],
     union: &[f32],
@@ -151,44 +110,15 @@ pub fn best_objects_block(
     words: &mut [u32],
 ) {
     let len = words.len();
-    let (best_inter, best_union) = (&mut best_inter[..len], &mut best_union[..len]);
-    best_inter.copy_from_slice(&inter[..len]);
-    best_union.copy_from_slice(&union[..len]);
-    for m in 1..rows.len() {
-        let (inter, union) = (&inter[m * stride..][..len], &union[m * stride..][..len]);
-        for i in 0..len {
-            let (current, best) = (
-                overlap_at(inter, union, i),
-                overlap_at(best_inter, best_union, i),
-            );
-            let beats = current.beats(best);
-            best_inter[i] = if beats { current.inter } else { best.inter };
-            best_union[i] = if beats { current.union } else { best.union };
-        }
-    }
-    words.fill(rows[0]);
-    // From the last object down, so that the lowest tied one is written last.
-    for (m, &row) in rows.iter().enumerate().rev() {
-        let (inter, union) = (&inter[m * stride..][..len], &union[m * stride..][..len]);
-        for i in 0..len {
-            let (current, best) = (
-                overlap_at(inter, union, i),
-                overlap_at(best_inter, best_union, i),
-            );
-            words[i] = if current.ties_with(best) {
-                row
-            } else {
-                words[i]
-            };
-        }
-    }
-    for i in 0..len {
-        words[i] |= if overlap_at(best_inter, best_union, i).reaches(threshold) {
-            POSITIVE
-        } else {
-            0
-        };
-    }
+    prior_words_block(
+        rows.len(),
+        |m| rows[m],
+        |m| (&inter[m * stride..][..len], &union[m * stride..][..len]),
+        threshold,
+        best_inter,
+        best_union,
+        words,
+    );
 }
 
 /// Lane `i` of columns of overlaps.
@@ -202,7 +132,7 @@ pub fn overlap_at(inter: &[f32], union: &[f32], i: usize) -> Overlap {
 
 /// The first of a block's overlaps (`inter[i]`, `union[i]`) that [`Overlap::beats`]
 /// `best`, or `inter.len()` when none does. Before it, visiting the block changes no
-/// object's best prior ([`ssdkd_core::stages::r#match::BestPrior::visit`] past prior 0), so
+/// object's best prior (the core's `BestPrior::visit` past prior 0), so
 /// those visits can be skipped. A minimum over the lanes, no early exit, so that the loop
 /// vectorises.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -217,22 +147,17 @@ pub fn first_beating(inter: &[f32], union: &[f32], best: Overlap) -> usize {
     first as usize
 }
 
-/// f64 lanes per chunk of the selected rows' kernels: a whole AVX-512 vector, two AVX2
-/// ones, four NEON ones. The rows' buffers are padded to a multiple of it so that no
-/// element is left to a scalar tail (each f64 exponential is a long dependent chain).
-pub const LANES_F64: usize = 8;
-
 /// f32 lanes per chunk of [`row_exps_f32`]: a whole AVX-512 vector.
 pub const LANES_F32: usize = 16;
 
 /// The exponentials of a selected row's two softmaxes: with `out` split in two halves of
-/// `padded` (a multiple of [`LANES_F64`], at least C), the first half's `out[c]` = the
+/// `padded` (a multiple of [`LANES`], at least C), the first half's `out[c]` = the
 /// core's [`shifted_exp_f64`]`(student[c], max_s, scale)` and the second half's
 /// `shifted_exp_f64(teacher[c], max_t, scale)` for `c < classes`; the padding's values are
 /// left unspecified (finite or not) and must not be read. `student` and `teacher` start at
 /// the row and may run on into the next rows: whole chunks are then read in place, the
 /// padding lanes from the next row ([`row_chunks`]). The core's branch-free exponential
-/// inlined, so the same bits as its scalar calls, [`LANES_F64`] at a time.
+/// inlined, so the same bits as its scalar calls, [`LANES`] at a time.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn softmax_exps(
     student: &[f32],
@@ -245,10 +170,10 @@ pub fn softmax_exps(
 ) {
     let half = out.len() / 2;
     let (s_out, t_out) = out.split_at_mut(half);
-    row_chunks::<LANES_F64, f64>(student, classes, max_s, s_out, |x| {
+    row_chunks::<LANES, f64>(student, classes, max_s, s_out, |x| {
         shifted_exp_f64(x, max_s, scale)
     });
-    row_chunks::<LANES_F64, f64>(teacher, classes, max_t, t_out, |x| {
+    row_chunks::<LANES, f64>(teacher, classes, max_t, t_out, |x| {
         shifted_exp_f64(x, max_t, scale)
     });
 }
@@ -303,58 +228,38 @@ fn row_chunks<const N: usize, T: Copy>(
     }
 }
 
-/// `values[c] = softmax.prob_of_exp(values[c])`: a row's exponentials into its
-/// probabilities, in place.
+/// The [`Lanes`] sum of a row's soft-term summands: the core's [`add_soft_terms`] over the
+/// row's `classes` exponentials in `p` and `q` (each padded to a multiple of [`LANES`]),
+/// turned into the probabilities in place, compiled for the vector width (its branch-free
+/// f64 logarithm inlined).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn probabilities<'a>(softmax: &SoftmaxF64<'a>, values: &mut [f64]) {
-    for v in values {
-        *v = softmax.prob_of_exp(*v);
-    }
-}
-
-/// The class-weighted soft term of a row from its exponentials: `p` and `q` (padded to a
-/// multiple of [`LANES_F64`]) turned into the probabilities in place
-/// ([`SoftmaxF64::prob_of_exp`]), and `terms` the core's [`weighted_class_terms`] of them
-/// (classes from 0), chunk by chunk, its branch-free f64 logarithm inlined.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn weighted_terms<'a>(
+pub fn soft_terms<'a>(
     config: &LossConfig,
     student: &SoftmaxF64<'a>,
     teacher: &SoftmaxF64<'a>,
+    classes: usize,
     p: &mut [f64],
     q: &mut [f64],
-    terms: &mut [f64],
-) {
-    let chunks = p
-        .chunks_exact_mut(LANES_F64)
-        .zip(q.chunks_exact_mut(LANES_F64))
-        .zip(terms.chunks_exact_mut(LANES_F64));
-    for (k, ((p, q), t)) in chunks.enumerate() {
-        let (p, q): (&mut [f64; LANES_F64], &mut [f64; LANES_F64]) = (
-            p.try_into().expect("a chunk of LANES_F64"),
-            q.try_into().expect("a chunk of LANES_F64"),
-        );
-        for (p, q) in p.iter_mut().zip(q.iter_mut()) {
-            (*p, *q) = (student.prob_of_exp(*p), teacher.prob_of_exp(*q));
-        }
-        let t: &mut [f64; LANES_F64] = t.try_into().expect("a chunk of LANES_F64");
-        weighted_class_terms(config, k * LANES_F64, p, q, t);
-    }
+) -> Lanes<f64> {
+    let mut sum = Lanes::new();
+    add_soft_terms(config, student, teacher, 0, classes, p, q, &mut sum);
+    sum
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Absolute error of `ln_approx` against f64 `ln` over [8.7e-27, 1e30] (the sums it
-    /// takes): below 1e-6 + 1e-7·|ln x|.
+    /// The margin of `fast.rs` takes the core's `ln_f32` over the sums of
+    /// [`score_estimates_block`] (at least [`MIN_SUM`]) to an absolute error below
+    /// 1e-6 + 1e-7·|ln x|.
     #[test]
-    fn ln_approx_is_within_a_few_ulp() {
+    fn ln_f32_is_within_the_margins_bound() {
         let mut x = MIN_SUM;
         let mut count = 0;
         while x < 1e30 {
             let want = f64::from(x).ln();
-            let got = f64::from(ln_approx(x));
+            let got = f64::from(ln_f32(x));
             assert!(
                 (got - want).abs() <= 1e-6 + 1e-7 * want.abs(),
                 "ln({x}) = {got}, want {want}"
@@ -363,9 +268,6 @@ mod tests {
             count += 1;
         }
         assert!(count > 100_000);
-        assert_eq!(ln_approx(1.0), 0.0);
-        assert_eq!(ln_approx(f32::INFINITY), f32::INFINITY);
-        assert!(ln_approx(f32::NAN).is_nan());
     }
 
     /// The block kernel against the f64 definition, C = 2, 21, 81, 1000.
@@ -378,7 +280,7 @@ mod tests {
                 .collect();
             let mut flat = vec![0.0; logits.len()];
             let mut out = vec![0.0; rows];
-            let max_abs = shifted_log_sum_exp_block(&logits, classes, &mut flat, &mut out);
+            let max_abs = score_estimates_block(&logits, classes, &mut flat, &mut out);
             let want_max = logits.iter().fold(0.0_f32, |m, &x| m.max(x.abs()));
             assert_eq!(max_abs, want_max);
             for (r, row) in logits.chunks_exact(classes).enumerate() {
@@ -392,7 +294,7 @@ mod tests {
             // Sums out of range: no bound.
             for (value, _) in [(-100.0_f32, "below e^-60"), (100.0, "overflow")] {
                 let logits = vec![value; 3 * classes];
-                let max_abs = shifted_log_sum_exp_block(&logits, classes, &mut flat, &mut out[..3]);
+                let max_abs = score_estimates_block(&logits, classes, &mut flat, &mut out[..3]);
                 assert_eq!(max_abs, value.abs());
                 assert!(out[..3].iter().all(|v| !v.is_finite()), "{value}: {out:?}");
             }
@@ -409,7 +311,7 @@ mod tests {
                 .collect();
             let row = &values[..classes];
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let padded = classes.next_multiple_of(LANES_F64);
+            let padded = classes.next_multiple_of(LANES);
             for from in [&values[..], row] {
                 let mut out = vec![0.0; 2 * padded];
                 softmax_exps(from, max, from, max - 0.5, classes, 0.5, &mut out);
