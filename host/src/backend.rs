@@ -13,9 +13,18 @@ use ssdkd_core::LossConfig;
 pub enum Backend {
     /// The core's stages on every CPU core, with the workspaces this backend owns.
     Cpu(CpuBackend),
-    /// The WGSL kernels on a GPU adapter.
+    /// The WGSL kernels on a GPU adapter; with a [`Fallback`] (as [`Backend::auto`] sets
+    /// up), a batch over the GPU backend's limits is evaluated by the CPU backend instead.
     #[cfg(feature = "gpu")]
-    Gpu(Box<GpuBackend>),
+    Gpu(Box<GpuBackend>, Option<Box<Fallback>>),
+}
+
+/// Where a GPU [`Backend`] sends the batches its GPU refuses (`Error::GpuUnsupported`: a
+/// shape over the limits of SPEC §7.4): the CPU backend, after `notice` hears why. The
+/// backend owns it; nothing else falls back.
+pub struct Fallback {
+    cpu: CpuBackend,
+    notice: Box<dyn Fn(&crate::Error) + Send + Sync>,
 }
 
 impl Backend {
@@ -31,7 +40,7 @@ impl Backend {
     /// [`crate::Error::NoAdapter`] when no adapter is found.
     pub fn gpu() -> Result<Self> {
         #[cfg(feature = "gpu")]
-        return Ok(Backend::Gpu(Box::new(GpuBackend::new()?)));
+        return Ok(Backend::Gpu(Box::new(GpuBackend::new()?), None));
         #[cfg(not(feature = "gpu"))]
         Err(crate::Error::NoAdapter(
             "this build of ssdkd has no GPU backend (feature `gpu`)".into(),
@@ -39,22 +48,39 @@ impl Backend {
     }
 
     /// The fastest device known: a hardware GPU adapter when one is found, else the CPU (a
-    /// software adapter such as lavapipe, slower than the CPU backend, is passed over);
-    /// `on_fallback` hears why the GPU was not used, naming a software adapter passed over.
-    /// A GPU chosen so hands a batch over its limits (README "GPU limits") to the CPU
-    /// backend, saying why on stderr (`GpuBackend::fall_back_to_cpu`).
-    pub fn auto(on_fallback: impl FnOnce(&crate::Error)) -> Self {
+    /// software adapter such as lavapipe, slower than the CPU backend, is passed over).
+    /// `on_fallback` hears every time the CPU is used instead of a GPU: at once, why no GPU
+    /// was taken (naming a software adapter passed over); later, for each batch over the
+    /// chosen GPU's limits (SPEC §7.4), why that batch went to the CPU backend.
+    pub fn auto(on_fallback: impl Fn(&crate::Error) + Send + Sync + 'static) -> Self {
         #[cfg(feature = "gpu")]
-        let gpu = GpuBackend::hardware().map(|mut gpu| {
-            gpu.fall_back_to_cpu(|why| eprintln!("ssdkd: {why}; using the CPU backend"));
-            Backend::Gpu(Box::new(gpu))
-        });
+        let gpu = GpuBackend::hardware();
         #[cfg(not(feature = "gpu"))]
-        let gpu = Self::gpu();
-        gpu.unwrap_or_else(|e| {
-            on_fallback(&e);
-            Backend::cpu()
-        })
+        let gpu: Result<Self> = Self::gpu();
+        match gpu {
+            #[cfg(feature = "gpu")]
+            Ok(gpu) => Self::with_fallback(gpu, on_fallback),
+            #[cfg(not(feature = "gpu"))]
+            Ok(backend) => backend,
+            Err(e) => {
+                on_fallback(&e);
+                Backend::cpu()
+            }
+        }
+    }
+
+    /// `gpu` with a [`Fallback`]: a batch over its limits is evaluated by a CPU backend
+    /// of this backend's, after `notice` hears why.
+    #[cfg(feature = "gpu")]
+    pub fn with_fallback(
+        gpu: GpuBackend,
+        notice: impl Fn(&crate::Error) + Send + Sync + 'static,
+    ) -> Self {
+        let fallback = Fallback {
+            cpu: CpuBackend::new(),
+            notice: Box::new(notice),
+        };
+        Backend::Gpu(Box::new(gpu), Some(Box::new(fallback)))
     }
 
     /// `"cpu"` or `"gpu"`.
@@ -63,7 +89,7 @@ impl Backend {
         match self {
             Backend::Cpu(_) => "cpu",
             #[cfg(feature = "gpu")]
-            Backend::Gpu(_) => "gpu",
+            Backend::Gpu(..) => "gpu",
         }
     }
 
@@ -73,7 +99,7 @@ impl Backend {
         match self {
             Backend::Cpu(_) => format!("CPU ({} threads)", rayon::current_num_threads()),
             #[cfg(feature = "gpu")]
-            Backend::Gpu(gpu) => gpu.adapter_name(),
+            Backend::Gpu(gpu, _) => gpu.adapter_name(),
         }
     }
 
@@ -111,11 +137,26 @@ impl Backend {
             // The CPU backend checks the gradient rows as it writes them (cpu.rs).
             Backend::Cpu(cpu) => cpu.evaluate_checked(batch, config, request, cancel)?,
             #[cfg(feature = "gpu")]
-            Backend::Gpu(gpu) => {
+            Backend::Gpu(gpu, fallback) => {
                 cancel.map_or(Ok(()), CancelToken::check)?;
-                let eval = gpu.evaluate(batch, config, request)?;
-                eval.check_finite()?;
-                eval
+                match (gpu.evaluate(batch, config, request), fallback) {
+                    (Err(e @ crate::Error::GpuUnsupported(_)), Some(fallback)) => {
+                        (fallback.notice)(&e);
+                        // The GPU backend checked the batch before it refused it.
+                        let request = Request {
+                            validate: false,
+                            ..request
+                        };
+                        fallback
+                            .cpu
+                            .evaluate_checked(batch, config, request, cancel)?
+                    }
+                    (result, _) => {
+                        let eval = result?;
+                        eval.check_finite()?;
+                        eval
+                    }
+                }
             }
         };
         if !batch.has_teacher() {
@@ -141,7 +182,7 @@ impl Backend {
         match self {
             Backend::Cpu(cpu) => cpu.gradients_of_last(batch, config),
             #[cfg(feature = "gpu")]
-            Backend::Gpu(_) => None,
+            Backend::Gpu(..) => None,
         }
     }
 
@@ -159,7 +200,12 @@ impl Backend {
             #[cfg(feature = "gpu")]
             resident: match self {
                 Backend::Cpu(_) => None,
-                Backend::Gpu(gpu) => Some(gpu.upload(batch)?),
+                // A batch the GPU cannot take stays on the host, for the fallback.
+                Backend::Gpu(gpu, Some(_)) => match gpu.upload(batch) {
+                    Err(crate::Error::GpuUnsupported(_)) => None,
+                    uploaded => Some(uploaded?),
+                },
+                Backend::Gpu(gpu, None) => Some(gpu.upload(batch)?),
             },
         })
     }
@@ -177,7 +223,7 @@ impl Backend {
         gradients: bool,
     ) -> Result<Evaluation> {
         #[cfg(feature = "gpu")]
-        if let (Backend::Gpu(gpu), Some(resident)) = (&mut *self, &prepared.resident) {
+        if let (Backend::Gpu(gpu, _), Some(resident)) = (&mut *self, &prepared.resident) {
             let request = crate::gpu::GpuRequest {
                 gradients,
                 ..Default::default()

@@ -21,7 +21,7 @@ pub mod input;
 pub mod limits;
 pub mod output;
 
-pub use backend::{Backend, Prepared};
+pub use backend::{Backend, Fallback, Prepared};
 pub use batch::{
     teacher_pair, Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request,
     TENSOR_NAMES,

@@ -119,6 +119,9 @@ struct PyBackend {
     /// Why `"auto"` took the CPU, else None.
     #[pyo3(get)]
     fallback: Option<String>,
+    /// Where the library's fallback notice (`Backend::auto`) writes why a batch went to
+    /// the CPU backend; `evaluate` turns it into a `RuntimeWarning`.
+    heard: std::sync::Arc<Mutex<Option<String>>>,
 }
 
 #[pymethods]
@@ -126,23 +129,28 @@ impl PyBackend {
     #[new]
     #[pyo3(signature = (kind = "auto"))]
     fn new(py: Python<'_>, kind: &str) -> PyResult<Self> {
-        let mut fallback = None;
+        let heard = std::sync::Arc::new(Mutex::new(None::<String>));
+        let sink = std::sync::Arc::clone(&heard);
         let backend = py.detach(|| match kind {
             "cpu" => Ok(ssdkd::Backend::cpu()),
             "gpu" => ssdkd::Backend::gpu(),
-            "auto" => Ok(ssdkd::Backend::auto(|e| fallback = Some(e.to_string()))),
+            "auto" => Ok(ssdkd::Backend::auto(move |e| {
+                *sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            })),
             other => Err(Error::Config {
                 key: "backend".into(),
                 problem: format!("{other:?}: expected \"auto\", \"cpu\" or \"gpu\""),
             }),
         });
         let backend = py_ok(py, backend)?;
+        let fallback = heard.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(Self {
             kind: kind.to_owned(),
             name: backend.name(),
             adapter: backend.adapter(),
             backend: Mutex::new(backend),
             fallback,
+            heard,
         })
     }
 
@@ -188,6 +196,17 @@ impl PyBackend {
             let mut backend = self.backend.lock().unwrap_or_else(|e| e.into_inner());
             backend.evaluate_cancellable(&batch, &config, request, Some(cancel))
         })?;
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(why) = heard {
+            let message = std::ffi::CString::new(format!("ssdkd: {why}; using the CPU backend"))
+                .unwrap_or_default();
+            PyErr::warn(
+                py,
+                &py.get_type::<pyo3::exceptions::PyRuntimeWarning>(),
+                &message,
+                1,
+            )?;
+        }
         PyEvaluation::new(py, eval, shape, self)
     }
 

@@ -297,6 +297,9 @@ fn the_cpu_is_finite_up_to_the_largest_temperature() {
     }
 }
 
+type ChangeConfig = fn(&mut LossConfig);
+type ChangeBatch = fn(&mut OwnedBatch);
+
 /// The cases the GPU used to fail alone (a numerical failure where the CPU gave a number)
 /// are now refused by validation for both backends: ε = 0, a variance of 1e-38, offsets
 /// of 1e18; and so is each value just beyond a bound.
@@ -314,7 +317,7 @@ fn just_beyond_a_bound_both_backends_refuse() {
         reg_m: 0.0,
         seed: 3,
     };
-    let config_cases: [(&str, fn(&mut LossConfig)); 7] = [
+    let config_cases: [(&str, ChangeConfig); 7] = [
         ("eps", |c| c.eps = 0.0),
         ("variance", |c| c.variance = [1e-38, 1e-38]),
         ("variance", |c| c.variance[1] = MIN_VARIANCE * 0.5),
@@ -333,7 +336,7 @@ fn just_beyond_a_bound_both_backends_refuse() {
         refused(on_cpu(&owned, &config), "CPU");
         with_gpu(|gpu| refused(on_gpu(gpu, &owned, &config), "GPU"));
     }
-    let value_cases: [(&str, fn(&mut OwnedBatch)); 4] = [
+    let value_cases: [(&str, ChangeBatch); 4] = [
         ("student_loc", |b| b.student_loc_mut()[5] = 1e18),
         ("teacher_loc", |b| {
             b.teacher_loc_mut()[9] = -MAX_OFFSET * 2.0

@@ -721,12 +721,14 @@ fn priors_at_the_limit_agree_and_beyond_are_refused_or_fall_back() {
     let over = many_priors(MAX_PRIORS + 1);
     unsupported(&mut gpu, "P over the limit", &over, ALL);
 
-    // Set to fall back (as `Backend::auto` sets it), the GPU backend hands it to the CPU.
+    // A Backend with a fallback (as `Backend::auto` sets it up) hands it to the CPU.
     let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = std::sync::Arc::clone(&heard);
-    gpu.fall_back_to_cpu(move |e| sink.lock().unwrap().push(e.to_string()));
+    let mut backend = ssdkd::Backend::with_fallback(gpu, move |e| {
+        sink.lock().unwrap().push(e.to_string());
+    });
     let batch = over.batch();
-    let fallback = gpu.evaluate(&batch, &config, ALL).unwrap();
+    let fallback = backend.evaluate(&batch, &config, ALL).unwrap();
     let cpu_eval = ssdkd::cpu::evaluate(&batch, &config, ALL).unwrap();
     assert_eq!(fallback, cpu_eval);
     let heard = heard.lock().unwrap();
@@ -857,15 +859,16 @@ fn an_image_over_the_binding_size_is_refused_or_falls_back() {
     let generated = many_classes(300); // 16 × 300 × 4 = 19,200 bytes of logits per image
     gpu.set_binding_cap(Some(16 << 10));
     unsupported(&mut gpu, "an image over a 16 KiB binding", &generated, ALL);
-    gpu.fall_back_to_cpu(|e| eprintln!("fell back: {e}"));
-    let config = LossConfig {
-        ..LossConfig::default()
-    };
+    let config = LossConfig::default();
     let batch = generated.batch();
+    let mut backend = ssdkd::Backend::with_fallback(gpu, |e| eprintln!("fell back: {e}"));
     assert_eq!(
-        gpu.evaluate(&batch, &config, ALL).unwrap(),
+        backend.evaluate(&batch, &config, ALL).unwrap(),
         ssdkd::cpu::evaluate(&batch, &config, ALL).unwrap()
     );
+    let ssdkd::Backend::Gpu(mut gpu, _) = backend else {
+        unreachable!("made with a GPU")
+    };
     gpu.set_binding_cap(None);
     compare(
         &mut gpu,

@@ -56,18 +56,10 @@ pub struct GpuRequest {
     pub decisions: bool,
 }
 
-/// Hears why a batch went to the CPU backend ([`GpuBackend::fall_back_to_cpu`]).
-type FallbackNotice = Box<dyn Fn(&Error) + Send + Sync>;
-
 /// A GPU context: adapter, device, queue and every pipeline, created once; buffers cached
 /// per shape, bind groups kept by their batch.
 pub struct GpuBackend {
     engine: Engine,
-    /// Where set, [`GpuBackend::evaluate`] hands a batch over the GPU's limits to the CPU
-    /// backend and tells this why.
-    cpu_fallback: Option<FallbackNotice>,
-    /// The CPU backend that evaluates what this GPU hands over (its workspaces kept).
-    cpu: crate::cpu::CpuBackend,
     /// A cap on the bytes of one storage binding below the adapter's limit, if set.
     binding_cap: Option<u64>,
     /// The buffers [`GpuBackend::evaluate`] uploads host batches into, kept per shape.
@@ -84,8 +76,6 @@ impl GpuBackend {
     pub fn new() -> Result<Self> {
         Ok(Self {
             engine: Engine::new(false)?,
-            cpu_fallback: None,
-            cpu: crate::cpu::CpuBackend::new(),
             binding_cap: None,
             uploaded: None,
         })
@@ -107,8 +97,6 @@ impl GpuBackend {
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         Ok(Self {
             engine: Engine::from_device(device, queue)?,
-            cpu_fallback: None,
-            cpu: crate::cpu::CpuBackend::new(),
             binding_cap: None,
             uploaded: None,
         })
@@ -124,8 +112,6 @@ impl GpuBackend {
     pub fn hardware() -> Result<Self> {
         Ok(Self {
             engine: Engine::new(true)?,
-            cpu_fallback: None,
-            cpu: crate::cpu::CpuBackend::new(),
             binding_cap: None,
             uploaded: None,
         })
@@ -157,14 +143,6 @@ impl GpuBackend {
         self.engine.limits(self.binding_cap).binding_limit
     }
 
-    /// From now on, [`GpuBackend::evaluate`] gives a batch the GPU backend refuses
-    /// ([`Error::GpuUnsupported`]: a shape over the limits of README "GPU limits", an
-    /// image over the adapter's binding size) to the CPU backend instead, after telling
-    /// `notice` why: what [`crate::Backend::auto`] sets up.
-    pub fn fall_back_to_cpu(&mut self, notice: impl Fn(&Error) + Send + Sync + 'static) {
-        self.cpu_fallback = Some(Box::new(notice));
-    }
-
     /// Caps the bytes of one storage binding below the adapter's limit (`None` lifts the
     /// cap), so that smaller batches are split into chunks: for tests and tuning.
     pub fn set_binding_cap(&mut self, bytes: Option<u64>) {
@@ -176,9 +154,9 @@ impl GpuBackend {
     ///
     /// # Errors
     /// What [`Batch::check`] finds; [`Error::GpuUnsupported`] for a batch over the GPU
-    /// backend's limits (checked before anything is uploaded; see
-    /// [`GpuBackend::fall_back_to_cpu`]); [`Error::Gpu`] on out-of-memory, device loss or a
-    /// validation error.
+    /// backend's limits (checked before anything is uploaded; a [`crate::Backend`] with a
+    /// [`crate::Fallback`] then evaluates it on the CPU); [`Error::Gpu`] on out-of-memory,
+    /// device loss or a validation error.
     pub fn evaluate(
         &mut self,
         batch: &Batch<'_>,
@@ -191,23 +169,7 @@ impl GpuBackend {
             read_gradients: request.gradients,
             decisions: request.decisions,
         };
-        match self.evaluate_checked(batch, config, gpu_request) {
-            Err(e @ Error::GpuUnsupported(_)) => match &self.cpu_fallback {
-                Some(notice) => {
-                    notice(&e);
-                    self.cpu.evaluate(
-                        batch,
-                        config,
-                        Request {
-                            validate: false,
-                            ..request
-                        },
-                    )
-                }
-                None => Err(e),
-            },
-            other => other,
-        }
+        self.evaluate_checked(batch, config, gpu_request)
     }
 
     fn evaluate_checked(
