@@ -14,6 +14,7 @@
 //! assert_eq!(PriorPreset::Ssd300.config().num_priors(), 8732);
 //! ```
 #![cfg_attr(not(feature = "std"), no_std)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(feature = "alloc")]
