@@ -251,10 +251,34 @@ pub fn loc_terms(
     }
 }
 
+/// One prior's `prior_loss` record (SPEC §4, §5) from its cross-entropy `ce`:
+/// `(ce, smooth-L1 over the 4 coordinates, d_s where the teacher bound holds else 0, 1
+/// where it holds else 0)` for a positive, `(ce, 0, 0, 0)` otherwise.
+#[must_use]
+#[inline]
+pub fn prior_loss_record(
+    ce: f32,
+    positive: bool,
+    student_loc: [f32; 4],
+    teacher_loc: [f32; 4],
+    loc_target: [f32; 4],
+    reg_m: f32,
+) -> [f32; 4] {
+    if !positive {
+        return [ce, 0.0, 0.0, 0.0];
+    }
+    let terms = loc_terms(student_loc, teacher_loc, loc_target, reg_m);
+    let (student_sq, bounded) = if terms.bounded {
+        (terms.student_sq, 1.0)
+    } else {
+        (0.0, 0.0)
+    };
+    [ce, terms.smooth_l1, student_sq, bounded]
+}
+
 /// The stage, a loop over priors (`prior_terms` in `prior_terms.wgsl`, a thread per
 /// prior): writes each prior's `mining_score` and its `prior_loss` record
-/// `(cross_entropy, smooth-L1 over the 4 coordinates, d_s where the teacher bound holds
-/// else 0, 1 where it holds else 0)`, the loc entries 0 off the positives. `student_conf`
+/// ([`prior_loss_record`]). `student_conf`
 /// is `P × C` row-major. The soft term, needed only on the selected rows, is taken by the
 /// reduce stage once mining has chosen them.
 ///
@@ -280,16 +304,13 @@ pub fn prior_terms(
         let positive = target_class > 0;
         let ce = cross_entropy(row, target_class);
         mining_score_out[p] = mining_score(ce, positive);
-        let mut loss = [ce, 0.0, 0.0, 0.0];
-        if positive {
-            let terms = loc_terms(student_loc[p], teacher_loc[p], loc_target[p], config.reg_m);
-            let (student_sq, bounded) = if terms.bounded {
-                (terms.student_sq, 1.0)
-            } else {
-                (0.0, 0.0)
-            };
-            loss = [ce, terms.smooth_l1, student_sq, bounded];
-        }
-        prior_loss[p] = loss;
+        prior_loss[p] = prior_loss_record(
+            ce,
+            positive,
+            student_loc[p],
+            teacher_loc[p],
+            loc_target[p],
+            config.reg_m,
+        );
     }
 }

@@ -29,7 +29,7 @@ use super::rows::{row_cross_entropy, row_soft_term};
 use super::simd::score_estimates_block;
 use multiversion::multiversion;
 use ssdkd_core::stages::mine::{kth_key, num_negatives, rank_key};
-use ssdkd_core::stages::prior_terms::{classes_of, loc_terms, mining_score};
+use ssdkd_core::stages::prior_terms::{classes_of, mining_score, prior_loss_record};
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::{reduce_priors, ImageRows, LossSums};
 use ssdkd_core::{ImageInputs, ImageScratch, ImageTargets, LossConfig};
@@ -211,18 +211,14 @@ pub fn forward_matched(
             &mut fast.lse,
         );
         scratch.mining_score[p] = mining_score(ce, true);
-        let terms = loc_terms(
+        scratch.prior_loss[p] = prior_loss_record(
+            ce,
+            true,
             inputs.student_loc[p],
             inputs.teacher_loc[p],
             targets.loc_target[p],
             config.reg_m,
         );
-        let (student_sq, bounded) = if terms.bounded {
-            (terms.student_sq, 1.0)
-        } else {
-            (0.0, 0.0)
-        };
-        scratch.prior_loss[p] = [ce, terms.smooth_l1, student_sq, bounded];
     }
 
     // Mining (SPEC §4) over the candidates only.
