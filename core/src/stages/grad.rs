@@ -511,6 +511,34 @@ mod tests {
         assert!(worst > 0.0);
     }
 
+    /// With a confident student and teacher (p and q within 1e-12 of 1 at the top class,
+    /// the target elsewhere), the top class's `p − q` and the target's `softmax − 1` come
+    /// from the other classes' sums: each entry is the exact value rounded to f32 (within
+    /// 1 ulp), where `p − q` formed directly in f64 keeps only about 4 digits.
+    #[test]
+    fn the_complements_are_exact_where_the_direct_form_cancels() {
+        let config = LossConfig {
+            neg_w: 1.0,
+            ..LossConfig::DEFAULT
+        };
+        let scale = GradScale::new(&config, 1);
+        let (student, teacher) = ([0.0, 30.0, 0.0], [0.0, 29.0, 0.0]);
+        // Closed forms: softmax of [0, a, 0] at the top is 1 / (1 + 2e^-a).
+        let rest = |a: f64| 2.0 * (-a).exp() / (1.0 + 2.0 * (-a).exp());
+        let (rest_p, rest_q) = (rest(30.0), rest(29.0));
+        let t = f64::from(config.temperature);
+        let (conf, soft) = (f64::from(scale.conf), f64::from(scale.soft) * t);
+        // Target class 1 = top: ce = −rest_p, soft = rest_q − rest_p.
+        let mut out = [0.0; 3];
+        conf_grad_row(&student, &teacher, 1, &scale, &config, &mut out);
+        let want = conf * -rest_p + soft * (rest_q - rest_p);
+        let ulps = (out[1].to_bits() as i64 - (want as f32).to_bits() as i64).unsigned_abs();
+        assert!(ulps <= 1, "{} against {want}", out[1]);
+        // The direct form loses the difference's digits.
+        let direct = (1.0 - rest_p) - (1.0 - rest_q);
+        assert!(((direct - (rest_q - rest_p)) / (rest_q - rest_p)).abs() > 1e-6);
+    }
+
     /// The reference's entries of a plain row sum to 0 (softmax and p − q both sum to 0),
     /// and the target's cross-entropy entry is negative.
     #[test]
