@@ -127,8 +127,16 @@ struct PyBackend {
 #[pymethods]
 impl PyBackend {
     #[new]
-    #[pyo3(signature = (kind = "auto"))]
-    fn new(py: Python<'_>, kind: &str) -> PyResult<Self> {
+    #[pyo3(signature = (kind = None))]
+    fn new(py: Python<'_>, kind: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        // Anything but a string is an unknown kind, named in the InputError below.
+        let kind = match kind {
+            None => "auto".to_owned(),
+            Some(k) => k
+                .extract::<String>()
+                .or_else(|_| k.repr().map(|r| r.to_string()))?,
+        };
+        let kind = kind.as_str();
         let heard = std::sync::Arc::new(Mutex::new(None::<String>));
         let sink = std::sync::Arc::clone(&heard);
         let backend = py.detach(|| match kind {

@@ -60,6 +60,14 @@ def _input_error(message, tensor=None, key=None):
     return e
 
 
+def _checked(key, convert, value):
+    """``convert(value)``, or an InputError naming ``key`` when it cannot be converted."""
+    try:
+        return convert(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise _input_error(f"argument `{key}`: {e}", key=key) from None
+
+
 def _float_arrays(tensors, gradients=False, decisions=False):
     """The six tensors of ``tensors`` (a dict; the teacher's may be None) as C-contiguous
     float32 arrays, after the library has checked their shapes and the memory an
@@ -202,7 +210,7 @@ def read_batch(path):
     ``config`` the resolved SPEC §8 config (every key). In a file without teacher tensors
     ``teacher_loc`` and ``teacher_conf`` are ``None``. ``evaluate(**tensors, **config)``
     evaluates it."""
-    tensors, config = _ssdkd.read_batch(_os.fspath(path))
+    tensors, config = _ssdkd.read_batch(_checked("path", _os.fspath, path))
     return tensors, _config_dict(config)
 
 
@@ -212,11 +220,12 @@ def write_batch(path, tensors, config=None):
     the six tensors of SPEC §1 (priors may be a preset name; ``teacher_loc`` and
     ``teacher_conf`` may both be absent or ``None``: a batch without teacher), ``config``
     SPEC §8 keys (defaults for the rest)."""
-    tensors = dict(tensors)
+    tensors, config = _checked("tensors", dict, tensors), _checked("config", dict, config or {})
     unknown = sorted(set(tensors) - set(_TENSORS))
     if unknown:
         raise _input_error(f"tensor `{unknown[0]}`: not a batch tensor (known: "
                            f"{', '.join(_TENSORS)})", tensor=unknown[0])
     if isinstance(tensors.get("priors"), str):
         tensors["priors"] = _ssdkd.preset_priors(tensors["priors"])
-    _ssdkd.write_batch(_os.fspath(path), *_float_arrays(tensors), _config_json(config or {}))
+    _ssdkd.write_batch(_checked("path", _os.fspath, path), *_float_arrays(tensors),
+                       _config_json(config))

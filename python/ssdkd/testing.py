@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from . import DEFAULT_CONFIG, _input_error, _ssdkd, evaluate, read_batch
+from . import DEFAULT_CONFIG, _checked, _input_error, _ssdkd, evaluate, read_batch
 
 __all__ = ["Report", "Row", "assert_matches", "compare", "synthetic_batch"]
 
@@ -26,8 +26,9 @@ def synthetic_batch(batch=2, classes=21, preset="ssd300", objects=6, seed=0):
     """A deterministic random batch (ssdkd's generator: random boxes, 1..objects objects
     per image, a teacher closer to the truth than the student) as a dict of float32
     arrays named as SPEC §1."""
-    return _ssdkd.synthetic(int(batch), int(classes), str(preset), int(objects), True,
-                            int(seed))
+    ints = [_checked(k, int, v) for k, v in
+            (("batch", batch), ("classes", classes), ("objects", objects), ("seed", seed))]
+    return _ssdkd.synthetic(ints[0], ints[1], str(preset), ints[2], True, ints[3])
 
 
 class Row:
@@ -134,7 +135,9 @@ def compare(loss_fn, batch=None, *, config=None, seed=0, batch_size=2, preset="s
     if targets not in ("list", "padded"):
         raise _input_error(f"targets: {targets!r}: expected \"list\" or \"padded\"",
                            key="targets")
-    config = dict(config or {})
+    config = _checked("config", dict, config or {})
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise _input_error(f"dtype: {dtype!r}: expected a float torch.dtype", key="dtype")
     # Synthetic batches: C from `num_classes`, 21 when not given.
     tensors, file_config = _load(batch, seed, int(config.get("num_classes") or 21), preset,
                                  batch_size)

@@ -162,6 +162,19 @@ class _SsdkdLoss(_torch.autograd.Function):
         return [a.to(dtype=t.dtype, device=t.device) for a, t in zip(grads, tensors)]
 
 
+def _parts(outputs, n):
+    """The first ``n`` outputs of a model (``predictions``: loc, conf, priors; ``pred_t``:
+    the teacher's loc, conf)."""
+    try:
+        if len(outputs) >= n:
+            return tuple(outputs[:n])
+    except TypeError:
+        pass
+    names = ("predictions", "(loc, conf, priors)") if n == 3 else ("pred_t", "(loc, conf)")
+    raise _input_error(f"argument `{names[0]}`: expected {names[1]}, found "
+                       f"{type(outputs).__name__}", key=names[0])
+
+
 @_contextlib.contextmanager
 def _naming_attributes():
     """An InputError about a config key raised inside names the module's attribute."""
@@ -273,8 +286,8 @@ class MultiBoxLoss_KD(_Base):  # noqa: N801  (the original's name)
 
     def forward(self, predictions, pred_t, targets):
         """Returns ``(soft_loss, l2_loss, loss_c, loss_l)`` (see the class)."""
-        return self._run(predictions[0], predictions[1], predictions[2], pred_t[0], pred_t[1],
-                         targets)
+        (loc, conf, priors), (t_loc, t_conf) = _parts(predictions, 3), _parts(pred_t, 2)
+        return self._run(loc, conf, priors, t_loc, t_conf, targets)
 
 
 class MultiBoxLoss(_Base):
@@ -294,7 +307,7 @@ class MultiBoxLoss(_Base):
 
     def forward(self, predictions, targets):
         """Returns ``(loss_l, loss_c)`` (see the class)."""
-        out = self._run(predictions[0], predictions[1], predictions[2], None, None, targets)
+        out = self._run(*_parts(predictions, 3), None, None, targets)
         return (out[3], out[2], out[4]) if self.reduction == "sum" else (out[3], out[2])
 
 

@@ -357,3 +357,34 @@ def test_stubs_name_what_the_modules_have():
         assert public <= stubbed, (module, public - stubbed)
         assert all(hasattr(mod, n) for n in stubbed), (module, [n for n in stubbed
                                                                 if not hasattr(mod, n)])
+
+
+def hostile_calls():
+    import ssdkd.testing as T
+    t = synthetic_batch(batch=1, classes=3, preset="mobilenet300")
+    kd = st.MultiBoxLoss_KD(3, backend="cpu")
+    targets = torch.from_numpy(t["targets"])
+    return [
+        ("path", lambda: ssdkd.read_batch(None)),
+        ("tensors", lambda: ssdkd.write_batch("unused.safetensors", "x")),
+        ("config", lambda: ssdkd.write_batch("unused.safetensors", t, 5)),
+        ("batch", lambda: T.synthetic_batch(batch="x")),
+        ("batch", lambda: T.synthetic_batch(batch=0)),
+        ("preset", lambda: ssdkd.priors(5)),
+        ("prior_preset", lambda: ssdkd.priors("nope")),
+        ("backend", lambda: ssdkd.Backend(5)),
+        ("dtype", lambda: T.compare(lambda *a: 0, dtype="x")),
+        ("config", lambda: T.compare(lambda *a: 0, config=5)),
+        ("predictions", lambda: kd(5, (None, None), targets)),
+        ("pred_t", lambda: kd((targets, targets, targets), None, targets)),
+        ("backend", lambda: st.MultiBoxLoss_KD(3, backend=5)(
+            *kd_args({k: torch.from_numpy(v) for k, v in t.items()}))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(13))
+def test_hostile_arguments_are_input_errors_naming_the_argument(index):
+    key, call = hostile_calls()[index]
+    with pytest.raises(ssdkd.InputError) as e:
+        call()
+    assert e.value.key == key, str(e.value)
