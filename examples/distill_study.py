@@ -325,6 +325,8 @@ def verdict(rows):
         n = len(best["diff"])
         if best["diff_mean"] > 0 and best["diff_ci95"] is not None and best["diff_mean"] - best["diff_ci95"] > 0:
             how = "beats the baseline beyond the seed-to-seed spread (the 95 % interval of the paired difference excludes 0)"
+        elif best["diff_mean"] > 0 and n < 2:
+            how = "is above the baseline in its only paired seed (one seed: no spread to judge it by)"
         elif best["diff_mean"] > 0:
             how = "is above the baseline on average, but not beyond the seed-to-seed spread"
         else:
