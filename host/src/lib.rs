@@ -10,16 +10,13 @@ pub mod agreement;
 mod backend;
 mod batch;
 mod cancel;
-pub mod config_keys;
 pub mod cpu;
 pub mod demo;
 mod error;
-pub mod file;
 #[cfg(feature = "gpu")]
 pub mod gpu;
-pub mod input;
+mod io;
 pub mod limits;
-pub mod output;
 
 pub use backend::{Backend, Fallback, Prepared};
 pub use batch::{
@@ -28,5 +25,6 @@ pub use batch::{
 };
 pub use cancel::CancelToken;
 pub use error::{Error, Result};
+pub use io::{config_keys, file, input, output};
 pub use ssdkd_core::validate::{ConfigError, InputError, Tensor};
 pub use ssdkd_core::{LossConfig, LossSums, LossTerms, LossWeights, PriorPreset};

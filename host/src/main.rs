@@ -495,7 +495,7 @@ fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
         1
     };
     // Bounded reading, and the memory check before the tensors are read (input.rs).
-    let file = ssdkd::input::read_batch_file(&args.file, &args.config.0, &request, evaluations)?;
+    let file = ssdkd::file::read_batch_file(&args.file, &args.config.0, &request, evaluations)?;
     let batch = file.batch();
     if args.grad_out.is_some() && args.backend == BackendChoice::Both {
         return Err(Failure::Usage(

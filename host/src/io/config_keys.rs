@@ -270,7 +270,7 @@ impl ConfigOverrides {
         let value: Value = serde_json::from_str(json)
             .map_err(|e| bad("config", format!("malformed JSON: {e}")))?;
         // serde_json keeps the last of a repeated key; a repeated setting is an error (SPEC §8.2).
-        if let Ok(Some(path)) = crate::input::duplicate_key(json) {
+        if let Ok(Some(path)) = super::json::duplicate_key(json) {
             return Err(bad(&path.join("."), "given more than once".into()));
         }
         let object = value

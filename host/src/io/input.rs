@@ -1,187 +1,27 @@
-//! Bounded reading of batch files (SPEC §8): the file type is checked before the file is
+//! Bounded reading of safetensors files (batch files, SPEC §8): the file type is checked before the file is
 //! opened, the safetensors header is read and checked on its own (its length, duplicate
 //! keys, every tensor's byte range against the file's length), and only then is each tensor
 //! the batch needs read, straight into its `Vec<f32>`. A FIFO, a device, a directory, a
 //! sparse or truncated file is refused before any data is read.
 
-use crate::batch::{BatchShape, Request};
+use super::fs::read_exact_at;
+use super::json::key_path;
+use crate::batch::BatchShape;
 use crate::error::{Error, Result};
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+
+pub use super::fs::open_regular;
+pub use super::json::duplicate_key;
 
 /// The largest safetensors header accepted, in bytes: the safetensors crate's own limit.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// The tensors of SPEC §1 a batch file holds (`priors` may be absent).
-const BATCH_TENSORS: [&str; 6] = [
-    "student_loc",
-    "student_conf",
-    "teacher_loc",
-    "teacher_conf",
-    "targets",
-    "priors",
-];
-
 /// Bytes of the little-endian header length that starts a safetensors file.
 const LENGTH_BYTES: u64 = 8;
-
-/// The first key that appears twice in one JSON object of `json`, as the path of keys
-/// from the outermost object to it (`["__metadata__", "config"]`), or `None`.
-/// `serde_json::Value` and the safetensors crate keep the last value of a repeated key
-/// silently; this is the check that they skip.
-///
-/// # Errors
-/// The JSON parser's error for malformed JSON.
-pub fn duplicate_key(json: &str) -> std::result::Result<Option<Vec<String>>, serde_json::Error> {
-    serde_json::from_str::<FirstDuplicate>(json).map(|found| found.0)
-}
-
-/// What [`duplicate_key`] finds in one JSON value.
-struct FirstDuplicate(Option<Vec<String>>);
-
-impl<'de> Deserialize<'de> for FirstDuplicate {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        deserializer.deserialize_any(FirstDuplicateVisitor)
-    }
-}
-
-struct FirstDuplicateVisitor;
-
-impl<'de> Visitor<'de> for FirstDuplicateVisitor {
-    type Value = FirstDuplicate;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<Self::Value, E> {
-        Ok(FirstDuplicate(None))
-    }
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<Self::Value, E> {
-        Ok(FirstDuplicate(None))
-    }
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<Self::Value, E> {
-        Ok(FirstDuplicate(None))
-    }
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<Self::Value, E> {
-        Ok(FirstDuplicate(None))
-    }
-    fn visit_str<E>(self, _: &str) -> std::result::Result<Self::Value, E> {
-        Ok(FirstDuplicate(None))
-    }
-    fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
-        Ok(FirstDuplicate(None))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(
-        self,
-        mut seq: A,
-    ) -> std::result::Result<Self::Value, A::Error> {
-        let mut found = None;
-        while let Some(FirstDuplicate(inner)) = seq.next_element()? {
-            found = found.or(inner);
-        }
-        Ok(FirstDuplicate(found))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(
-        self,
-        mut map: A,
-    ) -> std::result::Result<Self::Value, A::Error> {
-        let mut seen = HashSet::new();
-        let mut found = None;
-        while let Some(key) = map.next_key::<String>()? {
-            let FirstDuplicate(inner) = map.next_value()?;
-            if found.is_none() {
-                if seen.contains(&key) {
-                    found = Some(vec![key.clone()]);
-                } else if let Some(mut path) = inner {
-                    path.insert(0, key.clone());
-                    found = Some(path);
-                }
-            }
-            seen.insert(key);
-        }
-        Ok(FirstDuplicate(found))
-    }
-}
-
-/// How a path names a duplicate key in messages: `` `__metadata__` → `config` ``.
-fn key_path(path: &[String]) -> String {
-    path.iter()
-        .map(|k| format!("`{k}`"))
-        .collect::<Vec<_>>()
-        .join(" → ")
-}
-
-/// What kind of file a non-regular file is, for messages.
-pub(crate) fn file_kind(file_type: std::fs::FileType) -> &'static str {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if file_type.is_fifo() {
-            return "a FIFO";
-        }
-        if file_type.is_char_device() {
-            return "a character device";
-        }
-        if file_type.is_block_device() {
-            return "a block device";
-        }
-        if file_type.is_socket() {
-            return "a socket";
-        }
-    }
-    if file_type.is_dir() {
-        "a directory"
-    } else if file_type.is_symlink() {
-        "a symbolic link"
-    } else if file_type.is_file() {
-        "a regular file"
-    } else {
-        "not a regular file"
-    }
-}
-
-/// Opens `path` for reading only if it is a regular file, without ever blocking: the type
-/// is checked before opening (a FIFO, device, socket or directory is refused at once), the
-/// file is opened non-blocking (should it be swapped for a FIFO in between) and checked
-/// again once open. Returns the file and its length.
-///
-/// # Errors
-/// [`Error::File`] naming the path and what it is.
-pub fn open_regular(path: &Path) -> Result<(File, u64)> {
-    let refuse = |problem: String| Error::File {
-        path: path.to_owned(),
-        problem,
-    };
-    let not_regular = |kind: &str| refuse(format!("is {kind}, not a regular file; refused"));
-    let metadata = std::fs::metadata(path).map_err(|e| refuse(format!("cannot read: {e}")))?;
-    if !metadata.is_file() {
-        return Err(not_regular(file_kind(metadata.file_type())));
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
-    }
-    let file = options
-        .open(path)
-        .map_err(|e| refuse(format!("cannot read: {e}")))?;
-    let metadata = file
-        .metadata()
-        .map_err(|e| refuse(format!("cannot read: {e}")))?;
-    if !metadata.is_file() {
-        return Err(not_regular(file_kind(metadata.file_type())));
-    }
-    Ok((file, metadata.len()))
-}
 
 /// Where a safetensors file's bytes are.
 #[derive(Debug)]
@@ -406,62 +246,4 @@ fn parse_header(header: &[u8], n: u64, file_len: u64) -> std::result::Result<Met
         )));
     }
     Ok(metadata)
-}
-
-/// `read_exact` at an offset, without moving a shared cursor.
-fn read_exact_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(file, buffer, offset)
-    }
-    #[cfg(not(unix))]
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = file;
-        file.seek(SeekFrom::Start(offset))?;
-        file.read_exact(buffer)
-    }
-}
-
-/// Reads the batch file `path` for `evaluations` evaluations whose results are held at once
-/// (2 for `--backend both`), each asking for `request`: the header is checked, then the
-/// memory the batch and the evaluations need is checked against what the machine has
-/// ([`crate::limits::Estimate`]), and only then are the tensors read.
-///
-/// # Errors
-/// As [`crate::file::BatchFile::read`], and [`Error::File`] when the batch would not fit in
-/// memory.
-pub fn read_batch_file(
-    path: &Path,
-    flags: &crate::file::ConfigOverrides,
-    request: &Request,
-    evaluations: u64,
-) -> Result<crate::file::BatchFile> {
-    let input = SafetensorsInput::open(path)?;
-    // What is read is what the header declares, whatever the shapes say (a mis-shaped
-    // tensor is only found once read).
-    let declared = input.declared_bytes(&BATCH_TENSORS);
-    let (mut estimate, what) = match input.declared_shape() {
-        Some(shape) => (
-            crate::limits::Estimate::evaluations(&shape, request, evaluations),
-            format!(
-                "the batch (B = {} × P = {} × C = {}){}",
-                shape.batch,
-                shape.priors,
-                shape.classes,
-                if request.gradients {
-                    " with gradients"
-                } else {
-                    ""
-                }
-            ),
-        ),
-        None => (crate::limits::Estimate::default(), "the batch".to_owned()),
-    };
-    estimate.inputs = estimate.inputs.max(declared);
-    crate::limits::check_estimate(&estimate, &what).map_err(|problem| Error::File {
-        path: path.to_owned(),
-        problem,
-    })?;
-    crate::file::BatchFile::from_input(&input, flags)
 }

@@ -13,8 +13,8 @@
 //! - A new file gets mode 0666 less the umask, as `open(O_CREAT, 0666)` would give it
 //!   (0644 under umask 022); a replaced file keeps its permission bits.
 
+use super::fs::file_kind;
 use crate::error::{Error, Result};
-use crate::input::file_kind;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use std::collections::HashMap;

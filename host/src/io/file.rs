@@ -1,13 +1,25 @@
 //! Batch files (SPEC §8): safetensors with the tensors of §1, `config` and `prior_preset`
 //! in the metadata; and the gradient files `eval --grad-out` writes.
 
-use crate::batch::{Batch, BatchShape, Gradients, OwnedBatch};
-pub use crate::config_keys::{config_json, ConfigOverrides};
+use super::input::SafetensorsInput;
+use crate::batch::{Batch, BatchShape, Gradients, OwnedBatch, Request};
 use crate::error::{Error, Result};
-use crate::input::SafetensorsInput;
+use crate::limits::{check_estimate, Estimate};
 use ssdkd_core::{LossConfig, PriorPreset};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+pub use super::config_keys::{config_json, ConfigOverrides};
+
+/// The tensors of SPEC §1 a batch file holds (`priors` may be absent).
+const BATCH_TENSORS: [&str; 6] = [
+    "student_loc",
+    "student_conf",
+    "teacher_loc",
+    "teacher_conf",
+    "targets",
+    "priors",
+];
 
 /// The `__metadata__` keys a batch file may hold: SPEC §8's `config` and `prior_preset`,
 /// and informational keys that the reference generator and `safetensors`' PyTorch helpers
@@ -55,7 +67,7 @@ impl BatchFile {
     /// missing or mis-shaped tensor, [`Error::Config`] for bad metadata.
     pub fn read(path: &Path, flags: &ConfigOverrides) -> Result<Self> {
         // Bounded reading: file type and header first, then only the tensors (input.rs).
-        crate::input::read_batch_file(path, flags, &crate::batch::Request::losses(), 1)
+        read_batch_file(path, flags, &Request::losses(), 1)
     }
 
     /// Parses a batch file's bytes; `path` only names the file in errors.
@@ -225,6 +237,49 @@ impl BatchFile {
     }
 }
 
+/// Reads the batch file `path` for `evaluations` evaluations whose results are held at once
+/// (2 for `--backend both`), each asking for `request`: the header is checked, then the
+/// memory the batch and the evaluations need is checked against what the machine has
+/// ([`Estimate`]), and only then are the tensors read.
+///
+/// # Errors
+/// As [`BatchFile::read`], and [`Error::File`] when the batch would not fit in
+/// memory.
+pub fn read_batch_file(
+    path: &Path,
+    flags: &ConfigOverrides,
+    request: &Request,
+    evaluations: u64,
+) -> Result<BatchFile> {
+    let input = SafetensorsInput::open(path)?;
+    // What is read is what the header declares, whatever the shapes say (a mis-shaped
+    // tensor is only found once read).
+    let declared = input.declared_bytes(&BATCH_TENSORS);
+    let (mut estimate, what) = match input.declared_shape() {
+        Some(shape) => (
+            Estimate::evaluations(&shape, request, evaluations),
+            format!(
+                "the batch (B = {} × P = {} × C = {}){}",
+                shape.batch,
+                shape.priors,
+                shape.classes,
+                if request.gradients {
+                    " with gradients"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        None => (Estimate::default(), "the batch".to_owned()),
+    };
+    estimate.inputs = estimate.inputs.max(declared);
+    check_estimate(&estimate, &what).map_err(|problem| Error::File {
+        path: path.to_owned(),
+        problem,
+    })?;
+    BatchFile::from_input(&input, flags)
+}
+
 /// Writes f32 tensors to a safetensors file safely and atomically
 /// ([`crate::output::write_f32_tensors`], with no inputs to protect).
 ///
@@ -236,7 +291,7 @@ pub fn write_f32_tensors(
     tensors: &[(&str, Vec<usize>, &[f32])],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    crate::output::write_f32_tensors(path, &[], tensors, metadata)
+    super::output::write_f32_tensors(path, &[], tensors, metadata)
 }
 
 /// Writes the gradients of an evaluation of a batch of `shape` as `grad_student_conf`
@@ -259,7 +314,7 @@ pub fn write_gradients(
         classes: c,
         ..
     } = shape;
-    crate::output::write_f32_tensors(
+    super::output::write_f32_tensors(
         path,
         inputs,
         &[
