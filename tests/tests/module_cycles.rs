@@ -578,8 +578,8 @@ fn find_cycles(edges: &Edges, nodes: usize) -> Vec<Vec<usize>> {
                         cycles.push(cycle);
                         break 'search;
                     }
-                    if !previous.contains_key(&m) {
-                        previous.insert(m, n);
+                    if let std::collections::btree_map::Entry::Vacant(slot) = previous.entry(m) {
+                        slot.insert(n);
                         further.push(m);
                     }
                 }
