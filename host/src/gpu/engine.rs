@@ -11,7 +11,9 @@ use crate::gpu::kernels::KERNELS;
 use crate::gpu::params::Params;
 use crate::gpu::pipeline_cache::{pipeline_cache_file, store_pipeline_cache};
 use crate::gpu::recording::{DeviceLimits, Recording};
-use crate::gpu::resident::{self, GpuBatch, GpuGradients, GpuSlice, GpuTensors, SliceRules};
+#[cfg(test)]
+use crate::gpu::resident::Live;
+use crate::gpu::resident::{self, Bound, GpuBatch, GpuGradients, GpuSlice, GpuTensors, SliceRules};
 use crate::gpu::resources::{Owner, Resource};
 use crate::gpu::shader::{kernel_bindings, stage_source, Binding};
 use ssdkd_core::Stage;
@@ -32,38 +34,6 @@ struct Pipeline {
     layout: wgpu::BindGroupLayout,
     /// The storage buffers it binds, reflected from its WGSL.
     bindings: &'static [Binding],
-}
-
-/// Counts the bind-group sets alive, for the test that dropped batches release theirs.
-#[cfg(test)]
-#[derive(Debug)]
-struct Live(Arc<AtomicUsize>);
-
-#[cfg(test)]
-impl Live {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(count))
-    }
-}
-
-#[cfg(test)]
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The bind groups of one batch bound as `chunks` over the workspace `workspace_id`: per
-/// chunk, its `Params` uniform and one bind group per kernel (in [`KERNELS`] order).
-#[derive(Debug)]
-pub(crate) struct Bound {
-    workspace_id: u64,
-    chunks: Vec<Chunk>,
-    params: Vec<wgpu::Buffer>,
-    groups: Vec<Vec<wgpu::BindGroup>>,
-    #[cfg(test)]
-    _live: Option<Live>,
 }
 
 /// The per-prior and per-image buffers of one shape (one per [`Owner::Workspace`]

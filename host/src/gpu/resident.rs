@@ -5,9 +5,14 @@
 
 use crate::batch::BatchShape;
 use crate::error::{Error, Result};
-use crate::gpu::chunks::Layout;
+use crate::gpu::chunks::{Chunk, Layout};
 use crate::gpu::resources::Resource;
 use std::sync::Mutex;
+#[cfg(test)]
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
 
 /// A tensor in a GPU buffer: `size` bytes from byte `offset`, row-major `f32` laid out like
 /// [`crate::Batch`]'s slices. Frameworks that pool their allocations (Burn, cubecl) hand
@@ -149,7 +154,7 @@ pub struct GpuBatch {
     /// write `gradients`, ssdkd's own, and the run copies them here on the device.
     pub(crate) gradients_out: Option<GpuGradients>,
     /// Its bind groups, made on its first evaluation and dropped with it.
-    pub(crate) bound: Mutex<Option<super::engine::Bound>>,
+    pub(crate) bound: Mutex<Option<Bound>>,
 }
 
 impl GpuBatch {
@@ -202,6 +207,38 @@ impl GpuBatch {
     pub fn gradients_copied(&self) -> bool {
         self.gradients_out.is_some()
     }
+}
+
+/// Counts the bind-group sets alive, for the test that dropped batches release theirs.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Live(Arc<AtomicUsize>);
+
+#[cfg(test)]
+impl Live {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+#[cfg(test)]
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The bind groups of one batch bound as `chunks` over the workspace `workspace_id`: per
+/// chunk, its `Params` uniform and one bind group per kernel (in `KERNELS` order).
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub workspace_id: u64,
+    pub chunks: Vec<Chunk>,
+    pub params: Vec<wgpu::Buffer>,
+    pub groups: Vec<Vec<wgpu::BindGroup>>,
+    #[cfg(test)]
+    pub _live: Option<Live>,
 }
 
 /// What a slice must satisfy on a device.
