@@ -376,7 +376,8 @@ def plot(path, rows, teacher):
     seeds = sorted({s for r in rows for s in r["seeds"]})
     colour = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
     fig, axes = plt.subplots(2, len(panels), squeeze=False, sharex="col", height_ratios=(3, 2),
-                             figsize=(max(4.5, 0.8 * max(len(p) for p in panels) + 1.5) * len(panels), 6.4))
+                             width_ratios=[max(len(p), 2) for p in panels],
+                             figsize=(max(4.5, 0.8 * sum(max(len(p), 2) for p in panels) + 1.5 * len(panels)), 6.4))
     for col, (panel, width) in enumerate(zip(panels, widths)):
         top, bottom = axes[0][col], axes[1][col]
         for x, r in enumerate(panel):
