@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -358,7 +359,10 @@ def write_markdown(path, rows, teacher, config):
         diff = _pm(r["diff_mean"], r["diff_sd"], True) if r["variant"] != "baseline" else "0 (reference)"
         lines.append(f"| {r['variant']} | {r['formula']} | {r['width']} ({r['parameters']:,}) | {len(r['seeds'])} "
                      f"| {_pm(r['map50_mean'], r['map50_sd'])} | {diff} | {ci} | {spread} | {wins} |")
-    lines += [""] + verdict(rows)
+    lines += [""]
+    for line in verdict(rows):
+        lines += textwrap.wrap(line, 92) + [""]
+    lines[0:1] = textwrap.wrap(lines[0], 92)
     _write_atomic(path, lambda f: f.write("\n".join(lines) + "\n"))
 
 
