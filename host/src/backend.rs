@@ -22,6 +22,7 @@ pub enum Backend {
 /// Where a GPU [`Backend`] sends the batches its GPU refuses (`Error::GpuUnsupported`: a
 /// shape over the limits of SPEC §7.4): the CPU backend, after `notice` hears why. The
 /// backend owns it; nothing else falls back.
+#[cfg(feature = "gpu")]
 pub struct Fallback {
     cpu: CpuBackend,
     notice: Box<dyn Fn(&crate::Error) + Send + Sync>,

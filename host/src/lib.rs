@@ -18,7 +18,9 @@ pub mod gpu;
 mod io;
 pub mod limits;
 
-pub use backend::{Backend, Fallback, Prepared};
+#[cfg(feature = "gpu")]
+pub use backend::Fallback;
+pub use backend::{Backend, Prepared};
 pub use batch::{
     teacher_pair, Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request,
     TENSOR_NAMES,

@@ -7,11 +7,11 @@ use super::buffer::zeroed_per_image;
 use super::fast::{forward_matched, match_stage, FastScratch};
 use super::matching::PriorColumns;
 use super::pool::Workspace;
-use super::rows::conf_grad_row;
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+use ssdkd_core::stages::grad::conf_grad_row_kept;
 use ssdkd_core::stages::grad::grad_loc as loc_gradients;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
@@ -62,7 +62,7 @@ pub(super) fn backward_rows(
             let span = p * classes..(p + 1) * classes;
             let out = &mut grad_conf[span.clone()];
             let label = targets.conf_target[p];
-            conf_grad_row(
+            conf_grad_row_kept(
                 &inputs.student_conf[span],
                 label,
                 scale,

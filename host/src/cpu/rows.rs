@@ -15,10 +15,6 @@ use ssdkd_core::LossConfig;
 #[cfg(doc)]
 use ssdkd_core::stages::{grad::conf_grad_row_kept, reduce::add_soft_terms};
 
-/// The backward pass's conf gradient of a selected row, from the probabilities that
-/// [`row_soft_term`] kept: the core's function itself.
-pub use ssdkd_core::stages::grad::conf_grad_row_kept as conf_grad_row;
-
 /// The core's [`cross_entropy`](ssdkd_core::stages::prior_terms::cross_entropy) of a row
 /// (the mining's and the loss's), bit for bit: the core's [`row_max`], the exponentials of
 /// `x − max` into `scratch` padded to a multiple of [`LANES_F32`] by the vectorised

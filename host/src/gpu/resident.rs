@@ -140,7 +140,7 @@ impl GpuGradients {
 /// A batch resident on the GPU: its input slices and where its gradients go. Evaluate it
 /// with [`crate::gpu::GpuBackend::evaluate_resident`]. Its bind groups are made on its
 /// first evaluation and kept while its slices stay the same: keep it and change its slices
-/// with [`GpuBatch::set_tensors`] (which drops them) rather than making a new one.
+/// with [`crate::gpu::GpuBackend::rebind`] (which drops them) rather than making a new one.
 #[derive(Debug)]
 pub struct GpuBatch {
     pub(crate) shape: BatchShape,
