@@ -1,0 +1,381 @@
+//! The loss on Burn's tensors against ssdkd's CPU backend on the same data (SPEC §7), on
+//! Burn's wgpu device (the resident path) and on NdArray; autodiff's gradient of a weighted
+//! combination of the terms against the library's weighted gradient; slices at offsets and
+//! slices that change between steps; no host copy.
+//!
+//! Without a wgpu adapter the wgpu tests say they were skipped, unless `SSDKD_REQUIRE_GPU=1`
+//! (as CI sets), which makes them fail.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use ssdkd::agreement::{gradient_elements, loss_difference};
+use ssdkd::file::{BatchFile, ConfigOverrides};
+use ssdkd::{Backend, Evaluation, LossConfig, LossWeights, OwnedBatch, Request};
+use ssdkd_burn::{LossPath, MultiBoxLoss, MultiBoxLossKd};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Burn's default wgpu device shared with ssdkd (autodiff off), with its wgpu handles;
+/// `None` (after saying so) where there is no adapter and `SSDKD_REQUIRE_GPU` is not set.
+fn wgpu() -> Option<&'static (Device, ssdkd::gpu::wgpu::Device, ssdkd::gpu::wgpu::Queue)> {
+    static DEVICE: OnceLock<Option<(Device, ssdkd::gpu::wgpu::Device, ssdkd::gpu::wgpu::Queue)>> =
+        OnceLock::new();
+    let device = DEVICE.get_or_init(|| {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            // Mesa's device-select layer complains without it (README).
+            std::env::set_var("NODEVICE_SELECT", "1");
+        }
+        match Device::wgpu_options().init_with_setup() {
+            Ok((device, setup)) => {
+                ssdkd_burn::share_wgpu_device(&device, setup.device.clone(), setup.queue.clone())
+                    .expect("ssdkd's backend on Burn's device");
+                Some((device, setup.device, setup.queue))
+            }
+            Err(why) => {
+                assert!(
+                    std::env::var("SSDKD_REQUIRE_GPU").as_deref() != Ok("1"),
+                    "SSDKD_REQUIRE_GPU=1 but Burn found no wgpu adapter: {why}"
+                );
+                None
+            }
+        }
+    });
+    if device.is_none() {
+        eprintln!("skipped: no wgpu adapter");
+    }
+    device.as_ref()
+}
+
+fn golden_files() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no golden files in {}", dir.display());
+    files
+}
+
+fn read(path: &PathBuf) -> BatchFile {
+    BatchFile::read(path, &ConfigOverrides::default()).unwrap()
+}
+
+/// The library's evaluation with gradients on the CPU backend.
+fn cpu_evaluation(tensors: &OwnedBatch, config: &LossConfig) -> Evaluation {
+    let mut cpu = Backend::Cpu(ssdkd::cpu::CpuBackend::new());
+    cpu.evaluate(&tensors.batch(), config, Request::with_gradients())
+        .unwrap()
+}
+
+fn tensor3(values: &[f32], dims: [usize; 3], device: &Device) -> Tensor<3> {
+    Tensor::from_data(TensorData::new(values.to_vec(), dims), device)
+}
+
+fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+/// What Burn computed: the four terms, the weighted total and both gradients.
+struct BurnResult {
+    terms: [f64; 4],
+    total: f64,
+    grad_conf: Vec<f32>,
+    grad_loc: Vec<f32>,
+}
+
+/// Evaluates a batch's tensors on `device` (autodiff on) through the Burn loss, with the
+/// total weighted by `weights`, and backpropagates.
+fn burn_evaluate(
+    tensors: &OwnedBatch,
+    config: &LossConfig,
+    weights: LossWeights,
+    device: &Device,
+    path: LossPath,
+) -> BurnResult {
+    burn_evaluate_with(tensors, config, weights, device, path, tensor3)
+}
+
+/// [`burn_evaluate`] with the input tensors made by `make` (values, dims, device).
+fn burn_evaluate_with(
+    tensors: &OwnedBatch,
+    config: &LossConfig,
+    weights: LossWeights,
+    device: &Device,
+    path: LossPath,
+    make: impl Fn(&[f32], [usize; 3], &Device) -> Tensor<3>,
+) -> BurnResult {
+    let device = device.clone().autodiff();
+    let tensors = tensors.batch();
+    let s = tensors.shape();
+    let (b, p, c, m) = (s.batch, s.priors, s.classes, s.objects);
+    let priors: Vec<[f32; 4]> = tensors
+        .priors()
+        .chunks(4)
+        .map(|r| [r[0], r[1], r[2], r[3]])
+        .collect();
+    let student_loc = make(tensors.student_loc(), [b, p, 4], &device).require_grad();
+    let student_conf = make(tensors.student_conf(), [b, p, c], &device).require_grad();
+    let targets = make(tensors.targets(), [b, m, 5], &device);
+    let terms = if tensors.has_teacher() {
+        let loss = MultiBoxLossKd::new(*config, priors).with_path(path);
+        let teacher_loc = make(tensors.teacher_loc(), [b, p, 4], &device);
+        let teacher_conf = make(tensors.teacher_conf(), [b, p, c], &device);
+        loss.forward(
+            student_loc.clone(),
+            student_conf.clone(),
+            teacher_loc,
+            teacher_conf,
+            targets,
+        )
+        .unwrap()
+    } else {
+        let loss = MultiBoxLoss::new(*config, priors).with_path(path);
+        let plain = loss
+            .forward(student_loc.clone(), student_conf.clone(), targets)
+            .unwrap();
+        let zero = plain.loss_c.zeros_like();
+        ssdkd_burn::KdTerms {
+            soft_loss: zero.clone(),
+            l2_loss: zero,
+            loss_c: plain.loss_c,
+            loss_l: plain.loss_l,
+        }
+    };
+    let total = terms.weighted(weights);
+    let grads = total.backward();
+    let scalar = |t: Tensor<1>| f64::from(values(t)[0]);
+    BurnResult {
+        terms: [
+            scalar(terms.soft_loss),
+            scalar(terms.l2_loss),
+            scalar(terms.loss_c),
+            scalar(terms.loss_l),
+        ],
+        total: scalar(total),
+        grad_conf: values(student_conf.grad(&grads).expect("student_conf's gradient")),
+        grad_loc: values(student_loc.grad(&grads).expect("student_loc's gradient")),
+    }
+}
+
+/// Asserts SPEC §7's agreement of Burn's result with the library's.
+fn assert_agrees(name: &str, burn: &BurnResult, library: &Evaluation) {
+    let t = &library.terms;
+    let expected = [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l];
+    for (i, what) in ssdkd_burn::TERMS.into_iter().enumerate() {
+        let d = loss_difference(what, burn.terms[i], expected[i]);
+        assert!(d.agrees(), "{name}: {d}");
+    }
+    let d = loss_difference("total", burn.total, t.total);
+    assert!(d.agrees(), "{name}: {d}");
+    let grads = library.gradients.as_ref().unwrap();
+    for (what, actual, expected) in [
+        ("grad_student_conf", &burn.grad_conf, &grads.student_conf),
+        ("grad_student_loc", &burn.grad_loc, &grads.student_loc),
+    ] {
+        let e = gradient_elements(what, actual, expected);
+        assert!(e.agrees(), "{name}: {} elements off, worst {:?}", e.failures, e.worst);
+    }
+}
+
+/// The same batch with the total weighted by `weights` (what autodiff backpropagates).
+fn with_weights(config: &LossConfig, weights: LossWeights) -> LossConfig {
+    LossConfig { weights, ..*config }
+}
+
+#[test]
+fn golden_files_agree_on_wgpu() {
+    let Some((device, _, _)) = wgpu() else { return };
+    for path in golden_files() {
+        let file = read(&path);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let library = cpu_evaluation(&file.tensors, &file.config);
+        let burn = burn_evaluate(
+            &file.tensors,
+            &file.config,
+            file.config.weights,
+            device,
+            LossPath::Auto,
+        );
+        assert_agrees(&name, &burn, &library);
+    }
+}
+
+#[test]
+fn golden_files_agree_on_ndarray() {
+    for path in golden_files() {
+        let file = read(&path);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let library = cpu_evaluation(&file.tensors, &file.config);
+        let burn = burn_evaluate(
+            &file.tensors,
+            &file.config,
+            file.config.weights,
+            &Device::ndarray(),
+            LossPath::Auto,
+        );
+        assert_agrees(&name, &burn, &library);
+    }
+}
+
+/// Autodiff's gradient of an arbitrary combination of the terms is the library's gradient
+/// with those weights, on both devices.
+#[test]
+fn autodiff_weights_are_the_library_weights() {
+    let weights = LossWeights {
+        soft: 1.25,
+        conf: -0.5,
+        l2: 2.0,
+        loc: 0.75,
+    };
+    let file = read(&golden_files()[0]);
+    let library = cpu_evaluation(&file.tensors, &with_weights(&file.config, weights));
+    let mut devices = vec![Device::ndarray()];
+    devices.extend(wgpu().map(|(device, _, _)| device.clone()));
+    for device in devices {
+        let burn = burn_evaluate(&file.tensors, &file.config, weights, &device, LossPath::Auto);
+        assert_agrees(&format!("{device:?}"), &burn, &library);
+    }
+}
+
+/// The host path on wgpu tensors (what the benchmark compares with) agrees too.
+#[test]
+fn host_path_on_wgpu_agrees() {
+    let Some((device, _, _)) = wgpu() else { return };
+    let file = read(&golden_files()[0]);
+    let library = cpu_evaluation(&file.tensors, &file.config);
+    let burn = burn_evaluate(
+        &file.tensors,
+        &file.config,
+        file.config.weights,
+        device,
+        LossPath::Host,
+    );
+    assert_agrees("host path", &burn, &library);
+}
+
+/// Tensors that are views at a non-zero offset of a larger buffer (a leading image of other
+/// values, then the batch) agree with the CPU: bound at their offset, or copied on the
+/// device first where the offset is not one the device can bind.
+#[test]
+fn tensors_at_offsets_agree() {
+    let Some((device, _, _)) = wgpu() else { return };
+    let offset_view = |values: &[f32], dims: [usize; 3], device: &Device| {
+        let mut padded: Vec<f32> = (0..dims[1] * dims[2])
+            .map(|i| (i % 7) as f32 * 0.25)
+            .collect();
+        padded.extend_from_slice(values);
+        let whole = tensor3(&padded, [dims[0] + 1, dims[1], dims[2]], device);
+        whole.narrow(0, 1, dims[0])
+    };
+    for path in golden_files() {
+        let file = read(&path);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let library = cpu_evaluation(&file.tensors, &file.config);
+        let burn = burn_evaluate_with(
+            &file.tensors,
+            &file.config,
+            file.config.weights,
+            device,
+            LossPath::Auto,
+            offset_view,
+        );
+        assert_agrees(&format!("{name} at an offset"), &burn, &library);
+    }
+}
+
+/// Batches of one shape evaluated in turn (the resident path rebinds one cached batch to
+/// each step's slices): each result is its own batch's, never the previous slices'.
+#[test]
+fn changed_slices_are_rebound() {
+    let Some((device, _, _)) = wgpu() else { return };
+    let file = read(&golden_files()[0]);
+    let [sl, sc, tl, tc, tg, pr] = file.tensors.clone().into_tensors();
+    let scaled: Vec<f32> = sc.iter().map(|v| v * 0.5 + 0.25).collect();
+    let shape = file.tensors.shape();
+    let other = if file.tensors.has_teacher() {
+        OwnedBatch::new(shape, sl, scaled, tl, tc, tg, pr)
+    } else {
+        OwnedBatch::without_teacher(shape, sl, scaled, tg, pr)
+    }
+    .unwrap();
+    let first = cpu_evaluation(&file.tensors, &file.config);
+    let second = cpu_evaluation(&other, &file.config);
+    assert_ne!(first.terms.loss_c, second.terms.loss_c, "the two batches must differ");
+    for (name, batch, library) in [
+        ("first", &file.tensors, &first),
+        ("second", &other, &second),
+        ("first again", &file.tensors, &first),
+    ] {
+        let burn = burn_evaluate(batch, &file.config, file.config.weights, device, LossPath::Auto);
+        assert_agrees(name, &burn, library);
+    }
+}
+
+/// A step on the resident path maps back only the sums: far less than any tensor, and the
+/// gradients stay on Burn's device.
+#[test]
+fn no_host_copy_on_wgpu() {
+    let Some((device, _, _)) = wgpu() else { return };
+    let file = read(&golden_files()[0]);
+    let before = ssdkd_burn::bytes_read_back(device).expect("the device is shared with ssdkd");
+    let burn = burn_evaluate(
+        &file.tensors,
+        &file.config,
+        file.config.weights,
+        device,
+        LossPath::Auto,
+    );
+    let after = ssdkd_burn::bytes_read_back(device).unwrap();
+    let read_back = after - before;
+    let gradient_bytes = 4 * (burn.grad_conf.len() + burn.grad_loc.len()) as u64;
+    // Two evaluations (forward, then backward with the incoming weights), sums only.
+    assert!(read_back > 0, "the sums come back from the GPU");
+    assert!(
+        read_back <= 2 * 1024,
+        "{read_back} bytes mapped back for one step (gradients are {gradient_bytes} bytes)"
+    );
+}
+
+/// The library refuses a slice of one of Burn's buffers that it cannot bind: at an offset
+/// the device cannot bind, or shorter than the shape needs (an error, never a number).
+#[test]
+fn misaligned_or_short_slices_are_errors() {
+    use ssdkd::gpu::wgpu::{BufferDescriptor, BufferUsages};
+    use ssdkd::gpu::{GpuBackend, GpuSlice, GpuTensors};
+    let Some((_, wgpu_device, queue)) = wgpu() else { return };
+    let mut gpu = GpuBackend::from_device(wgpu_device.clone(), queue.clone()).unwrap();
+    let shape = ssdkd::BatchShape {
+        batch: 1,
+        priors: 64,
+        classes: 3,
+        objects: 2,
+    };
+    let alignment = u64::from(wgpu_device.limits().min_storage_buffer_offset_alignment);
+    let buffer = wgpu_device.create_buffer(&BufferDescriptor {
+        label: Some("test"),
+        size: 16 * 1024,
+        usage: BufferUsages::STORAGE | BufferUsages::COPY_DST | BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let slice = |offset: u64, size: u64| GpuSlice::new(buffer.clone(), offset, size);
+    let tensors = |student_conf: GpuSlice| GpuTensors {
+        student_loc: slice(0, 1024),
+        student_conf,
+        teacher_loc: slice(2 * 1024, 1024),
+        teacher_conf: slice(4 * 1024, 1024),
+        targets: slice(6 * 1024, 256),
+        priors: slice(8 * 1024, 1024),
+    };
+    assert!(gpu.wrap(shape, tensors(slice(10 * 1024, 1024))).is_ok());
+    for (what, bad) in [
+        ("misaligned", slice(10 * 1024 + alignment / 2, 1024)),
+        ("short", slice(10 * 1024, 64 * 3 * 4 - 4)),
+        ("past the buffer", slice(15 * 1024 + alignment, 1024)),
+    ] {
+        match gpu.wrap(shape, tensors(bad)) {
+            Err(ssdkd::Error::Shape { tensor, .. }) => assert_eq!(tensor, "student_conf"),
+            other => panic!("{what} slice: {other:?}"),
+        }
+    }
+}
