@@ -193,10 +193,17 @@ fn cgroup_room() -> Option<u64> {
     room
 }
 
-/// Gigabytes with one decimal, for messages.
+/// A size for messages, in the unit that fits it (bytes, kB, MB or GB; decimal units, one
+/// decimal): "1.6 GB", "12.0 MB", "640 bytes".
 #[must_use]
-pub fn gigabytes(bytes: u64) -> String {
-    format!("{:.1} GB", bytes as f64 / 1e9)
+pub fn size_for_humans(bytes: u64) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..1_000 => format!("{bytes} bytes"),
+        1_000..1_000_000 => format!("{:.1} kB", b / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", b / 1e6),
+        _ => format!("{:.1} GB", b / 1e9),
+    }
 }
 
 /// Refuses `estimate` when it exceeds the memory available; `what` names the command's
@@ -213,16 +220,19 @@ pub fn check_estimate(estimate: &Estimate, what: &str) -> std::result::Result<()
     if needed <= available.bytes {
         return Ok(());
     }
-    let mut parts = vec![format!("inputs {}", gigabytes(estimate.inputs))];
+    let mut parts = vec![format!("inputs {}", size_for_humans(estimate.inputs))];
     if estimate.outputs > 0 {
-        parts.push(format!("gradients {}", gigabytes(estimate.outputs)));
+        parts.push(format!("gradients {}", size_for_humans(estimate.outputs)));
     }
-    parts.push(format!("workspaces {}", gigabytes(estimate.workspaces)));
+    parts.push(format!(
+        "workspaces {}",
+        size_for_humans(estimate.workspaces)
+    ));
     Err(format!(
         "{what} needs ~{} ({}); this machine has {} available ({})",
-        gigabytes(needed),
+        size_for_humans(needed),
         parts.join(", "),
-        gigabytes(available.bytes),
+        size_for_humans(available.bytes),
         available.source
     ))
 }
@@ -243,4 +253,18 @@ pub fn check(shape: &BatchShape, request: &Request) -> Result<()> {
         key: "batch".into(),
         problem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes are written in the unit that fits them, never as "0.0 GB".
+    #[test]
+    fn sizes_use_the_unit_that_fits() {
+        assert_eq!(size_for_humans(640), "640 bytes");
+        assert_eq!(size_for_humans(12_345), "12.3 kB");
+        assert_eq!(size_for_humans(12_000_000), "12.0 MB");
+        assert_eq!(size_for_humans(1_600_000_000), "1.6 GB");
+    }
 }

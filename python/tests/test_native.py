@@ -317,8 +317,6 @@ def test_bad_evaluate_arguments_name_the_field(kwargs, key):
     assert e.value.key == key
 
 
-@pytest.mark.xfail(reason="the message is written by host/src/limits.rs (gigabytes), outside "
-                          "the binding", strict=True)
 def test_memory_message_uses_units_that_fit():
     code = ("import ssdkd, ssdkd.testing as T\n"
             "b = T.synthetic_batch(batch=2, classes=5, preset='mobilenet300')\n"

@@ -2,7 +2,7 @@
 //! in the metadata; and the gradient files `eval --grad-out` writes.
 
 use super::input::SafetensorsInput;
-use crate::batch::{Batch, BatchShape, Gradients, OwnedBatch, Request};
+use crate::batch::{teacher_pair, Batch, BatchShape, Gradients, OwnedBatch, Request};
 use crate::error::{Error, Result};
 use crate::limits::{check_estimate, Estimate};
 use ssdkd_core::{LossConfig, PriorPreset};
@@ -155,27 +155,16 @@ impl BatchFile {
         expect("targets", &target_dims, &[b, m, 5])?;
         // The teacher's tensors are optional, both or neither (SPEC §10.1): without them
         // the file holds the plain MultiBox loss's batch.
-        let teacher = match (tensors.has("teacher_loc"), tensors.has("teacher_conf")) {
-            (true, true) => {
+        let present = |name| tensors.has(name).then_some(());
+        let teacher = match teacher_pair(present("teacher_loc"), present("teacher_conf"))? {
+            Some(((), ())) => {
                 let (dims, teacher_loc) = read("teacher_loc")?;
                 expect("teacher_loc", &dims, &[b, p, 4])?;
                 let (dims, teacher_conf) = read("teacher_conf")?;
                 expect("teacher_conf", &dims, &[b, p, c])?;
                 Some((teacher_loc, teacher_conf))
             }
-            (false, false) => None,
-            (false, true) => {
-                return Err(Error::shape(
-                    "teacher_loc",
-                    "missing while teacher_conf is present (give both or neither)",
-                ))
-            }
-            (true, false) => {
-                return Err(Error::shape(
-                    "teacher_conf",
-                    "missing while teacher_loc is present (give both or neither)",
-                ))
-            }
+            None => None,
         };
 
         let priors = match (
