@@ -318,12 +318,14 @@ def test_bad_evaluate_arguments_name_the_field(kwargs, key):
 
 
 def test_memory_message_uses_units_that_fit():
+    """A batch of a few MB over a 1 MB limit is refused with sizes in MB, not "0.0 GB"."""
     code = ("import ssdkd, ssdkd.testing as T\n"
-            "b = T.synthetic_batch(batch=2, classes=5, preset='mobilenet300')\n"
+            "b = T.synthetic_batch(batch=8, classes=21, preset='ssd300')\n"
             "try:\n    ssdkd.evaluate(**b, backend='cpu', gradients=True)\n"
             "except ssdkd.InputError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, SSDKD_MEMORY_LIMIT="1M"), timeout=120)
+    assert "needs ~" in out.stdout, out.stdout + out.stderr
     assert "0.0 GB" not in out.stdout and "MB" in out.stdout, out.stdout + out.stderr
 
 
