@@ -1,4 +1,4 @@
-"""ssdkd: the SSD knowledge-distillation loss and its analytic gradient (SPEC.md).
+"""ssdkd: the SSD knowledge-distillation loss and its analytic gradient (docs/SPEC.md).
 
 A thin layer over the Rust library: :func:`evaluate` on NumPy arrays (on a
 :class:`Backend` of your own, or a default one per ``backend=`` choice), :func:`priors`,

@@ -40,7 +40,7 @@ _KEYS = {"num_classes": "num_classes", "threshold": "overlap_threshold",
          "negpos_ratio": "negpos_ratio", "negatives_for_hard": "negatives_for_hard",
          "variance": "variance", "T": "temperature", "pos_w": "pos_w", "neg_w": "neg_w",
          "reg_m": "reg_m"}
-# Attributes of the originals with the one value ssdkd supports (SPEC.md).
+# Attributes of the originals with the one value ssdkd supports (docs/SPEC.md).
 _FIXED = {"use_prior_for_matching": True, "background_label": 0, "do_neg_mining": True}
 
 
@@ -208,7 +208,7 @@ class _Base(_torch.nn.Module):
         for name, value in _FIXED.items():
             if getattr(self, name) != value:
                 raise _input_error(f"attribute `{name}`: {getattr(self, name)!r} is not "
-                                   f"supported by ssdkd (only {value!r}, as in SPEC.md)", key=name)
+                                   f"supported by ssdkd (only {value!r}, as in docs/SPEC.md)", key=name)
         if self.reduction not in ("mean", "sum"):
             raise _input_error(f"attribute `reduction`: {self.reduction!r}: expected \"mean\" "
                                "or \"sum\"", key="reduction")

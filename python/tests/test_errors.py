@@ -1,5 +1,5 @@
 """Every error class raises the right exception, with its fields, and the process lives on
-(SPEC §9's messages; issue 9 point 3)."""
+(SPEC §9's messages and §10.3's exceptions)."""
 
 import os
 import subprocess

@@ -137,7 +137,7 @@ def test_c_contiguous_float32_is_passed_through_and_others_converted_once():
 def test_golden_without_teacher(path, backend, request):
     """A golden batch without its teacher tensors: loss_c, loss_l and the positive and
     negative counts are the golden file's, soft, l2 and num_bounded 0, and the gradient is
-    the KD gradient with the soft and L2 weights 0 (issue 9 point 4)."""
+    the KD gradient with the soft and L2 weights 0 (SPEC §10.1)."""
     if backend == "gpu":
         request.getfixturevalue("gpu_available")
     tensors, config = ssdkd.read_batch(path)

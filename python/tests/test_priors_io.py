@@ -72,7 +72,7 @@ def test_write_batch_checks_the_config_against_the_tensors(tmp_path):
 
 
 def test_batch_file_without_teacher_round_trips(tmp_path):
-    """Both teacher tensors may be left out (issue 9 point 4): written without them, read
+    """Both teacher tensors may be left out (SPEC §10.1): written without them, read
     back as None, evaluated as the plain MultiBox loss."""
     t = synthetic_batch(batch=2, classes=5, preset="mobilenet300", seed=9)
     plain = {k: v for k, v in t.items() if not k.startswith("teacher")}
