@@ -1,4 +1,4 @@
-"""CI check of `examples/distill_shapes.py --study` a two-variant, one-seed, tiny
+"""CI check of `examples/distill_shapes.py --study`: a two-variant, one-seed, tiny
 study is killed after its first student, resumed, and its three outputs checked."""
 
 import json
