@@ -20,7 +20,7 @@ pub const GRAD_ABS: f64 = 1e-7;
 
 /// The names of the four terms and the total, in [`terms`]' order (those of
 /// [`Evaluation::named_terms`]).
-pub const TERM_NAMES: [&str; 5] = ["soft_loss", "l2_loss", "loss_c", "loss_l", "total"];
+pub use crate::batch::TERM_NAMES;
 
 /// The four terms and the total of an evaluation, in [`TERM_NAMES`]' order.
 #[must_use]

@@ -443,6 +443,10 @@ pub struct Evaluation {
     pub decisions: Option<Decisions>,
 }
 
+/// The names of the four terms and the total (SPEC §5), in the order the library reports
+/// them everywhere: [`Evaluation::named_terms`], `eval --json`, Python's `ssdkd.TERMS`.
+pub const TERM_NAMES: [&str; 5] = ["soft_loss", "l2_loss", "loss_c", "loss_l", "total"];
+
 /// Gradient elements per task of [`Evaluation::check_finite`]'s scan.
 const FINITE_SCAN_CHUNK: usize = 1 << 16;
 
@@ -452,13 +456,8 @@ impl Evaluation {
     #[must_use]
     pub fn named_terms(&self) -> [(&'static str, f64); 5] {
         let t = self.terms;
-        [
-            ("soft_loss", t.soft_loss),
-            ("l2_loss", t.l2_loss),
-            ("loss_c", t.loss_c),
-            ("loss_l", t.loss_l),
-            ("total", t.total),
-        ]
+        let values = [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l, t.total];
+        core::array::from_fn(|i| (TERM_NAMES[i], values[i]))
     }
 
     /// Checks that every term, and every gradient element present, is finite: inputs that

@@ -45,21 +45,18 @@ pub(crate) fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
     }
     for (backend, eval, elapsed) in &results {
         if args.json {
-            let t = &eval.terms;
             let s = &eval.sums;
-            let line = json!({
+            let mut line = json!({
                 "backend": backend.name(),
                 "adapter": backend.adapter(),
-                "soft_loss": t.soft_loss,
-                "l2_loss": t.l2_loss,
-                "loss_c": t.loss_c,
-                "loss_l": t.loss_l,
-                "total": t.total,
                 "num_pos": s.num_pos,
                 "num_neg": s.num_neg,
                 "num_bounded": s.num_bounded,
                 "elapsed_ms": elapsed.as_secs_f64() * 1e3,
             });
+            for (name, value) in eval.named_terms() {
+                line[name] = json!(value);
+            }
             out.line(format_args!("{line}"))?;
         } else {
             print_terms(out, backend, eval, *elapsed)?;
