@@ -6,6 +6,8 @@
 //! Without a wgpu adapter the wgpu tests say they were skipped, unless `SSDKD_REQUIRE_GPU=1`
 //! (as CI sets), which makes them fail.
 
+#![allow(deprecated)] // Device::ndarray: NdArray is the CPU backend this crate supports.
+
 use burn::tensor::{Device, Tensor, TensorData};
 use ssdkd::agreement::{gradient_elements, loss_difference};
 use ssdkd::file::{BatchFile, ConfigOverrides};
