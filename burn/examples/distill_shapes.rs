@@ -33,9 +33,13 @@
 //! `--quick` uses fewer images and epochs (under 3 minutes on 2 CPU cores, also on
 //! lavapipe). Given the seed, the data, the initialisation and the data order are fixed.
 
+#[path = "distill_shapes/data.rs"]
 mod data;
+#[path = "distill_shapes/eval.rs"]
 mod eval;
+#[path = "distill_shapes/loss.rs"]
 mod loss;
+#[path = "distill_shapes/model.rs"]
 mod model;
 
 use burn::module::Module;
@@ -380,12 +384,12 @@ fn mean_ap(ctx: &Ctx, model: &TinySsd) -> f64 {
         let loc = loc
             .into_data()
             .convert::<f32>()
-            .to_vec::<f32>()
+            .try_into_vec::<f32>()
             .expect("f32");
         let conf = conf
             .into_data()
             .convert::<f32>()
-            .to_vec::<f32>()
+            .try_into_vec::<f32>()
             .expect("f32");
         for (l, k) in loc
             .chunks_exact(p * 4)

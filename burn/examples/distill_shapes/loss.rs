@@ -22,7 +22,7 @@ fn values(terms: &[Tensor<1>]) -> Vec<f64> {
     let all = Tensor::cat(terms.iter().map(|t| t.clone().detach()).collect(), 0);
     all.into_data()
         .convert::<f32>()
-        .to_vec::<f32>()
+        .try_into_vec::<f32>()
         .expect("f32 terms")
         .into_iter()
         .map(f64::from)
