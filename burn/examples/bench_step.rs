@@ -21,7 +21,12 @@ fn args() -> (Vec<usize>, usize) {
     while let Some(arg) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
-            "--batch" => batches = value.split(',').map(|b| b.parse().expect("--batch B,B")).collect(),
+            "--batch" => {
+                batches = value
+                    .split(',')
+                    .map(|b| b.parse().expect("--batch B,B"))
+                    .collect()
+            }
             "--iters" => iters = value.parse().expect("--iters N"),
             _ => panic!("unknown argument {arg}; use --batch B,B and --iters N"),
         }
@@ -65,7 +70,8 @@ fn main() -> Result<(), ssdkd_burn::Error> {
         let targets = targets(b, &device);
         let mut medians = Vec::new();
         for (name, path) in [("resident", LossPath::Auto), ("host", LossPath::Host)] {
-            let loss = MultiBoxLossKd::new(LossConfig::DEFAULT, PriorPreset::Ssd300).with_path(path);
+            let loss =
+                MultiBoxLossKd::new(LossConfig::DEFAULT, PriorPreset::Ssd300).with_path(path);
             let bytes_before = ssdkd_burn::bytes_read_back(&plain).unwrap_or(0);
             let mut times = Vec::new();
             for step in 0..iters + 2 {

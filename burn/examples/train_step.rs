@@ -15,7 +15,9 @@ struct Head {
 }
 
 fn main() -> Result<(), ssdkd_burn::Error> {
-    // Open Burn's wgpu device through ssdkd-burn (so both share it), or fall back to NdArray.
+    // Open Burn's wgpu device through ssdkd-burn (so both share it), or fall back to NdArray
+    // (deprecated in Burn, and the CPU backend ssdkd-burn implements).
+    #[allow(deprecated)]
     let device = match ssdkd_burn::wgpu_device() {
         Ok(device) => device,
         Err(why) => {

@@ -107,6 +107,9 @@ impl<B: SsdkdBackend, C: CheckpointStrategy> SsdkdBackend for Autodiff<B, C> {
             priors.into_primitive(),
             spec,
         );
-        (FloatTensor::<Self>::new(conf), FloatTensor::<Self>::new(loc))
+        (
+            FloatTensor::<Self>::new(conf),
+            FloatTensor::<Self>::new(loc),
+        )
     }
 }

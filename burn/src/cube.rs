@@ -9,12 +9,12 @@
 
 use crate::backend::{batch_shape, LossPath, LossSpec, SsdkdBackend};
 use crate::host;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor, WgpuDevice, WgpuResource};
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::{CubeDevice, DispatchDevice, FloatDType, TensorMetadata};
-use burn_cubecl::cubecl::wgpu::WgpuServer;
 use burn::tensor::{DType, Device};
+use burn_cubecl::cubecl::wgpu::WgpuServer;
 use ssdkd::gpu::{GpuBackend, GpuBatch, GpuGradients, GpuRequest, GpuSlice, GpuTensors};
 use ssdkd::BatchShape;
 use std::collections::HashMap;
@@ -52,9 +52,7 @@ fn wgpu_of(device: &DispatchDevice) -> Option<WgpuDevice> {
 
 /// Errors of registering a device with ssdkd.
 fn not_wgpu(device: &Device) -> ssdkd::Error {
-    ssdkd::Error::Gpu(format!(
-        "ssdkd-burn: {device:?} is not a Burn wgpu device"
-    ))
+    ssdkd::Error::Gpu(format!("ssdkd-burn: {device:?} is not a Burn wgpu device"))
 }
 
 /// Opens Burn's default wgpu device and shares it with ssdkd: the device the resident path
@@ -198,7 +196,11 @@ fn bind(tensor: CubeTensor, name: &str, alignment: u64) -> Bound<impl Sized> {
 }
 
 /// Binds the six inputs: the teacher slices are the student's for the plain loss.
-fn bind_inputs(inputs: [CubeTensor; 6], spec: &LossSpec, alignment: u64) -> (Vec<Bound<impl Sized>>, GpuTensors) {
+fn bind_inputs(
+    inputs: [CubeTensor; 6],
+    spec: &LossSpec,
+    alignment: u64,
+) -> (Vec<Bound<impl Sized>>, GpuTensors) {
     let [sl, sc, tl, tc, tg, pr] = inputs;
     let mut bound = vec![
         bind(sl, "student_loc", alignment),
@@ -263,13 +265,12 @@ fn evaluate(
     } = &mut *guard;
     let alignment = gpu.device().limits().min_storage_buffer_offset_alignment as u64;
     let (bound, tensors) = bind_inputs(inputs, spec, alignment);
-    let outputs =
-        gradients.map(|[conf, loc]| {
-            [
-                bind(conf.clone(), "grad_student_conf", alignment),
-                bind(loc.clone(), "grad_student_loc", alignment),
-            ]
-        });
+    let outputs = gradients.map(|[conf, loc]| {
+        [
+            bind(conf.clone(), "grad_student_conf", alignment),
+            bind(loc.clone(), "grad_student_loc", alignment),
+        ]
+    });
     // Burn's queued work (what made the inputs) runs before ssdkd's submit.
     client
         .flush()
@@ -307,7 +308,14 @@ impl SsdkdBackend for CubeBackend {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> FloatTensor<Self> {
-        let inputs = [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors];
+        let inputs = [
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        ];
         let device = inputs[0].device.clone();
         match shared_for(&device, &spec) {
             Some(shared) => {
@@ -327,7 +335,14 @@ impl SsdkdBackend for CubeBackend {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let inputs = [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors];
+        let inputs = [
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        ];
         let device = inputs[0].device.clone();
         match shared_for(&device, &spec) {
             Some(shared) => {

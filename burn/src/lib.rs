@@ -46,7 +46,14 @@ impl SsdkdBackend for NdArray {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> FloatTensor<Self> {
-        let inputs = [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors];
+        let inputs = [
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        ];
         host::terms::<Self>(inputs, &spec)
     }
 
@@ -59,7 +66,14 @@ impl SsdkdBackend for NdArray {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let inputs = [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors];
+        let inputs = [
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        ];
         host::gradients::<Self>(inputs, &spec)
     }
 }
@@ -195,7 +209,10 @@ impl Loss {
         if p != self.priors.len() {
             return shape_error(
                 "priors",
-                format!("{} priors where the tensors have P = {p}", self.priors.len()),
+                format!(
+                    "{} priors where the tensors have P = {p}",
+                    self.priors.len()
+                ),
             );
         }
         if c < 2 || b == 0 || m == 0 {

@@ -13,7 +13,7 @@ use ssdkd::agreement::{gradient_elements, loss_difference};
 use ssdkd::file::{BatchFile, ConfigOverrides};
 use ssdkd::{Backend, Evaluation, LossConfig, LossWeights, OwnedBatch, Request};
 use ssdkd_burn::{LossPath, MultiBoxLoss, MultiBoxLossKd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// Burn's default wgpu device shared with ssdkd (autodiff off), with its wgpu handles;
@@ -59,7 +59,7 @@ fn golden_files() -> Vec<PathBuf> {
     files
 }
 
-fn read(path: &PathBuf) -> BatchFile {
+fn read(path: &Path) -> BatchFile {
     BatchFile::read(path, &ConfigOverrides::default()).unwrap()
 }
 
@@ -75,7 +75,11 @@ fn tensor3(values: &[f32], dims: [usize; 3], device: &Device) -> Tensor<3> {
 }
 
 fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    tensor.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 /// What Burn computed: the four terms, the weighted total and both gradients.
@@ -176,7 +180,12 @@ fn assert_agrees(name: &str, burn: &BurnResult, library: &Evaluation) {
         ("grad_student_loc", &burn.grad_loc, &grads.student_loc),
     ] {
         let e = gradient_elements(what, actual, expected);
-        assert!(e.agrees(), "{name}: {} elements off, worst {:?}", e.failures, e.worst);
+        assert!(
+            e.agrees(),
+            "{name}: {} elements off, worst {:?}",
+            e.failures,
+            e.worst
+        );
     }
 }
 
@@ -235,7 +244,13 @@ fn autodiff_weights_are_the_library_weights() {
     let mut devices = vec![Device::ndarray()];
     devices.extend(wgpu().map(|(device, _, _)| device.clone()));
     for device in devices {
-        let burn = burn_evaluate(&file.tensors, &file.config, weights, &device, LossPath::Auto);
+        let burn = burn_evaluate(
+            &file.tensors,
+            &file.config,
+            weights,
+            &device,
+            LossPath::Auto,
+        );
         assert_agrees(&format!("{device:?}"), &burn, &library);
     }
 }
@@ -303,13 +318,22 @@ fn changed_slices_are_rebound() {
     .unwrap();
     let first = cpu_evaluation(&file.tensors, &file.config);
     let second = cpu_evaluation(&other, &file.config);
-    assert_ne!(first.terms.loss_c, second.terms.loss_c, "the two batches must differ");
+    assert_ne!(
+        first.terms.loss_c, second.terms.loss_c,
+        "the two batches must differ"
+    );
     for (name, batch, library) in [
         ("first", &file.tensors, &first),
         ("second", &other, &second),
         ("first again", &file.tensors, &first),
     ] {
-        let burn = burn_evaluate(batch, &file.config, file.config.weights, device, LossPath::Auto);
+        let burn = burn_evaluate(
+            batch,
+            &file.config,
+            file.config.weights,
+            device,
+            LossPath::Auto,
+        );
         assert_agrees(name, &burn, library);
     }
 }
@@ -345,7 +369,9 @@ fn no_host_copy_on_wgpu() {
 fn misaligned_or_short_slices_are_errors() {
     use ssdkd::gpu::wgpu::{BufferDescriptor, BufferUsages};
     use ssdkd::gpu::{GpuBackend, GpuSlice, GpuTensors};
-    let Some((_, wgpu_device, queue)) = wgpu() else { return };
+    let Some((_, wgpu_device, queue)) = wgpu() else {
+        return;
+    };
     let mut gpu = GpuBackend::from_device(wgpu_device.clone(), queue.clone()).unwrap();
     let shape = ssdkd::BatchShape {
         batch: 1,
