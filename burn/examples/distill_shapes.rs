@@ -522,7 +522,7 @@ fn main() {
              \"image_size\": {IMAGE_SIZE}, \"num_priors\": {}, \"train_images\": {}, \
              \"val_images\": {}, \"epochs\": {}, \"batch\": {}, \"lr\": {}, \"temperature\": {}, \
              \"final_losses\": {{\"teacher\": {}, \"teacher2student_KD\": {}, \"student_baseline\": {}}}}}",
-            adapter.map_or("null".into(), |a| format!("{:?}", a)),
+            adapter.map_or("null".into(), |a| format!("{a:?}")),
             read_back.map_or("null".into(), |b| b.to_string()),
             json_num(maps[0].1),
             json_num(maps[1].1),
