@@ -26,6 +26,7 @@ pub mod math;
 pub mod pipeline;
 pub mod prior;
 pub mod stages;
+pub mod tensors;
 pub mod validate;
 
 pub use config::{LossConfig, LossWeights};
@@ -36,3 +37,4 @@ pub use prior::{FeatureMap, PriorConfig, PriorPreset};
 pub use stages::grad::GradScale;
 pub use stages::reduce::{LossSums, LossTerms};
 pub use stages::{Stage, KERNELS};
+pub use tensors::{Tensors, TENSOR_NAMES};

@@ -4,6 +4,7 @@
 use crate::config::LossConfig;
 use crate::math;
 use crate::pipeline::ImageInputs;
+use crate::tensors::Tensors;
 use core::fmt;
 
 /// How far outside [0, 1] a ground-truth corner may lie (augmentation round-off).
@@ -55,14 +56,7 @@ impl Tensor {
     /// The tensor's name in batch files and SPEC §1.
     #[must_use]
     pub fn name(self) -> &'static str {
-        match self {
-            Tensor::StudentLoc => "student_loc",
-            Tensor::StudentConf => "student_conf",
-            Tensor::TeacherLoc => "teacher_loc",
-            Tensor::TeacherConf => "teacher_conf",
-            Tensor::Targets => "targets",
-            Tensor::Priors => "priors",
-        }
+        Tensors::NAMES.get(self)
     }
 }
 

@@ -5,7 +5,7 @@ use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use ssdkd_core::validate::{validate_config, validate_image, validate_priors};
-use ssdkd_core::{ImageInputs, LossConfig, LossSums, LossTerms};
+use ssdkd_core::{ImageInputs, LossConfig, LossSums, LossTerms, Tensors};
 
 /// The dimensions of a batch (SPEC §1).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -21,6 +21,26 @@ pub struct BatchShape {
 }
 
 impl BatchShape {
+    /// Each tensor's dimensions (SPEC §1): `[B, P, 4]`, `[B, P, C]`, `[B, P, 4]`,
+    /// `[B, P, C]`, `[B, M, 5]`, `[P, 4]`.
+    #[must_use]
+    pub fn dims(&self) -> Tensors<Vec<usize>> {
+        let Self {
+            batch: b,
+            priors: p,
+            classes: c,
+            objects: m,
+        } = *self;
+        Tensors {
+            student_loc: vec![b, p, 4],
+            student_conf: vec![b, p, c],
+            teacher_loc: vec![b, p, 4],
+            teacher_conf: vec![b, p, c],
+            targets: vec![b, m, 5],
+            priors: vec![p, 4],
+        }
+    }
+
     /// Checks that `config` can work and that C ≥ 2 (C is the tensors', stored once in the
     /// shape; a file's or a flag's `num_classes` is checked against it where it is read): what every
     /// evaluation checks, whether or not the values are scanned (and for batches already
@@ -42,16 +62,6 @@ impl BatchShape {
         Ok(())
     }
 }
-
-/// The tensors of SPEC §1, in the order every API takes them.
-pub const TENSOR_NAMES: [&str; 6] = [
-    "student_loc",
-    "student_conf",
-    "teacher_loc",
-    "teacher_conf",
-    "targets",
-    "priors",
-];
 
 /// The teacher's tensors, both or neither (SPEC §10: neither is the plain MultiBox loss);
 /// one alone is an error naming the one missing.
@@ -131,15 +141,10 @@ impl BatchShape {
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
     shape: BatchShape,
-    student_loc: &'a [f32],
-    student_conf: &'a [f32],
-    /// The student's slices when `has_teacher` is false (a stand-in no term reads).
-    teacher_loc: &'a [f32],
-    /// As `teacher_loc`.
-    teacher_conf: &'a [f32],
+    /// The teacher's are the student's slices when `has_teacher` is false (a stand-in no
+    /// term reads).
+    tensors: Tensors<&'a [f32]>,
     has_teacher: bool,
-    targets: &'a [f32],
-    priors: &'a [f32],
 }
 
 impl<'a> Batch<'a> {
@@ -188,51 +193,31 @@ impl<'a> Batch<'a> {
                 format!("C = {c}: at least 2 classes (background and one object class)"),
             ));
         }
-        let checks: [(&'static str, &[f32], usize, String); 6] = [
-            (
-                "student_loc",
-                student_loc,
-                b * p * 4,
-                format!("[{b}, {p}, 4]"),
-            ),
-            (
-                "student_conf",
-                student_conf,
-                b * p * c,
-                format!("[{b}, {p}, {c}]"),
-            ),
-            (
-                "teacher_loc",
-                teacher_loc,
-                b * p * 4,
-                format!("[{b}, {p}, 4]"),
-            ),
-            (
-                "teacher_conf",
-                teacher_conf,
-                b * p * c,
-                format!("[{b}, {p}, {c}]"),
-            ),
-            ("targets", targets, b * m * 5, format!("[{b}, {m}, 5]")),
-            ("priors", priors, p * 4, format!("[{p}, 4]")),
-        ];
-        for (name, data, expected, dims) in checks {
+        let tensors = Tensors {
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        };
+        let dims = shape.dims();
+        for ((name, data), dims) in tensors.named().zip(dims).to_array() {
+            let expected: usize = dims.iter().product();
             if data.len() != expected {
                 return Err(Error::shape(
                     name,
-                    format!("{} values where shape {dims} needs {expected}", data.len()),
+                    format!(
+                        "{} values where shape {dims:?} needs {expected}",
+                        data.len()
+                    ),
                 ));
             }
         }
         Ok(Self {
             shape,
-            student_loc,
-            student_conf,
-            teacher_loc,
-            teacher_conf,
+            tensors,
             has_teacher: true,
-            targets,
-            priors,
         })
     }
 
@@ -277,42 +262,49 @@ impl<'a> Batch<'a> {
         self.has_teacher
     }
 
+    /// The six slices (the teacher's the student's for a batch without teacher: see
+    /// [`Batch::has_teacher`]).
+    #[must_use]
+    pub fn tensors(&self) -> Tensors<&'a [f32]> {
+        self.tensors
+    }
+
     /// `[B, P, 4]` student box offsets.
     #[must_use]
     pub fn student_loc(&self) -> &'a [f32] {
-        self.student_loc
+        self.tensors.student_loc
     }
 
     /// `[B, P, C]` student logits.
     #[must_use]
     pub fn student_conf(&self) -> &'a [f32] {
-        self.student_conf
+        self.tensors.student_conf
     }
 
     /// `[B, P, 4]` teacher box offsets (the student's for a batch without teacher: see
     /// [`Batch::has_teacher`]).
     #[must_use]
     pub fn teacher_loc(&self) -> &'a [f32] {
-        self.teacher_loc
+        self.tensors.teacher_loc
     }
 
     /// `[B, P, C]` teacher logits (the student's for a batch without teacher: see
     /// [`Batch::has_teacher`]).
     #[must_use]
     pub fn teacher_conf(&self) -> &'a [f32] {
-        self.teacher_conf
+        self.tensors.teacher_conf
     }
 
     /// `[B, M, 5]` ground truth: corners and label (negative labels are padding).
     #[must_use]
     pub fn targets(&self) -> &'a [f32] {
-        self.targets
+        self.tensors.targets
     }
 
     /// `[P, 4]` prior boxes, centre form.
     #[must_use]
     pub fn priors(&self) -> &'a [f32] {
-        self.priors
+        self.tensors.priors
     }
 
     /// Checks the batch against `config` before any arithmetic: always that the config can
@@ -340,7 +332,7 @@ impl<'a> Batch<'a> {
         if !scan_values {
             return Ok(());
         }
-        validate_priors(bytemuck::cast_slice(self.priors))?;
+        validate_priors(bytemuck::cast_slice(self.tensors.priors))?;
         let first_bad = (0..self.shape.batch)
             .into_par_iter()
             .map(|i| {
@@ -360,13 +352,14 @@ impl<'a> Batch<'a> {
             objects: m,
             ..
         } = self.shape;
+        let t = &self.tensors;
         ImageInputs {
-            student_loc: bytemuck::cast_slice(&self.student_loc[i * p * 4..(i + 1) * p * 4]),
-            student_conf: &self.student_conf[i * p * c..(i + 1) * p * c],
-            teacher_loc: bytemuck::cast_slice(&self.teacher_loc[i * p * 4..(i + 1) * p * 4]),
-            teacher_conf: &self.teacher_conf[i * p * c..(i + 1) * p * c],
-            targets: bytemuck::cast_slice(&self.targets[i * m * 5..(i + 1) * m * 5]),
-            priors: bytemuck::cast_slice(self.priors),
+            student_loc: bytemuck::cast_slice(&t.student_loc[i * p * 4..(i + 1) * p * 4]),
+            student_conf: &t.student_conf[i * p * c..(i + 1) * p * c],
+            teacher_loc: bytemuck::cast_slice(&t.teacher_loc[i * p * 4..(i + 1) * p * 4]),
+            teacher_conf: &t.teacher_conf[i * p * c..(i + 1) * p * c],
+            targets: bytemuck::cast_slice(&t.targets[i * m * 5..(i + 1) * m * 5]),
+            priors: bytemuck::cast_slice(t.priors),
         }
     }
 }
@@ -508,15 +501,9 @@ impl Evaluation {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OwnedBatch {
     shape: BatchShape,
-    student_loc: Vec<f32>,
-    student_conf: Vec<f32>,
-    /// Empty when `has_teacher` is false.
-    teacher_loc: Vec<f32>,
-    /// Empty when `has_teacher` is false.
-    teacher_conf: Vec<f32>,
+    /// The teacher's are empty when `has_teacher` is false.
+    tensors: Tensors<Vec<f32>>,
     has_teacher: bool,
-    targets: Vec<f32>,
-    priors: Vec<f32>,
 }
 
 impl OwnedBatch {
@@ -544,13 +531,15 @@ impl OwnedBatch {
         )?;
         Ok(Self {
             shape,
-            student_loc,
-            student_conf,
-            teacher_loc,
-            teacher_conf,
+            tensors: Tensors {
+                student_loc,
+                student_conf,
+                teacher_loc,
+                teacher_conf,
+                targets,
+                priors,
+            },
             has_teacher: true,
-            targets,
-            priors,
         })
     }
 
@@ -569,33 +558,30 @@ impl OwnedBatch {
         Batch::without_teacher(shape, &student_loc, &student_conf, &targets, &priors)?;
         Ok(Self {
             shape,
-            student_loc,
-            student_conf,
-            teacher_loc: Vec::new(),
-            teacher_conf: Vec::new(),
+            tensors: Tensors {
+                student_loc,
+                student_conf,
+                teacher_loc: Vec::new(),
+                teacher_conf: Vec::new(),
+                targets,
+                priors,
+            },
             has_teacher: false,
-            targets,
-            priors,
         })
     }
 
     /// Borrows the tensors as a [`Batch`].
     #[must_use]
     pub fn batch(&self) -> Batch<'_> {
-        let (teacher_loc, teacher_conf): (&[f32], &[f32]) = if self.has_teacher {
-            (&self.teacher_loc, &self.teacher_conf)
-        } else {
-            (&self.student_loc, &self.student_conf)
-        };
+        let mut tensors = self.tensors.as_ref().map(Vec::as_slice);
+        if !self.has_teacher {
+            tensors.teacher_loc = tensors.student_loc;
+            tensors.teacher_conf = tensors.student_conf;
+        }
         Batch {
             shape: self.shape,
-            student_loc: &self.student_loc,
-            student_conf: &self.student_conf,
-            teacher_loc,
-            teacher_conf,
+            tensors,
             has_teacher: self.has_teacher,
-            targets: &self.targets,
-            priors: &self.priors,
         }
     }
 
@@ -617,14 +603,7 @@ impl OwnedBatch {
     /// (the teacher's empty for a batch without teacher).
     #[must_use]
     pub fn into_tensors(self) -> [Vec<f32>; 6] {
-        [
-            self.student_loc,
-            self.student_conf,
-            self.teacher_loc,
-            self.teacher_conf,
-            self.targets,
-            self.priors,
-        ]
+        self.tensors.to_array()
     }
 }
 
@@ -636,13 +615,13 @@ macro_rules! owned_accessors {
                 #[doc = concat!("`", $dims, "` `", stringify!($name), "`.")]
                 #[must_use]
                 pub fn $name(&self) -> &[f32] {
-                    &self.$name
+                    &self.tensors.$name
                 }
 
                 #[doc = concat!("`", stringify!($name), "`'s values, to change in place.")]
                 #[must_use]
                 pub fn $name_mut(&mut self) -> &mut [f32] {
-                    &mut self.$name
+                    &mut self.tensors.$name
                 }
             )*
         }

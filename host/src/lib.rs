@@ -23,10 +23,11 @@ pub use backend::Fallback;
 pub use backend::{Backend, Prepared};
 pub use batch::{
     teacher_pair, Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request,
-    TENSOR_NAMES,
 };
 pub use cancel::CancelToken;
 pub use error::{Error, Result};
 pub use io::{config_keys, file, input, output};
 pub use ssdkd_core::validate::{ConfigError, InputError, Tensor};
-pub use ssdkd_core::{LossConfig, LossSums, LossTerms, LossWeights, PriorPreset};
+pub use ssdkd_core::{
+    LossConfig, LossSums, LossTerms, LossWeights, PriorPreset, Tensors, TENSOR_NAMES,
+};

@@ -7,6 +7,7 @@ use crate::batch::BatchShape;
 use crate::error::{Error, Result};
 use crate::gpu::chunks::{Chunk, Layout};
 use crate::gpu::resources::Resource;
+use ssdkd_core::Tensors;
 use std::sync::Mutex;
 #[cfg(test)]
 use std::sync::{
@@ -55,56 +56,23 @@ impl GpuSlice {
 }
 
 /// The input tensors of a batch (SPEC §1) as slices of the caller's GPU buffers, on the
-/// backend's device ([`crate::gpu::GpuBackend::device`]).
-#[derive(Clone, Debug)]
-pub struct GpuTensors {
-    /// `[B, P, 4]` f32.
-    pub student_loc: GpuSlice,
-    /// `[B, P, C]` f32.
-    pub student_conf: GpuSlice,
-    /// `[B, P, 4]` f32.
-    pub teacher_loc: GpuSlice,
-    /// `[B, P, C]` f32.
-    pub teacher_conf: GpuSlice,
-    /// `[B, M, 5]` f32.
-    pub targets: GpuSlice,
-    /// `[P, 4]` f32.
-    pub priors: GpuSlice,
-}
+/// backend's device ([`crate::gpu::GpuBackend::device`]): each `f32`, shaped as SPEC §1.
+pub type GpuTensors = Tensors<GpuSlice>;
 
-impl GpuTensors {
-    /// Each tensor with its name and the bytes `shape` needs of it.
-    fn named(&self, shape: &BatchShape) -> [(&'static str, &GpuSlice, u64); 6] {
-        let b = shape.batch as u64;
-        [
-            (
-                "student_loc",
-                &self.student_loc,
-                Layout::Loc.image_bytes(shape) * b,
-            ),
-            (
-                "student_conf",
-                &self.student_conf,
-                Layout::Conf.image_bytes(shape) * b,
-            ),
-            (
-                "teacher_loc",
-                &self.teacher_loc,
-                Layout::Loc.image_bytes(shape) * b,
-            ),
-            (
-                "teacher_conf",
-                &self.teacher_conf,
-                Layout::Conf.image_bytes(shape) * b,
-            ),
-            (
-                "targets",
-                &self.targets,
-                Layout::Target.image_bytes(shape) * b,
-            ),
-            ("priors", &self.priors, shape.priors as u64 * 16),
-        ]
-    }
+/// Each tensor of `tensors` with its name and the bytes `shape` needs of it.
+fn named<'a>(
+    tensors: &'a GpuTensors,
+    shape: &BatchShape,
+) -> [(&'static str, &'a GpuSlice, u64); 6] {
+    let bytes = shape
+        .dims()
+        .map(|dims| dims.iter().product::<usize>() as u64 * 4);
+    tensors
+        .as_ref()
+        .named()
+        .zip(bytes)
+        .to_array()
+        .map(|((name, slice), bytes)| (name, slice, bytes))
 }
 
 /// Where an evaluation writes the gradients (SPEC §6): `[B, P, C]` ∂total/∂student_conf and
@@ -310,7 +278,7 @@ pub(crate) fn check_tensors(
     shape: &BatchShape,
     tensors: &GpuTensors,
 ) -> Result<()> {
-    for (tensor, slice, needed) in tensors.named(shape) {
+    for (tensor, slice, needed) in named(tensors, shape) {
         check_slice(rules, tensor, slice, needed, wgpu::BufferUsages::STORAGE)?;
     }
     Ok(())
@@ -324,7 +292,7 @@ pub(crate) fn check_gradients(
     tensors: &GpuTensors,
     gradients: &GpuGradients,
 ) -> Result<bool> {
-    let inputs = tensors.named(shape);
+    let inputs = named(tensors, shape);
     let mut shared = false;
     for (tensor, slice, needed) in gradients.named(shape) {
         check_slice(rules, tensor, slice, needed, wgpu::BufferUsages::STORAGE)?;
