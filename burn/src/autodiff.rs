@@ -12,11 +12,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::Autodiff;
+use ssdkd::Tensors;
 
 /// The six inputs of an evaluation, as the inner backend's tensors.
 #[derive(Clone, Debug)]
 struct Inputs<B: burn::backend::Backend> {
-    tensors: [FloatTensor<B>; 6],
+    tensors: Tensors<FloatTensor<B>>,
     spec: LossSpec,
 }
 
@@ -39,7 +40,7 @@ impl<B: SsdkdBackend> Backward<B, 2> for TermsBackward {
             .try_into()
             .expect("the terms' gradient has the terms' shape [4]");
         let [student_loc, student_conf] = ops.parents;
-        let [sl, sc, tl, tc, tg, pr] = ops.state.tensors;
+        let [sl, sc, tl, tc, tg, pr] = ops.state.tensors.to_array();
         let (grad_conf, grad_loc) =
             B::ssdkd_gradients(sl, sc, tl, tc, tg, pr, ops.state.spec.weighted(weights));
         if let Some(node) = student_loc {
@@ -62,15 +63,16 @@ impl<B: SsdkdBackend, C: CheckpointStrategy> SsdkdBackend for Autodiff<B, C> {
         spec: LossSpec,
     ) -> FloatTensor<Self> {
         // The teacher, the targets and the priors are constants: no gradient flows to them.
-        let tensors = [
-            student_loc.primitive().clone(),
-            student_conf.primitive().clone(),
-            teacher_loc.into_primitive(),
-            teacher_conf.into_primitive(),
-            targets.into_primitive(),
-            priors.into_primitive(),
-        ];
-        let evaluate = |[sl, sc, tl, tc, tg, pr]: [FloatTensor<B>; 6], spec: LossSpec| {
+        let tensors = Tensors {
+            student_loc: student_loc.primitive().clone(),
+            student_conf: student_conf.primitive().clone(),
+            teacher_loc: teacher_loc.into_primitive(),
+            teacher_conf: teacher_conf.into_primitive(),
+            targets: targets.into_primitive(),
+            priors: priors.into_primitive(),
+        };
+        let evaluate = |tensors: Tensors<FloatTensor<B>>, spec: LossSpec| {
+            let [sl, sc, tl, tc, tg, pr] = tensors.to_array();
             B::ssdkd_terms(sl, sc, tl, tc, tg, pr, spec)
         };
         match TermsBackward

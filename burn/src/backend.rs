@@ -30,23 +30,14 @@ pub struct LossSpec {
     /// incoming gradients of the four terms.
     pub config: LossConfig,
     /// `false` for the plain MultiBox loss: the teacher arguments are then the student's
-    /// tensors, the soft and L2 terms are 0 and get no weight.
+    /// tensors, the soft and L2 terms are 0 and get no weight
+    /// ([`ssdkd::with_teacher_rule`]).
     pub has_teacher: bool,
     /// Where a wgpu tensor's loss is evaluated.
     pub path: LossPath,
 }
 
 impl LossSpec {
-    /// The configuration an evaluation runs with: soft and L2 weights 0 without a teacher.
-    pub(crate) fn effective_config(&self) -> LossConfig {
-        let mut config = self.config;
-        if !self.has_teacher {
-            config.weights.soft = 0.0;
-            config.weights.l2 = 0.0;
-        }
-        config
-    }
-
     /// This spec with the gradient weighted by `weights` (soft, l2, conf, loc: the order
     /// of [`TERMS`]).
     #[must_use]

@@ -16,7 +16,7 @@ use burn::backend::{CubeDevice, DispatchDevice, FloatDType, TensorMetadata};
 use burn::tensor::{DType, Device};
 use burn_cubecl::cubecl::wgpu::WgpuServer;
 use ssdkd::gpu::{GpuBackend, GpuBatch, GpuGradients, GpuRequest, GpuSlice, GpuTensors};
-use ssdkd::BatchShape;
+use ssdkd::{with_teacher_rule, BatchShape, Tensors};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -197,11 +197,11 @@ fn bind(tensor: CubeTensor, name: &str, alignment: u64) -> Bound<impl Sized> {
 
 /// Binds the six inputs: the teacher slices are the student's for the plain loss.
 fn bind_inputs(
-    inputs: [CubeTensor; 6],
+    inputs: Tensors<CubeTensor>,
     spec: &LossSpec,
     alignment: u64,
 ) -> (Vec<Bound<impl Sized>>, GpuTensors) {
-    let [sl, sc, tl, tc, tg, pr] = inputs;
+    let [sl, sc, tl, tc, tg, pr] = inputs.to_array();
     let mut bound = vec![
         bind(sl, "student_loc", alignment),
         bind(sc, "student_conf", alignment),
@@ -251,12 +251,12 @@ fn batch_for<'a>(
 /// One resident evaluation of `inputs` (gradients into `gradients` when given).
 fn evaluate(
     shared: &Mutex<Shared>,
-    inputs: [CubeTensor; 6],
+    inputs: Tensors<CubeTensor>,
     spec: &LossSpec,
     gradients: Option<[&CubeTensor; 2]>,
 ) -> ssdkd::Evaluation {
-    let client = inputs[0].client.clone();
-    let shape = batch_shape(&inputs[1].shape(), &inputs[4].shape());
+    let client = inputs.student_loc.client.clone();
+    let shape = batch_shape(&inputs.student_conf.shape(), &inputs.targets.shape());
     let mut guard = lock(shared);
     let Shared {
         gpu,
@@ -275,8 +275,7 @@ fn evaluate(
     client
         .flush()
         .unwrap_or_else(|e| panic!("ssdkd-burn: flushing Burn's queue: {e:?}"));
-    let config = spec.effective_config();
-    let result = match &outputs {
+    let result = with_teacher_rule(spec.has_teacher, &spec.config, |config| match &outputs {
         Some([conf, loc]) => {
             let slices = GpuGradients {
                 student_conf: conf.slice(),
@@ -287,11 +286,11 @@ fn evaluate(
                 ..GpuRequest::default()
             };
             batch_for(gpu, gradient_batches, shape, tensors, Some(slices))
-                .and_then(|batch| gpu.evaluate_resident(batch, &config, request))
+                .and_then(|batch| gpu.evaluate_resident(batch, config, request))
         }
         None => batch_for(gpu, losses, shape, tensors, None)
-            .and_then(|batch| gpu.evaluate_resident(batch, &config, GpuRequest::default())),
-    };
+            .and_then(|batch| gpu.evaluate_resident(batch, config, GpuRequest::default())),
+    });
     // ssdkd's work is done (evaluate_resident waits for it): Burn may reuse the storage now.
     drop(outputs);
     drop(bound);
@@ -308,19 +307,19 @@ impl SsdkdBackend for CubeBackend {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> FloatTensor<Self> {
-        let inputs = [
+        let inputs = Tensors {
             student_loc,
             student_conf,
             teacher_loc,
             teacher_conf,
             targets,
             priors,
-        ];
-        let device = inputs[0].device.clone();
+        };
+        let device = inputs.student_loc.device.clone();
         match shared_for(&device, &spec) {
             Some(shared) => {
                 let eval = evaluate(&shared, inputs, &spec, None);
-                host::terms_tensor::<Self>(&eval, &spec, &device)
+                host::terms_tensor::<Self>(&eval, &device)
             }
             None => host::terms::<Self>(inputs, &spec),
         }
@@ -335,19 +334,19 @@ impl SsdkdBackend for CubeBackend {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let inputs = [
+        let inputs = Tensors {
             student_loc,
             student_conf,
             teacher_loc,
             teacher_conf,
             targets,
             priors,
-        ];
-        let device = inputs[0].device.clone();
+        };
+        let device = inputs.student_loc.device.clone();
         match shared_for(&device, &spec) {
             Some(shared) => {
-                let conf = Self::float_empty(inputs[1].shape(), &device, FloatDType::F32);
-                let loc = Self::float_empty(inputs[0].shape(), &device, FloatDType::F32);
+                let conf = Self::float_empty(inputs.student_conf.shape(), &device, FloatDType::F32);
+                let loc = Self::float_empty(inputs.student_loc.shape(), &device, FloatDType::F32);
                 evaluate(&shared, inputs, &spec, Some([&conf, &loc]));
                 (conf, loc)
             }

@@ -34,6 +34,7 @@ pub use ssdkd_core::{FeatureMap, PriorConfig};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Dispatch, NdArray};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use ssdkd::{BatchShape, Tensors};
 use std::sync::Mutex;
 
 impl SsdkdBackend for NdArray {
@@ -46,14 +47,14 @@ impl SsdkdBackend for NdArray {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> FloatTensor<Self> {
-        let inputs = [
+        let inputs = Tensors {
             student_loc,
             student_conf,
             teacher_loc,
             teacher_conf,
             targets,
             priors,
-        ];
+        };
         host::terms::<Self>(inputs, &spec)
     }
 
@@ -66,14 +67,14 @@ impl SsdkdBackend for NdArray {
         priors: FloatTensor<Self>,
         spec: LossSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let inputs = [
+        let inputs = Tensors {
             student_loc,
             student_conf,
             teacher_loc,
             teacher_conf,
             targets,
             priors,
-        ];
+        };
         host::gradients::<Self>(inputs, &spec)
     }
 }
@@ -188,35 +189,29 @@ impl Loss {
         t
     }
 
-    /// Checks the shapes and dtypes against each other and the priors (SPEC §1).
-    fn check(&self, tensors: &[(&'static str, &Tensor<3>, usize)]) -> ssdkd::Result<()> {
-        let shape_error = |tensor, problem| Err(ssdkd::Error::Shape { tensor, problem });
-        let [b, p, c] = tensors[1].1.dims();
-        let m = tensors[tensors.len() - 1].1.dims()[1];
-        for &(name, tensor, last) in tensors {
-            let dims = tensor.dims();
-            let expected = [b, if name == "targets" { m } else { p }, last];
-            if dims != expected {
-                return shape_error(name, format!("shape {dims:?}, expected {expected:?}"));
-            }
-            if tensor.dtype() != DType::F32 {
-                return shape_error(name, format!("dtype {:?}, expected f32", tensor.dtype()));
-            }
-            if tensor.device() != tensors[0].1.device() {
-                return shape_error(name, "on another device than student_loc".into());
-            }
-        }
-        if p != self.priors.len() {
-            return shape_error(
-                "priors",
-                format!(
-                    "{} priors where the tensors have P = {p}",
-                    self.priors.len()
-                ),
-            );
-        }
-        if c < 2 || b == 0 || m == 0 {
-            return shape_error("student_conf", format!("B = {b}, C = {c}, M = {m}"));
+    /// Checks the shapes against each other and the priors ([`BatchShape::from_dims`],
+    /// SPEC §1), the dtypes (f32) and the devices.
+    fn check(&self, tensors: Tensors<Option<&Tensor<3>>>) -> ssdkd::Result<()> {
+        let dims = tensors.map(|t| t.map(Tensor::dims));
+        let priors = [self.priors.len(), 4];
+        BatchShape::from_dims(Tensors {
+            priors: Some(&priors),
+            ..dims.as_ref().map(|d| d.as_ref().map(|d| &d[..]))
+        })?;
+        let device = tensors.student_loc.map(Tensor::device);
+        for (name, tensor) in tensors.named().to_array() {
+            let Some(tensor) = tensor else { continue };
+            let problem = if tensor.dtype() != DType::F32 {
+                format!("dtype {:?}, expected f32", tensor.dtype())
+            } else if Some(tensor.device()) != device {
+                "on another device than student_loc".into()
+            } else {
+                continue;
+            };
+            return Err(ssdkd::Error::Shape {
+                tensor: name,
+                problem,
+            });
         }
         Ok(())
     }
@@ -288,14 +283,14 @@ impl MultiBoxLossKd {
         teacher_conf: Tensor<3>,
         targets: Tensor<3>,
     ) -> ssdkd::Result<KdTerms> {
-        let c = student_conf.dims()[2];
-        self.0.check(&[
-            ("student_loc", &student_loc, 4),
-            ("student_conf", &student_conf, c),
-            ("teacher_loc", &teacher_loc, 4),
-            ("teacher_conf", &teacher_conf, c),
-            ("targets", &targets, 5),
-        ])?;
+        self.0.check(Tensors {
+            student_loc: Some(&student_loc),
+            student_conf: Some(&student_conf),
+            teacher_loc: Some(&teacher_loc),
+            teacher_conf: Some(&teacher_conf),
+            targets: Some(&targets),
+            priors: None,
+        })?;
         let terms = self.0.terms([
             student_loc,
             student_conf,
@@ -354,12 +349,14 @@ impl MultiBoxLoss {
         student_conf: Tensor<3>,
         targets: Tensor<3>,
     ) -> ssdkd::Result<PlainTerms> {
-        let c = student_conf.dims()[2];
-        self.0.check(&[
-            ("student_loc", &student_loc, 4),
-            ("student_conf", &student_conf, c),
-            ("targets", &targets, 5),
-        ])?;
+        self.0.check(Tensors {
+            student_loc: Some(&student_loc),
+            student_conf: Some(&student_conf),
+            teacher_loc: None,
+            teacher_conf: None,
+            targets: Some(&targets),
+            priors: None,
+        })?;
         // The teacher's places hold the student's tensors, unused without a teacher.
         let terms = self.0.terms([
             student_loc.clone(),

@@ -101,6 +101,21 @@ impl<T> Tensors<T> {
         }
     }
 
+    /// `f` applied to each value in SPEC §1's order, stopping at the first error.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn try_map<U, E>(self, mut f: impl FnMut(T) -> Result<U, E>) -> Result<Tensors<U>, E> {
+        Ok(Tensors {
+            student_loc: f(self.student_loc)?,
+            student_conf: f(self.student_conf)?,
+            teacher_loc: f(self.teacher_loc)?,
+            teacher_conf: f(self.teacher_conf)?,
+            targets: f(self.targets)?,
+            priors: f(self.priors)?,
+        })
+    }
+
     /// Each value paired with the same tensor's value of `other`.
     #[must_use]
     pub fn zip<U>(self, other: Tensors<U>) -> Tensors<(T, U)> {
@@ -188,5 +203,17 @@ mod tests {
         assert_eq!(record.named().targets, ("targets", 5));
         assert_eq!(*record.get(Tensor::Priors), 6);
         assert_eq!(record.into_array(), record.to_array());
+        let mut seen = [0; 6];
+        let mut n = 0;
+        let stopped = record.try_map(|v| {
+            seen[n] = v;
+            n += 1;
+            if v == 3 {
+                Err(v)
+            } else {
+                Ok(v)
+            }
+        });
+        assert_eq!((stopped, seen), (Err(3), [1, 2, 3, 0, 0, 0]));
     }
 }

@@ -1,7 +1,7 @@
 //! Backend selection: the CPU reference or the GPU, behind one `evaluate`; and inputs
 //! prepared once for repeated evaluations (on a GPU, uploaded once).
 
-use crate::batch::{Batch, Evaluation, Gradients, Request};
+use crate::batch::{with_teacher_rule, Batch, Evaluation, Request};
 use crate::cancel::CancelToken;
 pub use crate::cpu::CpuBackend;
 use crate::error::Result;
@@ -133,10 +133,9 @@ impl Backend {
         request: Request,
         cancel: Option<&CancelToken>,
     ) -> Result<Evaluation> {
-        let config = &for_batch(config, batch.has_teacher());
-        let mut eval = match self {
+        with_teacher_rule(batch.has_teacher(), config, |config| match self {
             // The CPU backend checks the gradient rows as it writes them (cpu.rs).
-            Backend::Cpu(cpu) => cpu.evaluate_checked(batch, config, request, cancel)?,
+            Backend::Cpu(cpu) => cpu.evaluate_checked(batch, config, request, cancel),
             #[cfg(feature = "gpu")]
             Backend::Gpu(gpu, fallback) => {
                 cancel.map_or(Ok(()), CancelToken::check)?;
@@ -150,41 +149,16 @@ impl Backend {
                         };
                         fallback
                             .cpu
-                            .evaluate_checked(batch, config, request, cancel)?
+                            .evaluate_checked(batch, config, request, cancel)
                     }
                     (result, _) => {
                         let eval = result?;
                         eval.check_finite()?;
-                        eval
+                        Ok(eval)
                     }
                 }
             }
-        };
-        if !batch.has_teacher() {
-            without_teacher_terms(&mut eval);
-        }
-        Ok(eval)
-    }
-
-    /// The gradients of the last evaluation's batch for other weights (`config.weights`),
-    /// without its forward pass again: on the CPU backend, from what that evaluation kept
-    /// ([`CpuBackend::gradients_of_last`]: the same bits as an evaluation with gradients).
-    /// `None` on a GPU, or when the last evaluation was not of `batch` with the same
-    /// settings: the caller then evaluates with gradients.
-    ///
-    /// # Errors
-    /// [`crate::Error::Numerical`] for a non-finite gradient element.
-    pub fn gradients_of_last(
-        &mut self,
-        batch: &Batch<'_>,
-        config: &LossConfig,
-    ) -> Option<Result<Gradients>> {
-        let config = &for_batch(config, batch.has_teacher());
-        match self {
-            Backend::Cpu(cpu) => cpu.gradients_of_last(batch, config),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu(..) => None,
-        }
+        })
     }
 
     /// Prepares `batch` for repeated evaluations with [`Backend::evaluate_prepared`], as a
@@ -229,11 +203,9 @@ impl Backend {
                 gradients,
                 ..Default::default()
             };
-            let teacher = prepared.batch.has_teacher();
-            let mut eval = gpu.evaluate_resident(resident, &for_batch(config, teacher), request)?;
-            if !teacher {
-                without_teacher_terms(&mut eval);
-            }
+            let eval = with_teacher_rule(prepared.batch.has_teacher(), config, |config| {
+                gpu.evaluate_resident(resident, config, request)
+            })?;
             eval.check_finite()?;
             return Ok(eval);
         }
@@ -244,34 +216,6 @@ impl Backend {
         };
         self.evaluate(&prepared.batch, config, request)
     }
-}
-
-// Batches without teacher (SPEC §10.1) are handled here, at the one place both
-// backends go through, rather than in the core's stages: the batch's student tensors stand
-// in for the teacher's (`Batch::without_teacher`), the soft and L2 weights are 0 so that
-// the stand-in adds nothing to the total or the gradients, and the soft/L2 terms it gave
-// are reported as 0. `loss_c`, `loss_l`, the counts of SPEC §4 and their gradients never
-// read the teacher, so they are the KD evaluation's exactly. (Making the teacher optional in
-// the core's `prior_terms` would change `forward_image`'s signature, which the CPU backend
-// and the GPU's per-image fallback share; this keeps the stages as they are.)
-
-/// `config` for a batch with or without teacher: without, the soft and L2 weights are 0.
-fn for_batch(config: &LossConfig, has_teacher: bool) -> LossConfig {
-    let mut config = *config;
-    if !has_teacher {
-        config.weights.soft = 0.0;
-        config.weights.l2 = 0.0;
-    }
-    config
-}
-
-/// Reports the teacher's terms of an evaluation without teacher as 0 (see [`for_batch`]).
-fn without_teacher_terms(eval: &mut Evaluation) {
-    eval.terms.soft_loss = 0.0;
-    eval.terms.l2_loss = 0.0;
-    eval.sums.soft = 0.0;
-    eval.sums.l2 = 0.0;
-    eval.sums.num_bounded = 0;
 }
 
 /// A batch ready for repeated evaluations on the backend that prepared it (see

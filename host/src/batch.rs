@@ -50,13 +50,47 @@ impl BatchShape {
     /// [`Error::Config`] naming the key.
     pub fn check_config(&self, config: &LossConfig) -> Result<()> {
         validate_config(config)?;
-        if self.classes < 2 {
+        self.check()
+    }
+
+    /// Checks the dimensions every batch must have (SPEC §1): none is 0, C ≥ 2 (background
+    /// and one object class), and every tensor's element count fits in memory's address
+    /// range. Every way of making a batch calls it: [`BatchShape::from_dims`],
+    /// [`Batch::new`], the file reader, the GPU backend's `wrap`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming the tensor whose dimension is at fault.
+    pub fn check(&self) -> Result<()> {
+        let Self {
+            batch: b,
+            priors: p,
+            classes: c,
+            objects: m,
+        } = *self;
+        let dims = [
+            ("student_loc", "B", b),
+            ("student_loc", "P", p),
+            ("student_conf", "C", c),
+            ("targets", "M", m),
+        ];
+        for (tensor, name, value) in dims {
+            if value == 0 {
+                return Err(Error::shape(tensor, format!("dimension {name} is 0")));
+            }
+        }
+        let too_large = || {
+            Error::shape(
+                "student_conf",
+                format!("shape [{b}, {p}, {c}] is too large"),
+            )
+        };
+        b.checked_mul(p.max(m))
+            .and_then(|n| n.checked_mul(c.max(5)))
+            .ok_or_else(too_large)?;
+        if c < 2 {
             return Err(Error::shape(
                 "student_conf",
-                format!(
-                    "C = {} classes; at least 2 are needed (background and one class)",
-                    self.classes
-                ),
+                format!("C = {c}: at least 2 classes (background and one object class)"),
             ));
         }
         Ok(())
@@ -83,15 +117,57 @@ pub fn teacher_pair<T>(teacher_loc: Option<T>, teacher_conf: Option<T>) -> Resul
     }
 }
 
+/// Evaluates a batch with or without teacher by `evaluate` (SPEC §10.1), the one place
+/// every path (the [`crate::Backend`], a GPU-resident batch, a framework's binding) gets
+/// the rule from. Without teacher, the batch's student tensors stand in for the teacher's
+/// ([`Batch::without_teacher`]): `evaluate` is called with the soft and L2 weights 0, so
+/// that the stand-in adds nothing to the total or the gradients, and the soft/L2 terms it
+/// gave, their sums and `num_bounded` are reported as 0. `loss_c`, `loss_l`, the counts of
+/// SPEC §4 and their gradients never read the teacher, so they are the KD evaluation's
+/// exactly. (Making the teacher optional in the core's `prior_terms` would change
+/// `forward_image`'s signature, which the CPU backend and the GPU's per-image fallback
+/// share; this keeps the stages as they are.)
+///
+/// # Errors
+/// What `evaluate` returns.
+pub fn with_teacher_rule(
+    has_teacher: bool,
+    config: &LossConfig,
+    evaluate: impl FnOnce(&LossConfig) -> Result<Evaluation>,
+) -> Result<Evaluation> {
+    if has_teacher {
+        return evaluate(config);
+    }
+    let mut config = *config;
+    config.weights.soft = 0.0;
+    config.weights.l2 = 0.0;
+    let mut eval = evaluate(&config)?;
+    eval.terms.soft_loss = 0.0;
+    eval.terms.l2_loss = 0.0;
+    eval.sums.soft = 0.0;
+    eval.sums.l2 = 0.0;
+    eval.sums.num_bounded = 0;
+    Ok(eval)
+}
+
 impl BatchShape {
     /// The shape of tensors with these dimensions (SPEC §1), before any value is read:
     /// `student_loc` `[B, P, 4]` gives B and P, `student_conf` C, `targets` M; the others
-    /// must agree. The teacher's are both given or both absent ([`teacher_pair`]).
+    /// must agree. The teacher's are both given or both absent ([`teacher_pair`]). The
+    /// shape is then [`BatchShape::check`]ed.
     ///
     /// # Errors
-    /// [`Error::Shape`] naming the first tensor whose dimensions disagree.
-    pub fn from_dims(dims: [Option<&[usize]>; 6]) -> Result<Self> {
-        let [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors] = dims;
+    /// [`Error::Shape`] naming the first tensor whose dimensions disagree, or as
+    /// [`BatchShape::check`].
+    pub fn from_dims(dims: Tensors<Option<&[usize]>>) -> Result<Self> {
+        let Tensors {
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
+        } = dims;
         let given = |name: &'static str, d: Option<&[usize]>| {
             d.map(<[usize]>::to_vec)
                 .ok_or_else(|| Error::shape(name, "missing"))
@@ -122,12 +198,14 @@ impl BatchShape {
         let tg = given("targets", targets)?;
         expect("targets", &tg, &[Some(b), None, Some(5)])?;
         expect("priors", &given("priors", priors)?, &[Some(p), Some(4)])?;
-        Ok(Self {
+        let shape = Self {
             batch: b,
             priors: p,
             classes: c,
             objects: tg[1],
-        })
+        };
+        shape.check()?;
+        Ok(shape)
     }
 }
 
@@ -148,10 +226,12 @@ pub struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    /// Checks that every slice has the length `shape` implies and that no dimension is 0.
+    /// Checks `shape` ([`BatchShape::check`]) and that every slice has the length it
+    /// implies.
     ///
     /// # Errors
-    /// [`Error::Shape`] naming the first tensor whose length is wrong.
+    /// [`Error::Shape`] naming the dimension at fault or the first tensor whose length is
+    /// wrong.
     pub fn new(
         shape: BatchShape,
         student_loc: &'a [f32],
@@ -161,38 +241,7 @@ impl<'a> Batch<'a> {
         targets: &'a [f32],
         priors: &'a [f32],
     ) -> Result<Self> {
-        let BatchShape {
-            batch: b,
-            priors: p,
-            classes: c,
-            objects: m,
-        } = shape;
-        let dims = [
-            ("student_loc", "B", b),
-            ("student_loc", "P", p),
-            ("student_conf", "C", c),
-            ("targets", "M", m),
-        ];
-        for (tensor, name, value) in dims {
-            if value == 0 {
-                return Err(Error::shape(tensor, format!("dimension {name} is 0")));
-            }
-        }
-        let too_large = || {
-            Error::shape(
-                "student_conf",
-                format!("shape [{b}, {p}, {c}] is too large"),
-            )
-        };
-        b.checked_mul(p.max(m))
-            .and_then(|n| n.checked_mul(c.max(5)))
-            .ok_or_else(too_large)?;
-        if c < 2 {
-            return Err(Error::shape(
-                "student_conf",
-                format!("C = {c}: at least 2 classes (background and one object class)"),
-            ));
-        }
+        shape.check()?;
         let tensors = Tensors {
             student_loc,
             student_conf,

@@ -62,7 +62,11 @@ mod tests {
         let got =
             cpu.evaluate_cancellable(&batch, &config, Request::with_gradients(), Some(&token));
         assert!(matches!(got, Err(Error::Cancelled)), "{got:?}");
-        assert!(cpu.gradients_of_last(&batch, &config).is_none());
+        match &mut cpu {
+            Backend::Cpu(inner) => assert!(inner.gradients_of_last(&batch, &config).is_none()),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(..) => unreachable!("Backend::cpu() is the CPU backend"),
+        }
         let again = cpu
             .evaluate_cancellable(
                 &batch,

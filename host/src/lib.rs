@@ -22,7 +22,8 @@ pub mod limits;
 pub use backend::Fallback;
 pub use backend::{Backend, Prepared};
 pub use batch::{
-    teacher_pair, Batch, BatchShape, Decisions, Evaluation, Gradients, OwnedBatch, Request,
+    teacher_pair, with_teacher_rule, Batch, BatchShape, Decisions, Evaluation, Gradients,
+    OwnedBatch, Request,
 };
 pub use cancel::CancelToken;
 pub use error::{Error, Result};

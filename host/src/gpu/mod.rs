@@ -224,12 +224,13 @@ impl GpuBackend {
     /// upload); its gradients go to buffers allocated here.
     ///
     /// # Errors
-    /// [`Error::Shape`] naming the tensor when a slice is shorter than `shape` needs, runs
+    /// As [`BatchShape::check`] for `shape`; [`Error::Shape`] naming the tensor when a
+    /// slice is shorter than `shape` needs, runs
     /// past its buffer, starts at an offset that is not a multiple of the device's
     /// `min_storage_buffer_offset_alignment`, or its buffer lacks `STORAGE` usage;
     /// [`Error::Gpu`] when the gradient buffers cannot be allocated.
     pub fn wrap(&mut self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
-        check_dimensions(shape)?;
+        shape.check()?;
         self.engine.wrap_batch(shape, tensors, None)
     }
 
@@ -248,7 +249,7 @@ impl GpuBackend {
         tensors: GpuTensors,
         gradients: GpuGradients,
     ) -> Result<GpuBatch> {
-        check_dimensions(shape)?;
+        shape.check()?;
         self.engine.wrap_batch(shape, tensors, Some(gradients))
     }
 
@@ -347,18 +348,6 @@ impl GpuBackend {
             decisions: output.decisions,
         })
     }
-}
-
-/// Every dimension > 0 and C ≥ 2: a shape a batch can be bound with.
-fn check_dimensions(shape: BatchShape) -> Result<()> {
-    let dims = [shape.batch, shape.priors, shape.classes, shape.objects];
-    if dims.contains(&0) || shape.classes < 2 {
-        return Err(Error::Shape {
-            tensor: "batch",
-            problem: format!("shape {shape:?}: every dimension > 0 and C >= 2"),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,24 +2,14 @@
 //! in the metadata; and the gradient files `eval --grad-out` writes.
 
 use super::input::SafetensorsInput;
-use crate::batch::{teacher_pair, Batch, BatchShape, Gradients, OwnedBatch, Request};
+use crate::batch::{Batch, BatchShape, Gradients, OwnedBatch, Request};
 use crate::error::{Error, Result};
 use crate::limits::{check_estimate, Estimate};
-use ssdkd_core::{LossConfig, PriorPreset};
+use ssdkd_core::{LossConfig, PriorPreset, Tensors, TENSOR_NAMES};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use super::config_keys::{config_json, ConfigOverrides};
-
-/// The tensors of SPEC §1 a batch file holds (`priors` may be absent).
-const BATCH_TENSORS: [&str; 6] = [
-    "student_loc",
-    "student_conf",
-    "teacher_loc",
-    "teacher_conf",
-    "targets",
-    "priors",
-];
 
 /// The `__metadata__` keys a batch file may hold: SPEC §8's `config` and `prior_preset`,
 /// and informational keys that the reference generator and `safetensors`' PyTorch helpers
@@ -109,108 +99,69 @@ impl BatchFile {
         }
         let resolved = from_file.then(flags);
 
-        let read = |name: &'static str| tensors.read_f32(name);
-        let (loc_dims, student_loc) = read("student_loc")?;
-        let (conf_dims, student_conf) = read("student_conf")?;
-        let (target_dims, targets) = read("targets")?;
-        let rank = |name: &'static str, dims: &[usize], r: usize| {
-            if dims.len() == r {
-                Ok(())
-            } else {
-                Err(Error::shape(
-                    name,
-                    format!("shape {dims:?} has rank {}, expected {r}", dims.len()),
-                ))
-            }
-        };
-        rank("student_loc", &loc_dims, 3)?;
-        rank("student_conf", &conf_dims, 3)?;
-        rank("targets", &target_dims, 3)?;
-        let shape = BatchShape {
-            batch: loc_dims[0],
-            priors: loc_dims[1],
-            classes: conf_dims[2],
-            objects: target_dims[1],
-        };
-        let BatchShape {
-            batch: b,
-            priors: p,
-            classes: c,
-            objects: m,
-        } = shape;
-        let expect = |name: &'static str, dims: &[usize], want: &[usize]| {
-            if dims == want {
-                Ok(())
-            } else {
-                Err(Error::shape(
-                    name,
-                    format!(
-                        "shape {dims:?}, expected {want:?} (B = {b}, P = {p}, C = {c}, M = {m})"
-                    ),
-                ))
-            }
-        };
-        expect("student_loc", &loc_dims, &[b, p, 4])?;
-        expect("student_conf", &conf_dims, &[b, p, c])?;
-        expect("targets", &target_dims, &[b, m, 5])?;
-        // The teacher's tensors are optional, both or neither (SPEC §10.1): without them
-        // the file holds the plain MultiBox loss's batch.
-        let present = |name| tensors.has(name).then_some(());
-        let teacher = match teacher_pair(present("teacher_loc"), present("teacher_conf"))? {
-            Some(((), ())) => {
-                let (dims, teacher_loc) = read("teacher_loc")?;
-                expect("teacher_loc", &dims, &[b, p, 4])?;
-                let (dims, teacher_conf) = read("teacher_conf")?;
-                expect("teacher_conf", &dims, &[b, p, c])?;
-                Some((teacher_loc, teacher_conf))
-            }
-            None => None,
-        };
-
-        let priors = match (
+        // The priors: the file's, or its preset's (or the flag's) when it has none or a
+        // preset is passed.
+        let preset = match (
             resolved.preset,
             flags.preset.is_some() || !tensors.has("priors"),
         ) {
-            (Some(preset), true) => {
-                let config = preset.config();
-                if config.num_priors() != p {
-                    return Err(Error::shape(
-                        "priors",
-                        format!(
-                            "preset `{}` has {} priors, the tensors have P = {p}",
-                            preset.name(),
-                            config.num_priors()
-                        ),
-                    ));
-                }
-                bytemuck::cast_slice(&config.priors()).to_vec()
-            }
+            (Some(preset), true) => Some(preset),
             (None, true) => {
                 return Err(Error::shape(
                     "priors",
                     "missing, and no `prior_preset` in the metadata (pass --preset)",
                 ));
             }
-            (_, false) => {
-                let (dims, priors) = read("priors")?;
-                expect("priors", &dims, &[p, 4])?;
-                priors
-            }
+            (_, false) => None,
         };
-
+        let preset_dims = preset.map(|preset| [preset.config().num_priors(), 4]);
+        // The shape from the header's dimensions, before any value is read. The teacher's
+        // tensors are optional, both or neither (SPEC §10.1): without them the file holds
+        // the plain MultiBox loss's batch.
+        let dims = Tensors::NAMES.try_map(|name| tensors.declared_f32(name))?;
+        let dims = Tensors {
+            priors: preset_dims.as_ref().map(|d| &d[..]).or(dims.priors),
+            ..dims
+        };
+        let shape = BatchShape::from_dims(dims).map_err(|e| match (e, preset) {
+            (
+                Error::Shape {
+                    tensor: "priors", ..
+                },
+                Some(preset),
+            ) => Error::shape(
+                "priors",
+                format!(
+                    "preset `{}` has {} priors, the tensors have P = {}",
+                    preset.name(),
+                    preset.config().num_priors(),
+                    dims.student_loc.map_or(0, |d| d[1])
+                ),
+            ),
+            (e, _) => e,
+        })?;
+        let read = |name: &'static str| tensors.read_f32(name).map(|(_, values)| values);
+        let priors = match preset {
+            Some(preset) => bytemuck::cast_slice(&preset.config().priors()).to_vec(),
+            None => read("priors")?,
+        };
+        let c = shape.classes;
         let config = resolved.config_for(c)?;
 
-        let tensors = match teacher {
-            Some((teacher_loc, teacher_conf)) => OwnedBatch::new(
+        let (student_loc, student_conf) = (read("student_loc")?, read("student_conf")?);
+        let targets = read("targets")?;
+        let tensors = if dims.teacher_loc.is_some() {
+            OwnedBatch::new(
                 shape,
                 student_loc,
                 student_conf,
-                teacher_loc,
-                teacher_conf,
+                read("teacher_loc")?,
+                read("teacher_conf")?,
                 targets,
                 priors,
-            )?,
-            None => OwnedBatch::without_teacher(shape, student_loc, student_conf, targets, priors)?,
+            )?
+        } else {
+            OwnedBatch::without_teacher(shape, student_loc, student_conf, targets, priors)?
         };
         Ok(Self {
             path: path.to_owned(),
@@ -243,7 +194,7 @@ pub fn read_batch_file(
     let input = SafetensorsInput::open(path)?;
     // What is read is what the header declares, whatever the shapes say (a mis-shaped
     // tensor is only found once read).
-    let declared = input.declared_bytes(&BATCH_TENSORS);
+    let declared = input.declared_bytes(&TENSOR_NAMES);
     let (mut estimate, what) = match input.declared_shape() {
         Some(shape) => (
             Estimate::evaluations(&shape, request, evaluations),

@@ -122,6 +122,18 @@ impl<'a> SafetensorsInput<'a> {
             .map(|i| (i.dtype, i.shape.as_slice()))
     }
 
+    /// The declared shape of tensor `name` if present, checked to be F32.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming the tensor when it is not F32.
+    pub fn declared_f32(&self, name: &'static str) -> Result<Option<&[usize]>> {
+        match self.declared(name) {
+            Some((Dtype::F32, dims)) => Ok(Some(dims)),
+            Some((dtype, _)) => Err(Error::shape(name, format!("dtype {dtype:?}, expected F32"))),
+            None => Ok(None),
+        }
+    }
+
     /// The bytes the header declares for those of `names` the file holds.
     #[must_use]
     pub fn declared_bytes(&self, names: &[&str]) -> u64 {
@@ -157,12 +169,7 @@ impl<'a> SafetensorsInput<'a> {
             .header
             .info(name)
             .ok_or_else(|| Error::shape(name, format!("missing from {}", self.path.display())))?;
-        if info.dtype != Dtype::F32 {
-            return Err(Error::shape(
-                name,
-                format!("dtype {:?}, expected F32", info.dtype),
-            ));
-        }
+        self.declared_f32(name)?;
         // The header check made (end - start) = 4 × the shape's product, inside the file.
         let (start, end) = info.data_offsets;
         let mut values = vec![0.0f32; (end - start) / 4];
