@@ -3,8 +3,9 @@
 //! than the student's.
 
 use crate::batch::{BatchShape, OwnedBatch};
+use crate::error::{Error, Result};
 use ssdkd_core::stages::r#match::{match_image, ObjectScratch, Offsets};
-use ssdkd_core::{LossConfig, PriorPreset};
+use ssdkd_core::{LossConfig, PriorPreset, Tensors};
 
 /// What to generate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +52,36 @@ impl SyntheticSpec {
     }
 }
 
+impl SyntheticSpec {
+    /// The largest B, C and M a synthetic batch is made with (a bound on the allocation
+    /// for callers that take them from a user).
+    pub const MAX_DIMENSION: usize = 4096;
+
+    /// Checks that B, C and M are in range: B ≥ 1, C ≥ 2, M ≥ 1, none over
+    /// [`SyntheticSpec::MAX_DIMENSION`] (what [`synthetic_batch`] needs).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `batch`, `classes` or `objects`.
+    pub fn check(&self) -> Result<()> {
+        let ranges = [
+            ("batch", self.batch, 1),
+            ("classes", self.classes, 2),
+            ("objects", self.objects, 1),
+        ];
+        let max = Self::MAX_DIMENSION;
+        match ranges
+            .into_iter()
+            .find(|&(_, v, low)| !(low..=max).contains(&v))
+        {
+            Some((key, v, low)) => Err(Error::Config {
+                key: key.into(),
+                problem: format!("{v} is not in {low}..={max}"),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// SplitMix64: small, fast, and the same everywhere.
 struct Rng(u64);
 
@@ -83,7 +114,8 @@ impl Rng {
 /// Generates the batch `spec` describes.
 ///
 /// # Panics
-/// When `spec` has no image or fewer than two classes.
+/// When `spec` has no image or fewer than two classes ([`SyntheticSpec::check`] finds
+/// them first).
 #[must_use]
 pub fn synthetic_batch(spec: &SyntheticSpec) -> OwnedBatch {
     let priors_rows = spec.preset.config().priors();
@@ -96,7 +128,7 @@ pub fn synthetic_batch(spec: &SyntheticSpec) -> OwnedBatch {
     let mut rng = Rng(spec.seed);
     let config = LossConfig::DEFAULT;
     assert!(b > 0 && c >= 2, "a synthetic batch needs B > 0 and C >= 2");
-    let mut out = Tensors::default();
+    let mut out = Tensors::<Vec<f32>>::default();
     let mut objects = vec![ObjectScratch::default(); m];
     let mut conf_target = vec![0u32; p];
     let mut loc_target = vec![[0.0f32; 4]; p];
@@ -151,23 +183,16 @@ pub fn synthetic_batch(spec: &SyntheticSpec) -> OwnedBatch {
         classes: c,
         objects: m,
     };
+    out.priors = bytemuck::cast_slice(&priors_rows).to_vec();
+    let [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors] = out.to_array();
     OwnedBatch::new(
         shape,
-        out.student_loc,
-        out.student_conf,
-        out.teacher_loc,
-        out.teacher_conf,
-        out.targets,
-        bytemuck::cast_slice(&priors_rows).to_vec(),
+        student_loc,
+        student_conf,
+        teacher_loc,
+        teacher_conf,
+        targets,
+        priors,
     )
     .expect("the lengths follow from the shape")
-}
-
-#[derive(Default)]
-struct Tensors {
-    student_loc: Vec<f32>,
-    student_conf: Vec<f32>,
-    teacher_loc: Vec<f32>,
-    teacher_conf: Vec<f32>,
-    targets: Vec<f32>,
 }

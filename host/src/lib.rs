@@ -17,6 +17,7 @@ mod error;
 pub mod gpu;
 mod io;
 pub mod limits;
+pub mod priors;
 
 #[cfg(feature = "gpu")]
 pub use backend::Fallback;

@@ -89,6 +89,11 @@ pub fn to_py(py: Python<'_>, e: &Error, writing: bool) -> PyErr {
         // GPU failures, and any variant added later until it is mapped here.
         _ => return GpuError::new_err(message),
     };
+    with_fields(py, err, f)
+}
+
+/// `err` with `f` as its attributes.
+fn with_fields(py: Python<'_>, err: PyErr, f: Fields) -> PyErr {
     let value = err.value(py);
     // Setting attributes on a fresh exception cannot fail in practice; if it did, the
     // exception is still raised with its message.
@@ -100,11 +105,30 @@ pub fn to_py(py: Python<'_>, e: &Error, writing: bool) -> PyErr {
     err
 }
 
+/// An `InputError` for a fault the Python layer finds while converting its arguments
+/// (`ssdkd._input_error`), with the same attributes as the library's errors.
+#[pyfunction]
+#[pyo3(signature = (message, tensor = None, key = None))]
+pub fn input_error(
+    py: Python<'_>,
+    message: String,
+    tensor: Option<String>,
+    key: Option<String>,
+) -> Py<pyo3::exceptions::PyBaseException> {
+    let f = Fields {
+        tensor,
+        key,
+        ..Fields::default()
+    };
+    with_fields(py, InputError::new_err(message), f).into_value(py)
+}
+
 /// Registers the exception classes on the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("InputError", py.get_type::<InputError>())?;
     m.add("NoAdapterError", py.get_type::<NoAdapterError>())?;
     m.add("GpuError", py.get_type::<GpuError>())?;
-    m.add("NumericalError", py.get_type::<NumericalError>())
+    m.add("NumericalError", py.get_type::<NumericalError>())?;
+    m.add_function(wrap_pyfunction!(input_error, m)?)
 }

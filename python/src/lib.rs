@@ -15,15 +15,15 @@ use ssdkd::config_keys::CONFIG_KEYS;
 use ssdkd::demo::{synthetic_batch, SyntheticSpec};
 use ssdkd::file::{config_json, parse_preset, write_batch_file, BatchFile, ConfigOverrides};
 use ssdkd::{teacher_pair, Batch, BatchShape, CancelToken, Error, LossConfig, OwnedBatch};
-use ssdkd::{PriorPreset, Request, TENSOR_NAMES};
+use ssdkd::{PriorPreset, Request, Tensors, TENSOR_NAMES};
 use ssdkd_core::prior::{FeatureMap, PriorConfig};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// The six arrays of a batch in [`TENSOR_NAMES`]' order, float32; the teacher's may be absent.
-type Arrays<'py> = [Option<PyReadonlyArrayDyn<'py, f32>>; 6];
+/// The six arrays of a batch, float32; the teacher's may be absent.
+type Arrays<'py> = Tensors<Option<PyReadonlyArrayDyn<'py, f32>>>;
 
 /// How often a running evaluation lets Python's signal handlers run (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(20);
@@ -36,7 +36,7 @@ fn py_ok<T>(py: Python<'_>, r: Result<T, Error>) -> PyResult<T> {
 /// The shape of tensors of these dimensions (SPEC §1; the teacher's both or neither),
 /// checked against the memory available for `request` (`ssdkd::limits::check`, as `ssdkd
 /// eval`) before any array is read or converted.
-fn checked_shape(dims: [Option<&[usize]>; 6], request: &Request) -> Result<BatchShape, Error> {
+fn checked_shape(dims: Tensors<Option<&[usize]>>, request: &Request) -> Result<BatchShape, Error> {
     let shape = BatchShape::from_dims(dims)?;
     ssdkd::limits::check(&shape, request)?;
     Ok(shape)
@@ -44,21 +44,28 @@ fn checked_shape(dims: [Option<&[usize]>; 6], request: &Request) -> Result<Batch
 
 /// The arrays as the library's batch of `shape`.
 fn batch_of<'a>(arrays: &'a Arrays<'_>, shape: BatchShape) -> Result<Batch<'a>, Error> {
-    let mut slices: [&[f32]; 6] = [&[]; 6];
-    for ((slot, array), name) in slices.iter_mut().zip(arrays).zip(TENSOR_NAMES) {
-        if let Some(array) = array {
-            *slot = array.as_slice().map_err(|_| Error::Shape {
-                tensor: name,
-                problem: "not C-contiguous".into(),
-            })?;
-        }
-    }
-    let [sl, sc, tl, tc, tg, pr] = slices;
-    let given = |i: usize| arrays[i].is_some();
-    match teacher_pair(given(2).then_some(tl), given(3).then_some(tc))? {
+    let slices = arrays.as_ref().named().try_map(|(name, array)| {
+        array
+            .as_ref()
+            .map(|array| {
+                array.as_slice().map_err(|_| Error::Shape {
+                    tensor: name,
+                    problem: "not C-contiguous".into(),
+                })
+            })
+            .transpose()
+    })?;
+    // A missing student tensor, target or prior is an empty slice, whose length is refused.
+    let [sl, sc, _, _, tg, pr] = slices.to_array().map(Option::unwrap_or_default);
+    match teacher_pair(slices.teacher_loc, slices.teacher_conf)? {
         Some((tl, tc)) => Batch::new(shape, sl, sc, tl, tc, tg, pr),
         None => Batch::without_teacher(shape, sl, sc, tg, pr),
     }
+}
+
+/// The arrays' dimensions.
+fn dims_of<'a>(arrays: &'a Arrays<'_>) -> Tensors<Option<&'a [usize]>> {
+    arrays.as_ref().map(|a| a.as_ref().map(|a| a.shape()))
 }
 
 /// Runs `work` on a worker thread while this one, the GIL released, lets Python's signal
@@ -181,21 +188,20 @@ impl PyBackend {
         decisions: bool,
         validate: bool,
     ) -> PyResult<PyEvaluation> {
-        let arrays: Arrays<'py> = [
-            Some(student_loc),
-            Some(student_conf),
+        let arrays: Arrays<'py> = Tensors {
+            student_loc: Some(student_loc),
+            student_conf: Some(student_conf),
             teacher_loc,
             teacher_conf,
-            Some(targets),
-            Some(priors),
-        ];
+            targets: Some(targets),
+            priors: Some(priors),
+        };
         let request = Request {
             gradients,
             decisions,
             validate,
         };
-        let dims = arrays.each_ref().map(|a| a.as_ref().map(|a| a.shape()));
-        let shape = py_ok(py, checked_shape(dims, &request))?;
+        let shape = py_ok(py, checked_shape(dims_of(&arrays), &request))?;
         let config = ConfigOverrides::from_config_json(config_json)
             .and_then(|overrides| overrides.config_for(shape.classes));
         let config = py_ok(py, config)?;
@@ -343,7 +349,7 @@ fn check_shapes(
         decisions,
         validate: true,
     };
-    let dims = shapes.each_ref().map(|s| s.as_deref());
+    let dims = Tensors::from_array(shapes.each_ref().map(|s| s.as_deref()));
     py_ok(py, checked_shape(dims, &request).map(|_| ()))
 }
 
@@ -382,21 +388,12 @@ fn config_text(config: &LossConfig, classes: usize) -> String {
 /// The batch's tensors as a dict of arrays named as SPEC §1 (the teacher's None when absent).
 fn tensors_dict(py: Python<'_>, owned: OwnedBatch) -> PyResult<Bound<'_, PyDict>> {
     let s = owned.shape();
-    let (b, p, c, m) = (s.batch, s.priors, s.classes, s.objects);
     let has_teacher = owned.has_teacher();
-    let shapes = [
-        vec![b, p, 4],
-        vec![b, p, c],
-        vec![b, p, 4],
-        vec![b, p, c],
-        vec![b, m, 5],
-        vec![p, 4],
-    ];
     let d = PyDict::new(py);
     for ((name, data), shape) in TENSOR_NAMES
         .into_iter()
         .zip(owned.into_tensors())
-        .zip(shapes)
+        .zip(s.dims().to_array())
     {
         let absent = !has_teacher && name.starts_with("teacher");
         d.set_item(
@@ -437,16 +434,15 @@ fn write_batch(
     priors: PyReadonlyArrayDyn<'_, f32>,
     config_json: &str,
 ) -> PyResult<()> {
-    let arrays = [
-        Some(student_loc),
-        Some(student_conf),
+    let arrays: Arrays<'_> = Tensors {
+        student_loc: Some(student_loc),
+        student_conf: Some(student_conf),
         teacher_loc,
         teacher_conf,
-        Some(targets),
-        Some(priors),
-    ];
-    let dims = arrays.each_ref().map(|a| a.as_ref().map(|a| a.shape()));
-    let owned = BatchShape::from_dims(dims).and_then(|shape| {
+        targets: Some(targets),
+        priors: Some(priors),
+    };
+    let owned = BatchShape::from_dims(dims_of(&arrays)).and_then(|shape| {
         let batch = batch_of(&arrays, shape)?;
         let config = ConfigOverrides::from_config_json(config_json)?.config_for(shape.classes)?;
         batch.check(&config, false)?;
@@ -511,12 +507,9 @@ fn preset_config<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict
     Ok(d)
 }
 
-/// The most priors a custom configuration may emit (a bound on the allocation).
-const MAX_PRIORS: u64 = 1 << 24;
-
 /// A custom configuration's priors (SPEC §2), `[P, 4]` float32. `maps` holds one
-/// `(size, step or None, min_size, max_size, aspect_ratios)` per feature map; values that
-/// cannot give boxes are errors naming the field.
+/// `(size, step or None, min_size, max_size, aspect_ratios)` per feature map; the library
+/// checks the values ([`ssdkd::priors::checked`]: errors name the field).
 #[pyfunction]
 #[allow(clippy::type_complexity)] // the tuple is the Python-side record
 fn custom_priors(
@@ -525,65 +518,23 @@ fn custom_priors(
     maps: Vec<(u64, Option<f32>, f32, f32, Vec<f32>)>,
     clip: bool,
 ) -> PyResult<Py<PyArrayDyn<f32>>> {
-    let bad = |key: &str, problem: String| {
-        to_py(
-            py,
-            &Error::Config {
-                key: key.to_owned(),
-                problem,
-            },
-            false,
-        )
-    };
-    let positive = |v: f32| v.is_finite() && v > 0.0;
-    if !positive(image_size) {
-        return Err(bad("image_size", format!("{image_size} is not > 0")));
-    }
-    if maps.is_empty() {
-        return Err(bad("feature_maps", "no feature map".into()));
-    }
-    let mut total = 0u64;
-    for (k, (size, step, min_size, max_size, ratios)) in maps.iter().enumerate() {
-        let fields = [
-            ("steps", step.unwrap_or(1.0)),
-            ("min_sizes", *min_size),
-            ("max_sizes", *max_size),
-        ];
-        let ratio = ratios
-            .iter()
-            .find(|&&a| !positive(a))
-            .map(|&a| ("aspect_ratios", a));
-        if let Some((key, v)) = fields.into_iter().find(|(_, v)| !positive(*v)).or(ratio) {
-            return Err(bad(key, format!("map {k}: {v} is not > 0")));
-        }
-        let per_cell = 2 + 2 * ratios.len() as u64;
-        total = size
-            .checked_mul(*size)
-            .and_then(|n| n.checked_mul(per_cell)?.checked_add(total))
-            .unwrap_or(u64::MAX);
-        if *size == 0 || total > MAX_PRIORS {
-            let problem = format!(
-                "map {k} of size {size}: sizes must be ≥ 1 and give at most {MAX_PRIORS} priors"
-            );
-            return Err(bad("feature_maps", problem));
-        }
-    }
     let feature_maps: Vec<FeatureMap<'_>> = maps
         .iter()
         .map(|(size, step, min_size, max_size, ratios)| FeatureMap {
-            size: *size as u32, // ≤ 2^12 by the bound above
+            // A size past u32 is past the library's bound on the priors too.
+            size: u32::try_from(*size).unwrap_or(u32::MAX),
             step: *step,
             min_size: *min_size,
             max_size: *max_size,
             aspect_ratios: ratios,
         })
         .collect();
-    let rows = PriorConfig {
+    let config = PriorConfig {
         image_size,
         feature_maps: &feature_maps,
         clip,
-    }
-    .priors();
+    };
+    let rows = py_ok(py, ssdkd::priors::checked(&config))?;
     array(py, rows.concat(), &[rows.len(), 4])
 }
 
@@ -599,25 +550,6 @@ fn synthetic<'py>(
     vary_objects: bool,
     seed: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let ranges = [
-        ("batch", batch, 1),
-        ("classes", classes, 2),
-        ("objects", objects, 1),
-    ];
-    if let Some((key, v, low)) = ranges
-        .into_iter()
-        .find(|&(_, v, low)| !(low..=4096).contains(&v))
-    {
-        let problem = format!("{v} is not in {low}..=4096");
-        return Err(to_py(
-            py,
-            &Error::Config {
-                key: key.into(),
-                problem,
-            },
-            false,
-        ));
-    }
     let preset = py_ok(py, parse_preset(preset))?;
     let spec = SyntheticSpec {
         batch,
@@ -627,6 +559,7 @@ fn synthetic<'py>(
         vary_objects,
         seed,
     };
+    py_ok(py, spec.check())?;
     tensors_dict(py, py.detach(|| synthetic_batch(&spec)))
 }
 

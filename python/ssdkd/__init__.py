@@ -54,10 +54,9 @@ PRESETS = tuple(_ssdkd.PRESETS)
 _TENSORS = tuple(_ssdkd.TENSORS)
 
 
-def _input_error(message, tensor=None, key=None):
-    e = InputError(message)
-    e.tensor, e.image, e.index, e.key, e.path = tensor, None, None, key, None
-    return e
+#: An :class:`InputError` naming ``tensor`` or ``key``, with the attributes the library's
+#: errors have (made in one place, ``_ssdkd``).
+_input_error = _ssdkd.input_error
 
 
 def _checked(key, convert, value):
