@@ -10,7 +10,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use ssdkd::agreement::{gradient_elements, loss_difference};
-use ssdkd::file::{BatchFile, ConfigOverrides};
+use ssdkd::io::file::{BatchFile, ConfigOverrides};
 use ssdkd::{Backend, Evaluation, LossConfig, LossWeights, OwnedBatch, Request};
 use ssdkd_burn::{LossPath, MultiBoxLoss, MultiBoxLossKd};
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ssdkd::file::{BatchFile, ConfigOverrides};
+use ssdkd::io::file::{BatchFile, ConfigOverrides};
 use ssdkd::Request;
 use std::path::Path;
 

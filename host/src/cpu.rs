@@ -1,6 +1,6 @@
 //! The CPU backend: the core's per-image stages on every core (rayon), images summed in
 //! image order so that the result does not depend on the thread count. The forward pass
-//! takes the fast path of [`fast`] (the exact log-sum-exp only where it can change the
+//! takes the fast path of `fast.rs` (the exact log-sum-exp only where it can change the
 //! result, bounds from the vectorised kernels of `simd.rs` elsewhere), whose sums and
 //! decisions are the core reference's, bit for bit.
 //!
@@ -8,8 +8,8 @@
 //! `passes.rs`, and the gradient buffers (the host's `unsafe` buffer code) in `buffer.rs`.
 
 mod buffer;
-pub mod fast;
-pub mod matching;
+pub(crate) mod fast;
+pub(crate) mod matching;
 mod passes;
 mod pool;
 mod rows;

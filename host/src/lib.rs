@@ -1,7 +1,7 @@
 //! `ssdkd`: the SSD knowledge-distillation loss (docs/SPEC.md) and its gradient on the CPU
 //! (the `ssdkd-core` reference on every core) and on any GPU wgpu drives.
 //!
-//! Borrow your tensors as a [`Batch`] (or read a batch file with [`file::BatchFile`]),
+//! Borrow your tensors as a [`Batch`] (or read a batch file with [`io::file::BatchFile`]),
 //! pick a [`Backend`] and call [`Backend::evaluate`]; compare two evaluations to SPEC §7
 //! with [`agreement::compare`]. Every failure is an [`Error`] naming what is at fault.
 #![warn(missing_docs)]
@@ -15,7 +15,7 @@ pub mod demo;
 mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
-mod io;
+pub mod io;
 pub mod limits;
 pub mod priors;
 
@@ -28,7 +28,6 @@ pub use batch::{
 };
 pub use cancel::CancelToken;
 pub use error::{Error, Result};
-pub use io::{config_keys, file, input, output};
 pub use ssdkd_core::validate::{ConfigError, InputError, Tensor};
 pub use ssdkd_core::{
     LossConfig, LossSums, LossTerms, LossWeights, PriorPreset, Tensors, TENSOR_NAMES,

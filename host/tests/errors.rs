@@ -4,7 +4,7 @@
 //! output file left behind).
 
 use ssdkd::demo::{synthetic_batch, SyntheticSpec};
-use ssdkd::file::{write_batch_file, BatchFile, ConfigOverrides};
+use ssdkd::io::file::{write_batch_file, BatchFile, ConfigOverrides};
 use ssdkd::{
     BatchShape, Error, InputError, LossConfig, LossWeights, OwnedBatch, PriorPreset, Tensor,
 };
@@ -134,9 +134,9 @@ fn write_as_is(path: &Path, batch: &Raw, config: &LossConfig) {
     let shape = |data: &[f32], last: usize| vec![b, data.len() / (b * last).max(1), last];
     let conf = |data: &[f32]| vec![b, p, data.len() / (b * p)];
     // The file declares the C its student_conf holds.
-    let json = ssdkd::file::config_json(config, conf(&batch.student_conf)[2] as u32);
+    let json = ssdkd::io::file::config_json(config, conf(&batch.student_conf)[2] as u32);
     let metadata = [("config".to_owned(), json)].into();
-    ssdkd::file::write_f32_tensors(
+    ssdkd::io::file::write_f32_tensors(
         path,
         &[
             (

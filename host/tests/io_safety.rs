@@ -5,7 +5,7 @@
 
 #![cfg(unix)]
 
-use ssdkd::file::{BatchFile, ConfigOverrides};
+use ssdkd::io::file::{BatchFile, ConfigOverrides};
 use ssdkd::Error;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -143,7 +143,8 @@ fn special_targets_are_refused_and_left_alone() {
     }
     for (target, kind) in &targets {
         let before = std::fs::symlink_metadata(target).unwrap().file_type();
-        let err = ssdkd::output::write_file(target, &[], |out| out.write_all(b"x")).unwrap_err();
+        let err =
+            ssdkd::io::output::write_file(target, &[], |out| out.write_all(b"x")).unwrap_err();
         assert!(matches!(err, Error::File { .. }), "{err}");
         assert!(err.to_string().contains(kind), "{err}");
         let after = std::fs::symlink_metadata(target).unwrap().file_type();
@@ -164,11 +165,11 @@ fn a_target_that_is_an_input_is_refused_directly_via_symlink_and_hard_link() {
     let hard = dir.path().join("hard");
     std::fs::hard_link(&input, &hard).unwrap();
     for target in [&input, &link, &hard] {
-        let err = ssdkd::output::write_file(target, &[&input], |out| out.write_all(b"grads"))
+        let err = ssdkd::io::output::write_file(target, &[&input], |out| out.write_all(b"grads"))
             .unwrap_err();
         assert!(err.to_string().contains("same file as the input"), "{err}");
         // And the other way round: the input named through the link.
-        let err = ssdkd::output::write_file(&input, &[target], |out| out.write_all(b"grads"))
+        let err = ssdkd::io::output::write_file(&input, &[target], |out| out.write_all(b"grads"))
             .unwrap_err();
         assert!(err.to_string().contains("same file as the input"), "{err}");
     }
@@ -184,7 +185,7 @@ fn a_failed_write_leaves_the_old_file_and_no_temporary() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("grads.safetensors");
     std::fs::write(&target, b"old gradients").unwrap();
-    let err = ssdkd::output::write_file(&target, &[], |out| {
+    let err = ssdkd::io::output::write_file(&target, &[], |out| {
         out.write_all(b"half of the new")?;
         Err(std::io::Error::other("disk on fire"))
     })
@@ -197,7 +198,7 @@ fn a_failed_write_leaves_the_old_file_and_no_temporary() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("grads.safetensors")]);
     // A successful write replaces it.
-    ssdkd::output::write_file(&target, &[], |out| out.write_all(b"new")).unwrap();
+    ssdkd::io::output::write_file(&target, &[], |out| out.write_all(b"new")).unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), b"new");
 }
 
@@ -208,7 +209,7 @@ fn symlinked_outputs_replace_the_file_they_point_to_and_keep_the_link() {
     std::fs::write(&real, b"old").unwrap();
     let link = dir.path().join("link.safetensors");
     std::os::unix::fs::symlink("real.safetensors", &link).unwrap();
-    ssdkd::output::write_file(&link, &[], |out| out.write_all(b"new")).unwrap();
+    ssdkd::io::output::write_file(&link, &[], |out| out.write_all(b"new")).unwrap();
     assert!(std::fs::symlink_metadata(&link)
         .unwrap()
         .file_type()
@@ -217,7 +218,7 @@ fn symlinked_outputs_replace_the_file_they_point_to_and_keep_the_link() {
     // A dangling link: the file it names is created, the link stays.
     let dangling = dir.path().join("dangling");
     std::os::unix::fs::symlink("created.safetensors", &dangling).unwrap();
-    ssdkd::output::write_file(&dangling, &[], |out| out.write_all(b"made")).unwrap();
+    ssdkd::io::output::write_file(&dangling, &[], |out| out.write_all(b"made")).unwrap();
     assert!(std::fs::symlink_metadata(&dangling)
         .unwrap()
         .file_type()
@@ -231,7 +232,7 @@ fn symlinked_outputs_replace_the_file_they_point_to_and_keep_the_link() {
     mkfifo(&fifo);
     let to_fifo = dir.path().join("to-fifo");
     std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
-    let err = ssdkd::output::write_file(&to_fifo, &[], |out| out.write_all(b"x")).unwrap_err();
+    let err = ssdkd::io::output::write_file(&to_fifo, &[], |out| out.write_all(b"x")).unwrap_err();
     assert!(err.to_string().contains("a FIFO"), "{err}");
     assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
 }
@@ -243,7 +244,7 @@ fn written_tensors_read_back_with_the_safetensors_crate() {
     let a = [1.0f32, -2.5, 3.25, 0.0, 7.0, 8.5];
     let b = [0.125f32];
     let metadata = [("note".to_owned(), "x".to_owned())].into();
-    ssdkd::output::write_f32_tensors(
+    ssdkd::io::output::write_f32_tensors(
         &path,
         &[],
         &[("a", vec![2, 3], &a), ("b", vec![1], &b)],
@@ -259,7 +260,7 @@ fn written_tensors_read_back_with_the_safetensors_crate() {
     assert_eq!(header.metadata().as_ref().unwrap()["note"], "x");
     // A shape that disagrees with the data is an error naming the tensor, nothing written.
     let err =
-        ssdkd::output::write_f32_tensors(&path, &[], &[("c", vec![4], &b)], None).unwrap_err();
+        ssdkd::io::output::write_f32_tensors(&path, &[], &[("c", vec![4], &b)], None).unwrap_err();
     assert!(
         err.to_string()
             .contains("c: shape [4] holds 4 values, 1 given"),
@@ -523,7 +524,7 @@ fn with_header(edit: impl Fn(&str) -> String) -> Vec<u8> {
 
 #[test]
 fn duplicate_keys_are_found_where_serde_json_would_keep_the_last() {
-    use ssdkd::input::duplicate_key;
+    use ssdkd::io::input::duplicate_key;
     assert_eq!(duplicate_key(r#"{"a": 1, "b": 2}"#).unwrap(), None);
     assert_eq!(
         duplicate_key(r#"{"num_classes": 7, "num_classes": 5}"#).unwrap(),

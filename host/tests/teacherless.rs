@@ -5,7 +5,7 @@
 //! on the CPU (bit-equal) and the GPU (SPEC §7).
 
 use safetensors::SafeTensors;
-use ssdkd::file::{write_batch_file, BatchFile, ConfigOverrides};
+use ssdkd::io::file::{write_batch_file, BatchFile, ConfigOverrides};
 use ssdkd::{Backend, Error, Evaluation, LossConfig, OwnedBatch, Request};
 use std::path::{Path, PathBuf};
 use std::process::Command;

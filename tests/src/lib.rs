@@ -3,7 +3,7 @@
 pub mod gpu;
 
 use safetensors::{Dtype, SafeTensors};
-use ssdkd::file::{BatchFile, ConfigOverrides};
+use ssdkd::io::file::{BatchFile, ConfigOverrides};
 use std::path::{Path, PathBuf};
 
 /// The folder holding the golden batch files (copied from the shared reference).

@@ -221,7 +221,7 @@ pub fn read_batch_file(
 }
 
 /// Writes f32 tensors to a safetensors file safely and atomically
-/// ([`crate::output::write_f32_tensors`], with no inputs to protect).
+/// ([`crate::io::output::write_f32_tensors`], with no inputs to protect).
 ///
 /// # Errors
 /// [`Error::File`] for a target that is not a regular file; [`Error::Io`] when the folder
@@ -237,7 +237,7 @@ pub fn write_f32_tensors(
 /// Writes the gradients of an evaluation of a batch of `shape` as `grad_student_conf`
 /// `[B, P, C]` and `grad_student_loc` `[B, P, 4]` (f32), atomically (as `eval --grad-out`),
 /// refusing a target that is a special file or the same file as one of `inputs`
-/// ([`crate::output`]).
+/// ([`crate::io::output`]).
 ///
 /// # Errors
 /// [`Error::Shape`] when the gradients' lengths disagree with `shape`; [`Error::File`] when
@@ -270,7 +270,7 @@ pub fn write_gradients(
 /// `teacher_loc` and `teacher_conf`.
 ///
 /// # Errors
-/// [`Error::File`] when the target is refused ([`crate::output::check_target`]);
+/// [`Error::File`] when the target is refused ([`crate::io::output::check_target`]);
 /// [`Error::Io`] when the folder is not writable.
 pub fn write_batch_file(path: &Path, tensors: &OwnedBatch, config: &LossConfig) -> Result<()> {
     let BatchShape {

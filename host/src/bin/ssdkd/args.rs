@@ -2,8 +2,8 @@
 //! flags generated from [`CONFIG_KEYS`].
 
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
-use ssdkd::config_keys::CONFIG_KEYS;
-use ssdkd::file::{parse_preset, ConfigOverrides};
+use ssdkd::io::config_keys::CONFIG_KEYS;
+use ssdkd::io::file::{parse_preset, ConfigOverrides};
 use ssdkd::{Error, PriorPreset};
 use std::path::PathBuf;
 

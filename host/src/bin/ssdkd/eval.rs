@@ -7,13 +7,13 @@ use crate::failure::{Failure, Outcome};
 use crate::stdout::Out;
 use serde_json::json;
 use ssdkd::agreement::compare;
-use ssdkd::file::write_gradients;
+use ssdkd::io::file::write_gradients;
 use ssdkd::Request;
 
 pub(crate) fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
     // The output must not be a special file or the input; checked before anything is read.
     if let Some(path) = &args.grad_out {
-        ssdkd::output::check_target(path, &[&args.file])?;
+        ssdkd::io::output::check_target(path, &[&args.file])?;
     }
     let request = Request {
         gradients: args.grad_out.is_some() || args.backend == BackendChoice::Both,
@@ -25,7 +25,7 @@ pub(crate) fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
         1
     };
     // Bounded reading, and the memory check before the tensors are read (input.rs).
-    let file = ssdkd::file::read_batch_file(&args.file, &args.config.0, &request, evaluations)?;
+    let file = ssdkd::io::file::read_batch_file(&args.file, &args.config.0, &request, evaluations)?;
     let batch = file.batch();
     if args.grad_out.is_some() && args.backend == BackendChoice::Both {
         return Err(Failure::Usage(

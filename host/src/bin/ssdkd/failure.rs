@@ -3,7 +3,7 @@
 //! output; 3 no GPU adapter where one was required; 4 `--backend both` found the backends
 //! disagreeing beyond SPEC §7.
 
-use ssdkd::config_keys::ConfigKey;
+use ssdkd::io::config_keys::ConfigKey;
 use ssdkd::Error;
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 use crate::args::PriorsArgs;
 use crate::failure::{shown, Outcome};
 use crate::stdout::Out;
-use ssdkd::file::write_f32_tensors;
+use ssdkd::io::file::write_f32_tensors;
 
 pub(crate) fn priors(args: &PriorsArgs, out: &mut Out) -> Outcome {
     let config = args.preset.config();
