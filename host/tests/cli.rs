@@ -173,6 +173,30 @@ fn usage_errors_exit_2_naming_the_flag() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/batch.safetensors"));
 }
 
+/// `eval --grad-out` with `--backend both` is a usage error found before any file is read:
+/// a batch path that does not exist still gives the usage error, not a file error.
+#[test]
+fn grad_out_with_both_backends_is_a_usage_error_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let grads = dir.path().join("grads.safetensors");
+    let output = ssdkd(&[
+        "eval",
+        "/nonexistent/batch.safetensors",
+        "--backend",
+        "both",
+        "--grad-out",
+        grads.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--grad-out needs a single backend"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("/nonexistent"), "{stderr}");
+    assert!(!grads.exists());
+}
+
 #[test]
 fn bench_smoke() {
     let output = ssdkd(&[

@@ -11,6 +11,12 @@ use ssdkd::io::file::write_gradients;
 use ssdkd::Request;
 
 pub(crate) fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
+    // Usage errors come before any file is read or checked.
+    if args.grad_out.is_some() && args.backend == BackendChoice::Both {
+        return Err(Failure::Usage(
+            "--grad-out needs a single backend (cpu, gpu or auto), not both".into(),
+        ));
+    }
     // The output must not be a special file or the input; checked before anything is read.
     if let Some(path) = &args.grad_out {
         ssdkd::io::output::check_target(path, &[&args.file])?;
@@ -27,11 +33,6 @@ pub(crate) fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
     // Bounded reading, and the memory check before the tensors are read (input.rs).
     let file = ssdkd::io::file::read_batch_file(&args.file, &args.config.0, &request, evaluations)?;
     let batch = file.batch();
-    if args.grad_out.is_some() && args.backend == BackendChoice::Both {
-        return Err(Failure::Usage(
-            "--grad-out needs a single backend (cpu, gpu or auto), not both".into(),
-        ));
-    }
     let mut results = Vec::new();
     for mut backend in backends(args.backend)? {
         let (eval, elapsed) = timed(&mut backend, &batch, &file.config, request)?;
