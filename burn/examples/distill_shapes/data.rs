@@ -1,4 +1,4 @@
-//! Synthetic shapes from a seed (written by the example agent): the same recipe as
+//! Synthetic shapes from a seed: the same recipe as
 //! `examples/distill_shapes.py`'s `make_split`, at the example's image size, with a small
 //! PRNG of its own (so the pictures are not numpy's, but they are the same for a seed on
 //! every machine).

@@ -1,4 +1,4 @@
-//! Detection and mAP@0.5 (written by the example agent): decode the offsets with the priors
+//! Detection and mAP@0.5: decode the offsets with the priors
 //! and variances (SPEC §3's encoding inverted), softmax, per-class NMS, then VOC-style AP
 //! per class at IoU 0.5 with COCO's 101-point interpolation (what torchmetrics computes for
 //! the Python example), averaged over the classes that have ground truth.

@@ -1,4 +1,4 @@
-//! The losses of the three stages (written by the example agent): ssdkd-burn's
+//! The losses of the three stages: ssdkd-burn's
 //! `MultiBoxLoss` (teacher and baseline) and `MultiBoxLossKd` (the distilled student).
 
 use burn::prelude::*;

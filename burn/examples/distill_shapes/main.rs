@@ -1,5 +1,3 @@
-//! Written by the example agent; the crate agent does not edit this file.
-//!
 //! distill_shapes: distil a small SSD detector from a larger one with ssdkd's losses in
 //! Burn, on synthetic shapes — the Rust twin of `examples/distill_shapes.py`.
 //!
@@ -33,13 +31,9 @@
 //! `--quick` uses fewer images and epochs (under 3 minutes on 2 CPU cores, also on
 //! lavapipe). Given the seed, the data, the initialisation and the data order are fixed.
 
-#[path = "distill_shapes/data.rs"]
 mod data;
-#[path = "distill_shapes/eval.rs"]
 mod eval;
-#[path = "distill_shapes/loss.rs"]
 mod loss;
-#[path = "distill_shapes/model.rs"]
 mod model;
 
 use burn::module::Module;

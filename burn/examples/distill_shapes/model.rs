@@ -1,4 +1,4 @@
-//! The SSD-style detector of the example (written by the example agent): a small conv
+//! The SSD-style detector of the example: a small conv
 //! backbone with three feature maps and a 3×3 convolution head per map for box offsets and
 //! class logits, in the prior order of SPEC §2 (cells row-major, boxes per cell innermost).
 
