@@ -1,5 +1,5 @@
-//! The losses of the three stages: ssdkd-burn's
-//! `MultiBoxLoss` (teacher and baseline) and `MultiBoxLossKd` (the distilled student).
+//! The losses of the three stages: ssdkd-burn's `MultiBoxLoss` (teacher and baseline) and
+//! `MultiBoxLossKd` (the distilled student).
 
 use burn::prelude::*;
 use ssdkd_burn::{LossConfig, LossWeights, MultiBoxLoss, MultiBoxLossKd, PriorConfig};

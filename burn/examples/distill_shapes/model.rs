@@ -1,6 +1,6 @@
-//! The SSD-style detector of the example: a small conv
-//! backbone with three feature maps and a 3×3 convolution head per map for box offsets and
-//! class logits, in the prior order of SPEC §2 (cells row-major, boxes per cell innermost).
+//! The SSD-style detector of the example: a small conv backbone with three feature maps and
+//! a 3×3 convolution head per map for box offsets and class logits, in the prior order of
+//! SPEC §2 (cells row-major, boxes per cell innermost).
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};

@@ -225,9 +225,9 @@ impl GpuBackend {
     ///
     /// # Errors
     /// As [`BatchShape::check`] for `shape`; [`Error::Shape`] naming the tensor when a
-    /// slice is shorter than `shape` needs, runs
-    /// past its buffer, starts at an offset that is not a multiple of the device's
-    /// `min_storage_buffer_offset_alignment`, or its buffer lacks `STORAGE` usage;
+    /// slice is shorter than `shape` needs, runs past its buffer, starts at an offset that
+    /// is not a multiple of the device's `min_storage_buffer_offset_alignment`, or its
+    /// buffer lacks `STORAGE` usage;
     /// [`Error::Gpu`] when the gradient buffers cannot be allocated.
     pub fn wrap(&mut self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
         shape.check()?;
