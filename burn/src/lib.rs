@@ -195,7 +195,7 @@ impl Loss {
         let dims = tensors.map(|t| t.map(Tensor::dims));
         let priors = [self.priors.len(), 4];
         BatchShape::from_dims(Tensors {
-            priors: Some(&priors),
+            priors: Some(&priors[..]),
             ..dims.as_ref().map(|d| d.as_ref().map(|d| &d[..]))
         })?;
         let device = tensors.student_loc.map(Tensor::device);
