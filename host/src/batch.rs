@@ -460,20 +460,29 @@ impl Evaluation {
         core::array::from_fn(|i| (TERM_NAMES[i], values[i]))
     }
 
+    /// Checks that every term is finite (see [`Evaluation::check_finite`]).
+    ///
+    /// # Errors
+    /// [`Error::Numerical`] naming the first non-finite term.
+    pub fn check_terms_finite(&self) -> Result<()> {
+        let terms = self.named_terms();
+        match terms.into_iter().find(|(_, v)| !v.is_finite()) {
+            Some((what, value)) => Err(Error::Numerical {
+                what,
+                index: None,
+                value,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks that every term, and every gradient element present, is finite: inputs that
     /// pass validation must give finite results, so anything else is a numerical failure.
     ///
     /// # Errors
     /// [`Error::Numerical`] naming the first non-finite term or gradient element.
     pub fn check_finite(&self) -> Result<()> {
-        let terms = self.named_terms();
-        if let Some((what, value)) = terms.into_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::Numerical {
-                what,
-                index: None,
-                value,
-            });
-        }
+        self.check_terms_finite()?;
         if let Some(g) = &self.gradients {
             for (what, values) in [
                 ("grad_student_conf", &g.student_conf),
