@@ -4,7 +4,7 @@
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use ssdkd_core::validate::{validate_config, validate_image, validate_priors};
+use ssdkd_core::validate::{validate_config, validate_image, validate_priors, validate_targets};
 use ssdkd_core::{ImageInputs, LossConfig, LossSums, LossTerms};
 
 /// The dimensions of a batch (SPEC §1).
@@ -316,8 +316,10 @@ impl<'a> Batch<'a> {
     }
 
     /// Checks the batch against `config` before any arithmetic: always that the config can
-    /// work and that C ≥ 2; with `scan_values`, every value too (finite,
-    /// sound boxes and labels, positive prior sizes), images in parallel. A batch without
+    /// work and that C ≥ 2, and the priors and targets (finite, positive prior sizes,
+    /// sound boxes, integer labels in range: what matching and indexing read); with
+    /// `scan_values`, every other value too (finite logits and offsets within SPEC §1.3's
+    /// magnitudes), images in parallel. A batch without
     /// teacher has no teacher values to scan (its stand-in, the student, is scanned first).
     ///
     /// # Errors
@@ -337,10 +339,21 @@ impl<'a> Batch<'a> {
         cancel: Option<&CancelToken>,
     ) -> Result<()> {
         self.shape.check_config(config)?;
-        if !scan_values {
-            return Ok(());
-        }
         validate_priors(bytemuck::cast_slice(self.priors))?;
+        if !scan_values {
+            // The priors and targets, a few thousand values that matching and every
+            // stage's indexing read, are checked whatever `scan_values` says: a label out
+            // of range or a box that cannot match would otherwise change the result
+            // silently, or index out of bounds.
+            let classes = u32::try_from(self.shape.classes).unwrap_or(u32::MAX);
+            let m = self.shape.objects;
+            let targets: &[[f32; 5]] = bytemuck::cast_slice(self.targets);
+            return targets
+                .chunks(m.max(1))
+                .enumerate()
+                .try_for_each(|(i, rows)| validate_targets(rows, i, classes))
+                .map_err(Error::from);
+        }
         let first_bad = (0..self.shape.batch)
             .into_par_iter()
             .map(|i| {
@@ -379,7 +392,11 @@ pub struct Request {
     /// The per-prior decisions: labels, offsets, negative mask.
     pub decisions: bool,
     /// Scan every input value before any arithmetic (default `true`). A trusted training
-    /// loop may skip the scan; shapes and the config are checked regardless.
+    /// loop may skip the scan of the logits and offsets (most of the values); shapes, the
+    /// config, the priors and the targets are checked regardless ([`Batch::check`]). On a
+    /// GPU the skipped values are validated on the device instead, with the same errors;
+    /// on the CPU a non-finite value that reaches a loss term makes it non-finite, which
+    /// is refused ([`Error::Numerical`]).
     pub validate: bool,
 }
 

@@ -61,6 +61,12 @@ fn batch_of<'a>(arrays: &'a Arrays<'_>, shape: BatchShape) -> Result<Batch<'a>, 
     }
 }
 
+/// `work()`, a panic inside it caught as [`Error::Internal`] carrying its message.
+fn catching<T>(work: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .unwrap_or_else(|payload| Err(Error::from_panic(payload.as_ref())))
+}
+
 /// Runs `work` on a worker thread while this one, the GIL released, lets Python's signal
 /// handlers run every [`SIGNAL_POLL`]: when one raises (Ctrl-C's `KeyboardInterrupt`), the
 /// token cancels `work`, and that exception is raised once `work` has stopped.
@@ -72,7 +78,9 @@ fn interruptible<T: Send>(
     let result = std::thread::scope(|scope| {
         let (sender, mut receiver) = channel();
         let cancel = &token;
-        scope.spawn(move || sender.send(work(cancel)));
+        // A panic inside the library becomes `Error::Internal` with its message, never a
+        // `PanicException` (which `except Exception` does not catch).
+        scope.spawn(move || sender.send(catching(|| work(cancel))));
         loop {
             let (got, back) = py.detach(move || (receiver.recv_timeout(SIGNAL_POLL), receiver));
             receiver = back;
@@ -85,8 +93,10 @@ fn interruptible<T: Send>(
                         return Err(interrupt);
                     }
                 }
-                // The worker panicked: the scope raises its panic.
-                Err(RecvTimeoutError::Disconnected) => return Ok(Err(Error::Cancelled)),
+                // The worker ended without sending (cannot happen: `catching` returns).
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Ok(Err(Error::Internal("the worker thread ended early".into())))
+                }
             }
         }
     })?;

@@ -22,12 +22,12 @@ if not _os.environ.get("XDG_RUNTIME_DIR"):
 import numpy as _np  # noqa: E402  (never bind the bare name `numpy`: STYLE.md)
 
 from . import _ssdkd  # noqa: E402
-from ._ssdkd import (Backend, Evaluation, GpuError, InputError, NoAdapterError,  # noqa: E402
-                     NumericalError)
+from ._ssdkd import (Backend, Evaluation, GpuError, InputError, InternalError,  # noqa: E402
+                     NoAdapterError, NumericalError)
 
 __all__ = ["CONFIG_KEYS", "DEFAULT_CONFIG", "Backend", "Evaluation", "GpuError", "InputError",
-           "NoAdapterError", "NumericalError", "PRESETS", "evaluate", "priors", "read_batch",
-           "write_batch"]
+           "InternalError", "NoAdapterError", "NumericalError", "PRESETS", "evaluate", "priors",
+           "read_batch", "write_batch"]
 
 try:
     from importlib.metadata import version as _version
