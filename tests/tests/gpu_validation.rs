@@ -28,7 +28,9 @@ fn set_target(batch: &mut OwnedBatch, image: usize, column: usize, value: f32) {
 
 /// Sets `[image, prior, column]` of a `[B, P, C]` tensor.
 fn set_conf(batch: &mut OwnedBatch, teacher: bool, at: [usize; 3], value: f32) {
-    let BatchShape { priors, classes, .. } = batch.shape();
+    let BatchShape {
+        priors, classes, ..
+    } = batch.shape();
     let i = (at[0] * priors + at[1]) * classes + at[2];
     let values = if teacher {
         batch.teacher_conf_mut()
@@ -51,22 +53,35 @@ const CORRUPTIONS: [Corruption; 15] = [
         set_target(b, 2, 2, xmin);
     }),
     ("box beyond [0, 1]", |b| set_target(b, 1, 3, 1.5)),
-    ("+inf student logit", |b| set_conf(b, false, [3, 4000, 7], f32::INFINITY)),
-    ("NaN teacher logit", |b| set_conf(b, true, [1, 8731, 20], f32::NAN)),
-    ("student logit 2e15", |b| set_conf(b, false, [2, 17, 0], -2e15)),
-    ("teacher offset 2e12", |b| b.teacher_loc_mut()[(3 * 8732 + 5) * 4 + 2] = 2e12),
-    ("-inf student offset", |b| b.student_loc_mut()[(0 * 8732 + 8000) * 4 + 3] = f32::NEG_INFINITY),
+    ("+inf student logit", |b| {
+        set_conf(b, false, [3, 4000, 7], f32::INFINITY)
+    }),
+    ("NaN teacher logit", |b| {
+        set_conf(b, true, [1, 8731, 20], f32::NAN)
+    }),
+    ("student logit 2e15", |b| {
+        set_conf(b, false, [2, 17, 0], -2e15)
+    }),
+    ("teacher offset 2e12", |b| {
+        b.teacher_loc_mut()[(3 * 8732 + 5) * 4 + 2] = 2e12
+    }),
+    ("-inf student offset", |b| {
+        b.student_loc_mut()[(0 * 8732 + 8000) * 4 + 3] = f32::NEG_INFINITY
+    }),
     ("NaN prior", |b| b.priors_mut()[4 * 8000 + 1] = f32::NAN),
     ("prior of width 0", |b| b.priors_mut()[4 * 10 + 2] = 0.0),
     ("logit in image 1, label in image 3", |b| {
         set_target(b, 3, 4, 25.0);
         set_conf(b, false, [1, 9, 3], f32::NAN);
     }),
-    ("label and logit in image 2, NaN teacher in image 2 row 0", |b| {
-        set_target(b, 2, 4, 3.5);
-        set_conf(b, false, [2, 8000, 3], f32::INFINITY);
-        set_conf(b, true, [2, 0, 1], f32::NAN);
-    }),
+    (
+        "label and logit in image 2, NaN teacher in image 2 row 0",
+        |b| {
+            set_target(b, 2, 4, 3.5);
+            set_conf(b, false, [2, 8000, 3], f32::INFINITY);
+            set_conf(b, true, [2, 0, 1], f32::NAN);
+        },
+    ),
 ];
 
 fn debug<T: std::fmt::Debug>(result: &ssdkd::Result<T>) -> String {
@@ -91,7 +106,9 @@ fn refuses_like_the_host_scan(gpu: &mut GpuBackend, what: &str) {
         validate: false,
     };
     let clean_gpu = gpu.upload(&clean.batch()).unwrap();
-    let before = gpu.evaluate_resident(&clean_gpu, &config, resident).unwrap();
+    let before = gpu
+        .evaluate_resident(&clean_gpu, &config, resident)
+        .unwrap();
     for (name, corrupt) in CORRUPTIONS {
         let mut batch = clean.clone();
         corrupt(&mut batch);
@@ -108,13 +125,21 @@ fn refuses_like_the_host_scan(gpu: &mut GpuBackend, what: &str) {
         // several faults, a target's may come first); the rest is the GPU's.
         let got = gpu.evaluate(&batch.batch(), &config, skip_scan);
         if name.contains(" in image ") {
-            assert!(matches!(got, Err(Error::Input(_))), "{what}, {name}: {got:?}");
+            assert!(
+                matches!(got, Err(Error::Input(_))),
+                "{what}, {name}: {got:?}"
+            );
         } else {
             assert_eq!(debug(&got), expected, "{what}, {name}: validate false");
         }
     }
-    let after = gpu.evaluate_resident(&clean_gpu, &config, resident).unwrap();
-    assert_eq!(after, before, "{what}: a clean batch after the refused ones");
+    let after = gpu
+        .evaluate_resident(&clean_gpu, &config, resident)
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "{what}: a clean batch after the refused ones"
+    );
     assert!(before.terms.total.is_finite() && before.sums.num_pos > 0);
 }
 

@@ -52,7 +52,11 @@ fn check(backend: &mut Backend, what: &str) {
         let Err(Error::Input(scan)) = batch.batch().check(&config, true) else {
             panic!("the scan refuses label {label}");
         };
-        assert_eq!(format!("{got:?}"), format!("{scan:?}"), "{what}: label {label}");
+        assert_eq!(
+            format!("{got:?}"),
+            format!("{scan:?}"),
+            "{what}: label {label}"
+        );
         // A NaN label is a non-finite target, which the targets' value check finds first.
         let bad_label = matches!(
             got,
@@ -78,4 +82,56 @@ fn labels_are_checked_on_the_gpu_without_the_scan() {
         return;
     };
     check(&mut Backend::Gpu(Box::new(gpu), None), "GPU");
+}
+
+/// The values the CPU does not scan either reach a term, which is then refused as
+/// `Error::Numerical`, or do not reach the result at all: a NaN logit row of a
+/// negative prior (of either NaN sign) is mined first and refused, rather than dropping
+/// out of the mining; a NaN `teacher_loc` at a positive cannot decide the teacher bound
+/// and is refused, rather than leaving the prior out of the L2 term.
+#[test]
+fn unscanned_non_finite_values_are_refused_on_the_cpu() {
+    let case = load_golden(&golden_dir().join("voc_default_b4.safetensors"));
+    let (clean, config) = (case.file.tensors, case.file.config);
+    let ssdkd::BatchShape {
+        priors: p,
+        classes: c,
+        ..
+    } = clean.shape();
+    let mut cpu = Backend::cpu();
+    let decisions = Request {
+        decisions: true,
+        ..Request::default()
+    };
+    let labels = cpu
+        .evaluate(&clean.batch(), &config, decisions)
+        .unwrap()
+        .decisions
+        .unwrap()
+        .conf_target;
+    let image = 2;
+    let positive = (0..p).find(|&q| labels[image * p + q] > 0).unwrap();
+    let negative = (0..p).find(|&q| labels[image * p + q] == 0).unwrap();
+    let negative_nan = f32::from_bits(0xffc0_0000);
+    for (what, value) in [("NaN", f32::NAN), ("negative NaN", negative_nan)] {
+        let mut batch = clean.clone();
+        let row = (image * p + negative) * c;
+        batch.student_conf_mut()[row..row + c].fill(value);
+        let got = cpu.evaluate(&batch.batch(), &config, SKIP_SCAN);
+        assert!(
+            matches!(got, Err(Error::Numerical { .. })),
+            "{what} student logits on a negative: {got:?}"
+        );
+    }
+    let mut batch = clean.clone();
+    batch.teacher_loc_mut()[(image * p + positive) * 4 + 1] = f32::NAN;
+    let got = cpu.evaluate(&batch.batch(), &config, SKIP_SCAN);
+    assert!(
+        matches!(got, Err(Error::Numerical { .. })),
+        "NaN teacher_loc on a positive: {got:?}"
+    );
+    // The clean batch without the scan is the scanned evaluation, bit for bit.
+    let scanned = cpu.evaluate(&clean.batch(), &config, Request::with_gradients());
+    let unscanned = cpu.evaluate(&clean.batch(), &config, SKIP_SCAN);
+    assert_eq!(scanned.unwrap(), unscanned.unwrap());
 }

@@ -10,8 +10,8 @@ use crate::gpu::kernels::{
     Kernel, Phase, GPU_MAX_TEMPERATURE, KERNELS, LOOP_SLACK, MAX_LOOP_ITERATIONS,
 };
 use crate::gpu::params::{GpuFinding, GpuSums, Params};
-use ssdkd_core::stages::validate::ROW_BITS;
 use crate::gpu::resources::Resource;
+use ssdkd_core::stages::validate::ROW_BITS;
 use ssdkd_core::LossConfig;
 /// What the plan needs to know of the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -374,7 +374,9 @@ mod tests {
             .chain((0..n).map(|c| ("validate_report", c)))
             .collect();
         assert_eq!(names[..2 * n], expected[..]);
-        assert!(names[2 * n..].iter().all(|(name, _)| !name.starts_with("validate")));
+        assert!(names[2 * n..]
+            .iter()
+            .all(|(name, _)| !name.starts_with("validate")));
         let downloads: Vec<Readback> = recording.downloads.iter().map(|d| d.what).collect();
         assert_eq!(downloads, [Readback::Sums, Readback::Finding]);
         assert_eq!(
