@@ -66,7 +66,7 @@ const CORRUPTIONS: [Corruption; 15] = [
         b.teacher_loc_mut()[(3 * 8732 + 5) * 4 + 2] = 2e12
     }),
     ("-inf student offset", |b| {
-        b.student_loc_mut()[(0 * 8732 + 8000) * 4 + 3] = f32::NEG_INFINITY
+        b.student_loc_mut()[8000 * 4 + 3] = f32::NEG_INFINITY
     }),
     ("NaN prior", |b| b.priors_mut()[4 * 8000 + 1] = f32::NAN),
     ("prior of width 0", |b| b.priors_mut()[4 * 10 + 2] = 0.0),
