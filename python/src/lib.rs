@@ -426,7 +426,7 @@ fn tensors_dict(py: Python<'_>, owned: OwnedBatch) -> PyResult<Bound<'_, PyDict>
 fn read_batch(py: Python<'_>, path: PathBuf) -> PyResult<(Bound<'_, PyDict>, String)> {
     let file = py_ok(
         py,
-        py.detach(|| BatchFile::read(&path, &ConfigOverrides::default())),
+        py.detach(|| catching(|| BatchFile::read(&path, &ConfigOverrides::default()))),
     )?;
     let config = config_text(&file.config, file.tensors.shape().classes);
     Ok((tensors_dict(py, file.tensors)?, config))
@@ -459,7 +459,9 @@ fn write_batch(
     let owned = BatchShape::from_dims(dims).and_then(|shape| {
         let batch = batch_of(&arrays, shape)?;
         let config = ConfigOverrides::from_config_json(config_json)?.config_for(shape.classes)?;
-        batch.check(&config, false)?;
+        // Shapes and config only: a file may hold any values (they are checked when it is
+        // evaluated).
+        batch.shape().check_config(&config)?;
         let v = |t: &[f32]| t.to_vec();
         let owned = if batch.has_teacher() {
             OwnedBatch::new(
@@ -483,7 +485,7 @@ fn write_batch(
         Ok((owned, config))
     });
     let (owned, config) = py_ok(py, owned)?;
-    py.detach(|| write_batch_file(&path, &owned, &config))
+    py.detach(|| catching(|| write_batch_file(&path, &owned, &config)))
         .map_err(|e| to_py(py, &e, true))
 }
 
