@@ -16,13 +16,17 @@
 //!   cache), cached buffers, bind groups kept by their batch, the execution of a
 //!   recording in one command encoder and one submit, returning the downloaded bytes.
 //!
-//! One evaluation records, in one command encoder submitted once, every chunk forward
+//! One evaluation records, in one command encoder submitted once, where the host did not
+//! scan the values (resident batches, `validate: false`) the validate stage over every
+//! chunk (`shaders/validate.wgsl`: its first finding is read back with the sums and
+//! becomes the host scan's [`Error::Input`]), then every chunk forward
 //! (match → prior terms → mine → per-image reduce), the batch reduce (which gives N), then
 //! every chunk's gradients. A batch whose tensors exceed the adapter's
 //! `max_storage_buffer_binding_size` is bound as windows of whole images (chunks) of the
 //! same buffers, so it still takes one submit; the per-image sums of every chunk are added
 //! by one batch reduce, so results do not depend on the chunking. Only the batch sums are
-//! read back, plus the gradients and decisions when asked.
+//! read back (and the validate stage's finding, 48 bytes), plus the gradients and decisions
+//! when asked.
 
 mod chunks;
 mod engine;
