@@ -281,7 +281,7 @@ fn check_magnitude(
 ) -> Result<(), InputError> {
     let width = width.max(1);
     // One comparison per value (NaN fails it too), so that the scan vectorises.
-    let Some(i) = data.iter().position(|&v| !within(v, limit)) else {
+    let Some(i) = data.iter().position(|&v| beyond(v, limit)) else {
         return Ok(());
     };
     let (row, column, value) = (i / width, i % width, data[i]);
@@ -310,10 +310,7 @@ fn check_magnitude(
 /// The first bad prior.
 pub fn validate_priors(priors: &[[f32; 4]]) -> Result<(), InputError> {
     check_finite(Tensor::Priors, None, priors.as_flattened(), 4)?;
-    match priors
-        .iter()
-        .position(|p| !(p[2] >= MIN_PRIOR_SIZE && p[3] >= MIN_PRIOR_SIZE))
-    {
+    match priors.iter().position(|p| !prior_size_ok(p)) {
         None => Ok(()),
         Some(index) => Err(InputError::BadPrior {
             index,
@@ -345,42 +342,88 @@ pub fn validate_image(inputs: &ImageInputs<'_>, image: usize) -> Result<(), Inpu
     conf(Tensor::StudentConf, inputs.student_conf)?;
     loc(Tensor::TeacherLoc, inputs.teacher_loc)?;
     conf(Tensor::TeacherConf, inputs.teacher_conf)?;
-    check_finite(Tensor::Targets, at, inputs.targets.as_flattened(), 5)?;
-    for (object, row) in inputs.targets.iter().enumerate() {
-        let label = row[4];
-        if label < 0.0 {
-            continue; // padding, wherever it stands
-        }
-        // With C < 2 there is no object class, so every real label is out of range.
-        let out_of_range = num_classes
-            .checked_sub(2)
-            .is_none_or(|max| label > max as f32);
-        if label != math::trunc(label) || out_of_range {
-            return Err(InputError::BadLabel {
-                image,
-                object,
-                label,
-                num_classes,
-            });
-        }
-        let corners = [row[0], row[1], row[2], row[3]];
-        if !(row[2] > row[0] && row[3] > row[1]) {
-            return Err(InputError::DegenerateBox {
-                image,
-                object,
-                corners,
-            });
-        }
-        if corners
-            .iter()
-            .any(|&v| !(-BOX_TOLERANCE..=1.0 + BOX_TOLERANCE).contains(&v))
-        {
-            return Err(InputError::BoxOutOfRange {
-                image,
-                object,
-                corners,
-            });
-        }
+    validate_targets(inputs.targets, image, num_classes)
+}
+
+/// Whether `value` fails the magnitude check of a tensor whose accepted magnitude is
+/// `limit` (`f32::MAX` for the tensors that need only be finite): NaN, ±∞, or beyond the
+/// limit. Compared as bits of `|value|` (the order of finite magnitudes, NaN and ∞ above
+/// them), as `shaders/validate.wgsl` does.
+#[must_use]
+pub fn beyond(value: f32, limit: f32) -> bool {
+    (value.to_bits() & 0x7fff_ffff) > limit.to_bits()
+}
+
+/// Whether a prior's width and height are at least [`MIN_PRIOR_SIZE`] (for finite priors).
+#[must_use]
+pub fn prior_size_ok(prior: &[f32; 4]) -> bool {
+    prior[2] >= MIN_PRIOR_SIZE && prior[3] >= MIN_PRIOR_SIZE
+}
+
+/// Checks one finite `targets` row (`xmin, ymin, xmax, ymax, label`) of `image`, in the
+/// scan's order: padding (a negative label) passes; else the label is an integer in
+/// `0..=C-2`, then the box is not degenerate, then its corners lie within [0, 1] ±
+/// [`BOX_TOLERANCE`].
+///
+/// # Errors
+/// The row's first fault.
+pub fn check_object(
+    row: &[f32; 5],
+    image: usize,
+    object: usize,
+    num_classes: u32,
+) -> Result<(), InputError> {
+    let label = row[4];
+    if label < 0.0 {
+        return Ok(()); // padding, wherever it stands
+    }
+    // With C < 2 there is no object class, so every real label is out of range.
+    let out_of_range = num_classes
+        .checked_sub(2)
+        .is_none_or(|max| label > max as f32);
+    if label != math::trunc(label) || out_of_range {
+        return Err(InputError::BadLabel {
+            image,
+            object,
+            label,
+            num_classes,
+        });
+    }
+    let corners = [row[0], row[1], row[2], row[3]];
+    if !(row[2] > row[0] && row[3] > row[1]) {
+        return Err(InputError::DegenerateBox {
+            image,
+            object,
+            corners,
+        });
+    }
+    if corners
+        .iter()
+        .any(|&v| !(-BOX_TOLERANCE..=1.0 + BOX_TOLERANCE).contains(&v))
+    {
+        return Err(InputError::BoxOutOfRange {
+            image,
+            object,
+            corners,
+        });
+    }
+    Ok(())
+}
+
+/// Checks every `targets` row of `image` (values and rows, as [`validate_image`] does
+/// after the other tensors): what an evaluation checks even when it skips the value scan,
+/// as the rows choose the labels and boxes every stage indexes with.
+///
+/// # Errors
+/// The first bad value or row.
+pub fn validate_targets(
+    targets: &[[f32; 5]],
+    image: usize,
+    num_classes: u32,
+) -> Result<(), InputError> {
+    check_finite(Tensor::Targets, Some(image), targets.as_flattened(), 5)?;
+    for (object, row) in targets.iter().enumerate() {
+        check_object(row, image, object, num_classes)?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use ssdkd_core::validate::{validate_config, validate_image, validate_priors};
+use ssdkd_core::validate::{validate_config, validate_image, validate_priors, validate_targets};
 use ssdkd_core::{ImageInputs, LossConfig, LossSums, LossTerms, Tensors};
 
 /// The dimensions of a batch (SPEC §1).
@@ -357,8 +357,10 @@ impl<'a> Batch<'a> {
     }
 
     /// Checks the batch against `config` before any arithmetic: always that the config can
-    /// work and that C ≥ 2; with `scan_values`, every value too (finite,
-    /// sound boxes and labels, positive prior sizes), images in parallel. A batch without
+    /// work and that C ≥ 2, and the priors and targets (finite, positive prior sizes,
+    /// sound boxes, integer labels in range: what matching and indexing read); with
+    /// `scan_values`, every other value too (finite logits and offsets within SPEC §1.3's
+    /// magnitudes), images in parallel. A batch without
     /// teacher has no teacher values to scan (its stand-in, the student, is scanned first).
     ///
     /// # Errors
@@ -378,10 +380,21 @@ impl<'a> Batch<'a> {
         cancel: Option<&CancelToken>,
     ) -> Result<()> {
         self.shape.check_config(config)?;
-        if !scan_values {
-            return Ok(());
-        }
         validate_priors(bytemuck::cast_slice(self.tensors.priors))?;
+        if !scan_values {
+            // The priors and targets, a few thousand values that matching and every
+            // stage's indexing read, are checked whatever `scan_values` says: a label out
+            // of range or a box that cannot match would otherwise change the result
+            // silently, or index out of bounds.
+            let classes = u32::try_from(self.shape.classes).unwrap_or(u32::MAX);
+            let m = self.shape.objects;
+            let targets: &[[f32; 5]] = bytemuck::cast_slice(self.tensors.targets);
+            return targets
+                .chunks(m.max(1))
+                .enumerate()
+                .try_for_each(|(i, rows)| validate_targets(rows, i, classes))
+                .map_err(Error::from);
+        }
         let first_bad = (0..self.shape.batch)
             .into_par_iter()
             .map(|i| {
@@ -421,7 +434,11 @@ pub struct Request {
     /// The per-prior decisions: labels, offsets, negative mask.
     pub decisions: bool,
     /// Scan every input value before any arithmetic (default `true`). A trusted training
-    /// loop may skip the scan; shapes and the config are checked regardless.
+    /// loop may skip the scan of the logits and offsets (most of the values); shapes, the
+    /// config, the priors and the targets are checked regardless ([`Batch::check`]). On a
+    /// GPU the skipped values are validated on the device instead, with the same errors;
+    /// on the CPU a non-finite value that reaches a loss term makes it non-finite, which
+    /// is refused ([`Error::Numerical`]).
     pub validate: bool,
 }
 
@@ -502,20 +519,29 @@ impl Evaluation {
         core::array::from_fn(|i| (TERM_NAMES[i], values[i]))
     }
 
+    /// Checks that every term is finite (see [`Evaluation::check_finite`]).
+    ///
+    /// # Errors
+    /// [`Error::Numerical`] naming the first non-finite term.
+    pub fn check_terms_finite(&self) -> Result<()> {
+        let terms = self.named_terms();
+        match terms.into_iter().find(|(_, v)| !v.is_finite()) {
+            Some((what, value)) => Err(Error::Numerical {
+                what,
+                index: None,
+                value,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks that every term, and every gradient element present, is finite: inputs that
     /// pass validation must give finite results, so anything else is a numerical failure.
     ///
     /// # Errors
     /// [`Error::Numerical`] naming the first non-finite term or gradient element.
     pub fn check_finite(&self) -> Result<()> {
-        let terms = self.named_terms();
-        if let Some((what, value)) = terms.into_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::Numerical {
-                what,
-                index: None,
-                value,
-            });
-        }
+        self.check_terms_finite()?;
         if let Some(g) = &self.gradients {
             for (what, values) in [
                 ("grad_student_conf", &g.student_conf),

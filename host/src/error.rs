@@ -69,6 +69,10 @@ pub enum Error {
     /// The caller cancelled the evaluation through its [`crate::CancelToken`].
     #[error("cancelled")]
     Cancelled,
+    /// A defect: a panic inside ssdkd, caught where a binding calls the library, with the
+    /// panic's message.
+    #[error("internal error (a defect of ssdkd; please report it): {0}")]
+    Internal(String),
 }
 
 impl From<ConfigError> for Error {
@@ -97,6 +101,18 @@ pub(crate) fn shown(path: &std::path::Path) -> String {
 }
 
 impl Error {
+    /// The [`Error::Internal`] of a caught panic's payload (its message when it is a
+    /// string).
+    #[must_use]
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        Error::Internal(message)
+    }
+
     pub(crate) fn shape(tensor: &'static str, problem: impl Into<String>) -> Self {
         Error::Shape {
             tensor,

@@ -36,6 +36,14 @@ pyo3::create_exception!(
      (the flat element index of a gradient, else None)."
 );
 
+pyo3::create_exception!(
+    ssdkd,
+    InternalError,
+    PyRuntimeError,
+    "A defect of ssdkd: a panic inside the library, caught at the binding; the message \
+     carries its cause. Please report it."
+);
+
 /// What is at fault, as the exception's attributes.
 #[derive(Default)]
 struct Fields {
@@ -86,6 +94,7 @@ pub fn to_py(py: Python<'_>, e: &Error, writing: bool) -> PyErr {
         }
         Error::NoAdapter(_) => return NoAdapterError::new_err(message),
         Error::Cancelled => return PyKeyboardInterrupt::new_err(message),
+        Error::Internal(_) => return InternalError::new_err(message),
         // GPU failures, and any variant added later until it is mapped here.
         _ => return GpuError::new_err(message),
     };
@@ -130,5 +139,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NoAdapterError", py.get_type::<NoAdapterError>())?;
     m.add("GpuError", py.get_type::<GpuError>())?;
     m.add("NumericalError", py.get_type::<NumericalError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
     m.add_function(wrap_pyfunction!(input_error, m)?)
 }

@@ -68,6 +68,12 @@ fn dims_of<'a>(arrays: &'a Arrays<'_>) -> Tensors<Option<&'a [usize]>> {
     arrays.as_ref().map(|a| a.as_ref().map(|a| a.shape()))
 }
 
+/// `work()`, a panic inside it caught as [`Error::Internal`] carrying its message.
+fn catching<T>(work: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .unwrap_or_else(|payload| Err(Error::from_panic(payload.as_ref())))
+}
+
 /// Runs `work` on a worker thread while this one, the GIL released, lets Python's signal
 /// handlers run every [`SIGNAL_POLL`]: when one raises (Ctrl-C's `KeyboardInterrupt`), the
 /// token cancels `work`, and that exception is raised once `work` has stopped.
@@ -79,7 +85,9 @@ fn interruptible<T: Send>(
     let result = std::thread::scope(|scope| {
         let (sender, mut receiver) = channel();
         let cancel = &token;
-        scope.spawn(move || sender.send(work(cancel)));
+        // A panic inside the library becomes `Error::Internal` with its message, never a
+        // `PanicException` (which `except Exception` does not catch).
+        scope.spawn(move || sender.send(catching(|| work(cancel))));
         loop {
             let (got, back) = py.detach(move || (receiver.recv_timeout(SIGNAL_POLL), receiver));
             receiver = back;
@@ -92,8 +100,10 @@ fn interruptible<T: Send>(
                         return Err(interrupt);
                     }
                 }
-                // The worker panicked: the scope raises its panic.
-                Err(RecvTimeoutError::Disconnected) => return Ok(Err(Error::Cancelled)),
+                // The worker ended without sending (cannot happen: `catching` returns).
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Ok(Err(Error::Internal("the worker thread ended early".into())))
+                }
             }
         }
     })?;
@@ -413,7 +423,7 @@ fn tensors_dict(py: Python<'_>, owned: OwnedBatch) -> PyResult<Bound<'_, PyDict>
 fn read_batch(py: Python<'_>, path: PathBuf) -> PyResult<(Bound<'_, PyDict>, String)> {
     let file = py_ok(
         py,
-        py.detach(|| BatchFile::read(&path, &ConfigOverrides::default())),
+        py.detach(|| catching(|| BatchFile::read(&path, &ConfigOverrides::default()))),
     )?;
     let config = config_text(&file.config, file.tensors.shape().classes);
     Ok((tensors_dict(py, file.tensors)?, config))
@@ -445,7 +455,9 @@ fn write_batch(
     let owned = BatchShape::from_dims(dims_of(&arrays)).and_then(|shape| {
         let batch = batch_of(&arrays, shape)?;
         let config = ConfigOverrides::from_config_json(config_json)?.config_for(shape.classes)?;
-        batch.check(&config, false)?;
+        // Shapes and config only: a file may hold any values (they are checked when it is
+        // evaluated).
+        batch.shape().check_config(&config)?;
         let v = |t: &[f32]| t.to_vec();
         let owned = if batch.has_teacher() {
             OwnedBatch::new(
@@ -469,7 +481,7 @@ fn write_batch(
         Ok((owned, config))
     });
     let (owned, config) = py_ok(py, owned)?;
-    py.detach(|| write_batch_file(&path, &owned, &config))
+    py.detach(|| catching(|| write_batch_file(&path, &owned, &config)))
         .map_err(|e| to_py(py, &e, true))
 }
 

@@ -22,12 +22,12 @@ if not _os.environ.get("XDG_RUNTIME_DIR"):
 import numpy as _np  # noqa: E402  (never bind the bare name `numpy`: STYLE.md)
 
 from . import _ssdkd  # noqa: E402
-from ._ssdkd import (Backend, Evaluation, GpuError, InputError, NoAdapterError,  # noqa: E402
-                     NumericalError)
+from ._ssdkd import (Backend, Evaluation, GpuError, InputError, InternalError,  # noqa: E402
+                     NoAdapterError, NumericalError)
 
 __all__ = ["CONFIG_KEYS", "DEFAULT_CONFIG", "Backend", "Evaluation", "GpuError", "InputError",
-           "NoAdapterError", "NumericalError", "PRESETS", "evaluate", "priors", "read_batch",
-           "write_batch"]
+           "InternalError", "NoAdapterError", "NumericalError", "PRESETS", "evaluate", "priors",
+           "read_batch", "write_batch"]
 
 try:
     from importlib.metadata import version as _version
@@ -130,14 +130,16 @@ def evaluate(student_loc, student_conf, teacher_loc, teacher_conf, targets, prio
     shape) is only checked against the arrays' C. ``backend``: a :class:`Backend`, or
     ``"auto"`` (a GPU when one is found, else the CPU, with a warning), ``"cpu"`` or
     ``"gpu"`` for the default backend of that choice (made on first use). ``validate=False``
-    skips the value scan (shapes and config are checked regardless). The GIL is released
-    while the loss runs; Ctrl-C stops it.
+    skips the scan of the logits and offsets (shapes, config, priors and targets are checked
+    regardless; on a GPU the values are validated on the device instead). The GIL is
+    released while the loss runs; Ctrl-C stops it.
 
     Before anything is converted or allocated, the shapes and the memory the evaluation
     needs are checked (as ``ssdkd eval``): too large a batch raises :class:`InputError`
     with ``key == "batch"``. C-contiguous float32 arrays are read without a copy; other
     float arrays are converted once. Errors: :class:`InputError` (shapes, dtypes, values,
-    config), :class:`NoAdapterError`, :class:`GpuError`, :class:`NumericalError`.
+    config), :class:`NoAdapterError`, :class:`GpuError`, :class:`NumericalError`,
+    :class:`InternalError` (a defect).
     """
     if not isinstance(backend, Backend):
         if backend not in _DEFAULT_BACKENDS:

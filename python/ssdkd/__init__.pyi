@@ -10,6 +10,7 @@ from ._ssdkd import Backend as Backend
 from ._ssdkd import Evaluation as Evaluation
 from ._ssdkd import GpuError as GpuError
 from ._ssdkd import InputError as InputError
+from ._ssdkd import InternalError as InternalError
 from ._ssdkd import NoAdapterError as NoAdapterError
 from ._ssdkd import NumericalError as NumericalError
 

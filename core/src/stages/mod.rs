@@ -1,5 +1,6 @@
 //! The five stages of the loss, **match → prior terms → mine → reduce → grad**, each a
-//! module of one function per GPU kernel. Every kernel is a WGSL entry point of the same
+//! module of one function per GPU kernel, after the **validate** stage that scans the
+//! inputs on the GPU where the host does not. Every kernel is a WGSL entry point of the same
 //! name in `shaders/<stage>.wgsl` and a function of that name here, written with the
 //! same loop (a loop over priors for a thread per prior, over images or object rows for a
 //! workgroup each), so that the two can be read side by side. [`KERNELS`] lists them in
@@ -25,6 +26,9 @@
 //! - `grad_loc`: tests the teacher bound again from `teacher_loc` (the same f32
 //!   operations) where the GPU reads `prior_loss`, so that a backward pass needs only the
 //!   forward's decisions.
+//! - `validate_rows`, `validate_report`: the kernels' checks row by row and their report,
+//!   which the GPU runs only where the host does not scan the values (the host scans them
+//!   with [`crate::validate`], whose rules these share).
 
 pub mod grad;
 #[path = "match.rs"]
@@ -32,10 +36,13 @@ pub mod r#match;
 pub mod mine;
 pub mod prior_terms;
 pub mod reduce;
+pub mod validate;
 
 /// A stage of the pipeline: one WGSL file `shaders/<name>.wgsl`, one module here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
+    /// SPEC §1.3, §8.3 (the accepted ranges), [`validate`].
+    Validate,
     /// SPEC §3, the `match` module.
     Match,
     /// SPEC §4–5 per prior, [`prior_terms`].
@@ -50,7 +57,8 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in pipeline order.
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
+        Stage::Validate,
         Stage::Match,
         Stage::PriorTerms,
         Stage::Mine,
@@ -62,6 +70,7 @@ impl Stage {
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
+            Stage::Validate => "validate",
             Stage::Match => "match",
             Stage::PriorTerms => "prior_terms",
             Stage::Mine => "mine",
@@ -74,6 +83,8 @@ impl Stage {
 /// Every kernel as `(stage, entry point)`, in pipeline order: the WGSL entry point and the
 /// function of the same name in the stage's module.
 pub const KERNELS: &[(Stage, &str)] = &[
+    (Stage::Validate, "validate_rows"),
+    (Stage::Validate, "validate_report"),
     (Stage::Match, "match_priors"),
     (Stage::Match, "match_objects"),
     (Stage::Match, "match_finish"),

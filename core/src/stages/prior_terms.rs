@@ -182,11 +182,17 @@ pub fn cross_entropy_from(max: f32, target_logit: f32, exps: &Lanes<f32>) -> f32
 }
 
 /// Mining score (SPEC §4): the cross-entropy against the matched label, 0 for positives.
-/// `+ 0.0` keeps the score off −0 so that its bits order like its value.
+/// `+ 0.0` keeps the score off −0 so that its bits order like its value. A NaN (from a
+/// non-finite logit, which only an unscanned input can hold) is made the positive NaN,
+/// which ranks first: the row is mined and its cross-entropy makes the result non-finite,
+/// refused, rather than the row silently dropping out of the mining (a negative NaN
+/// would rank last).
 #[must_use]
 pub fn mining_score(cross_entropy: f32, positive: bool) -> f32 {
     if positive {
         0.0
+    } else if cross_entropy.is_nan() {
+        f32::NAN
     } else {
         cross_entropy + 0.0
     }
@@ -224,6 +230,11 @@ pub struct LocTerms {
     pub student_sq: f32,
     /// Whether the teacher bound holds: `d_s + reg_m > d_t` (SPEC §5).
     pub bounded: bool,
+    /// Whether `d_t = ‖teacher − target‖²` is finite: where it is not (a non-finite
+    /// `teacher_loc`, which only an unscanned input can hold), the bound cannot be decided
+    /// and [`prior_loss_record`] makes the L2 term NaN, so that the result is refused
+    /// rather than the prior silently left out.
+    pub teacher_finite: bool,
 }
 
 /// Localisation terms of one positive prior (SPEC §5).
@@ -248,6 +259,7 @@ pub fn loc_terms(
         smooth_l1: smooth,
         student_sq,
         bounded: student_sq + reg_m > teacher_sq,
+        teacher_finite: teacher_sq.is_finite(),
     }
 }
 
@@ -270,6 +282,8 @@ pub fn prior_loss_record(
     let terms = loc_terms(student_loc, teacher_loc, loc_target, reg_m);
     let (student_sq, bounded) = if terms.bounded {
         (terms.student_sq, 1.0)
+    } else if !terms.teacher_finite {
+        (f32::NAN, 0.0)
     } else {
         (0.0, 0.0)
     };

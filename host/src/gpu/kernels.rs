@@ -9,6 +9,8 @@ use ssdkd_core::Stage;
 pub(crate) enum Launch {
     /// One thread per prior of every image.
     PerPrior,
+    /// One thread per row of every image: `max(P, M)` rows, a prior row and an object row.
+    PerRow,
     /// One workgroup per object row of every image.
     PerObjectRow,
     /// One workgroup per image.
@@ -20,6 +22,11 @@ pub(crate) enum Launch {
 /// When a kernel runs in an evaluation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
+    /// Once per chunk, first, where the inputs are validated on the GPU.
+    Validate,
+    /// Once per chunk after every chunk's [`Phase::Validate`], where the inputs are
+    /// validated on the GPU.
+    Report,
     /// Once per chunk, before the batch reduce.
     Forward,
     /// Once, over every image of the batch (all chunks).
@@ -68,6 +75,15 @@ fn strided_priors(s: &BatchShape) -> u64 {
 }
 
 // Loop counts per kernel, read off its WGSL (C = classes, M = object rows):
+/// `validate_rows`: two logit rows (C each), three rows of four and one of five values.
+fn validate_rows_iterations(s: &BatchShape) -> u64 {
+    2 * s.classes as u64 + 17
+}
+/// `validate_report`: two strided loops over the B + 1 slots, a logit row (C) or a row of
+/// four or five values.
+fn validate_report_iterations(s: &BatchShape) -> u64 {
+    2 * (s.batch as u64 + 1).div_ceil(u64::from(WORKGROUP_SIZE)) + s.classes as u64 + 5
+}
 /// `match_priors`: first_object, the maximum and the lowest tied row, M each.
 fn match_priors_iterations(s: &BatchShape) -> u64 {
     3 * s.objects as u64
@@ -139,54 +155,66 @@ pub(crate) const KERNELS: [Kernel; ssdkd_core::KERNELS.len()] = {
     [
         kernel(
             ssdkd_core::KERNELS[0],
+            PerRow,
+            Validate,
+            validate_rows_iterations,
+        ),
+        kernel(
+            ssdkd_core::KERNELS[1],
+            Single,
+            Report,
+            validate_report_iterations,
+        ),
+        kernel(
+            ssdkd_core::KERNELS[2],
             PerPrior,
             Forward,
             match_priors_iterations,
         ),
         kernel(
-            ssdkd_core::KERNELS[1],
+            ssdkd_core::KERNELS[3],
             PerObjectRow,
             Forward,
             match_objects_iterations,
         ),
         kernel(
-            ssdkd_core::KERNELS[2],
+            ssdkd_core::KERNELS[4],
             PerImage,
             Forward,
             match_finish_iterations,
         ),
         kernel(
-            ssdkd_core::KERNELS[3],
+            ssdkd_core::KERNELS[5],
             PerPrior,
             Forward,
             prior_terms_iterations,
         ),
-        kernel(ssdkd_core::KERNELS[4], PerImage, Forward, mine_iterations),
+        kernel(ssdkd_core::KERNELS[6], PerImage, Forward, mine_iterations),
         kernel(
-            ssdkd_core::KERNELS[5],
+            ssdkd_core::KERNELS[7],
             PerPrior,
             Forward,
             reduce_rows_iterations,
         ),
         kernel(
-            ssdkd_core::KERNELS[6],
+            ssdkd_core::KERNELS[8],
             PerImage,
             Forward,
             reduce_image_iterations,
         ),
         kernel(
-            ssdkd_core::KERNELS[7],
+            ssdkd_core::KERNELS[9],
             Single,
             Batch,
             reduce_batch_iterations,
         ),
         kernel(
-            ssdkd_core::KERNELS[8],
+            ssdkd_core::KERNELS[10],
             PerPrior,
             Backward,
             grad_conf_iterations,
         ),
-        kernel(ssdkd_core::KERNELS[9], PerPrior, Backward, no_loop),
+        kernel(ssdkd_core::KERNELS[11], PerPrior, Backward, no_loop),
     ]
 };
 
@@ -203,6 +231,8 @@ impl Kernel {
             Launch::PerImage => images,
             Launch::PerObjectRow => images * shape.objects as u64,
             Launch::PerPrior => (images * shape.priors as u64).div_ceil(u64::from(WORKGROUP_SIZE)),
+            Launch::PerRow => (images * shape.priors.max(shape.objects) as u64)
+                .div_ceil(u64::from(WORKGROUP_SIZE)),
             Launch::Single => 1,
         }
     }

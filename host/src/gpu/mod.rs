@@ -16,13 +16,17 @@
 //!   cache), cached buffers, bind groups kept by their batch, the execution of a
 //!   recording in one command encoder and one submit, returning the downloaded bytes.
 //!
-//! One evaluation records, in one command encoder submitted once, every chunk forward
+//! One evaluation records, in one command encoder submitted once, where the host did not
+//! scan the values (resident batches, `validate: false`) the validate stage over every
+//! chunk (`shaders/validate.wgsl`: its first finding is read back with the sums and
+//! becomes the host scan's [`Error::Input`]), then every chunk forward
 //! (match → prior terms → mine → per-image reduce), the batch reduce (which gives N), then
 //! every chunk's gradients. A batch whose tensors exceed the adapter's
 //! `max_storage_buffer_binding_size` is bound as windows of whole images (chunks) of the
 //! same buffers, so it still takes one submit; the per-image sums of every chunk are added
 //! by one batch reduce, so results do not depend on the chunking. Only the batch sums are
-//! read back, plus the gradients and decisions when asked.
+//! read back (and the validate stage's finding, 48 bytes), plus the gradients and decisions
+//! when asked.
 
 mod chunks;
 mod engine;
@@ -41,6 +45,7 @@ pub use wgpu;
 use crate::batch::{Batch, BatchShape, Evaluation, Request};
 use crate::error::{Error, Result};
 use engine::Engine;
+use params::GpuFinding;
 use recording::{Recording, Wanted};
 use ssdkd_core::{LossConfig, LossSums};
 
@@ -153,7 +158,10 @@ impl GpuBackend {
     /// every stage and reads back the sums, and the gradients and decisions when requested.
     ///
     /// # Errors
-    /// What [`Batch::check`] finds; [`Error::GpuUnsupported`] for a batch over the GPU
+    /// What [`Batch::check`] finds: without `request.validate`, the values are validated on
+    /// the GPU instead (the validate stage, `shaders/validate.wgsl`), with the same
+    /// [`Error::Input`] as the host's scan; [`Error::Numerical`] for a non-finite loss
+    /// term; [`Error::GpuUnsupported`] for a batch over the GPU
     /// backend's limits (checked before anything is uploaded; a [`crate::Backend`] with a
     /// [`crate::Fallback`] then evaluates it on the CPU); [`Error::Gpu`] on out-of-memory,
     /// device loss or a validation error.
@@ -169,7 +177,8 @@ impl GpuBackend {
             read_gradients: request.gradients,
             decisions: request.decisions,
         };
-        self.evaluate_checked(batch, config, gpu_request)
+        // Values the host did not scan are validated on the GPU.
+        self.evaluate_checked(batch, config, gpu_request, !request.validate)
     }
 
     fn evaluate_checked(
@@ -177,8 +186,9 @@ impl GpuBackend {
         batch: &Batch<'_>,
         config: &LossConfig,
         request: GpuRequest,
+        validate: bool,
     ) -> Result<Evaluation> {
-        let recording = self.record(batch.shape(), config, request)?;
+        let recording = self.record(batch.shape(), config, request, validate)?;
         let gpu = match self.uploaded.take() {
             Some(gpu) if gpu.shape() == batch.shape() => gpu,
             _ => self.engine.create_batch(batch.shape())?,
@@ -278,13 +288,19 @@ impl GpuBackend {
         self.engine.bytes_read_back()
     }
 
-    /// Evaluates a batch already on the GPU. Input values are not scanned (they stay on the
-    /// GPU); the config is checked. With `request.gradients` the gradients are left in the
-    /// batch's gradient buffers and only read back with `request.read_gradients`.
+    /// Evaluates a batch already on the GPU. The config is checked on the host and the
+    /// input values on the GPU (the validate stage, `shaders/validate.wgsl`, in the same
+    /// submit: only its first finding, a few words, comes back with the sums). With
+    /// `request.gradients` the gradients are left in the batch's gradient buffers and only
+    /// read back with `request.read_gradients`; after an error they hold no meaningful
+    /// values.
     ///
     /// # Errors
-    /// [`Error::Config`] for a config that cannot work or disagrees with C; [`Error::Gpu`]
-    /// on out-of-memory, device loss or a validation error.
+    /// [`Error::Config`] for a config that cannot work or disagrees with C;
+    /// [`Error::Input`] for an input value the loss cannot take, naming the tensor, image
+    /// and index as the host's scan ([`Batch::check`]) would; [`Error::Numerical`] for a
+    /// non-finite loss term; [`Error::Gpu`] on out-of-memory, device loss or a validation
+    /// error.
     pub fn evaluate_resident(
         &mut self,
         batch: &GpuBatch,
@@ -307,18 +323,21 @@ impl GpuBackend {
                 }
             }
         }
-        let recording = self.record(batch.shape(), config, request)?;
+        let recording = self.record(batch.shape(), config, request, true)?;
         self.execute(batch, config, &recording)
     }
 
-    /// The recording of one evaluation of a batch of `shape`.
+    /// The recording of one evaluation of a batch of `shape`, validating its values on the
+    /// GPU with `validate`.
     fn record(
         &self,
         shape: BatchShape,
         config: &LossConfig,
         request: GpuRequest,
+        validate: bool,
     ) -> Result<Recording> {
         let wanted = Wanted {
+            validate,
             gradients: request.gradients,
             read_gradients: request.read_gradients,
             decisions: request.decisions,
@@ -340,13 +359,22 @@ impl GpuBackend {
         let output = self
             .engine
             .execute(batch, recording, |bytes| recording.decode(bytes))?;
+        if let Some(finding) = output.finding.as_ref().and_then(GpuFinding::finding) {
+            let classes = u32::try_from(batch.shape().classes).unwrap_or(u32::MAX);
+            return Err(match finding.error(classes) {
+                Some(input) => Error::Input(input),
+                None => Error::Gpu(format!("the validate stage reported {finding:?}")),
+            });
+        }
         let sums = LossSums::from(output.sums);
-        Ok(Evaluation {
+        let evaluation = Evaluation {
             terms: sums.finish(config),
             sums,
             gradients: output.gradients,
             decisions: output.decisions,
-        })
+        };
+        evaluation.check_terms_finite()?;
+        Ok(evaluation)
     }
 }
 
@@ -373,12 +401,24 @@ mod tests {
             objects: 1,
         };
         let config = LossConfig::DEFAULT;
-        let kept = gpu.engine.create_batch(shape).unwrap();
+        // Valid values (zero priors would be refused): logits and offsets 0, one padding row.
+        let owned = crate::batch::OwnedBatch::new(
+            shape,
+            vec![0.0; 16],
+            vec![0.0; 12],
+            vec![0.0; 16],
+            vec![0.0; 12],
+            vec![0.0, 0.0, 0.0, 0.0, -1.0],
+            [0.5, 0.5, 0.2, 0.2].repeat(4),
+        )
+        .unwrap();
+        let new_batch = |gpu: &mut GpuBackend| gpu.upload(&owned.batch()).unwrap();
+        let kept = new_batch(&mut gpu);
         gpu.evaluate_resident(&kept, &config, GpuRequest::default())
             .unwrap();
         assert_eq!(gpu.engine.live_bind_group_sets(), 1);
         for _ in 0..20 {
-            let batch = gpu.engine.create_batch(shape).unwrap();
+            let batch = new_batch(&mut gpu);
             gpu.evaluate_resident(&batch, &config, GpuRequest::default())
                 .unwrap();
             assert_eq!(gpu.engine.live_bind_group_sets(), 2);

@@ -2,6 +2,7 @@
 //! record [`GpuSums`], mirrored in `shaders/shared.wgsl`.
 
 use crate::batch::BatchShape;
+use ssdkd_core::stages::validate::Finding;
 use ssdkd_core::{LossConfig, LossSums};
 
 /// Threads per workgroup of every kernel; keep in sync with `WORKGROUP_SIZE` in
@@ -130,6 +131,37 @@ impl From<GpuSums> for LossSums {
     }
 }
 
+/// The first finding of the validate stage, as `validate_report` writes it.
+///
+/// Keep in sync with `struct Finding` in `shaders/validate.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct GpuFinding {
+    pub found: u32,
+    pub slot: u32,
+    pub check: u32,
+    pub row: u32,
+    pub column: u32,
+    pub value: f32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub corners: [f32; 4],
+}
+
+impl GpuFinding {
+    /// The core's finding, `None` when nothing was found.
+    pub fn finding(&self) -> Option<Finding> {
+        (self.found != 0).then_some(Finding {
+            slot: self.slot,
+            check: self.check,
+            row: self.row,
+            column: self.column,
+            value: self.value,
+            corners: self.corners,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +257,73 @@ mod tests {
             .map(|(n, o)| ((*n).to_string(), *o as u32))
             .collect();
         assert_eq!(members, rust, "Sums members and offsets");
+    }
+
+    fn validate_module() -> naga::Module {
+        let source = crate::gpu::shader::stage_source(ssdkd_core::Stage::Validate);
+        naga::front::wgsl::parse_str(source).expect("validate.wgsl parses")
+    }
+
+    #[test]
+    fn finding_layout_matches_wgsl() {
+        let (span, members) = struct_layout(&validate_module(), "Finding");
+        assert_eq!(span as usize, size_of::<GpuFinding>(), "Finding size");
+        let rust = [
+            ("found", offset_of!(GpuFinding, found)),
+            ("slot", offset_of!(GpuFinding, slot)),
+            ("check", offset_of!(GpuFinding, check)),
+            ("row", offset_of!(GpuFinding, row)),
+            ("column", offset_of!(GpuFinding, column)),
+            ("value", offset_of!(GpuFinding, value)),
+            ("_pad0", offset_of!(GpuFinding, _pad0)),
+            ("_pad1", offset_of!(GpuFinding, _pad1)),
+            ("corners", offset_of!(GpuFinding, corners)),
+        ];
+        let rust: Vec<(String, u32)> = rust
+            .iter()
+            .map(|(n, o)| ((*n).to_string(), *o as u32))
+            .collect();
+        assert_eq!(members, rust, "Finding members and offsets");
+    }
+
+    /// The validate stage's limits and numbers are the core's (`ssdkd_core::validate`,
+    /// `ssdkd_core::stages::validate`), bit for bit.
+    #[test]
+    fn validate_constants_match_the_core() {
+        use ssdkd_core::stages::validate::{Check, ROW_BITS};
+        use ssdkd_core::validate::{BOX_TOLERANCE, MAX_LOGIT, MAX_OFFSET, MIN_PRIOR_SIZE};
+        let module = validate_module();
+        let constant = |name: &str| {
+            let (_, c) = module
+                .constants
+                .iter()
+                .find(|(_, c)| c.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("{name} in validate.wgsl"));
+            match module.global_expressions[c.init] {
+                naga::Expression::Literal(naga::Literal::U32(n)) => n,
+                naga::Expression::Literal(naga::Literal::F32(v)) => v.to_bits(),
+                ref other => panic!("{name} is {other:?}"),
+            }
+        };
+        assert_eq!(constant("MAX_LOGIT"), MAX_LOGIT.to_bits());
+        assert_eq!(constant("MAX_OFFSET"), MAX_OFFSET.to_bits());
+        assert_eq!(constant("MIN_PRIOR_SIZE"), MIN_PRIOR_SIZE.to_bits());
+        assert_eq!(constant("BOX_TOLERANCE"), BOX_TOLERANCE.to_bits());
+        assert_eq!(constant("FINITE_BITS"), f32::MAX.to_bits());
+        assert_eq!(constant("ROW_BITS"), ROW_BITS);
+        let checks = [
+            "CHECK_PRIOR_VALUE",
+            "CHECK_PRIOR_SIZE",
+            "CHECK_STUDENT_LOC",
+            "CHECK_STUDENT_CONF",
+            "CHECK_TEACHER_LOC",
+            "CHECK_TEACHER_CONF",
+            "CHECK_TARGET_VALUE",
+            "CHECK_TARGET_ROW",
+        ];
+        for (name, check) in checks.iter().zip(Check::ALL) {
+            assert_eq!(constant(name), check as u32, "{name}");
+        }
     }
 
     #[test]

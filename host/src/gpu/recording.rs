@@ -9,8 +9,9 @@ use crate::gpu::chunks::{chunks, Chunk};
 use crate::gpu::kernels::{
     Kernel, Phase, GPU_MAX_TEMPERATURE, KERNELS, LOOP_SLACK, MAX_LOOP_ITERATIONS,
 };
-use crate::gpu::params::{GpuSums, Params};
+use crate::gpu::params::{GpuFinding, GpuSums, Params};
 use crate::gpu::resources::Resource;
+use ssdkd_core::stages::validate::ROW_BITS;
 use ssdkd_core::LossConfig;
 /// What the plan needs to know of the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +41,8 @@ pub(crate) struct Dispatch {
 pub(crate) enum Readback {
     /// The batch sums.
     Sums,
+    /// The validate stage's first finding.
+    Finding,
     /// ∂total/∂student_conf.
     GradConf,
     /// ∂total/∂student_loc.
@@ -57,6 +60,7 @@ impl Readback {
     pub fn resource(self) -> Resource {
         match self {
             Readback::Sums => Resource::BatchSums,
+            Readback::Finding => Resource::Finding,
             Readback::GradConf => Resource::GradStudentConf,
             Readback::GradLoc => Resource::GradStudentLoc,
             Readback::ConfTarget => Resource::ConfTarget,
@@ -97,6 +101,8 @@ pub(crate) struct Recording {
 #[derive(Debug)]
 pub(crate) struct Output {
     pub sums: GpuSums,
+    /// The validate stage's first finding, when it ran.
+    pub finding: Option<GpuFinding>,
     pub gradients: Option<Gradients>,
     pub decisions: Option<Decisions>,
 }
@@ -104,6 +110,8 @@ pub(crate) struct Output {
 /// What to compute and read back beyond the sums.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Wanted {
+    /// Validate the inputs on the GPU (the validate stage) and read its finding back.
+    pub validate: bool,
     pub gradients: bool,
     pub read_gradients: bool,
     pub decisions: bool,
@@ -180,6 +188,19 @@ impl Recording {
             }
             Ok(())
         };
+        if wanted.validate {
+            if shape.priors.max(shape.objects) >= 1 << ROW_BITS {
+                return Err(Error::GpuUnsupported(format!(
+                    "P = {} and M = {}: the validate stage numbers rows below 2^{ROW_BITS}",
+                    shape.priors, shape.objects
+                )));
+            }
+            for phase in [Phase::Validate, Phase::Report] {
+                for (i, chunk) in chunks.iter().enumerate() {
+                    launch(phase, i, chunk.images)?;
+                }
+            }
+        }
         for (i, chunk) in chunks.iter().enumerate() {
             launch(Phase::Forward, i, chunk.images)?;
         }
@@ -190,6 +211,9 @@ impl Recording {
             }
         }
         let mut downloads = vec![Readback::Sums];
+        if wanted.validate {
+            downloads.push(Readback::Finding);
+        }
         if wanted.read_gradients {
             downloads.extend([Readback::GradConf, Readback::GradLoc]);
         }
@@ -227,6 +251,7 @@ impl Recording {
     pub fn decode(&self, bytes: &[u8]) -> Output {
         let mut output = Output {
             sums: GpuSums::default(),
+            finding: None,
             gradients: None,
             decisions: None,
         };
@@ -238,6 +263,7 @@ impl Recording {
             offset += download.bytes as usize;
             match download.what {
                 Readback::Sums => output.sums = bytemuck::pod_read_unaligned(part),
+                Readback::Finding => output.finding = Some(bytemuck::pod_read_unaligned(part)),
                 Readback::GradConf => {
                     output
                         .gradients
@@ -325,6 +351,40 @@ mod tests {
         assert_eq!(recording.dispatches.len(), chunks.len() * 9 + 1);
     }
 
+    /// With validation, every chunk's `validate_rows` comes first, then every chunk's
+    /// `validate_report`, then the forward; the finding is read back after the sums.
+    #[test]
+    fn validation_comes_before_the_forward() {
+        let shape = shape(183);
+        let wanted = Wanted {
+            validate: true,
+            ..Wanted::default()
+        };
+        let config = LossConfig::DEFAULT;
+        let recording = Recording::evaluation(&shape, &config, &limits(64 << 20), wanted).unwrap();
+        let n = recording.chunks.len();
+        assert!(n > 1, "the batch is split into chunks");
+        let names: Vec<(&str, usize)> = recording
+            .dispatches
+            .iter()
+            .map(|d| (KERNELS[d.kernel].entry_point, d.chunk))
+            .collect();
+        let expected: Vec<(&str, usize)> = (0..n)
+            .map(|c| ("validate_rows", c))
+            .chain((0..n).map(|c| ("validate_report", c)))
+            .collect();
+        assert_eq!(names[..2 * n], expected[..]);
+        assert!(names[2 * n..]
+            .iter()
+            .all(|(name, _)| !name.starts_with("validate")));
+        let downloads: Vec<Readback> = recording.downloads.iter().map(|d| d.what).collect();
+        assert_eq!(downloads, [Readback::Sums, Readback::Finding]);
+        assert_eq!(
+            recording.downloads[1].bytes,
+            std::mem::size_of::<GpuFinding>() as u64
+        );
+    }
+
     /// A launch over more workgroups than one dimension takes is folded into two, and one
     /// beyond max² is refused.
     #[test]
@@ -353,6 +413,7 @@ mod tests {
             max_workgroups: 65535,
         };
         let wanted = Wanted {
+            validate: false,
             gradients: true,
             read_gradients: true,
             decisions: true,

@@ -3,7 +3,7 @@
 
 use crate::batch::BatchShape;
 use crate::gpu::chunks::Layout;
-use crate::gpu::params::GpuSums;
+use crate::gpu::params::{GpuFinding, GpuSums};
 
 /// A buffer the kernels bind: declared here once, with its WGSL name, its layout and who
 /// owns it.
@@ -25,6 +25,8 @@ pub(crate) enum Resource {
     BatchSums,
     GradStudentConf,
     GradStudentLoc,
+    ImageFindings,
+    Finding,
 }
 
 /// Who holds a [`Resource`]'s buffer.
@@ -40,7 +42,7 @@ pub(crate) enum Owner {
 
 impl Resource {
     /// Every resource.
-    pub const ALL: [Resource; 16] = [
+    pub const ALL: [Resource; 18] = [
         Resource::StudentConf,
         Resource::TeacherConf,
         Resource::StudentLoc,
@@ -57,6 +59,8 @@ impl Resource {
         Resource::BatchSums,
         Resource::GradStudentConf,
         Resource::GradStudentLoc,
+        Resource::ImageFindings,
+        Resource::Finding,
     ];
 
     /// Its variable name in the WGSL, and its buffer's label `"ssdkd.<name>"`.
@@ -79,6 +83,8 @@ impl Resource {
             BatchSums => "batch_sums",
             GradStudentConf => "grad_student_conf",
             GradStudentLoc => "grad_student_loc",
+            ImageFindings => "image_findings",
+            Finding => "finding",
         }
     }
 
@@ -100,7 +106,7 @@ impl Resource {
             StudentLoc | TeacherLoc | LocTarget | PriorLoss | GradStudentLoc => Some(Layout::Loc),
             Targets => Some(Layout::Target),
             ConfTarget | NegMask | MiningScore | RowSoft => Some(Layout::Prior),
-            Priors | ImageSums | BatchSums => None,
+            Priors | ImageSums | BatchSums | ImageFindings | Finding => None,
         }
     }
 
@@ -111,6 +117,9 @@ impl Resource {
             (_, Some(layout)) => layout.image_bytes(shape) * shape.batch as u64,
             (Resource::Priors, None) => shape.priors as u64 * 16,
             (Resource::ImageSums, None) => sums * shape.batch as u64,
+            // A slot for the priors and one per image (`shaders/validate.wgsl`).
+            (Resource::ImageFindings, None) => 4 * (shape.batch as u64 + 1),
+            (Resource::Finding, None) => std::mem::size_of::<GpuFinding>() as u64,
             _ => sums,
         }
     }

@@ -20,9 +20,10 @@ macro_rules! stage_source {
 }
 
 /// The WGSL of a stage (`shaders/<stage>.wgsl` after `shaders/shared.wgsl`, and after
-/// `shaders/logits.wgsl` for the stages that read the logits).
+/// `shaders/logits.wgsl` for the stages that read the logits, validate included).
 pub(crate) fn stage_source(stage: Stage) -> &'static str {
     match stage {
+        Stage::Validate => stage_source!("logits.wgsl", "validate.wgsl"),
         Stage::Match => stage_source!("match.wgsl"),
         Stage::PriorTerms => stage_source!("logits.wgsl", "prior_terms.wgsl"),
         Stage::Mine => stage_source!("mine.wgsl"),

@@ -28,7 +28,7 @@ impl Failure {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Failure::Library(Error::NoAdapter(_)) => 3,
-            Failure::Library(Error::Gpu(_) | Error::Numerical { .. }) => 1,
+            Failure::Library(Error::Gpu(_) | Error::Numerical { .. } | Error::Internal(_)) => 1,
             Failure::Library(_) | Failure::Usage(_) => 2,
             Failure::Disagree => 4,
         }
