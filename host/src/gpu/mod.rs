@@ -13,8 +13,9 @@
 //! - `shader.rs`: the WGSL of each stage and, by naga's reflection, the buffers each
 //!   kernel binds;
 //! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
-//!   cache), cached buffers, bind groups kept by their batch, the execution of a
-//!   recording in one command encoder and one submit, returning the downloaded bytes.
+//!   cache), buffers cached per shape within a budget ([`GpuCacheBudget`]), bind groups
+//!   kept by their batch, the execution of a recording in one command encoder and one
+//!   submit, returning the downloaded bytes.
 //!
 //! One evaluation records, in one command encoder submitted once, every chunk forward
 //! (match → prior terms → mine → per-image reduce), the batch reduce (which gives N), then
@@ -34,6 +35,7 @@ mod resident;
 mod resources;
 mod shader;
 
+pub use engine::{CacheBudget as GpuCacheBudget, CacheStats as GpuCacheStats};
 pub use resident::{GpuBatch, GpuGradients, GpuSlice, GpuTensors};
 /// The wgpu this backend is built with, for callers that make their own buffers.
 pub use wgpu;
@@ -57,13 +59,12 @@ pub struct GpuRequest {
 }
 
 /// A GPU context: adapter, device, queue and every pipeline, created once; buffers cached
-/// per shape, bind groups kept by their batch.
+/// for a few recent shapes within a byte budget ([`GpuCacheBudget`],
+/// [`GpuBackend::cache_stats`]), bind groups kept by their batch.
 pub struct GpuBackend {
     engine: Engine,
     /// A cap on the bytes of one storage binding below the adapter's limit, if set.
     binding_cap: Option<u64>,
-    /// The buffers [`GpuBackend::evaluate`] uploads host batches into, kept per shape.
-    uploaded: Option<GpuBatch>,
 }
 
 impl GpuBackend {
@@ -77,7 +78,6 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::new(false)?,
             binding_cap: None,
-            uploaded: None,
         })
     }
 
@@ -98,7 +98,6 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::from_device(device, queue)?,
             binding_cap: None,
-            uploaded: None,
         })
     }
 
@@ -113,7 +112,6 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::new(true)?,
             binding_cap: None,
-            uploaded: None,
         })
     }
 
@@ -149,7 +147,7 @@ impl GpuBackend {
         self.binding_cap = bytes;
     }
 
-    /// Evaluates `batch` on the GPU: uploads it (into buffers kept for its shape), runs
+    /// Evaluates `batch` on the GPU: uploads it (into buffers cached for its shape), runs
     /// every stage and reads back the sums, and the gradients and decisions when requested.
     ///
     /// # Errors
@@ -179,16 +177,26 @@ impl GpuBackend {
         request: GpuRequest,
     ) -> Result<Evaluation> {
         let recording = self.record(batch.shape(), config, request)?;
-        let gpu = match self.uploaded.take() {
-            Some(gpu) if gpu.shape() == batch.shape() => gpu,
-            _ => self.engine.create_batch(batch.shape())?,
-        };
+        let gpu = self.engine.take_upload(batch.shape())?;
         let result = self
             .engine
             .write_batch(&gpu, batch)
             .and_then(|()| self.execute(&gpu, config, &recording));
-        self.uploaded = Some(gpu);
+        self.engine.keep_upload(gpu);
         result
+    }
+
+    /// What the shape cache holds now: shapes, bytes of buffers and bind-group sets, within
+    /// [`GpuCacheStats::budget`].
+    #[must_use]
+    pub fn cache_stats(&self) -> GpuCacheStats {
+        self.engine.cache_stats()
+    }
+
+    /// Sets the shape cache's budget ([`GpuCacheBudget::DEFAULT`] until then), evicting
+    /// the least recently used shapes now over it. The latest shape is always kept.
+    pub fn set_cache_budget(&mut self, budget: GpuCacheBudget) {
+        self.engine.set_cache_budget(budget);
     }
 
     /// Uploads `batch` into new GPU buffers, for [`GpuBackend::evaluate_resident`].
