@@ -32,8 +32,9 @@ static NEXT_WORKSPACE_ID: AtomicU64 = AtomicU64::new(1);
 /// gradient buffers. The least recently used shapes are evicted, their buffers freed and
 /// the bind groups that bind them dropped (a resident batch of an evicted shape is bound
 /// again on its next evaluation), until at most `shapes` shapes and `bytes` bytes are
-/// kept. The shape of the latest evaluation is always kept, even alone over `bytes`.
-/// Eviction changes no result: every buffer is written before it is read.
+/// kept between evaluations. The shape of the latest evaluation is always kept, even alone
+/// over `bytes`. Results do not depend on what was evicted (a shape evaluated again gets
+/// new buffers, as on its first evaluation; `host/tests/gpu_cache.rs` compares the bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheBudget {
     /// The most shapes kept (at least 1).
