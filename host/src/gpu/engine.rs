@@ -177,6 +177,8 @@ pub(crate) struct Engine {
     pipelines: Vec<Pipeline>,
     /// Errors reported outside any error scope, and device loss.
     failures: Arc<Mutex<Vec<String>>>,
+    /// How the errors of ssdkd's own work are caught.
+    catch: Catch,
     /// The shape cache, least recently used first.
     workspaces: Vec<Workspace>,
     budget: CacheBudget,
@@ -280,14 +282,14 @@ impl Engine {
                     .push(format!("device lost: {message}"));
             }
         });
-        Self::with_device(device, queue, failures)
+        Self::with_device(device, queue, failures, true)
     }
 
     /// An engine on a device someone else opened (and owns the callbacks of): no device
     /// callbacks are installed, errors are caught by error scopes around ssdkd's own work,
     /// and the pipeline cache is used only where the device was opened with the feature.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
-        Self::with_device(device, queue, Arc::new(Mutex::new(Vec::new())))
+        Self::with_device(device, queue, Arc::new(Mutex::new(Vec::new())), false)
     }
 
     /// Creates every pipeline on `device` (through the per-user pipeline cache where the
@@ -296,6 +298,7 @@ impl Engine {
         device: wgpu::Device,
         queue: wgpu::Queue,
         failures: Arc<Mutex<Vec<String>>>,
+        callbacks: bool,
     ) -> Result<Self> {
         let info = device.adapter_info();
         let cache_file = pipeline_cache_file(&info)
@@ -314,10 +317,14 @@ impl Engine {
             }
         });
         let bindings = kernel_bindings()?;
-        let pipelines = scoped(&device, || {
-            Ok(create_pipelines(&device, cache.as_ref(), bindings))
-        })
-        .map_err(|e| Error::Gpu(format!("creating the pipelines: {e}")))?;
+        let catch = if callbacks {
+            Catch::Sink(Arc::clone(&failures))
+        } else {
+            Catch::Scopes(device.clone())
+        };
+        let pipelines = catch
+            .run(|| Ok(create_pipelines(&device, cache.as_ref(), bindings)))
+            .map_err(|e| Error::Gpu(format!("creating the pipelines: {e}")))?;
         if let (Some(file), Some(data)) = (&cache_file, cache.and_then(|c| c.get_data())) {
             if cached.as_deref() != Some(&data[..]) {
                 store_pipeline_cache(file, &data);
@@ -328,6 +335,7 @@ impl Engine {
             device,
             queue,
             pipelines,
+            catch,
             failures,
             workspaces: Vec::new(),
             budget: CacheBudget::DEFAULT,
@@ -389,11 +397,11 @@ impl Engine {
         }
     }
 
-    /// Runs `f` inside error scopes, turning what they catch, or any uncaptured error or
+    /// Runs `f`, turning the errors it causes (see [`Catch`]), or any uncaptured error or
     /// device loss reported meanwhile, into [`Error::Gpu`].
     fn guarded<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.check_failures()?;
-        let result = scoped(&self.device, f).map_err(|e| match e {
+        let result = self.catch.run(f).map_err(|e| match e {
             Error::Gpu(message) => Error::Gpu(format!("{what}: {message}")),
             other => other,
         });
@@ -679,11 +687,9 @@ impl Engine {
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<T> {
         self.check_failures()?;
-        let device = self.device.clone();
-        let index = scoped(&device, || Ok(self.workspace(batch.shape)))?;
-        let result = scoped(&device, || {
-            self.record_and_read(index, batch, recording, decode)
-        });
+        let catch = self.catch.clone();
+        let index = catch.run(|| Ok(self.workspace(batch.shape)))?;
+        let result = catch.run(|| self.record_and_read(index, batch, recording, decode));
         if result.is_err() {
             // A failed run may have left the workspace half-made; start afresh next time.
             self.workspaces.remove(index);
@@ -834,22 +840,49 @@ impl Engine {
     }
 }
 
-/// Runs `f` inside out-of-memory, validation and internal error scopes of `device`; the
-/// first error they catch becomes [`Error::Gpu`].
-fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
-    let result = f();
-    let caught = [internal.pop(), validation.pop(), out_of_memory.pop()]
-        .into_iter()
-        .filter_map(pollster::block_on)
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>();
-    if !caught.is_empty() {
-        return Err(Error::Gpu(caught.join("; ")));
+/// How the engine catches the wgpu errors of its own work.
+#[derive(Clone)]
+enum Catch {
+    /// Out-of-memory, validation and internal error scopes, on a device whose callbacks
+    /// belong to someone else ([`Engine::from_device`]). wgpu keeps a scope stack for every
+    /// thread that ever pushed one, for the device's lifetime (a few hundred bytes each), so
+    /// this suits a framework's long-lived threads, not a new thread per evaluation.
+    Scopes(wgpu::Device),
+    /// The uncaptured-error callback ssdkd installed on its own device ([`Engine::new`]),
+    /// which wgpu calls as the error happens, on the calling thread: no state per thread,
+    /// so that callers evaluating from a new thread each time (the Python package) do not
+    /// grow the device's memory.
+    Sink(Arc<Mutex<Vec<String>>>),
+}
+
+impl Catch {
+    /// Runs `f`; the errors wgpu reports meanwhile become [`Error::Gpu`].
+    fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let (result, caught) = match self {
+            Catch::Scopes(device) => {
+                let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+                let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+                let result = f();
+                let caught = [internal.pop(), validation.pop(), out_of_memory.pop()]
+                    .into_iter()
+                    .filter_map(pollster::block_on)
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>();
+                (result, caught)
+            }
+            Catch::Sink(sink) => {
+                let result = f();
+                let caught = std::mem::take(&mut *sink.lock().unwrap_or_else(|p| p.into_inner()));
+                (result, caught)
+            }
+        };
+        if caught.is_empty() {
+            result
+        } else {
+            Err(Error::Gpu(caught.join("; ")))
+        }
     }
-    result
 }
 
 fn create_pipelines(
