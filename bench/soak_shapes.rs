@@ -10,6 +10,8 @@
 //! Two ways of feeding the batches:
 //! - `host` (default): [`ssdkd::Backend::evaluate`] of host slices, as Python and the CLI
 //!   do; the backend uploads them into the buffers it caches per shape;
+//! - `thread`: as `host`, each evaluation on a new thread, as the Python package runs it
+//!   (so that Ctrl-C can interrupt it);
 //! - `kept`: a training framework's registry, one resident batch kept per shape (as the
 //!   Burn crate keeps them), all bound over the same buffers (written before each step)
 //!   and evaluated with [`ssdkd::gpu::GpuBackend::evaluate_resident`].
@@ -18,7 +20,7 @@
 //!
 //! ```text
 //! NODEVICE_SELECT=1 cargo run --release -p ssdkd --example soak_shapes -- \
-//!     [host|kept] [STEPS] [P] [MAX_M]
+//!     [host|thread|kept] [STEPS] [P] [MAX_M]
 //! ```
 //!
 //! `P` (default 64) is the number of priors, kept small so that 5,000 steps take a minute or
@@ -196,8 +198,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let steps: usize = args.next().map_or(Ok(5000), |s| s.parse())?;
     let p: usize = args.next().map_or(Ok(64), |s| s.parse())?;
     let max_m: usize = args.next().map_or(Ok(250), |s| s.parse())?;
-    if mode != "host" && mode != "kept" {
-        return Err(format!("mode {mode:?}: expected host or kept").into());
+    if !["host", "thread", "kept"].contains(&mode.as_str()) {
+        return Err(format!("mode {mode:?}: expected host, thread or kept").into());
     }
     let c = 21;
     let mut rng = Rng(2017);
@@ -247,6 +249,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let batch = Batch::new(shape, &sl, &sc, &tl, &tc, &targets, &priors)?;
         let eval = match (&mut backend, &mut kept) {
             (Backend::Gpu(gpu, _), Some(kept)) => kept.evaluate(gpu, &batch, &config)?,
+            _ if mode == "thread" => std::thread::scope(|scope| {
+                let worker = scope.spawn(|| backend.evaluate(&batch, &config, request));
+                worker.join().expect("the evaluation's thread")
+            })?,
             _ => backend.evaluate(&batch, &config, request)?,
         };
         assert!(eval.terms.total.is_finite());
