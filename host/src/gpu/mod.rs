@@ -88,6 +88,10 @@ impl GpuBackend {
     /// `Features::PIPELINE_CACHE`, and names the adapter from `device.adapter_info()`.
     /// The limits are the device's own.
     ///
+    /// wgpu keeps the error-scope stack of every thread that ever pushed one for the
+    /// device's lifetime (a few hundred bytes each): evaluate from long-lived threads, not a
+    /// new thread per call ([`GpuBackend::new`]'s own device has no such cost).
+    ///
     /// Work the caller has recorded but not submitted on `queue` is the caller's to submit
     /// first: ssdkd submits its own command buffer, which runs after what was submitted
     /// before it, and waits for it before returning.
