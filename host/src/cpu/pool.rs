@@ -6,7 +6,9 @@ use super::fast::FastScratch;
 use crate::batch::{Batch, BatchShape};
 use ssdkd_core::{ImageWorkspace, LossConfig, LossWeights};
 
-/// At most this many workspaces are kept (about 0.3 MiB each for SSD300).
+/// At most this many workspaces are kept (about 0.3 MiB each for SSD300). A workspace is
+/// resized in place for each image it serves, so the pool holds at most this many images of
+/// the largest (P, M) seen, however many shapes go through: nothing is kept per shape.
 const MAX_POOLED: usize = 256;
 
 /// One image's core workspace and the fast path's scratch.

@@ -1,6 +1,7 @@
 //! The one module that talks to wgpu: adapter and device, the pipelines (created once, one
-//! per row of [`KERNELS`]), buffers (cached per shape) and bind groups (kept by their
-//! batch, released with it), and the execution of a [`Recording`] in one command encoder
+//! per row of [`KERNELS`]), buffers (cached per shape, a few shapes within a byte budget:
+//! [`CacheBudget`]) and bind groups (kept by their batch, released with it or when the
+//! shape they bind is evicted), and the execution of a [`Recording`] in one command encoder
 //! and one submit, returning the downloaded bytes. Everything else in `gpu/` only
 //! describes what to run.
 
@@ -21,12 +22,62 @@ use std::num::NonZeroU64;
 #[cfg(test)]
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-
-/// Workspaces (per-prior buffers) kept for this many recent shapes.
-const WORKSPACES_KEPT: usize = 2;
+use std::sync::{mpsc, Arc, Mutex, Weak};
 
 static NEXT_WORKSPACE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How much the GPU backend keeps between evaluations, per batch shape (B, P, C, M): the
+/// per-prior and per-image buffers the kernels work in, the readback buffer and, for
+/// batches uploaded from the host ([`crate::gpu::GpuBackend::evaluate`]), the input and
+/// gradient buffers. The least recently used shapes are evicted, their buffers freed and
+/// the bind groups that bind them dropped (a resident batch of an evicted shape is bound
+/// again on its next evaluation), until at most `shapes` shapes and `bytes` bytes are
+/// kept between evaluations. The shape of the latest evaluation is always kept, even alone
+/// over `bytes`. Results do not depend on what was evicted (a shape evaluated again gets
+/// new buffers, as on its first evaluation; `host/tests/gpu_cache.rs` compares the bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheBudget {
+    /// The most shapes kept (at least 1).
+    pub shapes: usize,
+    /// The most bytes of buffers kept, counted as [`CacheStats::bytes`].
+    pub bytes: u64,
+}
+
+impl CacheBudget {
+    /// 4 shapes and 256 MiB: a training loop's full and last partial batch, for
+    /// SSD300 with B = 32 (about 125 MiB per shape uploaded from the host), fit.
+    pub const DEFAULT: Self = Self {
+        shapes: 4,
+        bytes: 256 << 20,
+    };
+}
+
+impl Default for CacheBudget {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// What the GPU backend's shape cache holds now ([`crate::gpu::GpuBackend::cache_stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Shapes cached.
+    pub shapes: usize,
+    /// Bytes of the buffers they hold: workspaces, readback buffers, uploaded batches' inputs
+    /// and gradients, and the `Params` uniforms of the bind-group sets that bind them.
+    pub bytes: u64,
+    /// Bind-group sets alive over the cached shapes' buffers (one per batch evaluated since
+    /// it was made or rebound, while its shape stays cached).
+    pub bound_sets: usize,
+    /// Shapes evicted so far.
+    pub evictions: u64,
+    /// The budget they are kept within.
+    pub budget: CacheBudget,
+}
+
+/// The bind-group slot of a batch ([`GpuBatch::bound`]), as the cache sees it: dropped with
+/// the batch, emptied when the shape it binds is evicted.
+type BoundSlot = Weak<Mutex<Option<Bound>>>;
 
 /// A compiled kernel and the layout of its bind group.
 struct Pipeline {
@@ -36,13 +87,17 @@ struct Pipeline {
     bindings: &'static [Binding],
 }
 
-/// The per-prior and per-image buffers of one shape (one per [`Owner::Workspace`]
-/// resource) and the readback staging buffer.
+/// What is cached for one shape: the per-prior and per-image buffers (one per
+/// [`Owner::Workspace`] resource), the readback staging buffer, the batch that host
+/// batches of this shape are uploaded into, and the slots of the bind-group sets made over
+/// these buffers (emptied on eviction, so that no bind group keeps an evicted buffer).
 struct Workspace {
     id: u64,
     shape: BatchShape,
     buffers: Vec<(Resource, wgpu::Buffer)>,
     staging: Option<wgpu::Buffer>,
+    upload: Option<GpuBatch>,
+    bound: Vec<BoundSlot>,
 }
 
 impl Workspace {
@@ -51,6 +106,64 @@ impl Workspace {
             .iter()
             .find(|(r, _)| *r == resource)
             .map(|(_, b)| b)
+    }
+
+    /// The live bind-group sets over this workspace: what each slot holds, when it is a
+    /// set bound here.
+    fn live_sets(&self) -> impl Iterator<Item = Arc<Mutex<Option<Bound>>>> + '_ {
+        self.bound.iter().filter_map(Weak::upgrade)
+    }
+
+    /// The bytes of every buffer this shape holds (see [`CacheStats::bytes`]).
+    fn bytes(&self) -> u64 {
+        let own = self.buffers.iter().map(|(_, b)| b.size()).sum::<u64>();
+        let staging = self.staging.as_ref().map_or(0, wgpu::Buffer::size);
+        let upload = self.upload.as_ref().map_or(0, |batch| {
+            let t = &batch.tensors;
+            let g = &batch.gradients;
+            [
+                &t.student_loc,
+                &t.student_conf,
+                &t.teacher_loc,
+                &t.teacher_conf,
+                &t.targets,
+                &t.priors,
+                &g.student_conf,
+                &g.student_loc,
+            ]
+            .iter()
+            .map(|s| s.buffer.size())
+            .sum::<u64>()
+        });
+        let params = self
+            .live_sets()
+            .map(|slot| {
+                let bound = slot.lock().unwrap_or_else(|p| p.into_inner());
+                bound
+                    .as_ref()
+                    .filter(|b| b.workspace_id == self.id)
+                    .map_or(0, |b| b.params.iter().map(wgpu::Buffer::size).sum::<u64>())
+            })
+            .sum::<u64>();
+        own + staging + upload + params
+    }
+
+    /// Drops the bind-group sets bound over this workspace (their batches bind again on
+    /// their next evaluation), so that dropping the workspace frees its buffers.
+    fn unbind_all(&mut self) {
+        for slot in self.live_sets() {
+            let mut bound = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if bound.as_ref().is_some_and(|b| b.workspace_id == self.id) {
+                *bound = None;
+            }
+        }
+        self.bound.clear();
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        self.unbind_all();
     }
 }
 
@@ -64,7 +177,12 @@ pub(crate) struct Engine {
     pipelines: Vec<Pipeline>,
     /// Errors reported outside any error scope, and device loss.
     failures: Arc<Mutex<Vec<String>>>,
+    /// How the errors of ssdkd's own work are caught.
+    catch: Catch,
+    /// The shape cache, least recently used first.
     workspaces: Vec<Workspace>,
+    budget: CacheBudget,
+    evictions: u64,
     /// Bind-group sets alive (held by batches).
     #[cfg(test)]
     live_bound: Arc<AtomicUsize>,
@@ -164,14 +282,14 @@ impl Engine {
                     .push(format!("device lost: {message}"));
             }
         });
-        Self::with_device(device, queue, failures)
+        Self::with_device(device, queue, failures, true)
     }
 
     /// An engine on a device someone else opened (and owns the callbacks of): no device
     /// callbacks are installed, errors are caught by error scopes around ssdkd's own work,
     /// and the pipeline cache is used only where the device was opened with the feature.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
-        Self::with_device(device, queue, Arc::new(Mutex::new(Vec::new())))
+        Self::with_device(device, queue, Arc::new(Mutex::new(Vec::new())), false)
     }
 
     /// Creates every pipeline on `device` (through the per-user pipeline cache where the
@@ -180,6 +298,7 @@ impl Engine {
         device: wgpu::Device,
         queue: wgpu::Queue,
         failures: Arc<Mutex<Vec<String>>>,
+        callbacks: bool,
     ) -> Result<Self> {
         let info = device.adapter_info();
         let cache_file = pipeline_cache_file(&info)
@@ -198,10 +317,14 @@ impl Engine {
             }
         });
         let bindings = kernel_bindings()?;
-        let pipelines = scoped(&device, || {
-            Ok(create_pipelines(&device, cache.as_ref(), bindings))
-        })
-        .map_err(|e| Error::Gpu(format!("creating the pipelines: {e}")))?;
+        let catch = if callbacks {
+            Catch::Sink(Arc::clone(&failures))
+        } else {
+            Catch::Scopes(device.clone())
+        };
+        let pipelines = catch
+            .run(|| Ok(create_pipelines(&device, cache.as_ref(), bindings)))
+            .map_err(|e| Error::Gpu(format!("creating the pipelines: {e}")))?;
         if let (Some(file), Some(data)) = (&cache_file, cache.and_then(|c| c.get_data())) {
             if cached.as_deref() != Some(&data[..]) {
                 store_pipeline_cache(file, &data);
@@ -212,8 +335,11 @@ impl Engine {
             device,
             queue,
             pipelines,
+            catch,
             failures,
             workspaces: Vec::new(),
+            budget: CacheBudget::DEFAULT,
+            evictions: 0,
             #[cfg(test)]
             live_bound: Arc::new(AtomicUsize::new(0)),
             bytes_read_back: 0,
@@ -271,11 +397,11 @@ impl Engine {
         }
     }
 
-    /// Runs `f` inside error scopes, turning what they catch, or any uncaptured error or
+    /// Runs `f`, turning the errors it causes (see [`Catch`]), or any uncaptured error or
     /// device loss reported meanwhile, into [`Error::Gpu`].
     fn guarded<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.check_failures()?;
-        let result = scoped(&self.device, f).map_err(|e| match e {
+        let result = self.catch.run(f).map_err(|e| match e {
             Error::Gpu(message) => Error::Gpu(format!("{what}: {message}")),
             other => other,
         });
@@ -336,7 +462,7 @@ impl Engine {
                 gradients: self.gradient_buffers(shape),
                 owns_gradients: true,
                 gradients_out: None,
-                bound: Mutex::new(None),
+                bound: Arc::new(Mutex::new(None)),
             })
         })
     }
@@ -377,7 +503,7 @@ impl Engine {
             },
             owns_gradients: false,
             gradients_out: None,
-            bound: Mutex::new(None),
+            bound: Arc::new(Mutex::new(None)),
         };
         self.rebind(&mut batch, tensors, Some(gradients))?;
         Ok(batch)
@@ -422,7 +548,7 @@ impl Engine {
         batch.tensors = tensors;
         batch.gradients = written;
         batch.gradients_out = out;
-        *batch.bound.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        *batch.bound.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
 
@@ -459,22 +585,95 @@ impl Engine {
                 })
                 .collect(),
             staging: None,
+            upload: None,
+            bound: Vec::new(),
         }
     }
 
-    /// The cached workspace of `shape` (created when new), moved to the back.
+    /// The cached workspace of `shape` (created when new), moved to the back (most
+    /// recently used), the others evicted down to the budget.
     fn workspace(&mut self, shape: BatchShape) -> usize {
         if let Some(i) = self.workspaces.iter().position(|w| w.shape == shape) {
             let workspace = self.workspaces.remove(i);
             self.workspaces.push(workspace);
         } else {
-            if self.workspaces.len() >= WORKSPACES_KEPT {
-                self.workspaces.remove(0);
-            }
+            // Evict down to one shape short of the budget first, so that the old buffers
+            // are freed before the new ones are allocated.
+            self.evict_to(self.budget.shapes.saturating_sub(1), self.budget.bytes, 0);
             let workspace = self.create_workspace(shape);
             self.workspaces.push(workspace);
         }
+        self.trim();
         self.workspaces.len() - 1
+    }
+
+    /// Evicts the least recently used shapes, never the latest `keep`, until at most
+    /// `shapes` are kept and they hold at most `bytes`.
+    fn evict_to(&mut self, shapes: usize, bytes: u64, keep: usize) {
+        let mut held: u64 = self.workspaces.iter().map(Workspace::bytes).sum();
+        while self.workspaces.len() > keep && (self.workspaces.len() > shapes || held > bytes) {
+            let evicted = self.workspaces.remove(0);
+            held = held.saturating_sub(evicted.bytes());
+            self.evictions += 1;
+            drop(evicted); // its bind-group sets emptied, its buffers freed
+        }
+    }
+
+    /// Evicts down to the budget, keeping the latest shape.
+    fn trim(&mut self) {
+        self.evict_to(self.budget.shapes, self.budget.bytes, 1);
+    }
+
+    /// Sets the cache's budget, evicting what is over it now.
+    pub fn set_cache_budget(&mut self, budget: CacheBudget) {
+        self.budget = budget;
+        self.trim();
+    }
+
+    /// What the shape cache holds now.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            shapes: self.workspaces.len(),
+            bytes: self.workspaces.iter().map(Workspace::bytes).sum(),
+            bound_sets: self
+                .workspaces
+                .iter()
+                .map(|w| {
+                    w.live_sets()
+                        .filter(|slot| {
+                            let bound = slot.lock().unwrap_or_else(|p| p.into_inner());
+                            bound.as_ref().is_some_and(|b| b.workspace_id == w.id)
+                        })
+                        .count()
+                })
+                .sum(),
+            evictions: self.evictions,
+            budget: self.budget,
+        }
+    }
+
+    /// The batch host batches of `shape` are uploaded into: the cached one (taken out of
+    /// the cache while it is used; give it back with [`Engine::keep_upload`]), else a new
+    /// one.
+    pub fn take_upload(&mut self, shape: BatchShape) -> Result<GpuBatch> {
+        let cached = self
+            .workspaces
+            .iter_mut()
+            .find(|w| w.shape == shape)
+            .and_then(|w| w.upload.take());
+        match cached {
+            Some(batch) => Ok(batch),
+            None => self.create_batch(shape),
+        }
+    }
+
+    /// Caches `batch`, taken by [`Engine::take_upload`], with its shape's workspace; drops
+    /// it (freeing its buffers) when that shape is no longer cached.
+    pub fn keep_upload(&mut self, batch: GpuBatch) {
+        if let Some(workspace) = self.workspaces.iter_mut().find(|w| w.shape == batch.shape) {
+            workspace.upload = Some(batch);
+            self.trim();
+        }
     }
 
     /// Executes `recording` over `batch`: binds it (bind groups kept by the batch), uploads
@@ -488,11 +687,9 @@ impl Engine {
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<T> {
         self.check_failures()?;
-        let device = self.device.clone();
-        let index = scoped(&device, || Ok(self.workspace(batch.shape)))?;
-        let result = scoped(&device, || {
-            self.record_and_read(index, batch, recording, decode)
-        });
+        let catch = self.catch.clone();
+        let index = catch.run(|| Ok(self.workspace(batch.shape)))?;
+        let result = catch.run(|| self.record_and_read(index, batch, recording, decode));
         if result.is_err() {
             // A failed run may have left the workspace half-made; start afresh next time.
             self.workspaces.remove(index);
@@ -530,6 +727,11 @@ impl Engine {
         {
             *bound = None; // release the old set first
             let made = bind(device, pipelines, workspace, batch, &recording.chunks);
+            workspace.bound.retain(|slot| slot.strong_count() > 0);
+            let slot = Arc::downgrade(&batch.bound);
+            if !workspace.bound.iter().any(|s| s.ptr_eq(&slot)) {
+                workspace.bound.push(slot);
+            }
             #[cfg(test)]
             let made = Bound {
                 _live: Some(Live::new(live_bound)),
@@ -638,22 +840,49 @@ impl Engine {
     }
 }
 
-/// Runs `f` inside out-of-memory, validation and internal error scopes of `device`; the
-/// first error they catch becomes [`Error::Gpu`].
-fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
-    let result = f();
-    let caught = [internal.pop(), validation.pop(), out_of_memory.pop()]
-        .into_iter()
-        .filter_map(pollster::block_on)
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>();
-    if !caught.is_empty() {
-        return Err(Error::Gpu(caught.join("; ")));
+/// How the engine catches the wgpu errors of its own work.
+#[derive(Clone)]
+enum Catch {
+    /// Out-of-memory, validation and internal error scopes, on a device whose callbacks
+    /// belong to someone else ([`Engine::from_device`]). wgpu keeps a scope stack for every
+    /// thread that ever pushed one, for the device's lifetime (a few hundred bytes each), so
+    /// this suits a framework's long-lived threads, not a new thread per evaluation.
+    Scopes(wgpu::Device),
+    /// The uncaptured-error callback ssdkd installed on its own device ([`Engine::new`]),
+    /// which wgpu calls as the error happens, on the calling thread: no state per thread,
+    /// so that callers evaluating from a new thread each time (the Python package) do not
+    /// grow the device's memory.
+    Sink(Arc<Mutex<Vec<String>>>),
+}
+
+impl Catch {
+    /// Runs `f`; the errors wgpu reports meanwhile become [`Error::Gpu`].
+    fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let (result, caught) = match self {
+            Catch::Scopes(device) => {
+                let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+                let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+                let result = f();
+                let caught = [internal.pop(), validation.pop(), out_of_memory.pop()]
+                    .into_iter()
+                    .filter_map(pollster::block_on)
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>();
+                (result, caught)
+            }
+            Catch::Sink(sink) => {
+                let result = f();
+                let caught = std::mem::take(&mut *sink.lock().unwrap_or_else(|p| p.into_inner()));
+                (result, caught)
+            }
+        };
+        if caught.is_empty() {
+            result
+        } else {
+            Err(Error::Gpu(caught.join("; ")))
+        }
     }
-    result
 }
 
 fn create_pipelines(

@@ -13,8 +13,9 @@
 //! - `shader.rs`: the WGSL of each stage and, by naga's reflection, the buffers each
 //!   kernel binds;
 //! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
-//!   cache), cached buffers, bind groups kept by their batch, the execution of a
-//!   recording in one command encoder and one submit, returning the downloaded bytes.
+//!   cache), buffers cached per shape within a budget ([`GpuCacheBudget`]), bind groups
+//!   kept by their batch, the execution of a recording in one command encoder and one
+//!   submit, returning the downloaded bytes.
 //!
 //! One evaluation records, in one command encoder submitted once, where the host did not
 //! scan the values (resident batches, `validate: false`) the validate stage over every
@@ -38,6 +39,7 @@ mod resident;
 mod resources;
 mod shader;
 
+pub use engine::{CacheBudget as GpuCacheBudget, CacheStats as GpuCacheStats};
 pub use resident::{GpuBatch, GpuGradients, GpuSlice, GpuTensors};
 /// The wgpu this backend is built with, for callers that make their own buffers.
 pub use wgpu;
@@ -62,13 +64,12 @@ pub struct GpuRequest {
 }
 
 /// A GPU context: adapter, device, queue and every pipeline, created once; buffers cached
-/// per shape, bind groups kept by their batch.
+/// for a few recent shapes within a byte budget ([`GpuCacheBudget`],
+/// [`GpuBackend::cache_stats`]), bind groups kept by their batch.
 pub struct GpuBackend {
     engine: Engine,
     /// A cap on the bytes of one storage binding below the adapter's limit, if set.
     binding_cap: Option<u64>,
-    /// The buffers [`GpuBackend::evaluate`] uploads host batches into, kept per shape.
-    uploaded: Option<GpuBatch>,
 }
 
 impl GpuBackend {
@@ -82,7 +83,6 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::new(false)?,
             binding_cap: None,
-            uploaded: None,
         })
     }
 
@@ -92,6 +92,10 @@ impl GpuBackend {
     /// error scopes), uses the pipeline cache only where the device was opened with
     /// `Features::PIPELINE_CACHE`, and names the adapter from `device.adapter_info()`.
     /// The limits are the device's own.
+    ///
+    /// wgpu keeps the error-scope stack of every thread that ever pushed one for the
+    /// device's lifetime (a few hundred bytes each): evaluate from long-lived threads, not a
+    /// new thread per call ([`GpuBackend::new`]'s own device has no such cost).
     ///
     /// Work the caller has recorded but not submitted on `queue` is the caller's to submit
     /// first: ssdkd submits its own command buffer, which runs after what was submitted
@@ -103,7 +107,6 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::from_device(device, queue)?,
             binding_cap: None,
-            uploaded: None,
         })
     }
 
@@ -118,7 +121,6 @@ impl GpuBackend {
         Ok(Self {
             engine: Engine::new(true)?,
             binding_cap: None,
-            uploaded: None,
         })
     }
 
@@ -154,7 +156,7 @@ impl GpuBackend {
         self.binding_cap = bytes;
     }
 
-    /// Evaluates `batch` on the GPU: uploads it (into buffers kept for its shape), runs
+    /// Evaluates `batch` on the GPU: uploads it (into buffers cached for its shape), runs
     /// every stage and reads back the sums, and the gradients and decisions when requested.
     ///
     /// # Errors
@@ -189,16 +191,26 @@ impl GpuBackend {
         validate: bool,
     ) -> Result<Evaluation> {
         let recording = self.record(batch.shape(), config, request, validate)?;
-        let gpu = match self.uploaded.take() {
-            Some(gpu) if gpu.shape() == batch.shape() => gpu,
-            _ => self.engine.create_batch(batch.shape())?,
-        };
+        let gpu = self.engine.take_upload(batch.shape())?;
         let result = self
             .engine
             .write_batch(&gpu, batch)
             .and_then(|()| self.execute(&gpu, config, &recording));
-        self.uploaded = Some(gpu);
+        self.engine.keep_upload(gpu);
         result
+    }
+
+    /// What the shape cache holds now: shapes, bytes of buffers and bind-group sets, within
+    /// [`GpuCacheStats::budget`].
+    #[must_use]
+    pub fn cache_stats(&self) -> GpuCacheStats {
+        self.engine.cache_stats()
+    }
+
+    /// Sets the shape cache's budget ([`GpuCacheBudget::DEFAULT`] until then), evicting
+    /// the least recently used shapes now over it. The latest shape is always kept.
+    pub fn set_cache_budget(&mut self, budget: GpuCacheBudget) {
+        self.engine.set_cache_budget(budget);
     }
 
     /// Uploads `batch` into new GPU buffers, for [`GpuBackend::evaluate_resident`].

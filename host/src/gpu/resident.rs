@@ -8,12 +8,9 @@ use crate::error::{Error, Result};
 use crate::gpu::chunks::{Chunk, Layout};
 use crate::gpu::resources::Resource;
 use ssdkd_core::Tensors;
-use std::sync::Mutex;
 #[cfg(test)]
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
-};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A tensor in a GPU buffer: `size` bytes from byte `offset`, row-major `f32` laid out like
 /// [`crate::Batch`]'s slices. Frameworks that pool their allocations (Burn, cubecl) hand
@@ -107,8 +104,10 @@ impl GpuGradients {
 
 /// A batch resident on the GPU: its input slices and where its gradients go. Evaluate it
 /// with [`crate::gpu::GpuBackend::evaluate_resident`]. Its bind groups are made on its
-/// first evaluation and kept while its slices stay the same: keep it and change its slices
-/// with [`crate::gpu::GpuBackend::rebind`] (which drops them) rather than making a new one.
+/// first evaluation and kept while its slices stay the same and its shape stays in the
+/// backend's cache ([`crate::gpu::GpuCacheBudget`]; an evicted shape's are dropped and made
+/// again on the next evaluation): keep it and change its slices with
+/// [`crate::gpu::GpuBackend::rebind`] (which drops them) rather than making a new one.
 #[derive(Debug)]
 pub struct GpuBatch {
     pub(crate) shape: BatchShape,
@@ -121,8 +120,9 @@ pub struct GpuBatch {
     /// buffer cannot be bound read-only and read-write in one dispatch): the kernels then
     /// write `gradients`, ssdkd's own, and the run copies them here on the device.
     pub(crate) gradients_out: Option<GpuGradients>,
-    /// Its bind groups, made on its first evaluation and dropped with it.
-    pub(crate) bound: Mutex<Option<Bound>>,
+    /// Its bind groups, made on its first evaluation and dropped with it, or when the
+    /// engine evicts the shape whose buffers they bind (the engine holds a weak reference).
+    pub(crate) bound: Arc<Mutex<Option<Bound>>>,
 }
 
 impl GpuBatch {
