@@ -256,7 +256,7 @@ impl Backend {
 // and the GPU's per-image fallback share; this keeps the stages as they are.)
 
 /// `config` for a batch with or without teacher: without, the soft and L2 weights are 0.
-fn for_batch(config: &LossConfig, has_teacher: bool) -> LossConfig {
+pub(crate) fn for_batch(config: &LossConfig, has_teacher: bool) -> LossConfig {
     let mut config = *config;
     if !has_teacher {
         config.weights.soft = 0.0;
@@ -266,7 +266,7 @@ fn for_batch(config: &LossConfig, has_teacher: bool) -> LossConfig {
 }
 
 /// Reports the teacher's terms of an evaluation without teacher as 0 (see [`for_batch`]).
-fn without_teacher_terms(eval: &mut Evaluation) {
+pub(crate) fn without_teacher_terms(eval: &mut Evaluation) {
     eval.terms.soft_loss = 0.0;
     eval.terms.l2_loss = 0.0;
     eval.sums.soft = 0.0;
