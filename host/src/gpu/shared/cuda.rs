@@ -449,7 +449,14 @@ impl CudaShared {
             } = self;
             let entry = &mut shapes[index];
             device.bind_teacher(&mut entry.shared, has_teacher)?;
-            run(device, entry, semaphore.as_mut(), inputs, &config, has_teacher)
+            run(
+                device,
+                entry,
+                semaphore.as_mut(),
+                inputs,
+                &config,
+                has_teacher,
+            )
         })?;
         if !has_teacher {
             without_teacher_terms(&mut eval);
@@ -485,17 +492,17 @@ fn run(
 ) -> Result<Evaluation> {
     let stream = inputs.stream as usize as sys::CUstream;
     let bytes = SharedBatch::bytes(inputs.shape);
-    for i in 0..6 {
+    for (i, &size) in bytes[..6].iter().enumerate() {
         if (2..4).contains(&i) && !has_teacher {
             continue;
         }
-        // SAFETY: both ranges are `bytes[i]` long: the caller's tensor (the contract of
+        // SAFETY: both ranges are `size` long: the caller's tensor (the contract of
         // `CudaInputs`) and the mapping of the shared buffer.
         cuda("copying an input on the stream", unsafe {
             sys::cuMemcpyDtoDAsync_v2(
                 entry.imported[i].pointer,
                 inputs.pointers[i],
-                bytes[i] as usize,
+                size as usize,
                 stream,
             )
         })?;
@@ -561,11 +568,11 @@ fn check_on_host(inputs: &CudaInputs, config: &LossConfig, has_teacher: bool) ->
     let bytes = SharedBatch::bytes(inputs.shape);
     let mut host: Vec<Vec<f32>> = Vec::with_capacity(6);
     let mut read = 0;
-    for i in 0..6 {
+    for (i, &size) in bytes[..6].iter().enumerate() {
         let len = if (2..4).contains(&i) && !has_teacher {
             0
         } else {
-            bytes[i]
+            size
         };
         let mut data = vec![0f32; (len / 4) as usize];
         if len > 0 {
@@ -588,7 +595,9 @@ fn check_on_host(inputs: &CudaInputs, config: &LossConfig, has_teacher: bool) ->
     })?;
     let shape = inputs.shape;
     let batch = if has_teacher {
-        Batch::new(shape, &host[0], &host[1], &host[2], &host[3], &host[4], &host[5])?
+        Batch::new(
+            shape, &host[0], &host[1], &host[2], &host[3], &host[4], &host[5],
+        )?
     } else {
         Batch::without_teacher(shape, &host[0], &host[1], &host[4], &host[5])?
     };

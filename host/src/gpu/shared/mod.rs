@@ -18,10 +18,10 @@
 
 mod cuda;
 
-pub use cuda::{cuda_unavailable_reason, CudaInputs, CudaShared};
 /// The ash (Vulkan) crate wgpu's Vulkan backend is built with, for callers that import
 /// the exported memory into a Vulkan device of their own.
 pub use ash;
+pub use cuda::{cuda_unavailable_reason, CudaInputs, CudaShared};
 
 use crate::batch::BatchShape;
 use crate::error::{Error, Result};
@@ -217,8 +217,8 @@ impl SharedDevice {
             )));
         };
         let info = adapter.get_info();
-        let (memory_ext, semaphore_ext) = extensions(&adapter)
-            .ok_or_else(|| Error::NoAdapter("not a Vulkan adapter".into()))?;
+        let (memory_ext, semaphore_ext) =
+            extensions(&adapter).ok_or_else(|| Error::NoAdapter("not a Vulkan adapter".into()))?;
         if !memory_ext {
             return Err(missing_extension(ash::khr::external_memory_fd::NAME));
         }
@@ -370,12 +370,8 @@ impl SharedDevice {
         // from here and destroys them when the last handle of the wgpu buffer is dropped
         // and the GPU is done with it.
         let buffer = unsafe {
-            let hal = wgpu::hal::vulkan::Buffer::from_raw_managed(
-                buffer,
-                memory,
-                0,
-                requirements.size,
-            );
+            let hal =
+                wgpu::hal::vulkan::Buffer::from_raw_managed(buffer, memory, 0, requirements.size);
             self.backend.device().create_buffer_from_hal::<Vulkan>(
                 hal,
                 &wgpu::BufferDescriptor {
