@@ -21,7 +21,7 @@ mod cuda;
 /// The ash (Vulkan) crate wgpu's Vulkan backend is built with, for callers that import
 /// the exported memory into a Vulkan device of their own.
 pub use ash;
-pub use cuda::{cuda_unavailable_reason, CudaInputs, CudaShared};
+pub use cuda::{cuda_unavailable_reason, CudaInputs, CudaShared, SHAPES_KEPT};
 
 use crate::batch::BatchShape;
 use crate::error::{Error, Result};
