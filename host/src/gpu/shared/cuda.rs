@@ -3,9 +3,9 @@
 //! load), and [`CudaShared`], the GPU backend on the Vulkan device of a CUDA device with
 //! its batch buffers imported into CUDA and ordered with a caller's stream.
 
-use super::{
-    uuid_hex, vulkan_adapters, Ordering, SharedBatch, SharedDevice, TimelineSemaphore,
-    NVIDIA_VENDOR_ID, SHARED_NAMES,
+use super::vulkan::{
+    missing_extension, uuid_hex, vulkan_adapters, Ordering, SharedBatch, SharedDevice,
+    TimelineSemaphore, VulkanAdapter, NVIDIA_VENDOR_ID, SHARED_NAMES,
 };
 use crate::backend::{for_batch, without_teacher_terms};
 use crate::batch::{teacher_pair, Batch, BatchShape, Evaluation};
@@ -65,7 +65,7 @@ fn matching_adapter(
     ordinal: usize,
     uuid: [u8; 16],
     flags: wgpu::InstanceFlags,
-) -> Result<super::VulkanAdapter> {
+) -> Result<VulkanAdapter> {
     let adapter = vulkan_adapters(flags)
         .into_iter()
         .find(|a| a.uuid == uuid)
@@ -83,7 +83,7 @@ fn matching_adapter(
         )));
     }
     if !adapter.external_memory {
-        return Err(super::missing_extension(ash::khr::external_memory_fd::NAME));
+        return Err(missing_extension(ash::khr::external_memory_fd::NAME));
     }
     Ok(adapter)
 }
@@ -395,7 +395,7 @@ impl CudaShared {
 
     /// The Vulkan adapter.
     #[must_use]
-    pub fn adapter(&self) -> &super::VulkanAdapter {
+    pub fn adapter(&self) -> &VulkanAdapter {
         self.device.adapter()
     }
 
@@ -403,7 +403,7 @@ impl CudaShared {
     /// of those whose values were checked on the host.
     #[must_use]
     pub fn bytes_read_back(&self) -> u64 {
-        self.device.backend.bytes_read_back() + self.checked_bytes
+        self.device.backend_ref().bytes_read_back() + self.checked_bytes
     }
 
     /// Evaluates the tensors of `inputs` with `config`; with `validate`, their values are
