@@ -324,6 +324,30 @@ pub struct CudaInputs {
     pub grad_loc: u64,
 }
 
+impl CudaInputs {
+    /// Checks what can be checked without reading the tensors: every dimension > 0 and
+    /// C ≥ 2, the config (SPEC §8) for C, no null pointer but the teacher's, and the
+    /// teacher's both given or both 0. Returns whether the teacher is given.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming the tensor or the batch; [`Error::Config`] naming the key.
+    pub fn check(&self, config: &LossConfig) -> Result<bool> {
+        check_dimensions(self.shape)?;
+        self.shape.check_config(config)?;
+        let p = self.pointers;
+        for (i, name) in SHARED_NAMES[..6].iter().enumerate() {
+            if p[i] == 0 && !(2..4).contains(&i) {
+                return Err(Error::Shape {
+                    tensor: name,
+                    problem: "null CUDA pointer".into(),
+                });
+            }
+        }
+        let given = |i: usize| (p[i] != 0).then_some(p[i]);
+        Ok(teacher_pair(given(2), given(3))?.is_some())
+    }
+}
+
 /// The GPU backend on the Vulkan device of a CUDA device, evaluating tensors that live in
 /// CUDA memory: each input is copied device to device on the caller's stream into
 /// exportable buffers imported into CUDA (kept for [`SHAPES_KEPT`] shapes), the kernels
@@ -422,19 +446,7 @@ impl CudaShared {
         validate: bool,
     ) -> Result<Evaluation> {
         let shape = inputs.shape;
-        check_dimensions(shape)?;
-        shape.check_config(config)?;
-        let p = inputs.pointers;
-        for (i, name) in SHARED_NAMES[..6].iter().enumerate() {
-            if p[i] == 0 && !(2..4).contains(&i) {
-                return Err(Error::Shape {
-                    tensor: name,
-                    problem: "null CUDA pointer".into(),
-                });
-            }
-        }
-        let given = |i: usize| (p[i] != 0).then_some(p[i]);
-        let has_teacher = teacher_pair(given(2), given(3))?.is_some();
+        let has_teacher = inputs.check(config)?;
         let config = for_batch(config, has_teacher);
         let mut eval = with_current(self.context.context, || {
             if validate {
@@ -492,6 +504,12 @@ fn run(
 ) -> Result<Evaluation> {
     let stream = inputs.stream as usize as sys::CUstream;
     let bytes = SharedBatch::bytes(inputs.shape);
+    // The previous evaluation of this shape may have copied its gradients out on another
+    // stream: nothing here overwrites the buffers before that is done.
+    // SAFETY: a live event (one never recorded is complete) and the caller's stream.
+    cuda("ordering after the last use", unsafe {
+        sys::cuStreamWaitEvent(stream, entry.last_use, 0)
+    })?;
     for (i, &size) in bytes[..6].iter().enumerate() {
         if (2..4).contains(&i) && !has_teacher {
             continue;
@@ -522,11 +540,13 @@ fn run(
             let eval = device
                 .backend()
                 .evaluate_resident(entry.shared.batch(), config, request);
+            // Whether or not a submit signalled `done`, the next values start above it
+            // (a timeline only moves up).
+            semaphore.value = done;
             if eval.is_err() {
                 device.unstage(&semaphore.vulkan);
             }
             let eval = eval?;
-            semaphore.value = done;
             semaphore.wait(done, stream)?;
             eval
         }
@@ -621,5 +641,85 @@ impl Drop for CudaShared {
         });
         let _ = self.device.wait_idle();
         drop(semaphore);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(pointers: [u64; 6]) -> CudaInputs {
+        CudaInputs {
+            pointers,
+            shape: BatchShape {
+                batch: 2,
+                priors: 8,
+                classes: 3,
+                objects: 1,
+            },
+            stream: 0,
+            grad_conf: 0,
+            grad_loc: 0,
+        }
+    }
+
+    fn refused_tensor(inputs: &CudaInputs, config: &LossConfig) -> &'static str {
+        match inputs.check(config) {
+            Err(Error::Shape { tensor, .. }) => tensor,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The checks made before any CUDA call: SPEC §1's tensors named, the teacher's both
+    /// or neither, the shape and the config (SPEC §8).
+    #[test]
+    fn inputs_are_checked_before_any_cuda_call() {
+        let config = LossConfig::DEFAULT;
+        assert!(inputs([1, 2, 3, 4, 5, 6]).check(&config).unwrap());
+        assert!(!inputs([1, 2, 0, 0, 5, 6]).check(&config).unwrap());
+        assert_eq!(
+            refused_tensor(&inputs([0, 2, 3, 4, 5, 6]), &config),
+            "student_loc"
+        );
+        assert_eq!(
+            refused_tensor(&inputs([1, 2, 3, 4, 0, 6]), &config),
+            "targets"
+        );
+        assert_eq!(
+            refused_tensor(&inputs([1, 2, 3, 4, 5, 0]), &config),
+            "priors"
+        );
+        assert_eq!(
+            refused_tensor(&inputs([1, 2, 3, 0, 5, 6]), &config),
+            "teacher_conf"
+        );
+        assert_eq!(
+            refused_tensor(&inputs([1, 2, 0, 4, 5, 6]), &config),
+            "teacher_loc"
+        );
+        let mut one_class = inputs([1, 2, 3, 4, 5, 6]);
+        one_class.shape.classes = 1;
+        assert_eq!(refused_tensor(&one_class, &config), "batch");
+        let mut bad = config;
+        bad.temperature = 0.0;
+        assert!(matches!(
+            inputs([1, 2, 3, 4, 5, 6]).check(&bad),
+            Err(Error::Config { key, .. }) if key == "temperature"
+        ));
+    }
+
+    /// Without libcuda every entry point says so instead of failing to load.
+    #[test]
+    fn without_libcuda_the_reason_is_given() {
+        // SAFETY: only tries to load the library.
+        if unsafe { sys::is_culib_present() } {
+            eprintln!("skipped: libcuda is present here");
+            return;
+        }
+        assert_eq!(cuda_unavailable_reason(0).as_deref(), Some(NO_LIBCUDA));
+        match CudaShared::open(0) {
+            Err(Error::NoAdapter(why)) => assert_eq!(why, NO_LIBCUDA),
+            other => panic!("{other:?}"),
+        }
     }
 }
