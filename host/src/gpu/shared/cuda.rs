@@ -708,6 +708,12 @@ mod tests {
         ));
     }
 
+    /// The shared buffers' inputs are SPEC §1's tensors, in its order.
+    #[test]
+    fn shared_names_start_with_the_tensor_names() {
+        assert_eq!(SHARED_NAMES[..6], crate::TENSOR_NAMES);
+    }
+
     /// Without libcuda every entry point says so instead of failing to load.
     #[test]
     fn without_libcuda_the_reason_is_given() {
