@@ -3,6 +3,8 @@
 //! tolerances are the library's; errors map to exception classes in `error.rs`. All loss
 //! logic stays in the `ssdkd` library; `ssdkd/__init__.py` is the public API over this.
 
+#[cfg(all(feature = "cuda", target_os = "linux"))]
+mod cuda;
 mod error;
 
 use error::to_py;
@@ -231,7 +233,7 @@ impl PyBackend {
                 1,
             )?;
         }
-        PyEvaluation::new(py, eval, shape, self)
+        PyEvaluation::new(py, eval, shape, self.name, &self.adapter)
     }
 
     fn __repr__(&self) -> String {
@@ -269,7 +271,13 @@ struct PyEvaluation {
 }
 
 impl PyEvaluation {
-    fn new(py: Python<'_>, e: ssdkd::Evaluation, s: BatchShape, by: &PyBackend) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        e: ssdkd::Evaluation,
+        s: BatchShape,
+        backend: &'static str,
+        adapter: &str,
+    ) -> PyResult<Self> {
         let (b, p, c) = (s.batch, s.priors, s.classes);
         let (t, sums) = (e.terms, e.sums);
         // The library's vectors become the arrays' memory (no copy).
@@ -297,8 +305,8 @@ impl PyEvaluation {
             l2_sum: sums.l2,
             conf_sum: sums.conf,
             loc_sum: sums.loc,
-            backend: by.name,
-            adapter: by.adapter.clone(),
+            backend,
+            adapter: adapter.to_owned(),
             grad_student_conf,
             grad_student_loc,
             conf_target,
@@ -612,6 +620,11 @@ fn _ssdkd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     error::register(m)?;
     m.add_class::<PyBackend>()?;
     m.add_class::<PyEvaluation>()?;
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
+    {
+        m.add_class::<cuda::PyCudaShared>()?;
+        m.add_function(wrap_pyfunction!(cuda::cuda_unavailable_reason, m)?)?;
+    }
     for f in [
         wrap_pyfunction!(check_shapes, m)?,
         wrap_pyfunction!(check_config, m)?,

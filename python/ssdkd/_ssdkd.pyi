@@ -66,6 +66,28 @@ class Evaluation:
     neg_mask: Optional[npt.NDArray[np.uint8]]
     def terms(self) -> dict[str, float]: ...
 
+class CudaShared:
+    """The GPU backend sharing buffers with a CUDA device (Linux, cargo feature `cuda`).
+    Opening fails with `NoAdapterError` naming the reason."""
+
+    ordering: str
+    adapter: str
+    uuid: str
+    bytes_read_back: int
+    def __init__(self, device_index: int) -> None: ...
+    def evaluate(
+        self,
+        ptrs: list[int],
+        shape: tuple[int, int, int, int],
+        config_json: str,
+        stream: int,
+        grad_conf_ptr: int,
+        grad_loc_ptr: int,
+        validate: bool,
+    ) -> Evaluation: ...
+
+def cuda_unavailable_reason(device_index: int) -> Optional[str]: ...
+
 CONFIG_KEYS: list[str]
 DEFAULT_CONFIG_JSON: str
 PRESETS: list[str]

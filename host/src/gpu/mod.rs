@@ -10,6 +10,8 @@
 //! - `resident.rs`: the public types of batches on the GPU (`GpuSlice`, `GpuTensors`,
 //!   `GpuGradients`, `GpuBatch`) and the checks of the caller's slices;
 //! - `pipeline_cache.rs`: the per-user pipeline cache's file;
+//! - `shared/` (feature `cuda`, Linux): batch buffers in exportable Vulkan memory shared
+//!   with CUDA, ordered with a caller's CUDA stream;
 //! - `shader.rs`: the WGSL of each stage and, by naga's reflection, the buffers each
 //!   kernel binds;
 //! - `engine.rs`: every wgpu call — device, pipelines (through a per-user pipeline
@@ -38,6 +40,8 @@ mod recording;
 mod resident;
 mod resources;
 mod shader;
+#[cfg(all(feature = "cuda", target_os = "linux"))]
+pub mod shared;
 
 pub use engine::{CacheBudget as GpuCacheBudget, CacheStats as GpuCacheStats};
 pub use resident::{GpuBatch, GpuGradients, GpuSlice, GpuTensors};
