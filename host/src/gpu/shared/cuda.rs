@@ -8,9 +8,9 @@ use super::vulkan::{
     TimelineSemaphore, VulkanAdapter, NVIDIA_VENDOR_ID, SHARED_NAMES,
 };
 use crate::batch::with_teacher_rule;
-use crate::batch::{teacher_pair, Batch, BatchShape, Evaluation};
+use crate::batch::{teacher_pair, BatchShape, Evaluation};
 use crate::error::{Error, Result};
-use crate::gpu::{check_dimensions, GpuRequest};
+use crate::gpu::GpuRequest;
 use cudarc::driver::sys;
 use ssdkd_core::LossConfig;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
@@ -332,7 +332,7 @@ impl CudaInputs {
     /// # Errors
     /// [`Error::Shape`] naming the tensor or the batch; [`Error::Config`] naming the key.
     pub fn check(&self, config: &LossConfig) -> Result<bool> {
-        check_dimensions(self.shape)?;
+        self.shape.check()?;
         self.shape.check_config(config)?;
         let p = self.pointers;
         for (i, name) in SHARED_NAMES[..6].iter().enumerate() {
