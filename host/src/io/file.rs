@@ -3,6 +3,7 @@
 
 use super::input::SafetensorsInput;
 use crate::batch::{teacher_pair, Batch, BatchShape, Gradients, OwnedBatch, Request};
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::limits::{check_estimate, Estimate};
 use ssdkd_core::{LossConfig, PriorPreset};
@@ -286,16 +287,18 @@ pub fn write_f32_tensors(
 /// Writes the gradients of an evaluation of a batch of `shape` as `grad_student_conf`
 /// `[B, P, C]` and `grad_student_loc` `[B, P, 4]` (f32), atomically (as `eval --grad-out`),
 /// refusing a target that is a special file or the same file as one of `inputs`
-/// ([`crate::output`]).
+/// ([`crate::output`]); stopped by `cancel` until the file is in place.
 ///
 /// # Errors
 /// [`Error::Shape`] when the gradients' lengths disagree with `shape`; [`Error::File`] when
-/// the target is refused; [`Error::Io`] when the folder is not writable.
+/// the target is refused; [`Error::Io`] when the folder is not writable;
+/// [`Error::Cancelled`] when `cancel` stopped it.
 pub fn write_gradients(
     path: &Path,
     inputs: &[&Path],
     shape: BatchShape,
     gradients: &Gradients,
+    cancel: Option<&CancelToken>,
 ) -> Result<()> {
     let BatchShape {
         batch: b,
@@ -303,7 +306,7 @@ pub fn write_gradients(
         classes: c,
         ..
     } = shape;
-    super::output::write_f32_tensors(
+    super::output::write_f32_tensors_cancellable(
         path,
         inputs,
         &[
@@ -311,6 +314,7 @@ pub fn write_gradients(
             ("grad_student_loc", vec![b, p, 4], &gradients.student_loc),
         ],
         None,
+        cancel,
     )
 }
 
