@@ -285,11 +285,19 @@ impl Write for CheckedWriter<'_> {
 const TEMP_MARK: &str = ".ssdkd-";
 /// The end of a temporary file's name.
 const TEMP_END: &str = ".tmp";
+/// The most bytes of the target's name in a temporary file's name: with the mark, a pid,
+/// the random part and the end, the whole stays under 255 bytes (`NAME_MAX`).
+const MAX_NAME_IN_TEMP: usize = 200;
 
 /// The name of this process's temporary files for the target `name`, less the random part
 /// [`tempfile::Builder`] adds between the two.
 fn temp_builder(name: &str) -> (String, tempfile::Builder<'static, 'static>) {
-    let prefix = format!(".{name}{TEMP_MARK}{}-", std::process::id());
+    // The target's name is shortened to keep the temporary name within 255 bytes.
+    let mut end = name.len().min(MAX_NAME_IN_TEMP);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let prefix = format!(".{}{TEMP_MARK}{}-", &name[..end], std::process::id());
     let mut builder = tempfile::Builder::new();
     builder.suffix(TEMP_END);
     (prefix, builder)
@@ -621,6 +629,14 @@ mod tests {
         assert_eq!(pid(".g.safetensors.ssdkd-4242-aB3xY9.tmp"), Some(4242));
         assert_eq!(pid(".a.ssdkd-1.b.ssdkd-17-Zz0.tmp"), Some(17));
         let (prefix, _) = temp_builder("g.safetensors");
+        assert_eq!(
+            pid(&format!("{prefix}q1W2e3.tmp")),
+            Some(std::process::id())
+        );
+        // A long target name is shortened in its temporary's name (NAME_MAX is 255).
+        let long = "é".repeat(120);
+        let (prefix, _) = temp_builder(&long);
+        assert!(prefix.len() + 6 + TEMP_END.len() <= 255, "{}", prefix.len());
         assert_eq!(
             pid(&format!("{prefix}q1W2e3.tmp")),
             Some(std::process::id())
