@@ -3,6 +3,7 @@
 
 use super::input::SafetensorsInput;
 use crate::batch::{Batch, BatchShape, Gradients, OwnedBatch, Request};
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::limits::{check_estimate, Estimate};
 use ssdkd_core::{LossConfig, PriorPreset, Tensors, TENSOR_NAMES};
@@ -237,16 +238,18 @@ pub fn write_f32_tensors(
 /// Writes the gradients of an evaluation of a batch of `shape` as `grad_student_conf`
 /// `[B, P, C]` and `grad_student_loc` `[B, P, 4]` (f32), atomically (as `eval --grad-out`),
 /// refusing a target that is a special file or the same file as one of `inputs`
-/// ([`crate::io::output`]).
+/// ([`crate::io::output`]); stopped by `cancel` until the file is in place.
 ///
 /// # Errors
 /// [`Error::Shape`] when the gradients' lengths disagree with `shape`; [`Error::File`] when
-/// the target is refused; [`Error::Io`] when the folder is not writable.
+/// the target is refused; [`Error::Io`] when the folder is not writable;
+/// [`Error::Cancelled`] when `cancel` stopped it.
 pub fn write_gradients(
     path: &Path,
     inputs: &[&Path],
     shape: BatchShape,
     gradients: &Gradients,
+    cancel: Option<&CancelToken>,
 ) -> Result<()> {
     let BatchShape {
         batch: b,
@@ -254,7 +257,7 @@ pub fn write_gradients(
         classes: c,
         ..
     } = shape;
-    super::output::write_f32_tensors(
+    super::output::write_f32_tensors_cancellable(
         path,
         inputs,
         &[
@@ -262,6 +265,7 @@ pub fn write_gradients(
             ("grad_student_loc", vec![b, p, 4], &gradients.student_loc),
         ],
         None,
+        cancel,
     )
 }
 

@@ -32,7 +32,8 @@ pub(crate) fn timed(
     request: Request,
 ) -> Outcome<(Evaluation, Duration)> {
     let start = Instant::now();
-    let eval = backend.evaluate(batch, config, request)?;
+    let eval =
+        backend.evaluate_cancellable(batch, config, request, Some(crate::interrupt::token()))?;
     Ok((eval, start.elapsed()))
 }
 

@@ -41,7 +41,13 @@ pub(crate) fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
     // Write the gradients before printing anything: on failure nothing claims success.
     if let (Some(path), Some((_, eval, _))) = (&args.grad_out, results.first()) {
         if let Some(grads) = &eval.gradients {
-            write_gradients(path, &[&args.file], batch.shape(), grads)?;
+            write_gradients(
+                path,
+                &[&args.file],
+                batch.shape(),
+                grads,
+                Some(crate::interrupt::token()),
+            )?;
         }
     }
     for (backend, eval, elapsed) in &results {

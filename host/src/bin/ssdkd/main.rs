@@ -12,6 +12,7 @@ mod demo;
 mod eval;
 mod failure;
 mod harness;
+mod interrupt;
 mod priors;
 mod stdout;
 
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
             };
         }
     };
+    interrupt::install();
     let mut out = Out::new();
     // Every command's result goes to stdout: with stdout closed, refuse before any work
     // (and before any --grad-out file is written).
@@ -75,6 +77,9 @@ fn main() -> ExitCode {
             Command::Priors(args) => priors::priors(&args, &mut out),
         })
         .and_then(|()| out.flush());
+    if let Some(code) = interrupt::finish() {
+        return ExitCode::from(code);
+    }
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

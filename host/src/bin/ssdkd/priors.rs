@@ -3,7 +3,7 @@
 use crate::args::PriorsArgs;
 use crate::failure::{shown, Outcome};
 use crate::stdout::Out;
-use ssdkd::io::file::write_f32_tensors;
+use ssdkd::io::output::write_f32_tensors_cancellable;
 
 pub(crate) fn priors(args: &PriorsArgs, out: &mut Out) -> Outcome {
     let config = args.preset.config();
@@ -11,14 +11,16 @@ pub(crate) fn priors(args: &PriorsArgs, out: &mut Out) -> Outcome {
     match &args.out {
         Some(path) => {
             let metadata = [("prior_preset".to_owned(), args.preset.name().to_owned())].into();
-            write_f32_tensors(
+            write_f32_tensors_cancellable(
                 path,
+                &[],
                 &[(
                     "priors",
                     vec![priors.len(), 4],
                     bytemuck::cast_slice(&priors),
                 )],
                 Some(metadata),
+                Some(crate::interrupt::token()),
             )?;
             eprintln!(
                 "ssdkd: wrote {} priors of {} to {}",
