@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import pytorch_peer as peer  # noqa: E402
 
 import ssdkd  # noqa: E402
+import ssdkd.testing  # noqa: E402,F401  (binds ssdkd.testing)
 import ssdkd.torch as st  # noqa: E402
 from ssdkd import _ssdkd  # noqa: E402
 
@@ -165,7 +166,7 @@ def kd_run(crit, t, dtype=None, teacher=True, weights=WEIGHTS):
         loss_l, loss_c = crit((loc, conf, t["priors"]), image_list(t))
         out = (loss_c * 0, loss_c * 0, loss_c, loss_l)
     sum(w * o for w, o in zip(weights, out)).backward()
-    return [float(o) for o in out], (sl.grad, sc.grad)
+    return [float(o.detach()) for o in out], (sl.grad, sc.grad)
 
 
 def part_b(device, dry):
@@ -210,7 +211,7 @@ def autocast_check(device, dtype, t, cfg):
             with torch.autocast(device.type, dtype=dtype):
                 y = head(x).view(b, p, 4 + c)
                 loss = loss_of(y[..., :4], y[..., 4:])
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -239,15 +240,16 @@ def autocast_check(device, dtype, t, cfg):
 
 # -- c ---------------------------------------------------------------------------------------
 
-def part_c(device, steps):
+def part_c(device, steps, strict=True):
     torch.manual_seed(0)
     crit = st.MultiBoxLoss_KD(21, validate=False)
     rng = np.random.default_rng(0)
     half = steps // 2
     warm = max(1, half // 10)
     fixed = batch_on(device, 8, seed=21)
-    shapes = [batch_on(device, int(b), objects=int(m), seed=100 + i)
-              for i, (b, m) in enumerate(zip(rng.integers(1, 9, 24), rng.integers(1, 11, 24)))]
+    count = max(1, min(24, (steps - half) // 2))
+    shapes = [batch_on(device, int(b), objects=int(m), seed=100 + i) for i, (b, m) in
+              enumerate(zip(rng.integers(1, 9, count), rng.integers(1, 11, count)))]
     marks = {}
 
     def step(t):
@@ -270,7 +272,7 @@ def part_c(device, steps):
     # Changing shapes: every shape seen once in warm-up, then drawn at random.
     for i in range(steps - half):
         step(shapes[i % len(shapes)] if i < len(shapes) else shapes[rng.integers(len(shapes))])
-        if i + 1 == max(warm, len(shapes)):
+        if i + 1 == min(max(warm, len(shapes)), steps - half):
             mark("changing_warm")
     mark("changing_end")
 
@@ -286,7 +288,10 @@ def part_c(device, steps):
            "path": crit.last_path}
     limits = [out["fixed_rss_growth_mib"], out["changing_rss_growth_mib"],
               out["fixed_device_growth_mib"], out["changing_device_growth_mib"]]
-    out["ok"] = all(g is None or g <= 1.0 for g in limits)
+    if strict:
+        out["ok"] = all(g is None or g <= 1.0 for g in limits)
+    else:  # a dry run's few steps check the code, not the memory
+        out["ok"], out["limits_checked"] = True, False
     return out
 
 
@@ -321,7 +326,7 @@ def part_d(device, batches, iters):
 
 # -- e ---------------------------------------------------------------------------------------
 
-def part_e(device, batch, iters):
+def part_e(device, batch, iters, warmup=1):
     import torchvision
 
     clock = Clock(device)
@@ -373,7 +378,7 @@ def part_e(device, batch, iters):
             opt.zero_grad(set_to_none=True)
             loss_of(*heads()).backward()
             opt.step()
-        row[f"{name}_step_ms"] = clock.median_ms(step, iters, warmup=1)
+        row[f"{name}_step_ms"] = clock.median_ms(step, iters, warmup=warmup)
     return row
 
 
@@ -406,9 +411,10 @@ def main():
               "python": platform.python_version(), "dry_run": args.dry_run}
     start = time.perf_counter()
     parts = {"a": lambda: part_a(device), "b": lambda: part_b(device, args.dry_run),
-             "c": lambda: part_c(device, args.steps),
+             "c": lambda: part_c(device, args.steps, not args.dry_run),
              "d": lambda: part_d(device, batches, args.iters),
-             "e": lambda: part_e(device, args.ssd_batch, max(1, args.iters // 2))}
+             "e": lambda: part_e(device, args.ssd_batch, max(1, args.iters // 2),
+                                 0 if args.dry_run else 1)}
     failures = []
     for name in args.parts:
         began = time.perf_counter()

@@ -7,6 +7,9 @@ class needs an NVIDIA GPU: bench/cuda_check.py runs it there."""
 
 import ctypes
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -16,6 +19,8 @@ import torch
 import ssdkd
 import ssdkd.torch as st
 from ssdkd.testing import synthetic_batch
+
+from conftest import REPO
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 
@@ -187,3 +192,40 @@ def test_shared_evaluate_passes_contiguous_float32_and_fills_torch_gradients(fre
     np.testing.assert_array_equal(grad_loc.numpy(), want.grad_student_loc)
     ev, grad_loc, grad_conf = st._shared_evaluate(shared, tensors, config, False, True, 0)
     assert grad_loc is None and grad_conf is None and StandIn.calls[-1]["ptrs"][0] != 0
+
+
+CHECK = [sys.executable, os.path.join(REPO, "bench", "cuda_check.py")]
+
+
+def test_cuda_check_dry_run_runs_every_part_on_the_cpu():
+    """bench/cuda_check.py --dry-run: parts a-e on the CPU, one JSON object, exit 0."""
+    out = subprocess.run(CHECK + ["--dry-run"], capture_output=True, text=True, timeout=900,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    r = json.loads(line)
+    assert r["dry_run"] is True and r["failed"] == []
+    assert r["a"] == {"path": "host", "reason": "tensors on cpu are not CUDA tensors",
+                      "device": "cpu", "ok": True}
+    for part in ("kd", "multibox"):
+        assert r["b"][part]["ok"] and r["b"][part]["path"] == "host"
+        assert r["b"][part]["term_units"] <= 1.0 and r["b"][part]["grad_units"] <= 1.0
+    assert r["b"]["autocast"]["dtype"] == "bfloat16" and r["b"]["autocast"]["ok"]
+    assert r["c"]["steps"] == 40 and set(r["c"]["marks"]) == {
+        "fixed_warm", "fixed_end", "changing_warm", "changing_end"}
+    assert r["c"]["fixed_device_growth_mib"] is None  # no device memory on the CPU
+    assert [row["batch"] for row in r["d"]] == [1, 2]
+    for row in r["d"]:
+        assert set(row) == {"batch", "ssdkd_host_ms", "peer_batched_ms", "peer_loop_ms"}
+        assert all(v > 0 for k, v in row.items() if k.endswith("_ms"))
+    assert r["e"]["priors"] == 8732 and r["e"]["batch"] == 1
+    assert all(r["e"][f"{k}_step_ms"] > 0 for k in ("ssdkd_host", "peer_batched", "peer_loop"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_check_without_cuda_fails_with_the_reason():
+    out = subprocess.run(CHECK + ["--device", "cuda"], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "CUDA was requested (--device cuda) but torch.cuda.is_available() is False" in \
+        out.stderr, out.stderr
