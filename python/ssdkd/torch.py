@@ -16,8 +16,10 @@
   The inputs are saved with ``save_for_backward``: an in-place change between forward and
   backward raises PyTorch's own error. Backward is once-differentiable: a gradient penalty
   through it raises a ``RuntimeError`` saying so (``once_differentiable``). Non-finite
-  incoming gradients give non-finite gradients. ``torch.func.grad``/``vjp`` work;
-  ``torch.func.vmap`` raises an :class:`ssdkd.InputError` (the loss is batched already).
+  incoming gradients give non-finite gradients. ``torch.func.vmap`` raises an
+  :class:`ssdkd.InputError` (the loss is batched already); ``torch.func.grad``/``vjp``
+  raise a ``RuntimeError`` naming ``loss.backward()`` where torch applies no torch.func
+  transform to a custom operator's autograd rule (torch 2.15).
 - Cost of a step (``reduction="mean"``): once a module's last two backward calls got the
   same weights (a training loop's fixed combination), its forward evaluates the gradients
   for those weights in the same pass and a backward with those weights takes them: one
@@ -310,6 +312,8 @@ def cuda_path(device=None, backend="auto"):
     device = _torch.device(device if device is not None else "cuda")
     if device.type != "cuda":
         return {"path": "host", "reason": f"tensors on {device} are not CUDA tensors"}
+    if device.index is None and not _torch.cuda.is_available():
+        return {"path": "host", "reason": "torch sees no CUDA device"}
     if backend not in ("auto", "cuda"):
         return {"path": "host", "reason": f"backend {backend!r} takes the host path"}
     index = device.index if device.index is not None else _torch.cuda.current_device()
@@ -537,8 +541,7 @@ _loss_backward_op.register_autograd(_once_autograd, setup_context=_once_setup_co
 
 def _no_vmap(info, in_dims, *args):
     raise _input_error("ssdkd's loss does not support torch.func.vmap: it is batched "
-                       "already; call it on the [B, ...] tensors (torch.func.grad and vjp "
-                       "work)", key="vmap")
+                       "already; call it on the [B, ...] tensors", key="vmap")
 
 
 _loss_op.register_vmap(_no_vmap)

@@ -244,3 +244,42 @@ def test_double_backward_error_comes_from_the_registered_rule():
     with pytest.raises(RuntimeError, match=st._ONCE.split(":")[0]):
         (g ** 2).sum().backward()
     assert math.isfinite(float(sum(out)))
+
+
+@pytest.mark.parametrize("teacher", [True, False])
+def test_opcheck_passes_for_the_loss_operator(teacher):
+    """torch.library.opcheck: schema, autograd registration, fake tensors and AOT dispatch
+    with dynamic shapes agree with the real operator."""
+    t, _, _ = setup(110)
+    crit = st.MultiBoxLoss_KD(5, backend="cpu")
+    sl = t["student_loc"].clone().requires_grad_(True)
+    sc = t["student_conf"].clone().requires_grad_(True)
+    args = (sl, sc, t["teacher_loc"] if teacher else None,
+            t["teacher_conf"] if teacher else None, t["targets"], t["priors"],
+            crit._settings(), crit._handle, True)
+    result = torch.library.opcheck(torch.ops.ssdkd.loss.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_gradients_handed_to_autograd_are_not_overwritten_by_the_next_step():
+    """A step's gradients (taken from the forward once the weights repeat) own their
+    memory: later steps on other batches leave them as they were."""
+    crit = st.MultiBoxLoss_KD(5, backend="cpu", validate=False)
+    kept = []
+    for seed in (111, 112, 113, 114, 115):
+        t = tensors("mobilenet300", 5, seed)
+        sl = t["student_loc"].clone().requires_grad_(True)
+        sc = t["student_conf"].clone().requires_grad_(True)
+        out = crit((sl, sc, t["priors"]), (t["teacher_loc"], t["teacher_conf"]), t["targets"])
+        sum(w * o for w, o in zip(WEIGHTS, out)).backward()
+        kept.append((sl.grad, sc.grad, sl.grad.clone(), sc.grad.clone(), t))
+    for g_loc, g_conf, loc_copy, conf_copy, t in kept:
+        assert torch.equal(g_loc, loc_copy) and torch.equal(g_conf, conf_copy)
+    storages = {g.untyped_storage().data_ptr() for k in kept for g in k[:2]}
+    assert len(storages) == 2 * len(kept)
+    sl, sc = kept[-1][0], kept[-1][1]
+    last = kept[-1][4]
+    leaf_loc = last["student_loc"].clone().requires_grad_(True)
+    leaf_conf = last["student_conf"].clone().requires_grad_(True)
+    leaf_loc.grad, leaf_conf.grad = sl, sc
+    assert_evaluate_gradients(leaf_loc, leaf_conf, last, WEIGHTS)
