@@ -11,6 +11,7 @@ _Targets = Union[torch.Tensor, Sequence[torch.Tensor]]
 def pad_targets(targets: _Targets) -> npt.NDArray[np.float32]: ...
 
 class MultiBoxLoss_KD(torch.nn.Module):
+    last_path: Optional[str]
     def __init__(
         self,
         num_classes: int,
@@ -38,6 +39,7 @@ class MultiBoxLoss_KD(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]: ...
 
 class MultiBoxLoss(torch.nn.Module):
+    last_path: Optional[str]
     def __init__(
         self,
         num_classes: int,
@@ -60,6 +62,9 @@ class MultiBoxLoss(torch.nn.Module):
         self, predictions: Sequence[torch.Tensor], targets: _Targets
     ) -> tuple[torch.Tensor, ...]: ...
 
+def cuda_path(
+    device: Optional[Union[str, torch.device]] = None, backend: str = "auto"
+) -> dict[str, Any]: ...
 def global_terms(
     soft_sum: torch.Tensor,
     l2_sum: torch.Tensor,
