@@ -41,7 +41,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn as nn
-from torchvision.models.detection import SSD
+from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from tqdm import tqdm
 

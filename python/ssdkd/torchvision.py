@@ -33,7 +33,7 @@ import torch as _torch
 
 try:
     import torchvision as _torchvision  # noqa: F401
-    from torchvision.models.detection import SSD as _SSD
+    from torchvision.models.detection.ssd import SSD as _SSD
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError("ssdkd.torchvision needs torchvision: pip install './python[torchvision]' "
                       f"(or pip install torchvision); {_e}") from _e
