@@ -379,6 +379,30 @@ def test_use_ssdkd_trains_a_custom_ssd():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
 
 
+def test_autocast_and_sum_reduction_go_through():
+    """Under CPU autocast (bfloat16 head outputs and anchors) the terms are float32 and
+    equal the float32 ones within bfloat16's rounding; reduction="sum" gives the sums and
+    the positive count of SPEC §5.7."""
+    rng = np.random.default_rng(8)
+    model = small_ssd().train()
+    images, targets = training_batch(rng, (128, 128), 3, 5)
+    stv.use_ssdkd(model, backend="cpu")
+    plain = model(images, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(images, targets)
+    for key in plain:
+        assert mixed[key].dtype == torch.float32
+        assert abs(float(mixed[key].detach()) - float(plain[key].detach())) <= 0.05 * float(plain[key].detach())
+    stv.total(mixed).backward()
+    anchors, targets, head, _ = kd_batch(9)
+    mean = stv.SSDLoss(backend="cpu")(targets, head, anchors)
+    sums = stv.SSDLoss(backend="cpu", reduction="sum")(targets, head, anchors)
+    n = int(sums["num_pos"])
+    assert n > 0
+    for key in mean:
+        assert term_close(float(sums[key]) / n, float(mean[key])), key
+
+
 # --------------------------------------------------------------------------- distillation
 
 
