@@ -82,8 +82,12 @@ def make_ssd(width, seed):
     torch.manual_seed(seed)
     anchors = DefaultBoxGenerator([list(r) for r in PRIOR_CONFIG["aspect_ratios"]], scales=SCALES,
                                   steps=PRIOR_CONFIG["steps"], clip=PRIOR_CONFIG["clip"])
+    # The images are already 128 px: torchvision's transform only normalises them in
+    # training (`_skip_resize`). Detection keeps distill_shapes.py's settings (score 0.05,
+    # 100 per image).
     return SSD(Backbone(width), anchors, (IMAGE_SIZE, IMAGE_SIZE), NUM_CLASSES,
-               image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+               image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25], score_thresh=0.05,
+               detections_per_img=100, topk_candidates=100, _skip_resize=True)
 
 
 def to_torchvision(targets):
@@ -117,7 +121,7 @@ def train_stage(title, model, loss_of, train, args):
             scheduler.step()
             n = images.shape[0]
             count += n
-            values = dict({k: float(v) for k, v in losses.items()}, total=float(total))
+            values = dict({k: float(v.detach()) for k, v in losses.items()}, total=float(total.detach()))
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             bar.set_postfix({k: f"{sums[k] / count:.4f}" for k in values})

@@ -357,13 +357,9 @@ def _describe_anchors(student, teacher):
                 f"P = {teacher.shape[0]}")
     if _torch.equal(student, teacher):
         return None
-    rows = _torch.ne(student, teacher).any(1).nonzero()[0, 0]
-    j = int(rows)
-    s_sorted = student[_torch.argsort(student[:, 0] * 1e6 + student[:, 1] * 1e3 + student[:, 2]
-                                      + student[:, 3] * 1e-3)]
-    t_sorted = teacher[_torch.argsort(teacher[:, 0] * 1e6 + teacher[:, 1] * 1e3 + teacher[:, 2]
-                                      + teacher[:, 3] * 1e-3)]
-    what = "order" if _torch.equal(s_sorted, t_sorted) else "sizes or positions"
+    j = int(_torch.ne(student, teacher).any(1).nonzero()[0, 0])
+    same_set = _torch.equal(_torch.unique(student, dim=0), _torch.unique(teacher, dim=0))
+    what = "order" if same_set else "sizes or positions"
     return (f"anchors differ in {what}: anchor {j} is {student[j].tolist()} for the student and "
             f"{teacher[j].tolist()} for the teacher")
 
