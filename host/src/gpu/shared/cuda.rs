@@ -437,11 +437,7 @@ impl CudaShared {
     /// [`Error::Shape`] for a zero dimension, C < 2, a null pointer or a teacher given
     /// half; [`Error::Config`] for a bad config; [`Error::Input`] for a bad value (with
     /// `validate`); [`Error::Gpu`] when CUDA or the GPU fails.
-    pub fn evaluate(
-        &mut self,
-        inputs: &CudaInputs,
-        config: &LossConfig,
-    ) -> Result<Evaluation> {
+    pub fn evaluate(&mut self, inputs: &CudaInputs, config: &LossConfig) -> Result<Evaluation> {
         let shape = inputs.shape;
         let has_teacher = inputs.check(config)?;
         with_teacher_rule(has_teacher, config, |config| {
