@@ -7,7 +7,7 @@
 
 use crate::{py_ok, PyEvaluation};
 use pyo3::prelude::*;
-use ssdkd::file::ConfigOverrides;
+use ssdkd::io::file::ConfigOverrides;
 use ssdkd::gpu::shared::{self, CudaInputs, CudaShared};
 use ssdkd::{BatchShape, Error};
 use std::sync::Mutex;
