@@ -189,15 +189,17 @@ impl Loss {
         t
     }
 
-    /// Checks the shapes against each other and the priors ([`BatchShape::from_dims`],
-    /// SPEC §1), the dtypes (f32) and the devices.
+    /// Checks the configuration ([`BatchShape::check_config`], SPEC §8), the shapes against
+    /// each other and the priors ([`BatchShape::from_dims`], SPEC §1), the dtypes (f32) and
+    /// the devices.
     fn check(&self, tensors: Tensors<Option<&Tensor<3>>>) -> ssdkd::Result<()> {
         let dims = tensors.map(|t| t.map(Tensor::dims));
         let priors = [self.priors.len(), 4];
         BatchShape::from_dims(Tensors {
             priors: Some(&priors[..]),
             ..dims.as_ref().map(|d| d.as_ref().map(|d| &d[..]))
-        })?;
+        })?
+        .check_config(&self.spec.config)?;
         let device = tensors.student_loc.map(Tensor::device);
         for (name, tensor) in tensors.named().to_array() {
             let Some(tensor) = tensor else { continue };
@@ -272,7 +274,9 @@ impl MultiBoxLossKd {
     /// negative label pads). The teacher gets no gradient.
     ///
     /// # Errors
-    /// [`Error::Shape`] naming the tensor whose shape, dtype (f32 only) or device does not
+    /// [`Error::Config`] naming the key of a configuration that cannot work (SPEC §8: a
+    /// temperature of 0, a negative variance, an `eps` of 0); [`Error::Shape`] naming the
+    /// tensor whose shape, dtype (f32 only) or device does not
     /// fit. Faults found while evaluating (a NaN in the inputs, a GPU failure) panic with
     /// ssdkd's message, as Burn operations do.
     pub fn forward(

@@ -407,3 +407,53 @@ fn misaligned_or_short_slices_are_errors() {
         }
     }
 }
+
+/// A configuration that cannot work (SPEC §8's accepted ranges) is an `Err` from
+/// `forward`, naming the key, on NdArray and on wgpu; never a panic.
+#[test]
+fn configurations_that_cannot_work_are_errors() {
+    let file = read(&golden_files()[0]);
+    let batch = file.tensors.batch();
+    let s = batch.shape();
+    let (b, p, c, m) = (s.batch, s.priors, s.classes, s.objects);
+    let priors: Vec<[f32; 4]> = batch
+        .priors()
+        .chunks(4)
+        .map(|r| [r[0], r[1], r[2], r[3]])
+        .collect();
+    let mut devices = vec![Device::ndarray()];
+    devices.extend(wgpu().map(|(device, _, _)| device.clone()));
+    let bad: [(&str, fn(&mut LossConfig)); 3] = [
+        ("temperature", |c| c.temperature = 0.0),
+        ("variance", |c| c.variance[1] = -0.2),
+        ("eps", |c| c.eps = 0.0),
+    ];
+    for device in &devices {
+        for (key, spoil) in bad {
+            let mut config = file.config;
+            spoil(&mut config);
+            let loss = MultiBoxLossKd::new(config, priors.clone());
+            let result = loss.forward(
+                tensor3(batch.student_loc(), [b, p, 4], device),
+                tensor3(batch.student_conf(), [b, p, c], device),
+                tensor3(batch.teacher_loc(), [b, p, 4], device),
+                tensor3(batch.teacher_conf(), [b, p, c], device),
+                tensor3(batch.targets(), [b, m, 5], device),
+            );
+            match result {
+                Err(ssdkd::Error::Config { key: got, .. }) => assert_eq!(got, key, "{device:?}"),
+                other => panic!("{key} on {device:?}: {:?}", other.map(|_| "Ok")),
+            }
+            let plain = MultiBoxLoss::new(config, priors.clone()).forward(
+                tensor3(batch.student_loc(), [b, p, 4], device),
+                tensor3(batch.student_conf(), [b, p, c], device),
+                tensor3(batch.targets(), [b, m, 5], device),
+            );
+            assert!(
+                matches!(&plain, Err(ssdkd::Error::Config { key: got, .. }) if got == key),
+                "{key} on {device:?}: plain loss {:?}",
+                plain.map(|_| "Ok")
+            );
+        }
+    }
+}

@@ -642,7 +642,7 @@ mod tests {
         );
         let mut one_class = inputs([1, 2, 3, 4, 5, 6]);
         one_class.shape.classes = 1;
-        assert_eq!(refused_tensor(&one_class, &config), "batch");
+        assert_eq!(refused_tensor(&one_class, &config), "student_conf");
         let mut bad = config;
         bad.temperature = 0.0;
         assert!(matches!(
