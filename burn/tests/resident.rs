@@ -423,7 +423,8 @@ fn configurations_that_cannot_work_are_errors() {
         .collect();
     let mut devices = vec![Device::ndarray()];
     devices.extend(wgpu().map(|(device, _, _)| device.clone()));
-    let bad: [(&str, fn(&mut LossConfig)); 3] = [
+    type Spoil = fn(&mut LossConfig);
+    let bad: [(&str, Spoil); 3] = [
         ("temperature", |c| c.temperature = 0.0),
         ("variance", |c| c.variance[1] = -0.2),
         ("eps", |c| c.eps = 0.0),
