@@ -24,10 +24,17 @@ own), and distillation from one torchvision SSD into another.
   its sort's order), and an image with more than a quarter of its anchors positive, where
   torchvision's unclamped ``num_negative`` counts some positives twice and ssdkd counts
   each once (SPEC §4.2).
+- Data-parallel training (``torch.distributed``, SPEC §5.7): build the loss with
+  ``reduction="sum"`` (:class:`SSDLoss`, :func:`use_ssdkd`, :class:`Distiller`), so that
+  each rank's dict holds its images' un-normalised sums and ``"num_pos"``, and pass that
+  dict to :func:`global_losses`: its values are the whole batch's terms, its gradients
+  this rank's share. Under ``DistributedDataParallel`` (which averages the ranks'
+  gradients) backpropagate ``total(losses) * world_size``.
 """
 
 import math as _math
 from collections import OrderedDict as _OrderedDict
+from collections.abc import Mapping as _Mapping
 
 import torch as _torch
 
@@ -42,7 +49,7 @@ from . import InputError
 from . import torch as _st
 
 __all__ = ["TORCHVISION_CONFIG", "KD_WEIGHTS", "SSDLoss", "Distiller", "use_ssdkd",
-           "to_spec", "total"]
+           "to_spec", "total", "global_losses"]
 
 #: torchvision's matching and mining as SPEC §8 config keys: IoU ≥ 0.5 is positive,
 #: 3 negatives per positive (``positive_fraction = 0.25``), and no negatives at all in an
@@ -310,6 +317,26 @@ def total(losses, weights=None):
     return sum(w * losses[k] for k, w in weights.items())
 
 
+def global_losses(losses, group=None):
+    """The whole batch's loss dict from one rank's ``reduction="sum"`` dict (its sums and
+    ``"num_pos"``), by :func:`ssdkd.torch.global_terms` over ``group``: each term's value
+    is the global sum over the global N = max(Σ num_pos, 1), its gradient this rank's sum
+    over that N (SPEC §5.7). Returns the dict without ``"num_pos"``."""
+    if not isinstance(losses, _Mapping) or "num_pos" not in losses:
+        raise _error("argument `losses`: expected the dict of a loss built with "
+                     "reduction=\"sum\" (it holds `num_pos`)", key="losses")
+    conf, loc = losses["classification"], losses["bbox_regression"]
+    if "soft_loss" in losses:
+        soft, l2 = losses["soft_loss"], losses["l2_loss"]
+    else:
+        soft = l2 = conf.new_zeros(())
+    soft, l2, conf, loc = _st.global_terms(soft, l2, conf, loc, losses["num_pos"], group=group)
+    out = {"bbox_regression": loc, "classification": conf}
+    if "soft_loss" in losses:
+        out = {"soft_loss": soft, "l2_loss": l2, "classification": conf, "bbox_regression": loc}
+    return out
+
+
 def _model_config(model, config):
     """The SSDLoss arguments that reproduce ``model``'s own loss, with ``config`` over them."""
     if not isinstance(model, _SSD):
@@ -330,13 +357,15 @@ def _model_config(model, config):
                 box_coder_weights=model.box_coder.weights, **base)
 
 
-def use_ssdkd(model, *, backend="auto", validate=True, **config):
+def use_ssdkd(model, *, backend="auto", reduction="mean", validate=True, **config):
     """Makes the torchvision ``SSD`` ``model`` compute its loss with ssdkd: in training mode
     ``model(images, targets)`` returns ``{"bbox_regression", "classification"}`` from an
     :class:`SSDLoss` with the model's IoU threshold, negative ratio, box coder and image
     size (``**config`` SPEC §8 keys over them). The loss is the module ``model.ssdkd_loss``.
+    ``reduction="sum"`` returns the sums and ``"num_pos"`` for :func:`global_losses`.
     Returns the model."""
-    loss = SSDLoss(backend=backend, validate=validate, **_model_config(model, config))
+    loss = SSDLoss(backend=backend, reduction=reduction, validate=validate,
+                   **_model_config(model, config))
     model.ssdkd_loss = loss
     # An instance attribute: SSD.forward's `self.compute_loss(...)` finds it first.
     object.__setattr__(model, "compute_loss", loss)
@@ -393,10 +422,12 @@ class Distiller(_torch.nn.Module):
     number of classes and the same anchors (number, sizes and order, checked on the first
     batch of each image size): any difference is an :class:`ssdkd.InputError` naming it.
     ``**config``: SPEC §8 keys over the student's own (see :func:`use_ssdkd`), e.g.
-    ``temperature``, ``neg_w``, ``reg_m``.
+    ``temperature``, ``neg_w``, ``reg_m``. ``reduction="sum"``: the sums and ``"num_pos"``
+    for :func:`global_losses`.
     """
 
-    def __init__(self, student, teacher, *, backend="auto", validate=True, **config):
+    def __init__(self, student, teacher, *, backend="auto", reduction="mean", validate=True,
+                 **config):
         super().__init__()
         settings = _model_config(student, config)
         if not isinstance(teacher, _SSD):
@@ -410,7 +441,7 @@ class Distiller(_torch.nn.Module):
             raise _error(f"number of classes differs: the student has {s_classes}, the teacher "
                          f"{t_classes}", key="num_classes")
         self.student, self.teacher = student, teacher
-        self.loss = SSDLoss(backend=backend, validate=validate, **settings)
+        self.loss = SSDLoss(backend=backend, reduction=reduction, validate=validate, **settings)
         self._checked = set()
         self.teacher.eval()
         for p in self.teacher.parameters():

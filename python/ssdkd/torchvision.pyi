@@ -42,8 +42,17 @@ def total(
     losses: Mapping[str, torch.Tensor], weights: Optional[Mapping[str, float]] = None
 ) -> torch.Tensor: ...
 
+def global_losses(
+    losses: Mapping[str, torch.Tensor], group: Optional[Any] = None
+) -> dict[str, torch.Tensor]: ...
+
 def use_ssdkd(
-    model: torch.nn.Module, *, backend: str = "auto", validate: bool = True, **config: Any
+    model: torch.nn.Module,
+    *,
+    backend: str = "auto",
+    reduction: str = "mean",
+    validate: bool = True,
+    **config: Any,
 ) -> torch.nn.Module: ...
 
 class Distiller(torch.nn.Module):
@@ -56,6 +65,7 @@ class Distiller(torch.nn.Module):
         teacher: torch.nn.Module,
         *,
         backend: str = "auto",
+        reduction: str = "mean",
         validate: bool = True,
         **config: Any,
     ) -> None: ...

@@ -403,6 +403,151 @@ def test_autocast_and_sum_reduction_go_through():
         assert term_close(float(sums[key]) / n, float(mean[key])), key
 
 
+# --------------------------------------------------------------------------- recipes: GradScaler, DDP
+
+
+def recipe_models(kind, seed=0):
+    """(module, parameters) of a small custom SSD through the adapter: `use_ssdkd(model)`
+    ("plain") or a Distiller from a wider teacher ("distill"), the same weights for the same
+    seed; `reduction` goes to the loss."""
+
+    def build(reduction="mean"):
+        if kind == "plain":
+            model = stv.use_ssdkd(small_ssd(seed=seed), backend="cpu", reduction=reduction)
+            return model.train(), list(model.parameters())
+        student, teacher = small_ssd(width=4, seed=seed), small_ssd(width=12, seed=seed + 1)
+        distiller = stv.Distiller(student, teacher, backend="cpu", reduction=reduction,
+                                  temperature=2.0)
+        return distiller.train(), list(student.parameters())
+
+    return build
+
+
+def recipe_batch(seed, batch):
+    """`batch` 128 px images (the last without objects) and their targets."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    images, targets = training_batch(rng, (128, 128), 3, 5, batch=batch)
+    targets[-1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    return images, targets
+
+
+@pytest.mark.parametrize("kind", ["plain", "distill"])
+def test_grad_scaler_step_equals_the_unscaled_step(kind):
+    """A GradScaler step (torch.amp.GradScaler("cpu")) through the adapter: the scaled
+    gradients are the scale times the plain ones, unscale_ gives the plain gradients within
+    SPEC §7.1, no overflow is found (the scale stays) and the SGD step equals the plain
+    one."""
+    build = recipe_models(kind)
+    images, targets = recipe_batch(21, 2)
+    plain, plain_params = build()
+    plain_opt = torch.optim.SGD(plain_params, lr=0.1)
+    stv.total(plain(images, targets)).backward()
+    expected = [p.grad.clone() for p in plain_params]
+    plain_opt.step()
+
+    scaled, params = build()
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scale = scaler.get_scale()
+    assert scale == 65536.0
+    scaler.scale(stv.total(scaled(images, targets))).backward()
+    assert any(bool(p.grad.abs().sum() > 0) for p in params)
+    for i, (p, g) in enumerate(zip(params, expected)):
+        assert_grad_close(p.grad / scale, g, f"{kind} scaled parameter {i}")
+    scaler.unscale_(opt)
+    for i, (p, g) in enumerate(zip(params, expected)):
+        assert_grad_close(p.grad, g, f"{kind} unscaled parameter {i}")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == scale  # no inf/NaN found in the gradients
+    for i, (p, q) in enumerate(zip(params, plain_params)):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), f"{kind} parameter {i} after the step"
+
+
+DDP_IMAGES_PER_RANK = 2
+
+
+def ddp_worker():
+    """One rank of the 2-process gloo run (`torchrun ... test_torchvision.py ddp`): each
+    recipe's model under DistributedDataParallel on this rank's images, the loss with
+    reduction="sum" and global_losses, backward of total * world size (DDP averages). Rank 0
+    then runs the whole batch in one process and prints one JSON line per recipe."""
+    import json
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    images, targets = recipe_batch(31, DDP_IMAGES_PER_RANK * world)
+    shard = slice(rank * DDP_IMAGES_PER_RANK, (rank + 1) * DDP_IMAGES_PER_RANK)
+    for kind in ("plain", "distill"):
+        build = recipe_models(kind)
+        module, params = build("sum")
+        ddp = DistributedDataParallel(module)
+        sums = ddp(images[shard], targets[shard])
+        losses = stv.global_losses(sums)
+        (stv.total(losses) * world).backward()
+        num_pos = sums["num_pos"].detach().clone().double()
+        dist.all_reduce(num_pos)
+        grads = torch.cat([p.grad.flatten() for p in params])
+        gathered = [torch.empty_like(grads) for _ in range(world)]
+        dist.all_gather(gathered, grads)
+        if rank == 0:
+            single, single_params = build()
+            whole = single(images, targets)
+            stv.total(whole).backward()
+            expected = torch.cat([p.grad.flatten() for p in single_params])
+            bound = 1e-3 * expected.abs() + 1e-7
+            print(json.dumps({
+                "kind": kind, "world_size": world,
+                "num_pos": [float(sums["num_pos"]), float(num_pos)],
+                "ddp": {k: float(v.detach()) for k, v in losses.items()},
+                "single": {k: float(v.detach()) for k, v in whole.items()},
+                "ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered),
+                "grad_excess": float(((grads - expected).abs() - bound).max()),
+                "grad_nonzero": int((expected != 0).sum()),
+            }), flush=True)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_one_process():
+    """torchrun, 2 gloo ranks on the CPU: use_ssdkd(model) and the Distiller, each under
+    DistributedDataParallel with reduction="sum" and global_losses, give the whole batch's
+    terms (SPEC §7.1) and its parameter gradients (SPEC §7.1 on every element) on every
+    rank."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__),
+           "ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert [r["kind"] for r in rows] == ["plain", "distill"], out.stdout
+    for r in rows:
+        assert r["world_size"] == 2
+        local, whole = r["num_pos"]
+        assert 0 < local < whole, r  # the global N differs from rank 0's own
+        assert set(r["ddp"]) == set(r["single"]), r
+        for key, exp in r["single"].items():
+            assert term_close(r["ddp"][key], exp), (r["kind"], key, r["ddp"][key], exp)
+        assert r["single"]["classification"] > 0 and r["single"]["bbox_regression"] > 0, r
+        assert r["ranks_agree"], r
+        assert r["grad_nonzero"] > 100, r
+        assert r["grad_excess"] <= 0, r
+
+
 # --------------------------------------------------------------------------- distillation
 
 
@@ -551,3 +696,10 @@ def test_stub_names_what_the_module_has():
     assert set(stv.__all__) == stubbed
     assert all(hasattr(stv, n) for n in stubbed)
     assert math.isfinite(stv.KD_WEIGHTS["soft_loss"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["ddp"]:
+        ddp_worker()
