@@ -672,6 +672,9 @@ def test_bad_inputs_are_input_errors_naming_them():
         stv.SSDLoss(overlap_threshold=1.5)
     with pytest.raises(ssdkd.InputError, match="expected a torchvision.models.detection.SSD"):
         stv.use_ssdkd(torch.nn.Linear(2, 2))
+    with pytest.raises(ssdkd.InputError, match='reduction="sum"') as e:
+        stv.global_losses(loss(targets, head, anchors))  # a "mean" dict: no num_pos
+    assert e.value.key == "losses"
     model = small_ssd()
     model.neg_to_pos_ratio = 2.5
     with pytest.raises(ssdkd.InputError, match="neg_to_pos_ratio"):
