@@ -109,12 +109,12 @@ pub fn validate_rows(
     }
     let mut image_key = None;
     if row < inputs.student_loc.len() {
-        let conf = |values: &[f32]| values[row * c..(row + 1) * c].to_vec();
+        let rows = row * c..(row + 1) * c;
         let tensors: [(Check, &[f32]); 4] = [
             (Check::StudentLoc, &inputs.student_loc[row]),
-            (Check::StudentConf, &conf(inputs.student_conf)),
+            (Check::StudentConf, &inputs.student_conf[rows.clone()]),
             (Check::TeacherLoc, &inputs.teacher_loc[row]),
-            (Check::TeacherConf, &conf(inputs.teacher_conf)),
+            (Check::TeacherConf, &inputs.teacher_conf[rows]),
         ];
         image_key = tensors
             .iter()
