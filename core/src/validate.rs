@@ -284,23 +284,44 @@ fn check_magnitude(
     let Some(i) = data.iter().position(|&v| beyond(v, limit)) else {
         return Ok(());
     };
-    let (row, column, value) = (i / width, i % width, data[i]);
+    Err(value_error(
+        tensor,
+        image,
+        i / width,
+        i % width,
+        data[i],
+        limit,
+    ))
+}
+
+/// The error for `value` at `row`, `column` of `tensor` that fails `limit` ([`beyond`]):
+/// out of range when it is finite and an image's (a limit below `f32::MAX`), else not
+/// finite. The scan and the validate stage's findings both name a value this way.
+#[must_use]
+pub fn value_error(
+    tensor: Tensor,
+    image: Option<usize>,
+    row: usize,
+    column: usize,
+    value: f32,
+    limit: f32,
+) -> InputError {
     match image {
-        Some(image) if value.is_finite() => Err(InputError::OutOfRange {
+        Some(image) if value.is_finite() && limit < f32::MAX => InputError::OutOfRange {
             tensor,
             image,
             row,
             column,
             value,
             limit,
-        }),
-        _ => Err(InputError::NonFinite {
+        },
+        _ => InputError::NonFinite {
             tensor,
             image,
             row,
             column,
             value,
-        }),
+        },
     }
 }
 

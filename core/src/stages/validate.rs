@@ -20,7 +20,7 @@
 
 use crate::pipeline::ImageInputs;
 use crate::validate::{
-    beyond, check_object, prior_size_ok, InputError, Tensor, MAX_LOGIT, MAX_OFFSET,
+    beyond, check_object, prior_size_ok, value_error, InputError, Tensor, MAX_LOGIT, MAX_OFFSET,
 };
 
 /// Bits of a finding's key that hold its row (P and M are below `2^ROW_BITS`).
@@ -220,21 +220,7 @@ impl Finding {
                 let [x0, y0, x1, y1] = self.corners;
                 check_object(&[x0, y0, x1, y1, value], image, row, num_classes).err()?
             }
-            (_, Some(image)) if value.is_finite() && limit < f32::MAX => InputError::OutOfRange {
-                tensor,
-                image,
-                row,
-                column,
-                value,
-                limit,
-            },
-            (_, Some(image)) => InputError::NonFinite {
-                tensor,
-                image: Some(image),
-                row,
-                column,
-                value,
-            },
+            (_, image) => value_error(tensor, image, row, column, value, limit),
         })
     }
 }
