@@ -7,8 +7,10 @@
 //! cargo run --release --manifest-path burn/Cargo.toml --example bench_step -- [--batch 8,32] [--iters N]
 //! ```
 //!
-//! Prints one JSON object per batch size and path (median and all step times in ms), then
-//! one per batch size with the ratio host / resident.
+//! Prints one JSON object per batch size and path (median and all step times in ms, and
+//! ssdkd evaluations per step: 1, the forward's), then one per batch size with the ratio
+//! host / resident. `ssdkd bench --backend gpu --batch B` times one evaluation of the
+//! same shape for comparison.
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use ssdkd_burn::{LossConfig, LossPath, LossWeights, MultiBoxLossKd, PriorPreset};
 use std::time::Instant;
@@ -73,6 +75,7 @@ fn main() -> Result<(), ssdkd_burn::Error> {
             let loss =
                 MultiBoxLossKd::new(LossConfig::DEFAULT, PriorPreset::Ssd300).with_path(path);
             let bytes_before = ssdkd_burn::bytes_read_back(&plain).unwrap_or(0);
+            let evaluations_before = loss.evaluations();
             let mut times = Vec::new();
             for step in 0..iters + 2 {
                 device.sync().expect("sync");
@@ -96,6 +99,7 @@ fn main() -> Result<(), ssdkd_burn::Error> {
                 }
             }
             let read_back = ssdkd_burn::bytes_read_back(&plain).unwrap_or(0) - bytes_before;
+            let evaluations = loss.evaluations() - evaluations_before;
             let m = median(times.clone());
             medians.push(m);
             println!(
@@ -104,6 +108,7 @@ fn main() -> Result<(), ssdkd_burn::Error> {
                     "adapter": adapter, "path": name, "batch": b, "priors": p, "classes": c,
                     "iters": iters, "median_ms": m, "times_ms": times,
                     "ssdkd_bytes_read_back": read_back,
+                    "evaluations_per_step": evaluations as f64 / (iters + 2) as f64,
                 })
             );
         }

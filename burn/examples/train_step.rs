@@ -1,6 +1,6 @@
 //! One training step of a student SSD head with the distillation loss: on Burn's wgpu
 //! device shared with ssdkd when there is one (the loss then runs on Burn's buffers), on
-//! NdArray otherwise.
+//! Flex (Burn's CPU backend) otherwise.
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams};
@@ -15,14 +15,12 @@ struct Head {
 }
 
 fn main() -> Result<(), ssdkd_burn::Error> {
-    // Open Burn's wgpu device through ssdkd-burn (so both share it), or fall back to NdArray
-    // (deprecated in Burn, and the CPU backend ssdkd-burn implements).
-    #[allow(deprecated)]
+    // Open Burn's wgpu device through ssdkd-burn (so both share it), or fall back to Flex.
     let device = match ssdkd_burn::wgpu_device() {
         Ok(device) => device,
         Err(why) => {
             eprintln!("no wgpu device ({why}); on the CPU");
-            Device::ndarray()
+            Device::flex()
         }
     }
     .autodiff();

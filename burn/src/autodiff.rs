@@ -1,32 +1,62 @@
-//! The backward pass: ssdkd's analytic gradient registered in Burn's autodiff graph. The
-//! forward's output is one `[4]` tensor of the terms, so its backward receives one `[4]`
-//! gradient: those four numbers (the only host read of the backward) are the weights of
-//! one gradient evaluation, which is exactly the gradient of the incoming combination of
-//! the terms (SPEC §6: the total is linear in its weights).
+//! The backward pass: ssdkd's analytic gradient registered in Burn's autodiff graph, from
+//! one evaluation per step. The forward's output is one `[4]` tensor of the terms, so its
+//! backward receives one `[4]` gradient: the weights of the total it differentiates (SPEC
+//! §6: the total is linear in them). The forward evaluates the gradient along with the
+//! terms, with the weights the loss's last backward brought (the configuration's at
+//! first); the backward uses it when the weights are the same bits, and evaluates again
+//! otherwise.
 
-use crate::backend::{LossSpec, SsdkdBackend};
+use crate::backend::{LossInputs, LossSpec, SsdkdBackend};
 use crate::host::read_f32;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::Autodiff;
+use burn::backend::{Autodiff, Backend};
 use ssdkd::Tensors;
 
-/// The six inputs of an evaluation, as the inner backend's tensors.
+/// What the backward needs: the inputs, the spec, and the gradient the forward evaluated
+/// with `weights`.
 #[derive(Clone, Debug)]
-struct Inputs<B: burn::backend::Backend> {
-    tensors: Tensors<FloatTensor<B>>,
+struct State<B: Backend> {
+    inputs: LossInputs<B>,
     spec: LossSpec,
+    weights: [f32; 4],
+    /// ∂/∂student_conf, ∂/∂student_loc.
+    gradients: [FloatTensor<B>; 2],
 }
 
 /// The terms operation's backward: parents `student_loc`, `student_conf`.
 #[derive(Debug)]
 struct TermsBackward;
 
+/// The gradient of `weights` (soft, l2, conf, loc) · terms: one evaluation when every
+/// weight is finite. A non-finite weight `w` adds `w` times its own term's gradient (one
+/// evaluation each, what multiplying Burn's own operations by it would give), to the
+/// tensor that term reaches: soft and conf reach student_conf, l2 and loc student_loc.
+fn weighted_gradients<B: SsdkdBackend>(state: &State<B>, weights: [f32; 4]) -> [FloatTensor<B>; 2] {
+    let evaluate = |w: [f32; 4]| {
+        let (_, conf, loc) = B::ssdkd_evaluate(state.inputs.clone(), state.spec.weighted(w));
+        [conf, loc]
+    };
+    let finite = weights.map(|w| if w.is_finite() { w } else { 0.0 });
+    let mut gradients = evaluate(finite);
+    for (term, w) in weights.into_iter().enumerate() {
+        if !w.is_finite() {
+            let mut unit = [0.0; 4];
+            unit[term] = 1.0;
+            let reached = usize::from(term % 2 == 1); // soft 0, l2 1, conf 2, loc 3
+            let own = evaluate(unit)[reached].clone();
+            let g = gradients[reached].clone();
+            gradients[reached] = B::float_add(g, B::float_mul_scalar(own, w.into()));
+        }
+    }
+    gradients
+}
+
 impl<B: SsdkdBackend> Backward<B, 2> for TermsBackward {
-    type State = Inputs<B>;
+    type State = State<B>;
 
     fn backward(
         self,
@@ -35,81 +65,65 @@ impl<B: SsdkdBackend> Backward<B, 2> for TermsBackward {
         _checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let weights = read_f32::<B>(grad);
-        let weights: [f32; 4] = weights
-            .try_into()
-            .expect("the terms' gradient has the terms' shape [4]");
+        let weights: [f32; 4] = read_f32::<B>(grad)
+            .ok()
+            .and_then(|w| w.try_into().ok())
+            .unwrap_or_else(|| panic!("ssdkd-burn: reading the terms' [4] gradient failed"));
+        let state = ops.state;
+        let weights = state.spec.effective(weights);
+        let same = weights.map(f32::to_bits) == state.weights.map(f32::to_bits);
+        let [conf, loc] = if same {
+            state.gradients.clone()
+        } else {
+            weighted_gradients(&state, weights)
+        };
+        if weights.iter().all(|w| w.is_finite()) {
+            state.spec.predict(weights);
+        }
         let [student_loc, student_conf] = ops.parents;
-        let [sl, sc, tl, tc, tg, pr] = ops.state.tensors.to_array();
-        let (grad_conf, grad_loc) =
-            B::ssdkd_gradients(sl, sc, tl, tc, tg, pr, ops.state.spec.weighted(weights));
         if let Some(node) = student_loc {
-            grads.register::<B>(node.id, grad_loc);
+            grads.register::<B>(node.id, loc);
         }
         if let Some(node) = student_conf {
-            grads.register::<B>(node.id, grad_conf);
+            grads.register::<B>(node.id, conf);
         }
     }
 }
 
+/// The inputs as the inner backend's tensors (outside the graph).
+fn inner<B: Backend, C: CheckpointStrategy>(inputs: LossInputs<Autodiff<B, C>>) -> LossInputs<B> {
+    Tensors::from(inputs).map(|t| t.into_primitive()).into()
+}
+
 impl<B: SsdkdBackend, C: CheckpointStrategy> SsdkdBackend for Autodiff<B, C> {
-    fn ssdkd_terms(
-        student_loc: FloatTensor<Self>,
-        student_conf: FloatTensor<Self>,
-        teacher_loc: FloatTensor<Self>,
-        teacher_conf: FloatTensor<Self>,
-        targets: FloatTensor<Self>,
-        priors: FloatTensor<Self>,
-        spec: LossSpec,
-    ) -> FloatTensor<Self> {
+    fn ssdkd_terms(inputs: LossInputs<Self>, spec: LossSpec) -> FloatTensor<Self> {
+        let nodes = [inputs.student_loc.node(), inputs.student_conf.node()];
         // The teacher, the targets and the priors are constants: no gradient flows to them.
-        let tensors = Tensors {
-            student_loc: student_loc.primitive().clone(),
-            student_conf: student_conf.primitive().clone(),
-            teacher_loc: teacher_loc.into_primitive(),
-            teacher_conf: teacher_conf.into_primitive(),
-            targets: targets.into_primitive(),
-            priors: priors.into_primitive(),
-        };
-        let evaluate = |tensors: Tensors<FloatTensor<B>>, spec: LossSpec| {
-            let [sl, sc, tl, tc, tg, pr] = tensors.to_array();
-            B::ssdkd_terms(sl, sc, tl, tc, tg, pr, spec)
-        };
-        match TermsBackward
-            .prepare::<C>([student_loc.node(), student_conf.node()])
-            .compute_bound()
-            .stateful()
-        {
+        let inner = inner(inputs);
+        match TermsBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let state = Inputs {
-                    tensors: tensors.clone(),
-                    spec: spec.clone(),
+                let weights = spec.predicted();
+                let (terms, conf, loc) = B::ssdkd_evaluate(inner.clone(), spec.weighted(weights));
+                let state = State {
+                    inputs: inner,
+                    spec,
+                    weights,
+                    gradients: [conf, loc],
                 };
-                prep.finish(state, evaluate(tensors, spec))
+                prep.finish(state, terms)
             }
-            OpsKind::UnTracked(prep) => prep.finish(evaluate(tensors, spec)),
+            OpsKind::UnTracked(prep) => prep.finish(B::ssdkd_terms(inner, spec)),
         }
     }
 
-    fn ssdkd_gradients(
-        student_loc: FloatTensor<Self>,
-        student_conf: FloatTensor<Self>,
-        teacher_loc: FloatTensor<Self>,
-        teacher_conf: FloatTensor<Self>,
-        targets: FloatTensor<Self>,
-        priors: FloatTensor<Self>,
+    fn ssdkd_evaluate(
+        inputs: LossInputs<Self>,
         spec: LossSpec,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (conf, loc) = B::ssdkd_gradients(
-            student_loc.into_primitive(),
-            student_conf.into_primitive(),
-            teacher_loc.into_primitive(),
-            teacher_conf.into_primitive(),
-            targets.into_primitive(),
-            priors.into_primitive(),
-            spec,
-        );
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let inner = inner(inputs);
+        let (terms, conf, loc) = B::ssdkd_evaluate(inner, spec);
         (
+            FloatTensor::<Self>::new(terms),
             FloatTensor::<Self>::new(conf),
             FloatTensor::<Self>::new(loc),
         )

@@ -1,11 +1,13 @@
-//! The host path: the tensors read to the host, evaluated by ssdkd's CPU backend, the
-//! terms and gradients made into tensors of the same backend again. What NdArray uses, what
-//! a cubecl runtime other than wgpu uses, and what [`crate::LossPath::Host`] forces.
+//! The host path: the tensors read to the host, evaluated by the library's CPU backend
+//! ([`ssdkd::Backend::cpu`]), the terms and gradients made into tensors of the same
+//! backend again. What Flex uses, what a cubecl runtime other than wgpu uses, and what
+//! [`crate::LossPath::Host`] forces.
 
-use crate::backend::{batch_shape, LossSpec};
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{read_sync, Backend, TensorData, TensorMetadata};
-use ssdkd::{Evaluation, OwnedBatch, Request, Tensors};
+use crate::backend::LossSpec;
+use burn::backend::tensor::{Device, FloatTensor};
+use burn::backend::{read_sync, Backend, FloatDType, TensorData, TensorMetadata};
+use burn::tensor::Shape;
+use ssdkd::{with_teacher_rule, BatchShape, Evaluation, OwnedBatch, Request, Tensors};
 use std::sync::{Mutex, OnceLock};
 
 /// One CPU backend for the process, so that its per-image workspaces are reused from one
@@ -15,98 +17,106 @@ fn cpu() -> &'static Mutex<ssdkd::Backend> {
     CPU.get_or_init(|| Mutex::new(ssdkd::Backend::cpu()))
 }
 
-/// The tensor's values as host `f32`s (converted from another float dtype).
-pub(crate) fn read_f32<B: Backend>(tensor: FloatTensor<B>) -> Vec<f32> {
-    let data = read_sync(B::float_into_data(tensor))
-        .unwrap_or_else(|e| panic!("ssdkd-burn: reading a tensor to the host failed: {e:?}"));
-    data.convert::<f32>()
+/// The shape of a batch from its student tensors and targets (checked before dispatch).
+pub(crate) fn batch_shape(student_conf: &[usize], targets: &[usize]) -> BatchShape {
+    BatchShape {
+        batch: student_conf[0],
+        priors: student_conf[1],
+        classes: student_conf[2],
+        objects: targets[1],
+    }
+}
+
+/// The tensor's values as host `f32`s.
+pub(crate) fn read_f32<B: Backend>(tensor: FloatTensor<B>) -> ssdkd::Result<Vec<f32>> {
+    let fail = |e: String| ssdkd::Error::Gpu(format!("reading a Burn tensor to the host: {e}"));
+    read_sync(B::float_into_data(tensor))
+        .map_err(|e| fail(format!("{e:?}")))?
+        .convert::<f32>()
         .try_into_vec::<f32>()
-        .unwrap_or_else(|e| panic!("ssdkd-burn: tensor data as f32: {e:?}"))
+        .map_err(|e| fail(format!("{e:?}")))
 }
 
 /// Evaluates the six tensors, read to the host, with the library's CPU backend (the
 /// teacher's only read when `spec.has_teacher`).
-///
-/// # Panics
-/// On an ssdkd error (bad input values, a config that cannot work), with its message:
-/// inside a Burn operation there is no other way to fail.
-fn evaluate<B: Backend>(
+fn evaluate_on_host<B: Backend>(
     inputs: Tensors<FloatTensor<B>>,
     spec: &LossSpec,
     gradients: bool,
-) -> Evaluation {
+) -> ssdkd::Result<Evaluation> {
     let shape = batch_shape(&inputs.student_conf.shape(), &inputs.targets.shape());
-    let Tensors {
-        student_loc,
-        student_conf,
-        teacher_loc,
-        teacher_conf,
-        targets,
-        priors,
-    } = inputs.map(Some);
-    let read = |t: Option<FloatTensor<B>>| t.map(read_f32::<B>).unwrap_or_default();
-    let (student_loc, student_conf) = (read(student_loc), read(student_conf));
-    let (targets, priors) = (read(targets), read(priors));
-    let owned = if spec.has_teacher {
-        OwnedBatch::new(
-            shape,
-            student_loc,
-            student_conf,
-            read(teacher_loc),
-            read(teacher_conf),
-            targets,
-            priors,
-        )
+    let teacher = spec.has_teacher;
+    let mut read = inputs.map(Some);
+    if !teacher {
+        (read.teacher_loc, read.teacher_conf) = (None, None);
+    }
+    let [sl, sc, tl, tc, tg, pr] = read.to_array().map(|t| match t {
+        Some(t) => read_f32::<B>(t),
+        None => Ok(Vec::new()),
+    });
+    let owned = if teacher {
+        OwnedBatch::new(shape, sl?, sc?, tl?, tc?, tg?, pr?)?
     } else {
-        OwnedBatch::without_teacher(shape, student_loc, student_conf, targets, priors)
+        OwnedBatch::without_teacher(shape, sl?, sc?, tg?, pr?)?
     };
     let request = Request {
         gradients,
         ..Request::default()
     };
-    owned
-        .and_then(|owned| {
-            cpu().lock().unwrap_or_else(|p| p.into_inner()).evaluate(
-                &owned.batch(),
-                &spec.config,
-                request,
+    let mut cpu = cpu().lock().unwrap_or_else(|p| p.into_inner());
+    with_teacher_rule(teacher, &spec.config, |config| {
+        cpu.evaluate(&owned.batch(), config, request)
+    })
+}
+
+/// What an evaluation gives Burn: the `[4]` terms (soft, l2, conf, loc) and, when asked
+/// for, the gradients (student_conf's, student_loc's).
+pub(crate) type Outputs<B> = (FloatTensor<B>, Option<[FloatTensor<B>; 2]>);
+
+/// Burn's outputs of an evaluation with gradient tensors of `shapes`. An error is reported
+/// to `spec` and gives NaN terms and zero gradients: no Burn operation panics on bad input.
+pub(crate) fn finish<B: Backend>(
+    result: ssdkd::Result<(Evaluation, Option<[FloatTensor<B>; 2]>)>,
+    spec: &LossSpec,
+    device: &Device<B>,
+    shapes: Option<[Shape; 2]>,
+) -> Outputs<B> {
+    let (values, gradients) = match spec.finish(result) {
+        Some((eval, gradients)) => {
+            let t = &eval.terms;
+            (
+                [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l].map(|v| v as f32),
+                gradients,
             )
-        })
-        .unwrap_or_else(|e| panic!("ssdkd-burn: {e}"))
+        }
+        None => {
+            let zeros = |shape| B::float_zeros(shape, device, FloatDType::F32);
+            ([f32::NAN; 4], shapes.map(|s| s.map(zeros)))
+        }
+    };
+    let terms = B::float_from_data(TensorData::new(values.to_vec(), [4]), device);
+    (terms, gradients)
 }
 
-/// The `[4]` terms tensor of an evaluation (soft, l2, conf, loc), on `device`.
-pub(crate) fn terms_tensor<B: Backend>(
-    eval: &Evaluation,
-    device: &burn::backend::tensor::Device<B>,
-) -> FloatTensor<B> {
-    let t = &eval.terms;
-    let values = [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l].map(|v| v as f32);
-    B::float_from_data(TensorData::new(values.to_vec(), [4]), device)
-}
-
-/// [`crate::SsdkdBackend::ssdkd_terms`] through host memory.
-pub(crate) fn terms<B: Backend>(
+/// The host path's evaluation (gradients when `gradients`).
+pub(crate) fn evaluate<B: Backend>(
     inputs: Tensors<FloatTensor<B>>,
     spec: &LossSpec,
-) -> FloatTensor<B> {
+    gradients: bool,
+) -> Outputs<B> {
     let device = inputs.student_loc.device();
-    let eval = evaluate::<B>(inputs, spec, false);
-    terms_tensor::<B>(&eval, &device)
-}
-
-/// [`crate::SsdkdBackend::ssdkd_gradients`] through host memory: (conf, loc).
-pub(crate) fn gradients<B: Backend>(
-    inputs: Tensors<FloatTensor<B>>,
-    spec: &LossSpec,
-) -> (FloatTensor<B>, FloatTensor<B>) {
-    let device = inputs.student_loc.device();
-    let conf_shape = inputs.student_conf.shape();
-    let loc_shape = inputs.student_loc.shape();
-    let eval = evaluate::<B>(inputs, spec, true);
-    let grads = eval.gradients.expect("gradients were requested");
-    (
-        B::float_from_data(TensorData::new(grads.student_conf, conf_shape), &device),
-        B::float_from_data(TensorData::new(grads.student_loc, loc_shape), &device),
-    )
+    let shapes = gradients.then(|| [inputs.student_conf.shape(), inputs.student_loc.shape()]);
+    let result = evaluate_on_host::<B>(inputs, spec, gradients).map(|mut eval| {
+        let tensors = eval
+            .gradients
+            .take()
+            .zip(shapes.clone())
+            .map(|(g, [conf, loc])| {
+                [(g.student_conf, conf), (g.student_loc, loc)].map(|(values, shape)| {
+                    B::float_from_data(TensorData::new(values, shape), &device)
+                })
+            });
+        (eval, tensors)
+    });
+    finish::<B>(result, spec, &device, shapes)
 }

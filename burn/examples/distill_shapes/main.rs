@@ -23,7 +23,7 @@
 //!
 //! Each epoch shows an indicatif bar (on stderr) with the Python example's loss names
 //! (`conf_loss`, `loc_loss`, `l2_loss`, `soft_loss`, `lr`) and prints a line; AdamW with a
-//! one-cycle learning rate, as in Python. `--device cpu` trains on `Autodiff<NdArray>`
+//! one-cycle learning rate, as in Python. `--device cpu` trains on `Autodiff<Flex>`
 //! (ssdkd's CPU backend evaluates the loss on host data), `--device wgpu` on
 //! `Autodiff<Wgpu>` (the loss runs on Burn's own wgpu buffers). With `--json` the last
 //! line of stdout is one JSON object: `device`, `loss_backend`, `teacher_map50`,
@@ -400,8 +400,7 @@ fn main() {
     let started = Instant::now();
     let args = parse_args();
     let (device_name, base) = match args.device {
-        #[allow(deprecated)] // NdArray: the CPU backend the issue names
-        DeviceChoice::Cpu => ("cpu", Device::ndarray()),
+        DeviceChoice::Cpu => ("cpu", Device::flex()),
         // Burn's default wgpu device, shared with ssdkd so the loss runs on its buffers.
         DeviceChoice::Wgpu => (
             "wgpu",
@@ -437,7 +436,7 @@ fn main() {
 
     let losses = Losses::new(args.temperature, &prior_config);
     // ssdkd-burn evaluates on Burn's wgpu buffers exactly when the device is shared with
-    // ssdkd (it then counts the bytes it maps back); on NdArray through its CPU backend.
+    // ssdkd (it then counts the bytes it maps back); on Flex through its CPU backend.
     let adapter = ssdkd_burn::adapter_name(&device);
     let loss_backend = if ssdkd_burn::bytes_read_back(&device).is_some() {
         "gpu-resident"
