@@ -354,34 +354,45 @@ mod tests {
     #[test]
     fn every_entry_point_has_its_row_and_its_launch_workgroup_size() {
         let mut found = Vec::new();
+        let mut failures = Vec::new();
         for (file, stage, module) in shader_files() {
             for entry in &module.entry_points {
                 let name = entry.name.as_str();
-                assert_eq!(entry.stage, naga::ShaderStage::Compute, "{file} {name}");
-                let Some(stage) = stage else {
-                    panic!("{file} declares entry point {name} but is no stage's file");
-                };
-                let kernel = KERNELS
-                    .iter()
-                    .find(|k| k.entry_point == name)
-                    .unwrap_or_else(|| panic!("{file} entry point {name} has no kernel row"));
-                assert_eq!(kernel.stage, stage, "{file} {name}: the row's stage");
-                assert_eq!(
-                    entry.workgroup_size_overrides, None,
-                    "{file} {name}: an overridable @workgroup_size"
-                );
-                assert_eq!(
-                    entry.workgroup_size,
-                    kernel.launch.workgroup_size(),
-                    "{file} {name}: @workgroup_size against its {:?} launch",
-                    kernel.launch
-                );
                 found.push(name.to_string());
+                let kernel = KERNELS.iter().find(|k| k.entry_point == name);
+                let failure = if entry.stage != naga::ShaderStage::Compute {
+                    format!("{:?}, not a compute entry point", entry.stage)
+                } else if stage.is_none() {
+                    "an entry point in no stage's file".into()
+                } else if let Some(kernel) = kernel.filter(|k| Some(k.stage) != stage) {
+                    format!("its row's stage is {:?}", kernel.stage)
+                } else if entry.workgroup_size_overrides.is_some() {
+                    "an overridable @workgroup_size".into()
+                } else if let Some(kernel) = kernel {
+                    let assumed = kernel.launch.workgroup_size();
+                    if entry.workgroup_size == assumed {
+                        continue;
+                    }
+                    format!(
+                        "@workgroup_size {:?}, but its {:?} launch assumes {assumed:?}",
+                        entry.workgroup_size, kernel.launch
+                    )
+                } else {
+                    "no kernel row of its name".into()
+                };
+                failures.push(format!("{file} {name}: {failure}"));
+            }
+        }
+        for kernel in KERNELS {
+            if !found.iter().any(|name| name == kernel.entry_point) {
+                failures.push(format!("{}: no entry point in shaders/", kernel.label()));
             }
         }
         found.sort();
-        let mut rows: Vec<String> = KERNELS.iter().map(|k| k.entry_point.into()).collect();
-        rows.sort();
-        assert_eq!(found, rows, "the shaders' entry points against the rows");
+        if let Some(twice) = found.windows(2).find(|w| w[0] == w[1]) {
+            failures.push(format!("{}: two entry points of that name", twice[0]));
+        }
+        assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+        assert_eq!(found.len(), KERNELS.len());
     }
 }
