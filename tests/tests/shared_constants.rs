@@ -147,10 +147,13 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Every module-scope constant of every `shaders/*.wgsl`, by (file, name), with its
-/// value (`None` for one naga does not keep: an abstract type); and the names of any
-/// `override` declarations.
-fn wgsl_constants() -> (BTreeMap<(String, String), Option<Value>>, Vec<String>) {
+/// Module-scope constants by (file, name), with their values (`None` for one naga does not
+/// keep: an abstract type).
+type Constants = BTreeMap<(String, String), Option<Value>>;
+
+/// Every module-scope constant of every `shaders/*.wgsl`; and the names of any `override`
+/// declarations.
+fn wgsl_constants() -> (Constants, Vec<String>) {
     let dir = root().join("shaders");
     let read = |file: &str| {
         std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
