@@ -161,6 +161,7 @@ fn no_loop(_: &BatchShape) -> u64 {
 /// (`shader.rs`). Adding a kernel is one row in the core's table, one here, its WGSL entry
 /// point and its CPU twin; the tests below hold the rows to the core's by name and to the
 /// shaders' entry points and workgroup sizes.
+#[rustfmt::skip] // A table: a row a line.
 pub(crate) const KERNELS: &[Kernel] = {
     const fn row(
         stage: Stage,
@@ -181,77 +182,17 @@ pub(crate) const KERNELS: &[Kernel] = {
     use Phase::*;
     use Stage as S;
     &[
-        row(
-            S::Validate,
-            "validate_rows",
-            PerRow,
-            Validate,
-            validate_rows_iterations,
-        ),
-        row(
-            S::Validate,
-            "validate_report",
-            Single,
-            Report,
-            validate_report_iterations,
-        ),
-        row(
-            S::Match,
-            "match_priors",
-            PerPrior,
-            Forward,
-            match_priors_iterations,
-        ),
-        row(
-            S::Match,
-            "match_objects",
-            PerObjectRow,
-            Forward,
-            match_objects_iterations,
-        ),
-        row(
-            S::Match,
-            "match_finish",
-            PerImage,
-            Forward,
-            match_finish_iterations,
-        ),
-        row(
-            S::PriorTerms,
-            "prior_terms",
-            PerPrior,
-            Forward,
-            prior_terms_iterations,
-        ),
+        row(S::Validate, "validate_rows", PerRow, Validate, validate_rows_iterations),
+        row(S::Validate, "validate_report", Single, Report, validate_report_iterations),
+        row(S::Match, "match_priors", PerPrior, Forward, match_priors_iterations),
+        row(S::Match, "match_objects", PerObjectRow, Forward, match_objects_iterations),
+        row(S::Match, "match_finish", PerImage, Forward, match_finish_iterations),
+        row(S::PriorTerms, "prior_terms", PerPrior, Forward, prior_terms_iterations),
         row(S::Mine, "mine", PerImage, Forward, mine_iterations),
-        row(
-            S::Reduce,
-            "reduce_rows",
-            PerPrior,
-            Forward,
-            reduce_rows_iterations,
-        ),
-        row(
-            S::Reduce,
-            "reduce_image",
-            PerImage,
-            Forward,
-            reduce_image_iterations,
-        ),
-        row(
-            S::Reduce,
-            "reduce_batch",
-            Single,
-            Batch,
-            reduce_batch_iterations,
-        ),
-        row(
-            S::Grad,
-            "grad_conf",
-            PerPrior,
-            Backward,
-            grad_conf_iterations,
-        ),
+        row(S::Reduce, "reduce_rows", PerPrior, Forward, reduce_rows_iterations),
+        row(S::Reduce, "reduce_image", PerImage, Forward, reduce_image_iterations),
+        row(S::Reduce, "reduce_batch", Single, Batch, reduce_batch_iterations),
+        row(S::Grad, "grad_conf", PerPrior, Backward, grad_conf_iterations),
         row(S::Grad, "grad_loc", PerPrior, Backward, no_loop),
     ]
 };
