@@ -2,8 +2,9 @@
 // stages have in common. Concatenated in front of each stage's file by the host
 // (`concat!(include_str!(..), include_str!(..))` in host/src/gpu/engine.rs).
 
-// Threads per workgroup of every kernel; keep in sync with `WORKGROUP_SIZE` in
-// host/src/gpu/params.rs.
+// Threads per workgroup of every kernel: the core's `WORKGROUP_SIZE`
+// (core/src/stages/mod.rs; tests/tests/shared_constants.rs holds every constant of the
+// shaders to its Rust twin).
 const WORKGROUP_SIZE: u32 = 256u;
 
 // Keep in sync with `Params` in host/src/gpu/params.rs (a unit test there checks every

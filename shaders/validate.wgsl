@@ -35,7 +35,7 @@ struct Finding {
     corners: vec4<f32>,
 }
 
-// The accepted domain (core/src/validate.rs; a host test compares them).
+// The accepted domain (core/src/validate.rs; tests/tests/shared_constants.rs compares them).
 const MAX_LOGIT: f32 = 1e15;
 const MAX_OFFSET: f32 = 1e12;
 const MIN_PRIOR_SIZE: f32 = 1e-4;

@@ -4,8 +4,11 @@
 //! name in `shaders/<stage>.wgsl` and a function of that name here, written with the
 //! same loop (a loop over priors for a thread per prior, over images or object rows for a
 //! workgroup each), so that the two can be read side by side. [`KERNELS`] lists them in
-//! pipeline order; the host's kernel table follows it (a test checks both against the
-//! shaders).
+//! pipeline order; the host's kernel table has a row of the same name and stage for each,
+//! with its launch shape and loop budget (a test there checks both against the shaders'
+//! entry points and workgroup sizes). The constants the kernels share with Rust
+//! ([`WORKGROUP_SIZE`] and those of each stage's module) are held equal to their WGSL
+//! declarations by `tests/tests/shared_constants.rs`.
 //!
 //! Each formula is one function here, which the twins' loops call; the CPU backend's fast
 //! path (`host/src/cpu/`) calls the same functions on its lane blocks or on exponentials
@@ -79,6 +82,19 @@ impl Stage {
         }
     }
 }
+
+/// Threads per workgroup of every kernel (`WORKGROUP_SIZE` in `shaders/shared.wgsl`): the
+/// stride of a workgroup's loops over priors or images, the width of its pairwise trees,
+/// and the priors a workgroup of a thread-per-prior launch covers.
+pub const WORKGROUP_SIZE: u32 = 256;
+
+/// Bits of the digit that `mine`'s radix select fixes per round (`RADIX_BITS` in
+/// `shaders/mine.wgsl`; SPEC §4): a round per digit of the 64-bit rank key. The CPU twin
+/// selects with `select_nth_unstable` instead; the host's loop budget counts the rounds.
+pub const RADIX_BITS: u32 = 8;
+
+/// Buckets of a radix round's histogram, `2^RADIX_BITS` (`RADIX` in `shaders/mine.wgsl`).
+pub const RADIX: u32 = 1 << RADIX_BITS;
 
 /// Every kernel as `(stage, entry point)`, in pipeline order: the WGSL entry point and the
 /// function of the same name in the stage's module.

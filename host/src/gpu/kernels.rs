@@ -1,9 +1,13 @@
-//! The kernel table ([`KERNELS`]): each kernel of the core's table with its launch shape,
-//! phase and loop budget, in pipeline order; and the limits the loop budgets set.
+//! The kernel table ([`KERNELS`]): a row per entry point, named as the core's row of the
+//! same kernel (`ssdkd_core::KERNELS`) and with its stage, and what the GPU needs of it —
+//! launch shape, phase and loop budget — in pipeline order; and the limits the loop
+//! budgets set.
 
 use crate::batch::BatchShape;
 use crate::gpu::params::WORKGROUP_SIZE;
+use ssdkd_core::stages::{RADIX, RADIX_BITS};
 use ssdkd_core::Stage;
+
 /// How many workgroups a kernel launches over a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Launch {
@@ -17,6 +21,23 @@ pub(crate) enum Launch {
     PerImage,
     /// One workgroup for the whole batch.
     Single,
+}
+
+impl Launch {
+    /// The `@workgroup_size` every launch shape assumes, `(WORKGROUP_SIZE, 1, 1)`: a
+    /// thread per prior or row covers `WORKGROUP_SIZE` of them per workgroup
+    /// ([`Kernel::workgroups`]), and a workgroup per object row, image or batch strides its
+    /// loops and sums its pairwise tree over `WORKGROUP_SIZE` invocations (the loop
+    /// budgets below).
+    pub const fn workgroup_size(self) -> [u32; 3] {
+        match self {
+            Launch::PerPrior
+            | Launch::PerRow
+            | Launch::PerObjectRow
+            | Launch::PerImage
+            | Launch::Single => [WORKGROUP_SIZE, 1, 1],
+        }
+    }
 }
 
 /// When a kernel runs in an evaluation.
@@ -100,14 +121,16 @@ fn match_finish_iterations(s: &BatchShape) -> u64 {
 fn prior_terms_iterations(s: &BatchShape) -> u64 {
     2 * s.classes as u64
 }
-/// `mine`: the strided loop of k = 0; else 8 radix rounds of (histogram clear, strided
-/// priors, up to 256 digits), the final strided loop, and the rounds themselves.
+/// `mine`: the strided loop of k = 0; else a radix round per digit of the 64-bit key, each
+/// of (histogram clear, strided priors, up to `RADIX` digits), the final strided loop, and
+/// the rounds themselves.
 fn mine_iterations(s: &BatchShape) -> u64 {
-    let radix = 256;
+    let rounds = u64::from(64 / RADIX_BITS);
     strided_priors(s)
-        + 8 * (u64::from(radix / WORKGROUP_SIZE).max(1) + strided_priors(s) + u64::from(radix))
+        + rounds
+            * (u64::from(RADIX.div_ceil(WORKGROUP_SIZE)) + strided_priors(s) + u64::from(RADIX))
         + strided_priors(s)
-        + 8
+        + rounds
 }
 /// `reduce_rows`: two log-sum-exps (four loops over C) and the sum over C of either form.
 fn reduce_rows_iterations(s: &BatchShape) -> u64 {
@@ -131,13 +154,18 @@ fn no_loop(_: &BatchShape) -> u64 {
     0
 }
 
-/// Every kernel, in pipeline order: each row of `ssdkd_core::KERNELS` (its stage and entry
-/// point, the name of its CPU twin) with what the GPU needs of it — launch shape, phase and
-/// loop budget. Its bindings are read from its WGSL (`shader.rs`). Adding a kernel is one
-/// row in the core's table, one here, its WGSL entry point and its CPU twin.
-pub(crate) const KERNELS: [Kernel; ssdkd_core::KERNELS.len()] = {
-    const fn kernel(
-        (stage, entry_point): (Stage, &'static str),
+/// Every kernel, in pipeline order (the order [`Phase`]'s launches dispatch in): a row per
+/// row of `ssdkd_core::KERNELS`, named by its entry point and stage as the core's row (its
+/// WGSL entry point in `shaders/<stage>.wgsl` and its CPU twin), with what the GPU needs of
+/// it — launch shape, phase and loop budget. Its bindings are read from its WGSL
+/// (`shader.rs`). Adding a kernel is one row in the core's table, one here, its WGSL entry
+/// point and its CPU twin; the tests below hold the rows to the core's by name and to the
+/// shaders' entry points and workgroup sizes.
+#[rustfmt::skip] // A table: a row a line.
+pub(crate) const KERNELS: &[Kernel] = {
+    const fn row(
+        stage: Stage,
+        entry_point: &'static str,
         launch: Launch,
         phase: Phase,
         iterations: fn(&BatchShape) -> u64,
@@ -152,71 +180,28 @@ pub(crate) const KERNELS: [Kernel; ssdkd_core::KERNELS.len()] = {
     }
     use Launch::*;
     use Phase::*;
-    [
-        kernel(
-            ssdkd_core::KERNELS[0],
-            PerRow,
-            Validate,
-            validate_rows_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[1],
-            Single,
-            Report,
-            validate_report_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[2],
-            PerPrior,
-            Forward,
-            match_priors_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[3],
-            PerObjectRow,
-            Forward,
-            match_objects_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[4],
-            PerImage,
-            Forward,
-            match_finish_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[5],
-            PerPrior,
-            Forward,
-            prior_terms_iterations,
-        ),
-        kernel(ssdkd_core::KERNELS[6], PerImage, Forward, mine_iterations),
-        kernel(
-            ssdkd_core::KERNELS[7],
-            PerPrior,
-            Forward,
-            reduce_rows_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[8],
-            PerImage,
-            Forward,
-            reduce_image_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[9],
-            Single,
-            Batch,
-            reduce_batch_iterations,
-        ),
-        kernel(
-            ssdkd_core::KERNELS[10],
-            PerPrior,
-            Backward,
-            grad_conf_iterations,
-        ),
-        kernel(ssdkd_core::KERNELS[11], PerPrior, Backward, no_loop),
+    use Stage as S;
+    &[
+        row(S::Validate, "validate_rows", PerRow, Validate, validate_rows_iterations),
+        row(S::Validate, "validate_report", Single, Report, validate_report_iterations),
+        row(S::Match, "match_priors", PerPrior, Forward, match_priors_iterations),
+        row(S::Match, "match_objects", PerObjectRow, Forward, match_objects_iterations),
+        row(S::Match, "match_finish", PerImage, Forward, match_finish_iterations),
+        row(S::PriorTerms, "prior_terms", PerPrior, Forward, prior_terms_iterations),
+        row(S::Mine, "mine", PerImage, Forward, mine_iterations),
+        row(S::Reduce, "reduce_rows", PerPrior, Forward, reduce_rows_iterations),
+        row(S::Reduce, "reduce_image", PerImage, Forward, reduce_image_iterations),
+        row(S::Reduce, "reduce_batch", Single, Batch, reduce_batch_iterations),
+        row(S::Grad, "grad_conf", PerPrior, Backward, grad_conf_iterations),
+        row(S::Grad, "grad_loc", PerPrior, Backward, no_loop),
     ]
 };
+
+/// The index in [`KERNELS`] of the row named `entry_point`.
+#[cfg(test)]
+pub(crate) fn index_of(entry_point: &str) -> Option<usize> {
+    KERNELS.iter().position(|k| k.entry_point == entry_point)
+}
 
 impl Kernel {
     /// The debug label of its pipeline and bind groups: `"ssdkd.<stage>.<entry point>"`.
@@ -227,12 +212,12 @@ impl Kernel {
     /// Workgroups it launches over `images` images of `shape`.
     pub fn workgroups(&self, shape: &BatchShape, images: usize) -> u64 {
         let images = images as u64;
+        let threads = u64::from(self.launch.workgroup_size()[0]);
         match self.launch {
             Launch::PerImage => images,
             Launch::PerObjectRow => images * shape.objects as u64,
-            Launch::PerPrior => (images * shape.priors as u64).div_ceil(u64::from(WORKGROUP_SIZE)),
-            Launch::PerRow => (images * shape.priors.max(shape.objects) as u64)
-                .div_ceil(u64::from(WORKGROUP_SIZE)),
+            Launch::PerPrior => (images * shape.priors as u64).div_ceil(threads),
+            Launch::PerRow => (images * shape.priors.max(shape.objects) as u64).div_ceil(threads),
             Launch::Single => 1,
         }
     }
@@ -241,11 +226,114 @@ impl Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::shader;
+    use std::path::Path;
+    use wgpu::naga;
 
-    /// The host's kernel table is the core's, in the same order.
+    /// Every row of the core's table has exactly one row here of the same entry point and
+    /// stage, every row here has its row there, and the rows come in the core's pipeline
+    /// order (the order the recording dispatches each phase's kernels in).
     #[test]
-    fn the_kernel_table_follows_the_core() {
-        let host: Vec<(Stage, &str)> = KERNELS.iter().map(|k| (k.stage, k.entry_point)).collect();
-        assert_eq!(host, ssdkd_core::KERNELS);
+    fn every_core_kernel_has_one_row_of_its_name_and_stage() {
+        for &(stage, name) in ssdkd_core::KERNELS {
+            let rows: Vec<&Kernel> = KERNELS.iter().filter(|k| k.entry_point == name).collect();
+            assert_eq!(rows.len(), 1, "{name}: {} host rows, not 1", rows.len());
+            assert_eq!(rows[0].stage, stage, "{name}: the host's stage");
+        }
+        for kernel in KERNELS {
+            assert!(
+                ssdkd_core::KERNELS
+                    .iter()
+                    .any(|&(_, name)| name == kernel.entry_point),
+                "{}: no row in ssdkd_core::KERNELS (no CPU twin)",
+                kernel.label()
+            );
+        }
+        let host: Vec<&str> = KERNELS.iter().map(|k| k.entry_point).collect();
+        let core: Vec<&str> = ssdkd_core::KERNELS.iter().map(|&(_, n)| n).collect();
+        assert_eq!(host, core, "pipeline order");
+    }
+
+    /// The modules of every file of `shaders/`, with its stage: a stage's file as the host
+    /// compiles it (`shader::module`), an include after `shared.wgsl` (as every stage
+    /// reads it) with none.
+    fn shader_files() -> Vec<(String, Option<Stage>, naga::Module)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders");
+        let shared = std::fs::read_to_string(dir.join("shared.wgsl")).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wgsl"))
+            .collect();
+        files.sort();
+        assert!(files.len() > Stage::ALL.len(), "{files:?}");
+        files
+            .iter()
+            .map(|path| {
+                let file = path.file_name().unwrap().to_string_lossy().into_owned();
+                let stem = path.file_stem().unwrap().to_string_lossy();
+                let stage = Stage::ALL.into_iter().find(|s| s.name() == stem);
+                let module = match stage {
+                    Some(stage) => shader::module(stage).unwrap_or_else(|e| panic!("{e}")).0,
+                    None => {
+                        let mut source = shared.clone();
+                        if file != "shared.wgsl" {
+                            source += &std::fs::read_to_string(path).unwrap();
+                        }
+                        naga::front::wgsl::parse_str(&source)
+                            .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&source)))
+                    }
+                };
+                (file, stage, module)
+            })
+            .collect()
+    }
+
+    /// Every `@compute` entry point naga finds in `shaders/` is in a stage's file and has
+    /// the row of its name and that stage, and naga's `@workgroup_size` of it is what the
+    /// row's launch shape assumes; and every row is such an entry point.
+    #[test]
+    fn every_entry_point_has_its_row_and_its_launch_workgroup_size() {
+        let mut found = Vec::new();
+        let mut failures = Vec::new();
+        for (file, stage, module) in shader_files() {
+            for entry in &module.entry_points {
+                let name = entry.name.as_str();
+                found.push(name.to_string());
+                let kernel = KERNELS.iter().find(|k| k.entry_point == name);
+                let failure = if entry.stage != naga::ShaderStage::Compute {
+                    format!("{:?}, not a compute entry point", entry.stage)
+                } else if stage.is_none() {
+                    "an entry point in no stage's file".into()
+                } else if let Some(kernel) = kernel.filter(|k| Some(k.stage) != stage) {
+                    format!("its row's stage is {:?}", kernel.stage)
+                } else if entry.workgroup_size_overrides.is_some() {
+                    "an overridable @workgroup_size".into()
+                } else if let Some(kernel) = kernel {
+                    let assumed = kernel.launch.workgroup_size();
+                    if entry.workgroup_size == assumed {
+                        continue;
+                    }
+                    format!(
+                        "@workgroup_size {:?}, but its {:?} launch assumes {assumed:?}",
+                        entry.workgroup_size, kernel.launch
+                    )
+                } else {
+                    "no kernel row of its name".into()
+                };
+                failures.push(format!("{file} {name}: {failure}"));
+            }
+        }
+        for kernel in KERNELS {
+            if !found.iter().any(|name| name == kernel.entry_point) {
+                failures.push(format!("{}: no entry point in shaders/", kernel.label()));
+            }
+        }
+        found.sort();
+        if let Some(twice) = found.windows(2).find(|w| w[0] == w[1]) {
+            failures.push(format!("{}: two entry points of that name", twice[0]));
+        }
+        assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+        assert_eq!(found.len(), KERNELS.len());
     }
 }

@@ -5,9 +5,9 @@ use crate::batch::BatchShape;
 use ssdkd_core::stages::validate::Finding;
 use ssdkd_core::{LossConfig, LossSums};
 
-/// Threads per workgroup of every kernel; keep in sync with `WORKGROUP_SIZE` in
-/// `shaders/shared.wgsl`.
-pub(crate) const WORKGROUP_SIZE: u32 = 256;
+/// Threads per workgroup of every kernel: the core's, equal to `WORKGROUP_SIZE` in
+/// `shaders/shared.wgsl` (`tests/tests/shared_constants.rs`).
+pub(crate) use ssdkd_core::stages::WORKGROUP_SIZE;
 
 /// The uniform every stage reads at `@group(0) @binding(0)`: the chunk's shape, where the
 /// chunk starts inside each bound window, and the loss configuration.
@@ -284,59 +284,5 @@ mod tests {
             .map(|(n, o)| ((*n).to_string(), *o as u32))
             .collect();
         assert_eq!(members, rust, "Finding members and offsets");
-    }
-
-    /// The validate stage's limits and numbers are the core's (`ssdkd_core::validate`,
-    /// `ssdkd_core::stages::validate`), bit for bit.
-    #[test]
-    fn validate_constants_match_the_core() {
-        use ssdkd_core::stages::validate::{Check, ROW_BITS};
-        use ssdkd_core::validate::{BOX_TOLERANCE, MAX_LOGIT, MAX_OFFSET, MIN_PRIOR_SIZE};
-        let module = validate_module();
-        let constant = |name: &str| {
-            let (_, c) = module
-                .constants
-                .iter()
-                .find(|(_, c)| c.name.as_deref() == Some(name))
-                .unwrap_or_else(|| panic!("{name} in validate.wgsl"));
-            match module.global_expressions[c.init] {
-                naga::Expression::Literal(naga::Literal::U32(n)) => n,
-                naga::Expression::Literal(naga::Literal::F32(v)) => v.to_bits(),
-                ref other => panic!("{name} is {other:?}"),
-            }
-        };
-        assert_eq!(constant("MAX_LOGIT"), MAX_LOGIT.to_bits());
-        assert_eq!(constant("MAX_OFFSET"), MAX_OFFSET.to_bits());
-        assert_eq!(constant("MIN_PRIOR_SIZE"), MIN_PRIOR_SIZE.to_bits());
-        assert_eq!(constant("BOX_TOLERANCE"), BOX_TOLERANCE.to_bits());
-        assert_eq!(constant("FINITE_BITS"), f32::MAX.to_bits());
-        assert_eq!(constant("ROW_BITS"), ROW_BITS);
-        let checks = [
-            "CHECK_PRIOR_VALUE",
-            "CHECK_PRIOR_SIZE",
-            "CHECK_STUDENT_LOC",
-            "CHECK_STUDENT_CONF",
-            "CHECK_TEACHER_LOC",
-            "CHECK_TEACHER_CONF",
-            "CHECK_TARGET_VALUE",
-            "CHECK_TARGET_ROW",
-        ];
-        for (name, check) in checks.iter().zip(Check::ALL) {
-            assert_eq!(constant(name), check as u32, "{name}");
-        }
-    }
-
-    #[test]
-    fn workgroup_size_matches_wgsl() {
-        let module = shared_module();
-        let (_, constant) = module
-            .constants
-            .iter()
-            .find(|(_, c)| c.name.as_deref() == Some("WORKGROUP_SIZE"))
-            .expect("WORKGROUP_SIZE in shared.wgsl");
-        match module.global_expressions[constant.init] {
-            naga::Expression::Literal(naga::Literal::U32(n)) => assert_eq!(n, WORKGROUP_SIZE),
-            ref other => panic!("WORKGROUP_SIZE is {other:?}"),
-        }
     }
 }

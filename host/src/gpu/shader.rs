@@ -136,32 +136,6 @@ mod tests {
         assert_eq!(bindings.len(), KERNELS.len());
     }
 
-    /// Every entry point of every shader has a CPU twin of the same name in the core's
-    /// table (`ssdkd_core::KERNELS`), and a row in the host's kernel table.
-    #[test]
-    fn every_entry_point_has_a_cpu_twin_and_a_kernel_row() {
-        let mut seen = Vec::new();
-        for stage in Stage::ALL {
-            for entry in &module(stage).unwrap().0.entry_points {
-                let name = entry.name.as_str();
-                assert!(
-                    ssdkd_core::KERNELS.contains(&(stage, name)),
-                    "{}.wgsl entry point {name} has no CPU twin in ssdkd_core::KERNELS",
-                    stage.name()
-                );
-                assert!(
-                    KERNELS
-                        .iter()
-                        .any(|k| k.stage == stage && k.entry_point == name),
-                    "{}.wgsl entry point {name} has no kernel row",
-                    stage.name()
-                );
-                seen.push((stage, name.to_string()));
-            }
-        }
-        assert_eq!(seen.len(), ssdkd_core::KERNELS.len(), "{seen:?}");
-    }
-
     /// The reflection follows calls and reads the declared access: `prior_terms` reads the
     /// logits through `logits.wgsl`'s helpers and writes what it declares `read_write`;
     /// the match kernels, which include no `logits.wgsl`, bind no logits; `reduce_batch`
@@ -169,8 +143,7 @@ mod tests {
     #[test]
     fn bindings_come_from_the_functions_an_entry_point_calls() {
         let of = |entry: &str| {
-            let i = KERNELS.iter().position(|k| k.entry_point == entry).unwrap();
-            kernel_bindings().unwrap()[i].clone()
+            kernel_bindings().unwrap()[crate::gpu::kernels::index_of(entry).unwrap()].clone()
         };
         let prior_terms = of("prior_terms");
         let find =
