@@ -471,7 +471,9 @@ fn read_batch(py: Python<'_>, path: PathBuf) -> PyResult<(Bound<'_, PyDict>, Str
 }
 
 /// Writes a batch file through the library's safe writer, from C-contiguous float32
-/// arrays (the teacher's both or neither) and a config as JSON.
+/// arrays (the teacher's both or neither) and a config as JSON. Ctrl-C cancels the write
+/// ([`run_interruptible`]): the target is left unchanged, no temporary file remains, and
+/// the `KeyboardInterrupt`'s one line names the target and what became of it.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)] // one argument per tensor
 fn write_batch(
