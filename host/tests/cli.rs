@@ -2,6 +2,9 @@
 //! SPEC §7), `demo`, `priors`, and exit codes.
 
 use safetensors::SafeTensors;
+use ssdkd::demo::{synthetic_batch, SyntheticSpec};
+use ssdkd::io::file::write_batch_file;
+use ssdkd::{Error, InputError, LossConfig, OwnedBatch, PriorPreset};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -159,6 +162,111 @@ fn priors_out_writes_the_preset() {
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("priors").unwrap().shape(), &[3000, 4]);
+}
+
+/// A batch file of the small synthetic batch (B = 2, mobilenet300 priors, C = 21, M = 3)
+/// after `edit`, and the scan's error for it, if any (`Batch::check` with the value scan).
+fn edited_batch_file(path: &Path, edit: impl FnOnce(&mut OwnedBatch)) -> Option<Error> {
+    let mut batch = synthetic_batch(&SyntheticSpec {
+        batch: 2,
+        classes: 21,
+        preset: PriorPreset::Mobilenet300,
+        objects: 3,
+        vary_objects: false,
+        seed: 28,
+    });
+    edit(&mut batch);
+    write_batch_file(path, &batch, &LossConfig::DEFAULT).unwrap();
+    batch.batch().check(&LossConfig::DEFAULT, true).err()
+}
+
+/// `eval --no-validate` skips the scan of the logits and offsets, never the check of the
+/// targets (SPEC §1.3, `Request::validate`): a label out of range (25 with C = 21), not an
+/// integer (3.7) or beyond u32 (3e9) is still the targets' input error, on the CPU and on
+/// the GPU — exit code 2, nothing on stdout, and on stderr the scan's own line naming
+/// `targets`, the image and the object; never a loss, never a panic.
+#[test]
+fn no_validate_still_refuses_bad_labels_naming_targets_and_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batch.safetensors");
+    let file = path.to_str().unwrap();
+    for backend in eval_backends() {
+        for label in [25.0, 3.7, 3e9] {
+            // Image 1, object 2.
+            let scan = edited_batch_file(&path, |batch| {
+                let m = batch.shape().objects;
+                batch.targets_mut()[(m + 2) * 5 + 4] = label;
+            });
+            let Some(Error::Input(scan)) = scan else {
+                panic!("the scan refuses label {label}: {scan:?}");
+            };
+            assert!(
+                matches!(
+                    scan,
+                    InputError::BadLabel {
+                        image: 1,
+                        object: 2,
+                        num_classes: 21,
+                        ..
+                    }
+                ),
+                "{scan:?}"
+            );
+            for flags in [&["--no-validate"][..], &["--no-validate", "--json"], &[]] {
+                let mut args = vec!["eval", file, "--backend", backend];
+                args.extend(flags);
+                let output = ssdkd(&args);
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                let what = format!("{backend}, label {label}, {flags:?}");
+                assert_eq!(output.status.code(), Some(2), "{what}: {stderr}");
+                assert!(output.stdout.is_empty(), "{what}");
+                assert_eq!(
+                    stderr,
+                    format!("ssdkd: error: {}\n", Error::Input(scan)),
+                    "{what}"
+                );
+                assert!(
+                    stderr.contains("tensor `targets`: image 1, object 2: label"),
+                    "{what}: {stderr}"
+                );
+            }
+        }
+    }
+}
+
+/// `--no-validate` takes effect: a NaN logit, which only the scan finds on the host, is
+/// the scan's input error (exit 2) with the flag off; with it on, the CPU refuses the NaN
+/// that reaches the loss as a numerical error (exit 1), the GPU finds it on the device
+/// (exit 2, naming `student_conf`). Never a number on stdout.
+#[test]
+fn no_validate_skips_the_host_scan_of_the_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batch.safetensors");
+    let file = path.to_str().unwrap();
+    let scan = edited_batch_file(&path, |batch| {
+        let c = batch.shape().classes;
+        batch.student_conf_mut()[..c].fill(f32::NAN);
+    });
+    let Some(scan @ Error::Input(_)) = scan else {
+        panic!("the scan refuses a NaN logit: {scan:?}");
+    };
+    for backend in eval_backends() {
+        let output = ssdkd(&["eval", file, "--backend", backend]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{backend}: {stderr}");
+        assert_eq!(stderr, format!("ssdkd: error: {scan}\n"), "{backend}");
+        let output = ssdkd(&["eval", file, "--backend", backend, "--no-validate"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.stdout.is_empty(), "{backend}");
+        let (code, words) = if backend == "cpu" {
+            (1, "numerical")
+        } else {
+            (2, "tensor `student_conf`")
+        };
+        assert_eq!(output.status.code(), Some(code), "{backend}: {stderr}");
+        assert!(stderr.contains(words), "{backend}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{backend}: {stderr}");
+    }
 }
 
 #[test]

@@ -9,13 +9,16 @@ mod error;
 
 use error::to_py;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use serde_json::Value;
 use ssdkd::agreement::{self, gradient_elements, loss_difference_within, TERM_NAMES};
-use ssdkd::io::config_keys::CONFIG_KEYS;
 use ssdkd::demo::{synthetic_batch, SyntheticSpec};
-use ssdkd::io::file::{config_json, parse_preset, write_batch_file, BatchFile, ConfigOverrides};
+use ssdkd::io::config_keys::CONFIG_KEYS;
+use ssdkd::io::file::{
+    config_json, parse_preset, write_batch_file_cancellable, BatchFile, ConfigOverrides,
+};
 use ssdkd::{teacher_pair, Batch, BatchShape, CancelToken, Error, LossConfig, OwnedBatch};
 use ssdkd::{PriorPreset, Request, Tensors, TENSOR_NAMES};
 use ssdkd_core::prior::{FeatureMap, PriorConfig};
@@ -76,15 +79,28 @@ fn catching<T>(work: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
         .unwrap_or_else(|payload| Err(Error::from_panic(payload.as_ref())))
 }
 
+/// How a run of [`run_interruptible`] ended.
+enum Run<T> {
+    /// `work` ran to its end, uninterrupted.
+    Done(Result<T, Error>),
+    /// A signal handler raised `interrupt` (Ctrl-C's `KeyboardInterrupt`) while `work` ran;
+    /// `work` was cancelled, and `result` is what it returned once it had stopped
+    /// (`Err(Error::Cancelled)`, or its own result when it was past its last check).
+    Interrupted {
+        interrupt: PyErr,
+        result: Result<T, Error>,
+    },
+}
+
 /// Runs `work` on a worker thread while this one, the GIL released, lets Python's signal
-/// handlers run every [`SIGNAL_POLL`]: when one raises (Ctrl-C's `KeyboardInterrupt`), the
-/// token cancels `work`, and that exception is raised once `work` has stopped.
-fn interruptible<T: Send>(
+/// handlers run every [`SIGNAL_POLL`] and once more when `work` is done: when one raises
+/// (Ctrl-C's `KeyboardInterrupt`), the token cancels `work`, which is waited for.
+fn run_interruptible<T: Send>(
     py: Python<'_>,
     work: impl FnOnce(&CancelToken) -> Result<T, Error> + Send,
-) -> PyResult<T> {
+) -> Run<T> {
     let token = CancelToken::new();
-    let result = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let (sender, mut receiver) = channel();
         let cancel = &token;
         // A panic inside the library becomes `Error::Internal` with its message, never a
@@ -93,23 +109,40 @@ fn interruptible<T: Send>(
         loop {
             let (got, back) = py.detach(move || (receiver.recv_timeout(SIGNAL_POLL), receiver));
             receiver = back;
-            match got {
-                Ok(result) => return Ok(result),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(interrupt) = py.check_signals() {
-                        token.cancel();
-                        py.detach(move || receiver.recv()).ok();
-                        return Err(interrupt);
-                    }
-                }
+            let result = match got {
+                Ok(result) => Some(result),
+                Err(RecvTimeoutError::Timeout) => None,
                 // The worker ended without sending (cannot happen: `catching` returns).
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Ok(Err(Error::Internal("the worker thread ended early".into())))
+                    Some(Err(Error::Internal("the worker thread ended early".into())))
                 }
+            };
+            if let Err(interrupt) = py.check_signals() {
+                token.cancel();
+                let result = result.unwrap_or_else(|| {
+                    py.detach(move || receiver.recv()).unwrap_or_else(|_| {
+                        Err(Error::Internal("the worker thread ended early".into()))
+                    })
+                });
+                return Run::Interrupted { interrupt, result };
+            }
+            if let Some(result) = result {
+                return Run::Done(result);
             }
         }
-    })?;
-    py_ok(py, result)
+    })
+}
+
+/// [`run_interruptible`]: `work`'s result, or the exception a signal handler raised (which
+/// cancelled `work`).
+fn interruptible<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(&CancelToken) -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    match run_interruptible(py, work) {
+        Run::Done(result) => py_ok(py, result),
+        Run::Interrupted { interrupt, .. } => Err(interrupt),
+    }
 }
 
 /// A new NumPy array that owns `data` (no copy), with `shape`.
@@ -438,7 +471,9 @@ fn read_batch(py: Python<'_>, path: PathBuf) -> PyResult<(Bound<'_, PyDict>, Str
 }
 
 /// Writes a batch file through the library's safe writer, from C-contiguous float32
-/// arrays (the teacher's both or neither) and a config as JSON.
+/// arrays (the teacher's both or neither) and a config as JSON. Ctrl-C cancels the write
+/// ([`run_interruptible`]): the target is left unchanged, no temporary file remains, and
+/// the `KeyboardInterrupt`'s one line names the target and what became of it.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)] // one argument per tensor
 fn write_batch(
@@ -489,8 +524,25 @@ fn write_batch(
         Ok((owned, config))
     });
     let (owned, config) = py_ok(py, owned)?;
-    py.detach(|| catching(|| write_batch_file(&path, &owned, &config)))
-        .map_err(|e| to_py(py, &e, true))
+    let run = run_interruptible(py, |cancel| {
+        write_batch_file_cancellable(&path, &owned, &config, Some(cancel))
+    });
+    match run {
+        Run::Done(result) => result.map_err(|e| to_py(py, &e, true)),
+        // Ctrl-C: one line saying what became of the target. Another exception raised by
+        // a signal handler of the caller's is raised as it is.
+        Run::Interrupted { interrupt, result } => {
+            if !interrupt.is_instance_of::<PyKeyboardInterrupt>(py) {
+                return Err(interrupt);
+            }
+            let target = path.display();
+            Err(PyKeyboardInterrupt::new_err(match result {
+                Ok(()) => format!("write_batch interrupted after {target} was written whole"),
+                // Cancelled or failed: a write that does not finish leaves the old file.
+                Err(_) => format!("write_batch interrupted; {target} left unchanged"),
+            }))
+        }
+    }
 }
 
 /// A preset's priors (SPEC §2), `[P, 4]` float32.

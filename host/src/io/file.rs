@@ -277,6 +277,21 @@ pub fn write_gradients(
 /// [`Error::File`] when the target is refused ([`crate::io::output::check_target`]);
 /// [`Error::Io`] when the folder is not writable.
 pub fn write_batch_file(path: &Path, tensors: &OwnedBatch, config: &LossConfig) -> Result<()> {
+    write_batch_file_cancellable(path, tensors, config, None)
+}
+
+/// [`write_batch_file`] that stops when `cancel` is cancelled before the file is in place
+/// ([`crate::io::output::OutputTarget::write_cancellable`]: the target is then left as it
+/// was, and no temporary file remains).
+///
+/// # Errors
+/// As [`write_batch_file`], and [`Error::Cancelled`] when `cancel` stopped it.
+pub fn write_batch_file_cancellable(
+    path: &Path,
+    tensors: &OwnedBatch,
+    config: &LossConfig,
+    cancel: Option<&CancelToken>,
+) -> Result<()> {
     let BatchShape {
         batch: b,
         priors: p,
@@ -294,5 +309,5 @@ pub fn write_batch_file(path: &Path, tensors: &OwnedBatch, config: &LossConfig) 
     }
     named.push(("targets", vec![b, m, 5], tensors.targets()));
     named.push(("priors", vec![p, 4], tensors.priors()));
-    write_f32_tensors(path, &named, Some(metadata))
+    super::output::write_f32_tensors_cancellable(path, &[], &named, Some(metadata), cancel)
 }

@@ -63,6 +63,13 @@ pub(crate) struct EvalArgs {
     /// Write grad_student_conf and grad_student_loc (f32) to this safetensors file.
     #[arg(long, value_name = "OUT.safetensors")]
     pub(crate) grad_out: Option<PathBuf>,
+    /// Skip the scan of the logits and offsets (student_loc, student_conf, teacher_loc,
+    /// teacher_conf; SPEC §1.3) for a trusted file. Still checked: the shapes, the config,
+    /// the priors and the targets (labels, boxes), an error with exit code 2; a GPU checks
+    /// the skipped values on the device (the same errors); on the CPU a skipped NaN or ∞
+    /// that reaches a term or gradient is a numerical error (exit code 1).
+    #[arg(long)]
+    pub(crate) no_validate: bool,
     #[command(flatten)]
     pub(crate) config: ConfigFlags,
 }

@@ -23,7 +23,8 @@ pub(crate) fn eval(args: &EvalArgs, out: &mut Out) -> Outcome {
     }
     let request = Request {
         gradients: args.grad_out.is_some() || args.backend == BackendChoice::Both,
-        ..Request::default()
+        decisions: false,
+        validate: !args.no_validate,
     };
     let evaluations = if args.backend == BackendChoice::Both {
         2
