@@ -2,8 +2,8 @@
 //! on a block of priors at a time. The overlaps of one object against a block of priors
 //! come in one vectorised pass (priors' corners and areas laid out as columns once per
 //! evaluation, the core's [`Overlap::of_rows`](ssdkd_core::boxes::Overlap::of_rows) lane
-//! by lane), each block's words are the core's `prior_words_block`, each object's best
-//! prior the core's [`ObjectScratch::visit`], and the rest the core's [`match_objects`]
+//! by lane), each block's words the core's `match_priors` decisions lane by lane
+//! (`simd.rs`), each object's best prior the core's [`ObjectScratch::visit`], and the rest the core's [`match_objects`]
 //! and [`match_finish`]. Tested against the core's `match_image` through `tests/fast_cpu.rs`
 //! (labels, offsets and everything downstream with `assert_eq`).
 
