@@ -71,9 +71,9 @@ fn row_softmax(base: u32, top: u32) -> RowSoftmax {
         base,
         max_s,
         max_t,
-        shifted_lse(STUDENT, base, max_s, 1.0),
-        shifted_lse(STUDENT, base, max_s, inv_t),
-        shifted_lse(TEACHER, base, max_t, inv_t),
+        shifted_log_sum_exp(STUDENT, base, max_s, 1.0),
+        shifted_log_sum_exp(STUDENT, base, max_s, inv_t),
+        shifted_log_sum_exp(TEACHER, base, max_t, inv_t),
     );
 }
 
