@@ -3,21 +3,24 @@
 //! exponentials taken in vectorised loops (`simd.rs`), each exponential once. The soft
 //! term (forward) keeps each selected row's `p_c = softmax(student / T)_c` and
 //! `q_c = softmax(teacher / T)_c` (the core's [`SoftmaxF64`], same values) for the
-//! gradient (backward, [`conf_grad_kept`]). Tested against the core in `tests/fast_cpu.rs` (sums and gradients
-//! compared with `assert_eq`).
+//! gradient (backward, [`conf_grad_kept`]). Tested against the core in
+//! `tests/fast_cpu.rs` (sums and gradients compared with `assert_eq`).
 
 use super::simd::{row_exps_f32, soft_terms, softmax_exps, LANES_F32};
 use ssdkd_core::math::{Lanes, LANES};
 use ssdkd_core::stages::grad::{
-    add_class, ce_grad, direct_ce, direct_soft, grad_entry, soft_grad, soft_ratio, top_class,
-    ClassProbs, GradForm, RestSums,
+    ce_grad, direct_ce, direct_soft, grad_entry, soft_grad, soft_ratio, top_class, ClassProbs,
+    GradForm, RestSums,
 };
 use ssdkd_core::stages::prior_terms::{cross_entropy_from, row_max, SoftmaxF64};
 use ssdkd_core::stages::reduce::soft_term_total;
 use ssdkd_core::{GradScale, LossConfig};
 
 #[cfg(doc)]
-use ssdkd_core::stages::{grad::conf_grad, reduce::add_soft_terms};
+use ssdkd_core::stages::{
+    grad::{add_class, conf_grad},
+    reduce::add_soft_terms,
+};
 
 /// The core's [`cross_entropy`](ssdkd_core::stages::prior_terms::cross_entropy) of a row
 /// (the mining's and the loss's), bit for bit: the core's [`row_max`], the exponentials of
@@ -170,25 +173,56 @@ fn kept_entries(
     let ce_complement = target < num_classes && class_probs(target).softmax > 0.5;
     let soft_complement = class_probs(top).p > 0.5;
     if ce_complement || soft_complement {
-        kept_complements(&form, top, target, &class_probs, out);
+        kept_complements(
+            &form,
+            top,
+            target,
+            ce_complement,
+            soft_complement,
+            g_sum,
+            &class_probs,
+            out,
+        );
     }
 }
 
 /// Writes again the entries at the target and the class `top` by the core's [`ce_grad`]
-/// and [`soft_grad`] from the row's [`RestSums`] ([`add_class`] over every class). Apart
-/// from [`kept_entries`]' loops, so that those vectorise.
+/// and [`soft_grad`], from the sums of the core's [`add_class`] that they read (each in
+/// class order, so the same bits): over the classes other than `top` where
+/// `soft_complement`, other than the target where `ce_complement`, with `G` from the
+/// direct form's pass. Apart from [`kept_entries`]' loops, so that those vectorise.
 #[inline(never)]
+#[allow(clippy::too_many_arguments)] // the row's form, classes, complements and probabilities
 fn kept_complements(
     form: &GradForm<f64>,
     top: usize,
     target: usize,
+    ce_complement: bool,
+    soft_complement: bool,
+    g_sum: f64,
     class_probs: &impl Fn(usize) -> ClassProbs<f64>,
     out: &mut [f32],
 ) {
     let num_classes = out.len();
-    let mut sums = RestSums::default();
-    for c in 0..num_classes {
-        add_class(&mut sums, form, c, top, target, class_probs(c));
+    let mut sums = RestSums {
+        g_sum,
+        ..RestSums::default()
+    };
+    if soft_complement {
+        for c in (0..num_classes).filter(|&c| c != top) {
+            let k = class_probs(c);
+            sums.rest_p += k.p;
+            if form.weighted {
+                sums.rest_ph += k.p * soft_ratio(form, c, k.p, k.q);
+            } else {
+                sums.rest_q += k.q;
+            }
+        }
+    }
+    if ce_complement {
+        for c in (0..num_classes).filter(|&c| c != target) {
+            sums.rest_ce += class_probs(c).softmax;
+        }
     }
     let fixes = if top == target { 1 } else { 2 };
     for c in [target, top].into_iter().take(fixes) {
