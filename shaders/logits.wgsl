@@ -30,7 +30,8 @@ fn row_max(which: u32, base: u32) -> f32 {
 }
 
 // Σ exp((row[c] − m) · scale) of the row at `base`, m its maximum: in [1, C], the
-// denominator of its softmax (twin of core/src/stages/prior_terms.rs `SoftmaxF64`).
+// denominator of its softmax (twin of core/src/stages/prior_terms.rs `shifted_sum`, in f32,
+// and of the sum of its `SoftmaxF64`, in f64).
 fn shifted_sum(which: u32, base: u32, m: f32, scale: f32) -> f32 {
     var sum = 0.0;
     for (var c = 0u; c < params.num_classes; c++) {
@@ -42,6 +43,6 @@ fn shifted_sum(which: u32, base: u32, m: f32, scale: f32) -> f32 {
 // ln Σ exp((row[c] − m) · scale) of the row at `base`: in [0, ln C], so that a
 // log-probability (x − m) · scale − ln Σ never subtracts two large numbers.
 // Twin of core/src/stages/prior_terms.rs `shifted_log_sum_exp`.
-fn shifted_lse(which: u32, base: u32, m: f32, scale: f32) -> f32 {
+fn shifted_log_sum_exp(which: u32, base: u32, m: f32, scale: f32) -> f32 {
     return log(shifted_sum(which, base, m, scale));
 }

@@ -28,6 +28,9 @@ const ROW: u32 = 0x3fffffffu;
 const NONE: u32 = 0xffffffffu;
 
 // The Jaccard overlap as (intersection, union): decisions use products, never quotients.
+// This and the box helpers below are the core's (core/src/boxes.rs `Overlap`, `CornerBox`,
+// `encode`), a method there being a function of the same name here (`Overlap::of` is
+// `overlap_of`).
 struct Overlap {
     inter: f32,
     union_: f32,
@@ -64,6 +67,7 @@ fn reaches(a: Overlap, threshold: f32) -> bool {
     return a.inter >= threshold * a.union_;
 }
 
+// Twin of the core's `prior_corners` (core/src/stages/match.rs).
 fn prior_corners(p: u32) -> Corners {
     let prior = priors[p];
     let half = prior.zw * 0.5;
@@ -103,7 +107,9 @@ fn first_object(image: u32) -> u32 {
 }
 
 // Steps 1 and 4: the best object of each prior (lowest tied row), and whether the maximum
-// reaches the threshold. An image without objects gets 0 (background).
+// reaches the threshold. An image without objects gets 0 (background). Twin of the core's
+// `match_priors`, loop by loop (the core walks its gathered real objects where this skips
+// the padding rows from `first_object`).
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn match_priors(
     @builtin(workgroup_id) workgroup: vec3<u32>,

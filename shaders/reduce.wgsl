@@ -14,40 +14,57 @@
 // Per prior: the soft term of a selected row, 0 elsewhere.
 @group(0) @binding(12) var<storage, read_write> row_soft: array<f32>;
 
-// The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
-// class-weighted `T² Σ w_c (q_c + ε) ln((q_c + ε) / (p_c + ε))` when neg_w > 1, else the
-// plain KL `T² Σ q_c (ln q_c − ln p_c)` with q_c = 0 terms counting 0; p_c = e_c / S with
-// e_c = exp((x_c − max) / T) and S = Σ e_c, ln p_c = (x_c − max) / T − ln S. Twin of
-// core/src/stages/reduce.rs `soft_term`, `weighted_class_terms` and `kl_class_term`.
-fn soft_term(base: u32) -> f32 {
+// The class-weighted form's term of a class from its weight w (neg_w for class 0, else
+// pos_w), p_c and q_c: w (q_c + ε) ln((q_c + ε) / (p_c + ε)) (SPEC §5). Twin of
+// core/src/stages/reduce.rs `weighted_class_term`.
+fn weighted_class_term(w: f32, p: f32, q: f32) -> f32 {
+    let qe = q + params.eps;
+    let pe = p + params.eps;
+    return w * qe * log(qe / pe);
+}
+
+// The plain KL form's term of a class from q_c and the two log-probabilities:
+// q_c (ln q_c − ln p_c), 0 where q_c = 0 (SPEC §5). Twin of the core's `kl_class_term`.
+fn kl_class_term(q: f32, log_q: f32, log_p: f32) -> f32 {
+    if q > 0.0 {
+        return q * (log_q - log_p);
+    }
+    return 0.0;
+}
+
+// T² times the sum of a row's terms, as t · (t · sum), not t² · sum: T² overflows f32 from
+// T ≈ 1.8e19, and ∞ · 0 is NaN. Twin of the core's `soft_term_total` (which takes T² in f64).
+fn soft_term_total(sum: f32) -> f32 {
     let t = params.temperature;
-    let inv_t = 1.0 / t;
+    return t * (t * sum);
+}
+
+// The soft-target term of the row starting at `base` (SPEC §5), not yet divided by N:
+// T² times the sum over the classes of `weighted_class_term` (class-weighted, neg_w > 1) or
+// `kl_class_term`, with p_c = e_c / S, e_c = exp((x_c − max) / T), S = Σ e_c and
+// ln p_c = (x_c − max) / T − ln S. Twin of core/src/stages/reduce.rs `soft_term`, loop for
+// loop.
+fn soft_term(base: u32) -> f32 {
+    let inv_t = 1.0 / params.temperature;
     let max_s = row_max(STUDENT, base);
     let max_t = row_max(TEACHER, base);
     let sum_s = shifted_sum(STUDENT, base, max_s, inv_t);
     let sum_t = shifted_sum(TEACHER, base, max_t, inv_t);
+    let lse_s = log(sum_s);
+    let lse_t = log(sum_t);
     var sum = 0.0;
-    if params.weighted_soft != 0u {
-        let eps = params.eps;
-        for (var c = 0u; c < params.num_classes; c++) {
-            let q = exp((teacher_conf[base + c] - max_t) * inv_t) / sum_t + eps;
-            let p = exp((student_conf[base + c] - max_s) * inv_t) / sum_s + eps;
+    for (var c = 0u; c < params.num_classes; c++) {
+        let shifted_s = (student_conf[base + c] - max_s) * inv_t;
+        let shifted_t = (teacher_conf[base + c] - max_t) * inv_t;
+        let q = exp(shifted_t) / sum_t;
+        if params.weighted_soft != 0u {
             let w = select(params.pos_w, params.neg_w, c == 0u);
-            sum += w * q * log(q / p);
-        }
-    } else {
-        let lse_s = log(sum_s);
-        let lse_t = log(sum_t);
-        for (var c = 0u; c < params.num_classes; c++) {
-            let shifted_t = (teacher_conf[base + c] - max_t) * inv_t;
-            let q = exp(shifted_t) / sum_t;
-            if q > 0.0 {
-                sum += q * (shifted_t - lse_t - ((student_conf[base + c] - max_s) * inv_t - lse_s));
-            }
+            sum += weighted_class_term(w, exp(shifted_s) / sum_s, q);
+        } else {
+            sum += kl_class_term(q, shifted_t - lse_t, shifted_s - lse_s);
         }
     }
-    // t · (t · sum), not t² · sum: T² overflows f32 from T ≈ 1.8e19, and ∞ · 0 is NaN.
-    return t * (t * sum);
+    return soft_term_total(sum);
 }
 
 // (soft, l2, conf, loc) and the counts of each thread, then of each tree node.

@@ -2,12 +2,14 @@
 //! mining and the teacher bound held fixed. Twin of `shaders/grad.wgsl`, kernel by kernel:
 //! [`grad_conf`] and [`grad_loc`], each a loop over priors (a thread per prior there).
 //!
-//! A selected row's conf gradient is one algorithm, [`conf_grad`], the one `grad_conf`
-//! runs on the GPU (the target's and the top class's entries from the other classes' sums
-//! where their probability is over 1/2), generic over its float: the CPU runs it in f64
-//! from the f64 softmaxes and rounds once ([`conf_grad_row`], and [`conf_grad_row_kept`]
-//! from probabilities the fast path kept), the GPU in f32 (a test holds the f32
-//! instantiation to the f64 one within SPEC §7).
+//! A selected row's conf gradient is [`conf_grad`], function by function the kernel's
+//! `conf_grad` ([`top_class`], [`row_softmax`], [`class_probs`], [`add_class`], [`ce_grad`],
+//! [`soft_grad`], [`grad_entry`]: the target's and the top class's entries from the other
+//! classes' sums where their probability is over 1/2). The pieces are generic over their
+//! float ([`GradFloat`]): the CPU runs them in f64 from the f64 softmaxes and rounds once,
+//! the GPU in f32 (a test holds the f32 instantiation to the f64 one within SPEC §7). The
+//! CPU backend's fast path (`host/src/cpu/rows.rs`) builds its own loop from the same
+//! pieces, from the probabilities its forward pass kept.
 
 use crate::config::LossConfig;
 use crate::stages::prior_terms::{classes_of, loc_terms, smooth_l1_grad, SoftmaxF64};
@@ -41,7 +43,8 @@ impl GradScale {
     }
 }
 
-/// A float [`conf_grad`] runs in: f64 on the CPU, f32 as the GPU's `grad_conf` does.
+/// A float the pieces of [`conf_grad`] run in: f64 on the CPU, f32 as the GPU's
+/// `grad_conf` does.
 pub trait GradFloat:
     Copy
     + PartialOrd
@@ -80,7 +83,42 @@ impl GradFloat for f64 {
     }
 }
 
-/// Class `c` of a selected row as [`conf_grad`] takes it (SPEC §6).
+/// What every entry of a selected row's conf gradient reads from the configuration, in
+/// the float `F` (`GradForm` and `grad_form` in `grad.wgsl`, which read the rest from
+/// `params`).
+#[derive(Clone, Copy, Debug)]
+pub struct GradForm<F> {
+    /// `w_conf / N`.
+    pub scale_conf: F,
+    /// `T w_soft / N`.
+    pub soft_scale: F,
+    /// ε of the class-weighted form.
+    pub eps: F,
+    /// `w_0`, the background's class weight.
+    pub neg_w: F,
+    /// `w_c` of every other class.
+    pub pos_w: F,
+    /// The class-weighted form (`neg_w > 1`, SPEC §5).
+    pub weighted: bool,
+}
+
+impl<F: GradFloat> GradForm<F> {
+    /// The form of a batch's factors `scale` under `config`.
+    #[must_use]
+    #[inline(always)]
+    pub fn new(scale: &GradScale, config: &LossConfig) -> Self {
+        Self {
+            scale_conf: F::of(scale.conf),
+            soft_scale: F::of(scale.soft) * F::of(config.temperature),
+            eps: F::of(config.eps),
+            neg_w: F::of(config.neg_w),
+            pos_w: F::of(config.pos_w),
+            weighted: config.weighted_soft_loss(),
+        }
+    }
+}
+
+/// Class `c` of a selected row (`ClassProbs` in `grad.wgsl`, SPEC §6).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClassProbs<F> {
     /// `softmax(student)_c`, the cross-entropy's.
@@ -91,8 +129,8 @@ pub struct ClassProbs<F> {
     pub q: F,
 }
 
-/// The class of a row's largest logit, the lowest on ties (NaN never wins), as `grad_conf`
-/// finds its `top`: the only class whose probability can be over 1/2.
+/// The class of a row's largest logit, the lowest on ties (NaN never wins) (`top_class` in
+/// `grad.wgsl`): the only class whose probability can be over 1/2.
 #[must_use]
 #[inline]
 pub fn top_class(row: &[f32]) -> usize {
@@ -109,9 +147,190 @@ pub fn top_class(row: &[f32]) -> usize {
     top
 }
 
+/// A selected row's three softmaxes (`RowSoftmax` in `grad.wgsl`): the cross-entropy's
+/// `softmax(student)` and the soft term's `p = softmax(student / T)`,
+/// `q = softmax(teacher / T)`, each a [`SoftmaxF64`] (`e_c / S` in f64, where the GPU takes
+/// `e^((x − max) · scale − ln S)` in f32).
+#[derive(Clone, Debug)]
+pub struct RowSoftmax<'a> {
+    softmax: SoftmaxF64<'a>,
+    student: SoftmaxF64<'a>,
+    teacher: SoftmaxF64<'a>,
+}
+
+/// The softmaxes of a selected row's logits (`row_softmax` in `grad.wgsl`).
+#[must_use]
+pub fn row_softmax<'a>(
+    student_row: &'a [f32],
+    teacher_row: &'a [f32],
+    config: &LossConfig,
+) -> RowSoftmax<'a> {
+    let inv_t = 1.0 / f64::from(config.temperature);
+    RowSoftmax {
+        softmax: SoftmaxF64::new(student_row, 1.0),
+        student: SoftmaxF64::new(student_row, inv_t),
+        teacher: SoftmaxF64::new(teacher_row, inv_t),
+    }
+}
+
+/// Class `c`'s probabilities from the row's softmaxes (`class_probs` in `grad.wgsl`).
+#[must_use]
+pub fn class_probs(row: &RowSoftmax<'_>, c: usize) -> ClassProbs<f64> {
+    ClassProbs {
+        softmax: row.softmax.prob(c),
+        p: row.student.prob(c),
+        q: row.teacher.prob(c),
+    }
+}
+
+/// `h_c = w_c (q_c + ε) / (p_c + ε)` of the class-weighted form (`soft_ratio` in
+/// `grad.wgsl`).
+#[must_use]
+#[inline(always)]
+pub fn soft_ratio<F: GradFloat>(form: &GradForm<F>, c: usize, p: F, q: F) -> F {
+    (if c == 0 { form.neg_w } else { form.pos_w }) * (q + form.eps) / (p + form.eps)
+}
+
+/// The sums over a selected row's classes that its entries take (`RestSums` in
+/// `grad.wgsl`), each in class order: `G = Σ h_c p_c` (class-weighted form), and the sums
+/// over the classes other than `top` or the target from which [`ce_grad`] and [`soft_grad`]
+/// take the entries whose probability is over 1/2.
+#[derive(Clone, Copy, Debug)]
+pub struct RestSums<F> {
+    /// `G = Σ_c h_c p_c` (class-weighted form).
+    pub g_sum: F,
+    /// `Σ_{c≠top} p_c`.
+    pub rest_p: F,
+    /// `Σ_{c≠top} q_c`.
+    pub rest_q: F,
+    /// `Σ_{c≠top} p_c h_c` (class-weighted form).
+    pub rest_ph: F,
+    /// `Σ_{c≠target} softmax_c`.
+    pub rest_ce: F,
+}
+
+impl<F: GradFloat> Default for RestSums<F> {
+    fn default() -> Self {
+        let zero = F::of(0.0);
+        Self {
+            g_sum: zero,
+            rest_p: zero,
+            rest_q: zero,
+            rest_ph: zero,
+            rest_ce: zero,
+        }
+    }
+}
+
+/// Adds class `c`'s share `k` into `sums` (`add_class` in `grad.wgsl`): the body of
+/// [`conf_grad`]'s first loop over the classes. `h_c` only in the class-weighted form,
+/// the only one that reads it.
+#[inline(always)]
+pub fn add_class<F: GradFloat>(
+    sums: &mut RestSums<F>,
+    form: &GradForm<F>,
+    c: usize,
+    top: usize,
+    target: usize,
+    k: ClassProbs<F>,
+) {
+    if form.weighted {
+        let h = soft_ratio(form, c, k.p, k.q);
+        sums.g_sum = sums.g_sum + h * k.p;
+        if c != top {
+            sums.rest_ph = sums.rest_ph + k.p * h;
+        }
+    }
+    if c != top {
+        sums.rest_p = sums.rest_p + k.p;
+        sums.rest_q = sums.rest_q + k.q;
+    }
+    if c != target {
+        sums.rest_ce = sums.rest_ce + k.softmax;
+    }
+}
+
+/// The cross-entropy's entry in the direct form, `softmax_c − [c = target]` (`direct_ce` in
+/// `grad.wgsl`).
+#[must_use]
+#[inline(always)]
+pub fn direct_ce<F: GradFloat>(c: usize, target: usize, softmax: F) -> F {
+    softmax - F::of(if c == target { 1.0 } else { 0.0 })
+}
+
+/// The cross-entropy's entry (`ce_grad` in `grad.wgsl`): [`direct_ce`], but at the target
+/// where its softmax is over 1/2 (where `softmax − 1` would lose its digits)
+/// `−Σ_{c≠target} softmax_c`.
+#[must_use]
+#[inline(always)]
+pub fn ce_grad<F: GradFloat>(c: usize, target: usize, softmax: F, rest_ce: F) -> F {
+    if c == target && softmax > F::of(0.5) {
+        -rest_ce
+    } else {
+        direct_ce(c, target, softmax)
+    }
+}
+
+/// The soft term's entry in the direct form before its factor `T w_soft / N`
+/// (`direct_soft` in `grad.wgsl`): `p_c (G − h_c)` (class-weighted) or `p_c − q_c`.
+#[must_use]
+#[inline(always)]
+pub fn direct_soft<F: GradFloat>(form: &GradForm<F>, c: usize, k: ClassProbs<F>, g_sum: F) -> F {
+    if form.weighted {
+        k.p * (g_sum - soft_ratio(form, c, k.p, k.q))
+    } else {
+        k.p - k.q
+    }
+}
+
+/// The soft term's entry at the class `top` from the sums over the other classes
+/// (`complement_soft` in `grad.wgsl`): `p_top (Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c)`
+/// (class-weighted) or `Σ_{c≠top} q_c − Σ_{c≠top} p_c`.
+#[must_use]
+#[inline(always)]
+pub fn complement_soft<F: GradFloat>(
+    form: &GradForm<F>,
+    top: usize,
+    k: ClassProbs<F>,
+    sums: &RestSums<F>,
+) -> F {
+    if form.weighted {
+        k.p * (sums.rest_ph - soft_ratio(form, top, k.p, k.q) * sums.rest_p)
+    } else {
+        sums.rest_q - sums.rest_p
+    }
+}
+
+/// The soft term's entry (`soft_grad` in `grad.wgsl`): [`direct_soft`], but at the class
+/// `top` where its `p` is over 1/2 (where `p − q` or `G − h` would lose its digits)
+/// [`complement_soft`].
+#[must_use]
+#[inline(always)]
+pub fn soft_grad<F: GradFloat>(
+    form: &GradForm<F>,
+    c: usize,
+    top: usize,
+    k: ClassProbs<F>,
+    sums: &RestSums<F>,
+) -> F {
+    if c == top && k.p > F::of(0.5) {
+        complement_soft(form, top, k, sums)
+    } else {
+        direct_soft(form, c, k, sums.g_sum)
+    }
+}
+
+/// An entry from its two parts, each scaled by its `w / N`, rounded once to f32
+/// (`grad_entry` in `grad.wgsl`).
+#[must_use]
+#[inline(always)]
+pub fn grad_entry<F: GradFloat>(form: &GradForm<F>, ce: F, soft: F) -> f32 {
+    (form.scale_conf * ce + form.soft_scale * soft).to_f32()
+}
+
 /// Writes the gradient of one selected row's `w_conf·CE + w_soft·soft` into `out`
-/// (C entries; `class(c)` gives class `c`'s probabilities, `top` is [`top_class`] of the
-/// student row), the algorithm of `grad_conf` in `grad.wgsl`:
+/// (`conf_grad` in `grad.wgsl`, which runs it in f32; here in f64 from the f64 softmaxes,
+/// rounded once):
 /// - cross-entropy: `softmax_c − [c = target]`;
 /// - plain KL: `T (p_c − q_c)`;
 /// - class-weighted: `T p_c (G − h_c)` with `h_c = w_c (q_c + ε) / (p_c + ε)`,
@@ -119,160 +338,19 @@ pub fn top_class(row: &[f32]) -> usize {
 ///
 /// each scaled by its `w / N`. `softmax − 1` at the target and `p − q` or `G − h` at a
 /// class whose `p` is near 1 would lose their digits; where that probability is over 1/2
-/// they are taken from the other classes' sums instead: the target's cross-entropy term is
-/// `−Σ_{c≠t} softmax_c`, and the class `top` gets `Σ_{c≠top} q_c − Σ_{c≠top} p_c`, or
-/// `G − h_top = Σ_{c≠top} p_c h_c − h_top Σ_{c≠top} p_c`. (Below 1/2 the direct form is
-/// the exact one: the complements would cancel instead, e.g. at a large temperature.)
+/// they are taken from the other classes' sums instead ([`ce_grad`], [`soft_grad`]). (Below
+/// 1/2 the direct form is the exact one: the complements would cancel instead, e.g. at a
+/// large temperature.) In f64 with few positives, where the factors `w / N` are large,
+/// every entry is exact to its rounding.
 ///
-/// Every entry in the direct form first (a flat loop, which vectorises), then the at most
-/// two entries whose probability is over 1/2 again from the sums over the other classes,
-/// taken only then; each entry is rounded once to f32. In f64 with few positives, where
-/// the factors `w / N` are large, every entry is exact to that rounding.
-#[inline(always)]
-pub fn conf_grad<F: GradFloat>(
-    top: usize,
-    target: u32,
-    scale: &GradScale,
-    config: &LossConfig,
-    class: impl Fn(usize) -> ClassProbs<F>,
-    out: &mut [f32],
-) {
-    let target = target as usize;
-    let num_classes = out.len();
-    if num_classes == 0 {
-        return;
-    }
-    let mut row = RowForm::new(scale, config, target);
-    if row.weighted {
-        row.g_sum = (0..num_classes).fold(F::of(0.0), |sum, c| {
-            let ClassProbs { p, q, .. } = class(c);
-            sum + row.h(c, p, q) * p
-        });
-    }
-    // The branch in `direct_soft` is the same for every class: the loop is unswitched and
-    // each form vectorises.
-    for (c, o) in out.iter_mut().enumerate() {
-        let ClassProbs { softmax, p, q } = class(c);
-        *o = row.entry(row.direct_ce(c, softmax), row.direct_soft(c, p, q));
-    }
-    // The complements only where they are the exact side: a probability over 1/2.
-    let half = F::of(0.5);
-    let ce_complement = target < num_classes && class(target).softmax > half;
-    let soft_complement = class(top).p > half;
-    if ce_complement || soft_complement {
-        row.complements(top, ce_complement, soft_complement, &class, out);
-    }
-}
-
-/// What [`conf_grad`]'s entries of one row share: the factors, the class weights and
-/// `G`.
-#[derive(Clone, Copy, Debug)]
-struct RowForm<F> {
-    /// `w_conf / N`.
-    conf_scale: F,
-    /// `T w_soft / N`.
-    soft_scale: F,
-    eps: F,
-    neg_w: F,
-    pos_w: F,
-    weighted: bool,
-    target: usize,
-    /// `G = Σ h_c p_c` (class-weighted form).
-    g_sum: F,
-}
-
-impl<F: GradFloat> RowForm<F> {
-    #[inline(always)]
-    fn new(scale: &GradScale, config: &LossConfig, target: usize) -> Self {
-        Self {
-            conf_scale: F::of(scale.conf),
-            soft_scale: F::of(scale.soft) * F::of(config.temperature),
-            eps: F::of(config.eps),
-            neg_w: F::of(config.neg_w),
-            pos_w: F::of(config.pos_w),
-            weighted: config.weighted_soft_loss(),
-            target,
-            g_sum: F::of(0.0),
-        }
-    }
-
-    /// `h_c = w_c (q_c + ε) / (p_c + ε)`.
-    #[inline(always)]
-    fn h(&self, c: usize, p: F, q: F) -> F {
-        (if c == 0 { self.neg_w } else { self.pos_w }) * (q + self.eps) / (p + self.eps)
-    }
-
-    /// `softmax_c − [c = target]`.
-    #[inline(always)]
-    fn direct_ce(&self, c: usize, softmax: F) -> F {
-        softmax - F::of(if c == self.target { 1.0 } else { 0.0 })
-    }
-
-    /// `p_c (G − h_c)` or `p_c − q_c`.
-    #[inline(always)]
-    fn direct_soft(&self, c: usize, p: F, q: F) -> F {
-        if self.weighted {
-            p * (self.g_sum - self.h(c, p, q))
-        } else {
-            p - q
-        }
-    }
-
-    /// The entry from its two parts, each scaled by its `w / N`, rounded once.
-    #[inline(always)]
-    fn entry(&self, ce: F, soft: F) -> f32 {
-        (self.conf_scale * ce + self.soft_scale * soft).to_f32()
-    }
-
-    /// Writes again the entries at the target (`ce_complement`) and the top class
-    /// (`soft_complement`) from the sums over the other classes. Apart from the direct
-    /// form's loops, so that those vectorise.
-    #[inline(never)]
-    fn complements(
-        &self,
-        top: usize,
-        ce_complement: bool,
-        soft_complement: bool,
-        class: &impl Fn(usize) -> ClassProbs<F>,
-        out: &mut [f32],
-    ) {
-        let (target, num_classes) = (self.target, out.len());
-        // Σ_{c≠skip} term(c) in class order.
-        let sum_except = |skip: usize, term: &dyn Fn(usize, ClassProbs<F>) -> F| {
-            (0..num_classes)
-                .filter(|&c| c != skip)
-                .fold(F::of(0.0), |sum, c| sum + term(c, class(c)))
-        };
-        let fixes = if top == target { 1 } else { 2 };
-        for c in [target, top].into_iter().take(fixes) {
-            let at_target = c == target && ce_complement;
-            let at_top = c == top && soft_complement;
-            if !(at_target || at_top) {
-                continue;
-            }
-            let ClassProbs { softmax, p, q } = class(c);
-            let ce = if at_target {
-                -sum_except(target, &|_, k| k.softmax)
-            } else {
-                self.direct_ce(c, softmax)
-            };
-            let soft = if !at_top {
-                self.direct_soft(c, p, q)
-            } else if self.weighted {
-                let rest_p = sum_except(top, &|_, k| k.p);
-                let rest_ph = sum_except(top, &|c, k| k.p * self.h(c, k.p, k.q));
-                p * (rest_ph - self.h(top, p, q) * rest_p)
-            } else {
-                sum_except(top, &|_, k| k.q) - sum_except(top, &|_, k| k.p)
-            };
-            out[c] = self.entry(ce, soft);
-        }
-    }
-}
-
-/// [`conf_grad`] in f64 of one selected row from its logits (the reference's softmaxes,
-/// [`SoftmaxF64`]).
-pub fn conf_grad_row(
+/// Two loops over the classes, as in the kernel: the sums ([`add_class`]), then the
+/// entries.
+///
+/// # Panics
+/// If the rows and `out` do not have the same length.
+// Index loops over the classes, as the kernel's.
+#[allow(clippy::needless_range_loop)]
+pub fn conf_grad(
     student_row: &[f32],
     teacher_row: &[f32],
     target: u32,
@@ -280,68 +358,23 @@ pub fn conf_grad_row(
     config: &LossConfig,
     out: &mut [f32],
 ) {
-    let inv_t = 1.0 / f64::from(config.temperature);
-    let softmax = SoftmaxF64::new(student_row, 1.0);
-    let student = SoftmaxF64::new(student_row, inv_t);
-    let teacher = SoftmaxF64::new(teacher_row, inv_t);
-    let class = |c: usize| ClassProbs {
-        softmax: softmax.prob(c),
-        p: student.prob(c),
-        q: teacher.prob(c),
-    };
-    conf_grad(top_class(student_row), target, scale, config, class, out);
-}
-
-/// [`conf_grad_row`] from the row's probabilities `kept`: its `p_c` then its `q_c` (2C
-/// values, [`SoftmaxF64::prob`]'s bits, as the fast path keeps them from the soft term's
-/// exponentials), the same entries bit for bit. At T = 1 the cross-entropy's softmax is
-/// `p_c` itself (`x · 1 = x`); otherwise it is taken from the row.
-#[inline]
-pub fn conf_grad_row_kept(
-    student_row: &[f32],
-    target: u32,
-    scale: &GradScale,
-    config: &LossConfig,
-    kept: &[f64],
-    out: &mut [f32],
-) {
-    let classes = student_row.len();
-    let (p, q) = (&kept[..classes], &kept[classes..2 * classes]);
-    let out = &mut out[..classes];
+    let num_classes = out.len();
+    assert_eq!(student_row.len(), num_classes);
+    assert_eq!(teacher_row.len(), num_classes);
+    let form = GradForm::<f64>::new(scale, config);
+    let target = target as usize;
     let top = top_class(student_row);
-    if config.temperature != 1.0 {
-        conf_grad_kept_at_t(student_row, top, target, scale, config, p, q, out);
-        return;
+    let row = row_softmax(student_row, teacher_row, config);
+    let mut sums = RestSums::default();
+    for c in 0..num_classes {
+        add_class(&mut sums, &form, c, top, target, class_probs(&row, c));
     }
-    let class = |c: usize| ClassProbs {
-        softmax: p[c],
-        p: p[c],
-        q: q[c],
-    };
-    conf_grad(top, target, scale, config, class, out);
-}
-
-/// [`conf_grad_row_kept`] at T ≠ 1, with the cross-entropy's softmax from the row (apart,
-/// so that the T = 1 loops vectorise).
-#[inline(never)]
-#[allow(clippy::too_many_arguments)] // conf_grad_row_kept's, with the row's probabilities split
-fn conf_grad_kept_at_t(
-    student_row: &[f32],
-    top: usize,
-    target: u32,
-    scale: &GradScale,
-    config: &LossConfig,
-    p: &[f64],
-    q: &[f64],
-    out: &mut [f32],
-) {
-    let softmax = SoftmaxF64::new(student_row, 1.0);
-    let class = |c: usize| ClassProbs {
-        softmax: softmax.prob(c),
-        p: p[c],
-        q: q[c],
-    };
-    conf_grad(top, target, scale, config, class, out);
+    for c in 0..num_classes {
+        let k = class_probs(&row, c);
+        let ce = ce_grad(c, target, k.softmax, sums.rest_ce);
+        let soft = soft_grad(&form, c, top, k, &sums);
+        out[c] = grad_entry(&form, ce, soft);
+    }
 }
 
 /// The gradient of one positive prior's `w_loc·smooth-L1 + w_l2·bounded L2`.
@@ -361,10 +394,10 @@ pub fn loc_grad_row(
     })
 }
 
-/// A loop over priors (`grad_conf` in `grad.wgsl`): each selected row's conf gradient by
-/// [`conf_grad_row`], 0 on the other rows. With `already_zero` the caller promises a zeroed
-/// output and the other rows are not written at all (on a fresh allocation, their memory
-/// is then never touched).
+/// A loop over priors (`grad_conf` in `grad.wgsl`, a thread per prior): each selected
+/// row's conf gradient by [`conf_grad`], 0 on the other rows. With `already_zero` the
+/// caller promises a zeroed output and the other rows are not written at all (on a fresh
+/// allocation, their memory is then never touched).
 ///
 /// # Panics
 /// If the slices do not agree on P and C.
@@ -381,22 +414,24 @@ pub fn grad_conf(
 ) {
     let num_classes = classes_of(student_conf.len(), conf_target.len());
     assert_eq!(grad_student_conf.len(), student_conf.len());
-    if num_classes == 0 {
-        return;
-    }
-    let rows = student_conf
-        .chunks_exact(num_classes)
-        .zip(teacher_conf.chunks_exact(num_classes))
-        .zip(grad_student_conf.chunks_exact_mut(num_classes));
-    for (p, ((student_row, teacher_row), out)) in rows.enumerate() {
-        let target_class = conf_target[p];
-        if target_class == 0 && neg_mask[p] == 0 {
+    assert_eq!(teacher_conf.len(), student_conf.len());
+    for index in 0..conf_target.len() {
+        let row = index * num_classes..(index + 1) * num_classes;
+        let target_class = conf_target[index];
+        if target_class == 0 && neg_mask[index] == 0 {
             if !already_zero {
-                out.fill(0.0);
+                grad_student_conf[row].fill(0.0);
             }
             continue;
         }
-        conf_grad_row(student_row, teacher_row, target_class, scale, config, out);
+        conf_grad(
+            &student_conf[row.clone()],
+            &teacher_conf[row.clone()],
+            target_class,
+            scale,
+            config,
+            &mut grad_student_conf[row],
+        );
     }
 }
 
@@ -436,8 +471,9 @@ mod tests {
     use crate::stages::prior_terms::{row_max, shifted_log_sum_exp};
 
     /// [`conf_grad`] in f32 from f32 probabilities `e^((x − max) · scale − ln Σ)`, as
-    /// `grad_conf` in `grad.wgsl` runs it.
-    fn conf_grad_row_f32(
+    /// `conf_grad` in `grad.wgsl` runs it: its two loops over the classes, with the pieces
+    /// in f32.
+    fn conf_grad_f32(
         student_row: &[f32],
         teacher_row: &[f32],
         target: u32,
@@ -445,18 +481,28 @@ mod tests {
         config: &LossConfig,
         out: &mut [f32],
     ) {
+        let form = GradForm::<f32>::new(scale, config);
+        let target = target as usize;
         let inv_t = 1.0 / config.temperature;
         let top = top_class(student_row);
         let (max_s, max_t) = (student_row[top], row_max(teacher_row));
         let lse = shifted_log_sum_exp(student_row, max_s, 1.0);
         let lse_s = shifted_log_sum_exp(student_row, max_s, inv_t);
         let lse_t = shifted_log_sum_exp(teacher_row, max_t, inv_t);
-        let class = |c: usize| ClassProbs {
+        let class_probs = |c: usize| ClassProbs {
             softmax: math::exp((student_row[c] - max_s) - lse),
             p: math::exp((student_row[c] - max_s) * inv_t - lse_s),
             q: math::exp((teacher_row[c] - max_t) * inv_t - lse_t),
         };
-        conf_grad(top, target, scale, config, class, out);
+        let mut sums = RestSums::default();
+        for c in 0..out.len() {
+            add_class(&mut sums, &form, c, top, target, class_probs(c));
+        }
+        for (c, o) in out.iter_mut().enumerate() {
+            let k = class_probs(c);
+            let ce = ce_grad(c, target, k.softmax, sums.rest_ce);
+            *o = grad_entry(&form, ce, soft_grad(&form, c, top, k, &sums));
+        }
     }
 
     /// A small deterministic generator (no dependency in the no_std core).
@@ -495,8 +541,8 @@ mod tests {
             let scale = GradScale::new(&config, 1);
             let mut reference = vec![0.0; num_classes];
             let mut port = vec![0.0; num_classes];
-            conf_grad_row(&student, &teacher, target, &scale, &config, &mut reference);
-            conf_grad_row_f32(&student, &teacher, target, &scale, &config, &mut port);
+            conf_grad(&student, &teacher, target, &scale, &config, &mut reference);
+            conf_grad_f32(&student, &teacher, target, &scale, &config, &mut port);
             for (c, (&r, &g)) in reference.iter().zip(&port).enumerate() {
                 let bound = 1e-3 * f64::from(r.abs()) + 1e-7;
                 let error = f64::from((r - g).abs());
@@ -530,7 +576,7 @@ mod tests {
         let (conf, soft) = (f64::from(scale.conf), f64::from(scale.soft) * t);
         // Target class 1 = top: ce = −rest_p, soft = rest_q − rest_p.
         let mut out = [0.0; 3];
-        conf_grad_row(&student, &teacher, 1, &scale, &config, &mut out);
+        conf_grad(&student, &teacher, 1, &scale, &config, &mut out);
         let want = conf * -rest_p + soft * (rest_q - rest_p);
         let ulps = (out[1].to_bits() as i64 - (want as f32).to_bits() as i64).unsigned_abs();
         assert!(ulps <= 1, "{} against {want}", out[1]);
@@ -548,11 +594,11 @@ mod tests {
         let student = [1.0, -2.0, 0.5, 3.0];
         let teacher = [0.0, 1.0, -1.0, 2.0];
         let mut out = [0.0; 4];
-        conf_grad_row(&student, &teacher, 2, &scale, &config, &mut out);
+        conf_grad(&student, &teacher, 2, &scale, &config, &mut out);
         assert!(out.iter().map(|&g| f64::from(g)).sum::<f64>().abs() < 1e-6);
         let mut ce_only = [0.0; 4];
         let no_soft = GradScale { soft: 0.0, ..scale };
-        conf_grad_row(&student, &teacher, 2, &no_soft, &config, &mut ce_only);
+        conf_grad(&student, &teacher, 2, &no_soft, &config, &mut ce_only);
         assert!(ce_only[2] < 0.0 && ce_only[0] > 0.0);
     }
 }

@@ -23,8 +23,6 @@ pub struct ObjectScratch {
     row: u32,
     /// The object's best prior over the priors visited so far.
     best: BestPrior,
-    /// The overlap with the prior being visited.
-    current: Overlap,
 }
 
 impl Default for ObjectScratch {
@@ -38,7 +36,6 @@ impl Default for ObjectScratch {
             label: 0,
             row: 0,
             best: BestPrior::default(),
-            current: NO_OVERLAP,
         }
     }
 }
@@ -184,11 +181,21 @@ pub const FORCED: u32 = 0x8000_0000;
 /// The object row in a `conf_target` word between the kernels.
 pub const ROW: u32 = 0x3fff_ffff;
 
+/// A prior's corner box from its row `[cx, cy, w, h]`
+/// (`prior_corners` in `match.wgsl`).
+#[must_use]
+#[inline]
+pub fn prior_corners(prior: [f32; 4]) -> CornerBox {
+    CenterBox::from_row(prior).to_corners()
+}
+
 /// Steps 1 and 4, a loop over priors (`match_priors` in `match.wgsl`, a thread per
-/// prior): each prior's best object row (the lowest tied row) and [`POSITIVE`] when the
-/// maximum reaches the threshold ([`prior_words_block`], one prior at a time); 0 for every
-/// prior of an image without objects. `objects` holds the image's real objects in row
-/// order ([`ObjectScratch::new`]).
+/// prior): each prior's best object row (the maximum over the objects in row order, the
+/// first that [`Overlap::beats`] replacing it; then the lowest object that
+/// [`Overlap::ties_with`] it) and [`POSITIVE`] when the maximum [`Overlap::reaches`] the
+/// threshold; 0 for every prior of an image without objects. `objects` holds the image's
+/// real objects in row order ([`gather_objects`]), where the kernel skips the padding rows
+/// from the image's `first_object`.
 ///
 /// CPU fusion: the same loop also gathers each object's best overlap over the priors and
 /// its lowest best prior ([`ObjectScratch::visit`]), which `match_objects` on the GPU finds
@@ -196,6 +203,8 @@ pub const ROW: u32 = 0x3fff_ffff;
 ///
 /// # Panics
 /// If `conf_target` is not `priors.len()` long.
+// Index loops over the priors and objects, as the kernel's.
+#[allow(clippy::needless_range_loop)]
 pub fn match_priors(
     objects: &mut [ObjectScratch],
     priors: &[[f32; 4]],
@@ -207,95 +216,25 @@ pub fn match_priors(
         conf_target.fill(0);
         return;
     }
-    for (p, prior) in priors.iter().enumerate() {
-        let prior_box = CenterBox::from_row(*prior).to_corners();
-        for object in objects.iter_mut() {
-            let overlap = Overlap::of(object.truth, prior_box);
-            object.current = overlap;
-            object.visit(p, overlap); // CPU fusion, the object's best prior
+    for p in 0..priors.len() {
+        let prior_box = prior_corners(priors[p]);
+        let mut best = Overlap::of(objects[0].truth, prior_box);
+        objects[0].visit(p, best); // CPU fusion, the object's best prior
+        for m in 1..objects.len() {
+            let overlap = Overlap::of(objects[m].truth, prior_box);
+            objects[m].visit(p, overlap); // CPU fusion
+            if overlap.beats(best) {
+                best = overlap;
+            }
         }
-        let objects = &*objects;
-        prior_words_block(
-            objects.len(),
-            |m| objects[m].row,
-            |m| {
-                let current = &objects[m].current;
-                (
-                    core::slice::from_ref(&current.inter),
-                    core::slice::from_ref(&current.union),
-                )
-            },
-            threshold,
-            &mut [0.0],
-            &mut [0.0],
-            &mut conf_target[p..=p],
-        );
-    }
-}
-
-/// The decisions of steps 1 and 4 for a block of `words.len()` priors, lane by lane:
-/// `overlaps(m)` gives object `m`'s overlaps with the block as columns
-/// `(intersections, unions)` (objects in row order, `row(m)` its `targets` row, at least
-/// one object). Each prior's maximum is object 0's overlap replaced by every later one that
-/// [`Overlap::beats`] it; its word is the row of the lowest object that
-/// [`Overlap::ties_with`] that maximum (object 0's when none does: only NaN input, which
-/// validation rejects), with [`POSITIVE`] when the maximum [`Overlap::reaches`]
-/// `threshold`. `best_inter`, `best_union` are scratch of the block's length. Written as
-/// selects over the block, so that the host's loops over blocks of priors vectorise it;
-/// [`match_priors`] passes a block of one prior.
-#[inline(always)]
-// Index loops over the columns: the same loops over `iter_mut().enumerate()` of `words`
-// measured about three times slower in the host's block kernel (not vectorised).
-#[allow(clippy::needless_range_loop)]
-pub fn prior_words_block<'a>(
-    objects: usize,
-    row: impl Fn(usize) -> u32,
-    overlaps: impl Fn(usize) -> (&'a [f32], &'a [f32]),
-    threshold: f32,
-    best_inter: &mut [f32],
-    best_union: &mut [f32],
-    words: &mut [u32],
-) {
-    let len = words.len();
-    let (best_inter, best_union) = (&mut best_inter[..len], &mut best_union[..len]);
-    let (inter, union) = overlaps(0);
-    best_inter.copy_from_slice(&inter[..len]);
-    best_union.copy_from_slice(&union[..len]);
-    let lane = |inter: &[f32], union: &[f32], i: usize| Overlap {
-        inter: inter[i],
-        union: union[i],
-    };
-    for m in 1..objects {
-        let (inter, union) = overlaps(m);
-        let (inter, union) = (&inter[..len], &union[..len]);
-        for i in 0..len {
-            let (current, best) = (lane(inter, union, i), lane(best_inter, best_union, i));
-            let beats = current.beats(best);
-            best_inter[i] = if beats { current.inter } else { best.inter };
-            best_union[i] = if beats { current.union } else { best.union };
+        let mut best_object = objects[0].row;
+        for m in 0..objects.len() {
+            if Overlap::of(objects[m].truth, prior_box).ties_with(best) {
+                best_object = objects[m].row;
+                break;
+            }
         }
-    }
-    words.fill(row(0));
-    // From the last object down, so that the lowest tied one is written last.
-    for m in (0..objects).rev() {
-        let (inter, union) = overlaps(m);
-        let (inter, union) = (&inter[..len], &union[..len]);
-        let row = row(m);
-        for i in 0..len {
-            let (current, best) = (lane(inter, union, i), lane(best_inter, best_union, i));
-            words[i] = if current.ties_with(best) {
-                row
-            } else {
-                words[i]
-            };
-        }
-    }
-    for i in 0..len {
-        words[i] |= if lane(best_inter, best_union, i).reaches(threshold) {
-            POSITIVE
-        } else {
-            0
-        };
+        conf_target[p] = best_object | if best.reaches(threshold) { POSITIVE } else { 0 };
     }
 }
 
@@ -309,7 +248,7 @@ pub fn prior_words_block<'a>(
 pub fn match_objects(objects: &[ObjectScratch], priors: &[[f32; 4]], conf_target: &mut [u32]) {
     for object in objects {
         let best_prior = object.best.resolve(priors.len(), |p| {
-            Overlap::of(object.truth, CenterBox::from_row(priors[p]).to_corners())
+            Overlap::of(object.truth, prior_corners(priors[p]))
         });
         let word = &mut conf_target[best_prior];
         *word = (*word).max(FORCED | object.row);

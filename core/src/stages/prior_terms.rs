@@ -1,6 +1,8 @@
 //! Stage **prior terms** (SPEC §4, §5): the per-prior maths — cross-entropy,
-//! mining score, smooth-L1 and the teacher-bounded L2 test.
-//! Twin of `shaders/prior_terms.wgsl`.
+//! mining score, smooth-L1 and the teacher-bounded L2 test. Twin of
+//! `shaders/prior_terms.wgsl` function by function ([`prior_terms`], [`cross_entropy`],
+//! [`loc_terms`], [`prior_loss_record`]; the row helpers [`row_max`], [`shifted_sum`] and
+//! [`shifted_log_sum_exp`] are `logits.wgsl`'s, which the reduce and grad stages share).
 
 use crate::config::LossConfig;
 use crate::math::{self, Lanes};
@@ -44,12 +46,12 @@ pub fn row_max(row: &[f32]) -> f32 {
 }
 
 /// The [`Lanes`] sum of a row's f32 exponentials `exp_f32((x − max) · scale)` for the
-/// row's `max` ([`row_max`]): each term in `(0, 1]`, the sum in `[1, C]`. Its logarithm
+/// row's `max` ([`row_max`]; `shifted_sum` in `logits.wgsl`, which adds in class order): each term in `(0, 1]`, the sum in `[1, C]`. Its logarithm
 /// is the row's shifted log-sum-exp ([`shifted_log_sum_exp`], [`cross_entropy_from`]);
 /// the fast path computes the same exponentials in a vectorised loop and sums them with
 /// [`Lanes::add_all`], the same bits.
 #[must_use]
-pub fn shifted_exps(row: &[f32], max: f32, scale: f32) -> Lanes<f32> {
+pub fn shifted_sum(row: &[f32], max: f32, scale: f32) -> Lanes<f32> {
     let mut exps = Lanes::new();
     for (c, &x) in row.iter().enumerate() {
         exps.add(c, math::exp_f32((x - max) * scale));
@@ -57,12 +59,13 @@ pub fn shifted_exps(row: &[f32], max: f32, scale: f32) -> Lanes<f32> {
     exps
 }
 
-/// `ln Σ exp((row[c] − max) · scale)` ([`shifted_exps`]) for the row's `max`: in
+/// `ln Σ exp((row[c] − max) · scale)` ([`shifted_sum`]) for the row's `max`
+/// (`shifted_log_sum_exp` in `logits.wgsl`): in
 /// `[0, ln C]`, so that a log-probability `(x − max) · scale − ln Σ` never subtracts two
 /// large numbers (with logits of 1e6, `x · scale − lse` would lose every digit of f32).
 #[must_use]
 pub fn shifted_log_sum_exp(row: &[f32], max: f32, scale: f32) -> f32 {
-    math::ln(shifted_exps(row, max, scale).total())
+    math::ln(shifted_sum(row, max, scale).total())
 }
 
 /// `(x − max) · scale` in f64: the argument of a row's softmax exponential
@@ -162,20 +165,20 @@ impl<'a> SoftmaxF64<'a> {
     }
 }
 
-/// Cross-entropy of a logit row against class `target` (SPEC §5): with `max` the row's
-/// largest logit ([`row_max`]) and `S` the [`Lanes`] sum of [`math::exp_f32`]`(x − max)`,
-/// `(max − row[target]) + ln S`. The difference is formed before `ln S` (in `[0, ln C]`) is
+/// Cross-entropy of a logit row against class `target` (SPEC §5; `cross_entropy` in
+/// `prior_terms.wgsl`): with `max` the row's largest logit ([`row_max`]) and `ln S` its
+/// [`shifted_log_sum_exp`] at scale 1, `(max − row[target]) + ln S`. The difference is formed before `ln S` (in `[0, ln C]`) is
 /// added, so that equal logits of any magnitude give ln C: `(max + ln S) − x` would round
 /// `ln S` away next to a large `max`. The fast path hands its own exponentials to
 /// [`cross_entropy_from`].
 #[must_use]
 pub fn cross_entropy(row: &[f32], target: u32) -> f32 {
     let max = row_max(row);
-    cross_entropy_from(max, row[target as usize], &shifted_exps(row, max, 1.0))
+    (max - row[target as usize]) + shifted_log_sum_exp(row, max, 1.0)
 }
 
 /// [`cross_entropy`] from the row's maximum, its target logit and the [`Lanes`] sum of its
-/// exponentials ([`shifted_exps`] at scale 1).
+/// exponentials ([`shifted_sum`] at scale 1).
 #[must_use]
 pub fn cross_entropy_from(max: f32, target_logit: f32, exps: &Lanes<f32>) -> f32 {
     (max - target_logit) + math::ln(exps.total())
@@ -237,7 +240,7 @@ pub struct LocTerms {
     pub teacher_finite: bool,
 }
 
-/// Localisation terms of one positive prior (SPEC §5).
+/// Localisation terms of one positive prior (SPEC §5; `loc_terms` in `prior_terms.wgsl`).
 #[must_use]
 pub fn loc_terms(
     student_loc: [f32; 4],
@@ -263,7 +266,8 @@ pub fn loc_terms(
     }
 }
 
-/// One prior's `prior_loss` record (SPEC §4, §5) from its cross-entropy `ce`:
+/// One prior's `prior_loss` record (SPEC §4, §5; `prior_loss_record` in `prior_terms.wgsl`)
+/// from its cross-entropy `ce`:
 /// `(ce, smooth-L1 over the 4 coordinates, d_s where the teacher bound holds else 0, 1
 /// where it holds else 0)` for a positive, `(ce, 0, 0, 0)` otherwise.
 #[must_use]
@@ -313,17 +317,18 @@ pub fn prior_terms(
     if num_classes == 0 {
         return;
     }
-    for (p, row) in student_conf.chunks_exact(num_classes).enumerate() {
-        let target_class = conf_target[p];
+    for index in 0..conf_target.len() {
+        let row = &student_conf[index * num_classes..(index + 1) * num_classes];
+        let target_class = conf_target[index];
         let positive = target_class > 0;
         let ce = cross_entropy(row, target_class);
-        mining_score_out[p] = mining_score(ce, positive);
-        prior_loss[p] = prior_loss_record(
+        mining_score_out[index] = mining_score(ce, positive);
+        prior_loss[index] = prior_loss_record(
             ce,
             positive,
-            student_loc[p],
-            teacher_loc[p],
-            loc_target[p],
+            student_loc[index],
+            teacher_loc[index],
+            loc_target[index],
             config.reg_m,
         );
     }

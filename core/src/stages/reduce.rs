@@ -88,31 +88,31 @@ pub struct LossTerms {
 }
 
 /// The soft-target term of one row (SPEC §5), not yet divided by N (`soft_term` in
-/// `reduce.wgsl`): with `q = softmax(teacher / T)`, `p = softmax(student / T)`
-/// ([`SoftmaxF64`]), T² times the sum over the classes (a [`Lanes`] sum) of
-/// [`weighted_class_terms`] (class-weighted, `neg_w > 1`) or [`kl_class_term`]:
-/// [`add_soft_terms`] a chunk of classes at a time, then [`soft_term_total`].
+/// `reduce.wgsl`, loop for loop): with `q = softmax(teacher / T)`, `p = softmax(student / T)`
+/// ([`SoftmaxF64`]), T² ([`soft_term_total`]) times the sum over the classes (a [`Lanes`]
+/// sum) of [`weighted_class_term`] (class-weighted, `neg_w > 1`) or [`kl_class_term`].
 ///
 /// Computed in f64 (only the selected rows come here): a student close to its teacher makes
-/// the terms cancel.
+/// the terms cancel. The fast path adds the same terms a chunk of classes at a time
+/// ([`add_soft_terms`]).
 #[must_use]
 pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) -> f64 {
-    /// Classes per chunk (on the stack: the core does not allocate).
-    const CHUNK: usize = 2 * LANES;
     let inv_t = 1.0 / f64::from(config.temperature);
     let student = SoftmaxF64::new(student_row, inv_t);
     let teacher = SoftmaxF64::new(teacher_row, inv_t);
+    let weighted = config.weighted_soft_loss();
+    let eps = f64::from(config.eps);
+    let (neg_w, pos_w) = (f64::from(config.neg_w), f64::from(config.pos_w));
     let mut sum = Lanes::new();
-    let (mut p, mut q) = ([0.0; CHUNK], [0.0; CHUNK]);
-    for first in (0..student_row.len()).step_by(CHUNK) {
-        let n = CHUNK.min(student_row.len() - first);
-        for i in 0..n {
-            p[i] = student.exp(first + i);
-            q[i] = teacher.exp(first + i);
-        }
-        add_soft_terms(
-            config, &student, &teacher, first, n, &mut p, &mut q, &mut sum,
-        );
+    for c in 0..student_row.len() {
+        let q = teacher.prob(c);
+        let term = if weighted {
+            let w = if c == 0 { neg_w } else { pos_w };
+            weighted_class_term(w, eps, student.prob(c), q)
+        } else {
+            kl_class_term(c, q, &student, &teacher)
+        };
+        sum.add(c, term);
     }
     soft_term_total(config, &sum)
 }
@@ -121,10 +121,10 @@ pub fn soft_term(student_row: &[f32], teacher_row: &[f32], config: &LossConfig) 
 /// multiple of [`LANES`]), from their exponentials `p[i] = e_{first+i}` of the student's
 /// and `q[i]` of the teacher's softmax (each slice a multiple of [`LANES`] long, at least
 /// `n`; the values past `n` are never added), which it turns into the probabilities
-/// `p_c`, `q_c` in place ([`SoftmaxF64::prob_of_exp`]). The reference passes a chunk of a
-/// row at a time ([`soft_term`]); the fast path passes a whole row's exponentials, taken in
-/// a vectorised loop, and keeps the probabilities for the gradient. Inlined, so that the
-/// caller's vectorisation reaches [`weighted_class_terms`].
+/// `p_c`, `q_c` in place ([`SoftmaxF64::prob_of_exp`]): [`soft_term`]'s loop a chunk at a
+/// time, the same terms in the same lanes. The fast path passes a whole row's
+/// exponentials, taken in a vectorised loop, and keeps the probabilities for the gradient.
+/// Inlined, so that the caller's vectorisation reaches [`weighted_class_terms`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)] // the row's two softmaxes and buffers, the chunk and the sum
 pub fn add_soft_terms(
@@ -168,7 +168,7 @@ pub fn add_soft_terms(
 }
 
 /// The soft term of a row from the [`Lanes`] sum of its summands ([`add_soft_terms`]):
-/// T² times the total.
+/// T² times the total (`soft_term_total` in `reduce.wgsl`, which takes `T (T Σ)` in f32).
 #[must_use]
 #[inline]
 pub fn soft_term_total(config: &LossConfig, sum: &Lanes<f64>) -> f64 {
@@ -176,10 +176,19 @@ pub fn soft_term_total(config: &LossConfig, sum: &Lanes<f64>) -> f64 {
     t * t * sum.total()
 }
 
-/// The class-weighted form's terms (SPEC §5) of the classes `first..first + p.len()` from
-/// their `p_c`, `q_c`: `w_c (q_c + ε) ln((q_c + ε) / (p_c + ε))`, the form's
+/// The class-weighted form's term of a class (SPEC §5; `weighted_class_term` in
+/// `reduce.wgsl`) from its weight `w` (`neg_w` for class 0, else `pos_w`), `p_c` and
+/// `q_c`: `w (q_c + ε) ln((q_c + ε) / (p_c + ε))`, the form's
 /// `(q + ε)(ln(q + ε) − ln(p + ε))` with one logarithm (the ε exactly as SPEC §5 has it).
-/// A flat loop (the host vectorises it by inlining).
+#[must_use]
+#[inline(always)]
+pub fn weighted_class_term(w: f64, eps: f64, p: f64, q: f64) -> f64 {
+    let (q, p) = (q + eps, p + eps);
+    w * q * math::ln_f64(q / p)
+}
+
+/// [`weighted_class_term`] of the classes `first..first + p.len()` from their `p_c`,
+/// `q_c`. A flat loop (the host vectorises it by inlining).
 #[inline(always)]
 pub fn weighted_class_terms(
     config: &LossConfig,
@@ -193,13 +202,12 @@ pub fn weighted_class_terms(
     let (p, q) = (&p[..terms.len()], &q[..terms.len()]);
     for (i, term) in terms.iter_mut().enumerate() {
         let w = if first + i == 0 { neg_w } else { pos_w };
-        let (q, p) = (q[i] + eps, p[i] + eps);
-        *term = w * q * math::ln_f64(q / p);
+        *term = weighted_class_term(w, eps, p[i], q[i]);
     }
 }
 
-/// The plain KL form's term of class `c` (SPEC §5) from `q = q_c` and the row's two
-/// softmaxes: `q (ln q_c − ln p_c)` with the stable log-softmaxes, 0 where `q = 0`.
+/// The plain KL form's term of class `c` (SPEC §5; `kl_class_term` in `reduce.wgsl`, which
+/// takes the two log-probabilities) from `q = q_c` and the row's two softmaxes: `q (ln q_c − ln p_c)` with the stable log-softmaxes, 0 where `q = 0`.
 #[must_use]
 #[inline]
 pub fn kl_class_term(c: usize, q: f64, student: &SoftmaxF64<'_>, teacher: &SoftmaxF64<'_>) -> f64 {

@@ -2,22 +2,21 @@
 //! on a block of priors at a time. The overlaps of one object against a block of priors
 //! come in one vectorised pass (priors' corners and areas laid out as columns once per
 //! evaluation, the core's [`Overlap::of_rows`](ssdkd_core::boxes::Overlap::of_rows) lane
-//! by lane), each block's words are the core's `prior_words_block`, each object's best
-//! prior the core's [`ObjectScratch::visit`], and the rest the core's [`match_objects`]
+//! by lane), each block's words the core's `match_priors` decisions lane by lane
+//! (`simd.rs`), each object's best prior the core's [`ObjectScratch::visit`], and the rest the core's [`match_objects`]
 //! and [`match_finish`]. Tested against the core's `match_image` through `tests/fast_cpu.rs`
 //! (labels, offsets and everything downstream with `assert_eq`).
 
 use super::simd::{best_objects_block, first_beating, overlap_at, overlaps_block};
-use ssdkd_core::boxes::CenterBox;
 use ssdkd_core::stages::r#match::{
-    gather_objects, match_finish, match_objects, ObjectScratch, Offsets,
+    gather_objects, match_finish, match_objects, prior_corners, ObjectScratch, Offsets,
 };
 
 /// Priors per block of overlaps.
 const BLOCK: usize = 256;
 
 /// The priors' corner boxes and areas as columns, computed as the core computes them
-/// (`CenterBox::to_corners`, `CornerBox::area`).
+/// ([`prior_corners`], `CornerBox::area`).
 #[derive(Clone, Debug, Default)]
 pub struct PriorColumns {
     x0: Vec<f32>,
@@ -33,7 +32,7 @@ impl PriorColumns {
     pub fn new(priors: &[[f32; 4]]) -> Self {
         let mut columns = Self::default();
         for prior in priors {
-            let corners = CenterBox::from_row(*prior).to_corners();
+            let corners = prior_corners(*prior);
             columns.x0.push(corners.min.x);
             columns.y0.push(corners.min.y);
             columns.x1.push(corners.max.x);

@@ -7,11 +7,11 @@ use super::buffer::zeroed_per_image;
 use super::fast::{forward_matched, match_stage, FastScratch};
 use super::matching::PriorColumns;
 use super::pool::Workspace;
+use super::rows::conf_grad_kept;
 use crate::batch::{Batch, Decisions, Evaluation, Gradients, Request};
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use ssdkd_core::stages::grad::conf_grad_row_kept;
 use ssdkd_core::stages::grad::grad_loc as loc_gradients;
 use ssdkd_core::stages::r#match::Offsets;
 use ssdkd_core::stages::reduce::reduce_batch;
@@ -38,7 +38,8 @@ pub(super) fn check_gradients(g: &Gradients, finite: Finite) -> Result<()> {
 
 /// [`ssdkd_core::backward_image`] into an image's zeroed gradients: only the
 /// selected rows' conf gradients (`fast.selected`, in prior order, by
-/// [`rows::conf_grad_row`] from the probabilities the forward pass kept in `fast.kept`) and the positives' loc gradients
+/// [`conf_grad_kept`] from the probabilities the forward pass kept in `fast.kept`) and the
+/// positives' loc gradients
 /// (the core's [`loc_gradients`]) are written. Returns the first non-finite element of
 /// each that it wrote.
 pub(super) fn backward_rows(
@@ -62,7 +63,7 @@ pub(super) fn backward_rows(
             let span = p * classes..(p + 1) * classes;
             let out = &mut grad_conf[span.clone()];
             let label = targets.conf_target[p];
-            conf_grad_row_kept(
+            conf_grad_kept(
                 &inputs.student_conf[span],
                 label,
                 scale,

@@ -6,16 +6,17 @@
 //! Every formula here is the core's, inlined into the loop: the exponentials and the
 //! logarithm ([`exp_f32`], `exp_f64`, [`ln_f32`] and, through the soft terms,
 //! `ln_f64`), the overlaps ([`Overlap::of_rows`]), the match decisions
-//! ([`prior_words_block`]) and the soft term's summands ([`add_soft_terms`]), so the same
-//! bits as the core's scalar calls. The logarithm over a block of sums
-//! ([`score_estimates_block`]) feeds only the bounds of `fast.rs`; no value it returns
-//! reaches a loss or a gradient.
+//! ([`Overlap::beats`], [`Overlap::ties_with`], [`Overlap::reaches`]: the core's
+//! `match_priors` a block of priors at a time, `prior_words_block`) and the soft term's
+//! summands ([`add_soft_terms`]), so the same bits as the core's scalar calls. The
+//! logarithm over a block of sums ([`score_estimates_block`]) feeds only the bounds of
+//! `fast.rs`; no value it returns reaches a loss or a gradient.
 
 use multiversion::multiversion;
 use ssdkd_core::boxes::Overlap;
 use ssdkd_core::math::{exp_f32, ln_f32, Lanes, LANES};
 use ssdkd_core::stages::prior_terms::{shifted_exp_f64, SoftmaxF64};
-use ssdkd_core::stages::r#match::prior_words_block;
+use ssdkd_core::stages::r#match::POSITIVE;
 use ssdkd_core::stages::reduce::add_soft_terms;
 use ssdkd_core::LossConfig;
 
@@ -94,8 +95,8 @@ pub fn overlaps_block(
     }
 }
 
-/// Steps 1 and 4 of the match (SPEC §3) for a block of `words.len()` priors: the core's
-/// [`prior_words_block`] on the columns `inter`/`union` (object `m`'s overlaps with the
+/// Steps 1 and 4 of the match (SPEC §3) for a block of `words.len()` priors:
+/// `prior_words_block` on the columns `inter`/`union` (object `m`'s overlaps with the
 /// block from `m · stride`, its `targets` row `rows[m]`), compiled for the vector width.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 #[allow(clippy::too_many_arguments)] // the block's columns in and out
@@ -119,6 +120,74 @@ pub fn best_objects_block(
         best_union,
         words,
     );
+}
+
+/// The core's `match_priors` decisions for a block of `words.len()` priors, lane by lane:
+/// `overlaps(m)` gives object `m`'s overlaps with the block as columns
+/// `(intersections, unions)` (objects in row order, `row(m)` its `targets` row, at least
+/// one object). Each prior's maximum is object 0's overlap replaced by every later one that
+/// [`Overlap::beats`] it; its word is the row of the lowest object that
+/// [`Overlap::ties_with`] that maximum (object 0's when none does: only NaN input, which
+/// validation rejects), with the core's `POSITIVE` when the maximum [`Overlap::reaches`]
+/// `threshold`: the core's loops over the objects, each turned into a loop over the block
+/// (the lowest tied object by writing from the last object down), written as selects so
+/// that they vectorise. `best_inter`, `best_union` are scratch of the block's length.
+#[inline(always)]
+// Index loops over the columns: the same loops over `iter_mut().enumerate()` of `words`
+// measured about three times slower here (not vectorised).
+#[allow(clippy::needless_range_loop)]
+fn prior_words_block<'a>(
+    objects: usize,
+    row: impl Fn(usize) -> u32,
+    overlaps: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    threshold: f32,
+    best_inter: &mut [f32],
+    best_union: &mut [f32],
+    words: &mut [u32],
+) {
+    let len = words.len();
+    let (best_inter, best_union) = (&mut best_inter[..len], &mut best_union[..len]);
+    let (inter, union) = overlaps(0);
+    best_inter.copy_from_slice(&inter[..len]);
+    best_union.copy_from_slice(&union[..len]);
+    for m in 1..objects {
+        let (inter, union) = overlaps(m);
+        let (inter, union) = (&inter[..len], &union[..len]);
+        for i in 0..len {
+            let (current, best) = (
+                overlap_at(inter, union, i),
+                overlap_at(best_inter, best_union, i),
+            );
+            let beats = current.beats(best);
+            best_inter[i] = if beats { current.inter } else { best.inter };
+            best_union[i] = if beats { current.union } else { best.union };
+        }
+    }
+    words.fill(row(0));
+    // From the last object down, so that the lowest tied one is written last.
+    for m in (0..objects).rev() {
+        let (inter, union) = overlaps(m);
+        let (inter, union) = (&inter[..len], &union[..len]);
+        let row = row(m);
+        for i in 0..len {
+            let (current, best) = (
+                overlap_at(inter, union, i),
+                overlap_at(best_inter, best_union, i),
+            );
+            words[i] = if current.ties_with(best) {
+                row
+            } else {
+                words[i]
+            };
+        }
+    }
+    for i in 0..len {
+        words[i] |= if overlap_at(best_inter, best_union, i).reaches(threshold) {
+            POSITIVE
+        } else {
+            0
+        };
+    }
 }
 
 /// Lane `i` of columns of overlaps.
