@@ -165,62 +165,46 @@ impl<const TEACHER: bool> Loss<TEACHER> {
         self.spec.evaluations()
     }
 
-    /// Checks the configuration ([`BatchShape::check_config`], SPEC §8), the shapes against
-    /// each other and the priors ([`BatchShape::from_dims`], SPEC §1), the dtypes (f32) and
-    /// the devices.
-    fn check(&self, tensors: &Tensors<Option<Tensor<3>>>) -> ssdkd::Result<()> {
-        let dims = tensors.as_ref().map(|t| t.as_ref().map(Tensor::dims));
-        let priors = [self.priors.0.len(), 4];
-        BatchShape::from_dims(Tensors {
-            priors: Some(&priors[..]),
-            ..dims.as_ref().map(|d| d.as_ref().map(|d| &d[..]))
-        })?
-        .check_config(&self.spec.config)?;
-        let device = tensors.student_loc.as_ref().map(Tensor::device);
-        for (name, tensor) in tensors.as_ref().named().to_array() {
-            let Some(tensor) = tensor else { continue };
-            let problem = if tensor.dtype() != DType::F32 {
-                format!("dtype {:?}, expected f32", tensor.dtype())
-            } else if Some(tensor.device()) != device {
-                "on another device than student_loc".into()
-            } else {
-                continue;
+    /// The four terms, differentiable in the student's tensors, after checking the
+    /// configuration and shapes (SPEC §8, §1), dtypes (f32) and devices. They are evaluated
+    /// before this returns (Burn would defer them), so that an input error is its `Err`.
+    fn terms(
+        &self,
+        [sl, sc]: [Tensor<3>; 2],
+        teacher: Option<[Tensor<3>; 2]>,
+        tg: Tensor<3>,
+    ) -> ssdkd::Result<[Tensor<1>; 4]> {
+        let device = sl.device();
+        let [tl, tc] = teacher.map_or([None, None], |t| t.map(|t| Some(t.detach())));
+        let given = Tensors::from_array([Some(sl), Some(sc), tl, tc, Some(tg), None]);
+        let dims = given
+            .as_ref()
+            .map(|t| t.as_ref().map(|t| t.dims().to_vec()));
+        let dims = Tensors {
+            priors: Some(vec![self.priors.0.len(), 4]),
+            ..dims
+        };
+        BatchShape::from_dims(dims.as_ref().map(|d| d.as_deref()))?.check_config(self.config())?;
+        for (tensor, t) in given.as_ref().named().to_array() {
+            let Some(t) = t else { continue };
+            let problem = match t.dtype() {
+                DType::F32 if t.device() == device => continue,
+                DType::F32 => "on another device than student_loc".into(),
+                dtype => format!("dtype {dtype:?}, expected f32"),
             };
-            return Err(ssdkd::Error::Shape {
-                tensor: name,
-                problem,
-            });
+            return Err(ssdkd::Error::Shape { tensor, problem });
         }
-        Ok(())
-    }
-
-    /// The four terms, differentiable in the student's tensors, evaluated before this
-    /// returns (Burn would defer them) so that an input error is this call's `Err`.
-    fn terms(&self, tensors: Tensors<Option<Tensor<3>>>) -> ssdkd::Result<[Tensor<1>; 4]> {
-        self.check(&tensors)?;
-        let Tensors {
-            student_loc: Some(sl),
-            student_conf: Some(sc),
-            teacher_loc,
-            teacher_conf,
-            targets: Some(tg),
-            ..
-        } = tensors
-        else {
-            unreachable!("BatchShape::from_dims requires the student's tensors and targets")
+        let [Some(sl), Some(sc), tl, tc, Some(tg), None] = given.to_array() else {
+            unreachable!("the tensors as given above")
         };
-        let priors = self.priors(&sl.device()).into_dispatch();
         // The plain loss gets the student's tensors in the teacher's places, unused.
-        let tl = teacher_loc.map_or_else(|| sl.clone(), Tensor::detach);
-        let tc = teacher_conf.map_or_else(|| sc.clone(), Tensor::detach);
-        let inputs = LossInputs {
-            student_loc: sl.into_dispatch(),
-            student_conf: sc.into_dispatch(),
-            teacher_loc: tl.into_dispatch(),
-            teacher_conf: tc.into_dispatch(),
-            targets: tg.into_dispatch(),
-            priors,
-        };
+        let [tl, tc] = [
+            tl.unwrap_or_else(|| sl.clone()),
+            tc.unwrap_or_else(|| sc.clone()),
+        ];
+        let [sl, sc, tl, tc, tg] = [sl, sc, tl, tc, tg].map(Tensor::into_dispatch);
+        let priors = self.priors(&device).into_dispatch();
+        let inputs = LossInputs::from(Tensors::from_array([sl, sc, tl, tc, tg, priors]));
         let spec = self.spec.for_call();
         let terms = <Dispatch as SsdkdBackend>::ssdkd_terms(inputs, spec.clone());
         let terms = Tensor::<1>::from_dispatch(terms);
@@ -239,12 +223,10 @@ impl MultiBoxLossKd {
     /// negative label pads). The teacher gets no gradient.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the key of a configuration that cannot work (SPEC §8: a
-    /// temperature of 0, a negative variance, an `eps` of 0); [`Error::Shape`] naming the
-    /// tensor whose shape, dtype (f32 only) or device does not fit; [`Error::Input`] naming
-    /// the tensor, image and index of a value the loss cannot take (a NaN, a label that is
-    /// not an integer class, a degenerate box; SPEC §1), on every device;
-    /// [`Error::Numerical`] for a non-finite term; [`Error::Gpu`] for a GPU failure.
+    /// [`Error::Config`] naming the key of a configuration that cannot work (SPEC §8);
+    /// [`Error::Shape`] naming the tensor whose shape, dtype (f32 only) or device does not
+    /// fit; [`Error::Input`] naming the tensor, image and index of a value the loss cannot
+    /// take (SPEC §1), on every device; [`Error::Numerical`]; [`Error::Gpu`].
     ///
     /// # Panics
     /// On a wgpu device that was not shared with ssdkd ([`wgpu_device`],
@@ -257,14 +239,9 @@ impl MultiBoxLossKd {
         teacher_conf: Tensor<3>,
         targets: Tensor<3>,
     ) -> ssdkd::Result<KdTerms> {
-        let [soft_loss, l2_loss, loss_c, loss_l] = self.terms(Tensors {
-            student_loc: Some(student_loc),
-            student_conf: Some(student_conf),
-            teacher_loc: Some(teacher_loc),
-            teacher_conf: Some(teacher_conf),
-            targets: Some(targets),
-            priors: None,
-        })?;
+        let student = [student_loc, student_conf];
+        let teacher = Some([teacher_loc, teacher_conf]);
+        let [soft_loss, l2_loss, loss_c, loss_l] = self.terms(student, teacher, targets)?;
         Ok(KdTerms {
             soft_loss,
             l2_loss,
@@ -288,14 +265,7 @@ impl MultiBoxLoss {
         student_conf: Tensor<3>,
         targets: Tensor<3>,
     ) -> ssdkd::Result<PlainTerms> {
-        let [_, _, loss_c, loss_l] = self.terms(Tensors {
-            student_loc: Some(student_loc),
-            student_conf: Some(student_conf),
-            teacher_loc: None,
-            teacher_conf: None,
-            targets: Some(targets),
-            priors: None,
-        })?;
+        let [_, _, loss_c, loss_l] = self.terms([student_loc, student_conf], None, targets)?;
         Ok(PlainTerms { loss_l, loss_c })
     }
 }
