@@ -10,7 +10,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, ExtensionType};
 use ssdkd::{LossConfig, LossWeights, Tensors};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Where the loss of a wgpu tensor is evaluated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,55 +60,52 @@ impl<B: Backend> From<Tensors<FloatTensor<B>>> for LossInputs<B> {
 
 impl<B: Backend> From<LossInputs<B>> for Tensors<FloatTensor<B>> {
     fn from(i: LossInputs<B>) -> Self {
+        let (student_loc, student_conf, targets, priors) =
+            (i.student_loc, i.student_conf, i.targets, i.priors);
+        let (teacher_loc, teacher_conf) = (i.teacher_loc, i.teacher_conf);
         Tensors {
-            student_loc: i.student_loc,
-            student_conf: i.student_conf,
-            teacher_loc: i.teacher_loc,
-            teacher_conf: i.teacher_conf,
-            targets: i.targets,
-            priors: i.priors,
+            student_loc,
+            student_conf,
+            teacher_loc,
+            teacher_conf,
+            targets,
+            priors,
         }
     }
 }
 
-/// What one loss object keeps across its evaluations: the weights its forward evaluates
-/// the gradient with, and how many evaluations it ran.
-#[derive(Debug, Default)]
-pub(crate) struct LossState {
-    /// The incoming weights of the last backward (the configuration's before any).
-    predicted: Mutex<Option<[f32; 4]>>,
-    evaluations: AtomicU64,
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Everything an evaluation needs besides the tensors: the configuration (whose
-/// `weights` are the gradient's weights), whether the teacher tensors are real, the path,
-/// and where an input error found while evaluating is reported.
+/// Everything an evaluation needs besides the tensors: the configuration (whose `weights`
+/// weight the gradient), whether the teacher tensors are real (else they are the student's,
+/// and [`ssdkd::with_teacher_rule`] applies), the path; and, shared by the clones of one
+/// loss object's spec, the weights its next backward is expected to bring (the last one's,
+/// the configuration's before any) and its evaluation count.
 #[derive(Clone, Debug)]
+#[allow(missing_docs)] // the fields are described above
 pub struct LossSpec {
-    /// SPEC §8's configuration; its `weights` weight the gradient.
     pub config: LossConfig,
-    /// `false` for the plain MultiBox loss: the teacher arguments are then the student's
-    /// tensors, the soft and L2 terms are 0 and get no weight
-    /// ([`ssdkd::with_teacher_rule`]).
     pub has_teacher: bool,
-    /// Where a wgpu tensor's loss is evaluated.
     pub path: LossPath,
-    state: Arc<LossState>,
+    predicted: Arc<Mutex<Option<[f32; 4]>>>,
+    evaluations: Arc<AtomicU64>,
     /// The first error of an evaluation with this spec: a Burn operation cannot return
     /// one, so it returns NaN terms and leaves the error here for `forward` to return.
     error: Arc<Mutex<Option<ssdkd::Error>>>,
 }
 
 impl LossSpec {
-    /// A spec of its own (no prediction shared with a loss object).
-    #[must_use]
-    pub fn new(config: LossConfig, has_teacher: bool, path: LossPath) -> Self {
+    pub(crate) fn new(config: LossConfig, has_teacher: bool, path: LossPath) -> Self {
+        let (predicted, evaluations, error) = Default::default();
         Self {
             config,
             has_teacher,
             path,
-            state: Arc::default(),
-            error: Arc::default(),
+            predicted,
+            evaluations,
+            error,
         }
     }
 
@@ -120,70 +117,60 @@ impl LossSpec {
         }
     }
 
-    /// This spec with the gradient weighted by `weights` (soft, l2, conf, loc: the order
-    /// of [`TERMS`]).
+    /// This spec with the gradient weighted by `[soft, l2, conf, loc]` ([`TERMS`]' order).
     #[must_use]
-    pub fn weighted(&self, weights: [f32; 4]) -> Self {
-        let [soft, l2, conf, loc] = weights;
-        let mut spec = self.clone();
-        spec.config.weights = LossWeights {
-            soft,
-            l2,
-            conf,
-            loc,
+    pub fn weighted(&self, [soft, l2, conf, loc]: [f32; 4]) -> Self {
+        let config = LossConfig {
+            weights: LossWeights {
+                soft,
+                l2,
+                conf,
+                loc,
+            },
+            ..self.config
         };
-        spec
+        Self {
+            config,
+            ..self.clone()
+        }
     }
 
-    /// The weights a backward is expected to bring: the last ones seen, else the
-    /// configuration's.
+    /// The weights a backward is expected to bring.
     pub(crate) fn predicted(&self) -> [f32; 4] {
         let w = self.config.weights;
-        let last = *self
-            .state
-            .predicted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        self.effective(last.unwrap_or([w.soft, w.l2, w.conf, w.loc]))
-    }
-
-    /// The weights that reach the gradient: without a teacher the soft and L2 terms are 0
-    /// and their weights are not used ([`ssdkd::with_teacher_rule`]).
-    pub(crate) fn effective(&self, [soft, l2, conf, loc]: [f32; 4]) -> [f32; 4] {
-        match self.has_teacher {
-            true => [soft, l2, conf, loc],
-            false => [0.0, 0.0, conf, loc],
-        }
+        self.effective(lock(&self.predicted).unwrap_or([w.soft, w.l2, w.conf, w.loc]))
     }
 
     /// Remembers the weights a backward brought, for the next forward.
     pub(crate) fn predict(&self, weights: [f32; 4]) {
-        *self
-            .state
-            .predicted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(weights);
+        *lock(&self.predicted) = Some(weights);
     }
 
-    /// Evaluations run with this spec's loss object so far.
+    /// The weights that reach the gradient: without a teacher the soft and L2 terms are 0
+    /// and their weights are not used.
+    pub(crate) fn effective(&self, [soft, l2, conf, loc]: [f32; 4]) -> [f32; 4] {
+        if self.has_teacher {
+            [soft, l2, conf, loc]
+        } else {
+            [0.0, 0.0, conf, loc]
+        }
+    }
+
     pub(crate) fn evaluations(&self) -> u64 {
-        self.state.evaluations.load(Ordering::Relaxed)
+        self.evaluations.load(Ordering::Relaxed)
     }
 
     /// Counts an evaluation, and keeps its error (the call's first) for `forward`.
     pub(crate) fn finish<T>(&self, result: ssdkd::Result<T>) -> Option<T> {
-        self.state.evaluations.fetch_add(1, Ordering::Relaxed);
-        result
-            .map_err(|e| {
-                let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-                slot.get_or_insert(e);
-            })
-            .ok()
+        self.evaluations.fetch_add(1, Ordering::Relaxed);
+        let keep = |e| {
+            lock(&self.error).get_or_insert(e);
+        };
+        result.map_err(keep).ok()
     }
 
-    /// The error an evaluation with this spec reported, if any.
     pub(crate) fn take_error(&self) -> Option<ssdkd::Error> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.error).take()
     }
 }
 

@@ -655,3 +655,26 @@ fn a_training_step_evaluates_once() {
         }
     }
 }
+
+/// The batches bound on a wgpu device are bounded: shapes beyond the last 4 used are
+/// dropped (with their bind groups), however many shapes a run sees.
+#[test]
+fn bound_batches_are_bounded() {
+    let Some((device, _, _)) = wgpu() else { return };
+    let file = read(&golden_files()[0]);
+    let (t, priors) = inputs_on(&file.tensors.batch(), device);
+    let loss = MultiBoxLossKd::new(file.config, priors);
+    let mut most = 0;
+    for copies in 1..=7 {
+        let [sl, sc, tl, tc, tg] = t.clone().map(|t| Tensor::cat(vec![t; copies], 0));
+        let terms = loss.forward(sl, sc, tl, tc, tg).unwrap();
+        assert!(values(terms.loss_c)[0].is_finite());
+        let (batches, stats) = ssdkd_burn::cache_stats(device).expect("shared with ssdkd");
+        assert!(
+            batches <= 4,
+            "{batches} bound batches after {copies} shapes ({stats:?})"
+        );
+        most = most.max(batches);
+    }
+    assert_eq!(most, 4, "the bound is reached");
+}
