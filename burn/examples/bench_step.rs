@@ -24,10 +24,7 @@ fn args() -> (Vec<usize>, usize) {
         let value = it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
             "--batch" => {
-                batches = value
-                    .split(',')
-                    .map(|b| b.parse().expect("--batch B,B"))
-                    .collect()
+                batches = value.split(',').map(|b| b.parse().expect("--batch B,B")).collect()
             }
             "--iters" => iters = value.parse().expect("--iters N"),
             _ => panic!("unknown argument {arg}; use --batch B,B and --iters N"),

@@ -1,8 +1,6 @@
-//! The backend extension: the two operations ssdkd adds to a Burn backend, routed by Burn's
-//! dispatch to the tensors' backend. Their default bodies are the host path (`host.rs`),
-//! what Flex and every cubecl runtime but wgpu run; `cube.rs` overrides them on wgpu (the
-//! resident path), `autodiff.rs` adds the backward pass, and Burn's `Fusion` wrapper defers
-//! them like any other operation.
+//! The backend extension: ssdkd's two operations on a Burn backend. Their default bodies
+//! are the host path (`host.rs`); `cube.rs` overrides them on wgpu, `autodiff.rs` adds the
+//! backward pass, and Burn's `Fusion` defers them like any other operation.
 
 use crate::host;
 use burn::backend::fusion::custom::TensorSpec;
@@ -15,26 +13,23 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 /// Where the loss of a wgpu tensor is evaluated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LossPath {
-    /// On Burn's wgpu device, on the slices of Burn's own buffers (no host copy); through
-    /// ssdkd's CPU backend on every other backend.
+    /// On Burn's wgpu device, on Burn's own buffers; through ssdkd's CPU backend elsewhere.
     #[default]
     Auto,
-    /// Always through host memory: the tensors are read to the host, evaluated by ssdkd's
-    /// CPU backend and the results uploaded again (what the benchmark compares against).
+    /// Through host memory: the tensors read to the host, evaluated by ssdkd's CPU backend,
+    /// the results uploaded again (what the benchmark compares against).
     Host,
 }
 
-/// The order of the four terms in the `[4]` tensor [`SsdkdBackend::ssdkd_terms`] returns,
-/// the seed code base's return order.
+/// The order of the four terms in the `[4]` tensor of the operations, the seed code base's.
 pub const TERMS: [&str; 4] = ["soft_loss", "l2_loss", "loss_c", "loss_l"];
 
-/// The six tensors of an evaluation (SPEC §1, all f32): `student_loc` `[B, P, 4]`,
-/// `student_conf` `[B, P, C]`, the teacher's alike (the student's again for the plain
-/// loss), `targets` `[B, M, 5]`, `priors` `[P, 4]`. The library's [`Tensors`] in the form
-/// Burn's dispatch maps from one backend to another.
+/// The six tensors of an evaluation as Burn's dispatch carries them: the library's
+/// [`Tensors`] (SPEC §1, f32: `student_loc` `[B, P, 4]`, `student_conf` `[B, P, C]`, the
+/// teacher's alike, `targets` `[B, M, 5]`, `priors` `[P, 4]`).
 #[derive(Clone, Debug, ExtensionType)]
 #[extension_type(fusion)]
-#[allow(missing_docs)] // the fields are SPEC §1's tensors, named as in `ssdkd::Tensors`
+#[allow(missing_docs)] // as in `ssdkd::Tensors`
 pub struct LossInputs<B: Backend> {
     pub student_loc: FloatTensor<B>,
     pub student_conf: FloatTensor<B>,
@@ -47,30 +42,15 @@ pub struct LossInputs<B: Backend> {
 impl<B: Backend> From<Tensors<FloatTensor<B>>> for LossInputs<B> {
     fn from(t: Tensors<FloatTensor<B>>) -> Self {
         let [student_loc, student_conf, teacher_loc, teacher_conf, targets, priors] = t.to_array();
-        Self {
-            student_loc,
-            student_conf,
-            teacher_loc,
-            teacher_conf,
-            targets,
-            priors,
-        }
+        Self { student_loc, student_conf, teacher_loc, teacher_conf, targets, priors }
     }
 }
 
 impl<B: Backend> From<LossInputs<B>> for Tensors<FloatTensor<B>> {
     fn from(i: LossInputs<B>) -> Self {
-        let (student_loc, student_conf, targets, priors) =
-            (i.student_loc, i.student_conf, i.targets, i.priors);
-        let (teacher_loc, teacher_conf) = (i.teacher_loc, i.teacher_conf);
-        Tensors {
-            student_loc,
-            student_conf,
-            teacher_loc,
-            teacher_conf,
-            targets,
-            priors,
-        }
+        let LossInputs { student_loc, student_conf, teacher_loc, teacher_conf, targets, priors } =
+            i;
+        Tensors { student_loc, student_conf, teacher_loc, teacher_conf, targets, priors }
     }
 }
 
@@ -78,76 +58,53 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Everything an evaluation needs besides the tensors: the configuration (whose `weights`
-/// weight the gradient), whether the teacher tensors are real (else they are the student's,
-/// and [`ssdkd::with_teacher_rule`] applies), the path; and, shared by the clones of one
-/// loss object's spec, the weights its next backward is expected to bring (the last one's,
-/// the configuration's before any) and its evaluation count.
+/// What an evaluation needs besides the tensors: the configuration (its `weights` weight
+/// the gradient), whether the teacher tensors are real (else they are the student's and
+/// [`ssdkd::with_teacher_rule`] applies) and the path. Shared by one loss object's calls:
+/// the weights its next backward is expected to bring, and its evaluation count.
 #[derive(Clone, Debug)]
-#[allow(missing_docs)] // the fields are described above
+#[allow(missing_docs)] // described above
 pub struct LossSpec {
     pub config: LossConfig,
     pub has_teacher: bool,
     pub path: LossPath,
     predicted: Arc<Mutex<Option<[f32; 4]>>>,
     evaluations: Arc<AtomicU64>,
-    /// The first error of an evaluation with this spec: a Burn operation cannot return
-    /// one, so it returns NaN terms and leaves the error here for `forward` to return.
+    /// The call's first error: an operation cannot return one, so it returns NaN terms and
+    /// leaves the error here for `forward`.
     error: Arc<Mutex<Option<ssdkd::Error>>>,
 }
 
 impl LossSpec {
     pub(crate) fn new(config: LossConfig, has_teacher: bool, path: LossPath) -> Self {
         let (predicted, evaluations, error) = Default::default();
-        Self {
-            config,
-            has_teacher,
-            path,
-            predicted,
-            evaluations,
-            error,
-        }
+        Self { config, has_teacher, path, predicted, evaluations, error }
     }
 
     /// This spec with a fresh error slot (one per `forward`).
     pub(crate) fn for_call(&self) -> Self {
-        Self {
-            error: Arc::default(),
-            ..self.clone()
-        }
+        Self { error: Arc::default(), ..self.clone() }
     }
 
     /// This spec with the gradient weighted by `[soft, l2, conf, loc]` ([`TERMS`]' order).
     #[must_use]
     pub fn weighted(&self, [soft, l2, conf, loc]: [f32; 4]) -> Self {
-        let config = LossConfig {
-            weights: LossWeights {
-                soft,
-                l2,
-                conf,
-                loc,
-            },
-            ..self.config
-        };
-        Self {
-            config,
-            ..self.clone()
-        }
+        let config = LossConfig { weights: LossWeights { soft, l2, conf, loc }, ..self.config };
+        Self { config, ..self.clone() }
     }
 
-    /// The weights a backward is expected to bring.
+    /// The weights the next backward is expected to bring: the last one's, else the
+    /// configuration's.
     pub(crate) fn predicted(&self) -> [f32; 4] {
         let w = self.config.weights;
         self.effective(lock(&self.predicted).unwrap_or([w.soft, w.l2, w.conf, w.loc]))
     }
 
-    /// Remembers the weights a backward brought, for the next forward.
     pub(crate) fn predict(&self, weights: [f32; 4]) {
         *lock(&self.predicted) = Some(weights);
     }
 
-    /// The weights that reach the gradient: without a teacher the soft and L2 terms are 0
-    /// and their weights are not used.
+    /// The weights that reach the gradient: without a teacher, not the soft and L2 ones.
     pub(crate) fn effective(&self, [soft, l2, conf, loc]: [f32; 4]) -> [f32; 4] {
         if self.has_teacher {
             [soft, l2, conf, loc]
@@ -160,7 +117,7 @@ impl LossSpec {
         self.evaluations.load(Ordering::Relaxed)
     }
 
-    /// Counts an evaluation, and keeps its error (the call's first) for `forward`.
+    /// Counts an evaluation and keeps its error, if any, for `forward`.
     pub(crate) fn finish<T>(&self, result: ssdkd::Result<T>) -> Option<T> {
         self.evaluations.fetch_add(1, Ordering::Relaxed);
         let keep = |e| {
@@ -178,23 +135,13 @@ fn terms_meta(inputs: &LossInputsMetadata, _spec: &LossSpec) -> TensorSpec {
     TensorSpec::new([4].into(), inputs.student_loc.dtype)
 }
 
-fn evaluation_meta(
-    inputs: &LossInputsMetadata,
-    spec: &LossSpec,
-) -> (TensorSpec, TensorSpec, TensorSpec) {
-    let like = |t: &TensorSpec| TensorSpec::new(t.shape.clone(), t.dtype);
-    (
-        terms_meta(inputs, spec),
-        like(&inputs.student_conf),
-        like(&inputs.student_loc),
-    )
+fn evaluate_meta(i: &LossInputsMetadata, spec: &LossSpec) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (terms_meta(i, spec), i.student_conf.clone(), i.student_loc.clone())
 }
 
-/// A Burn backend that evaluates ssdkd's loss: on Burn's wgpu backend on its own buffers
-/// (the resident path), on Flex and the other cubecl runtimes through ssdkd's CPU backend
-/// (the default bodies), deferred by `Fusion`, differentiated by `Autodiff` (the backward
-/// pass is ssdkd's analytic gradient). Neither operation panics on bad input values: they
-/// return NaN and report the error to `spec` (see [`crate::MultiBoxLossKd::forward`]).
+/// A Burn backend that evaluates ssdkd's loss: on wgpu on Burn's own buffers, elsewhere
+/// through ssdkd's CPU backend (the default bodies); deferred by `Fusion`, differentiated by
+/// `Autodiff`. Bad input values never panic: the terms are NaN and `spec` holds the error.
 #[backend_extension(Cube, Flex, Autodiff, Fusion)]
 pub trait SsdkdBackend: Backend {
     /// The four terms as one `[4]` tensor in the order of [`TERMS`].
@@ -206,10 +153,9 @@ pub trait SsdkdBackend: Backend {
         host::evaluate::<Self>(inputs.into(), &spec, false).0
     }
 
-    /// The terms, then ∂total/∂student_conf `[B, P, C]` and ∂total/∂student_loc
-    /// `[B, P, 4]` of the total weighted by `spec.config.weights` (SPEC §6), from one
-    /// evaluation. Not differentiable.
-    #[fusion(meta = evaluation_meta)]
+    /// The terms, ∂total/∂student_conf and ∂total/∂student_loc, the total weighted by
+    /// `spec.config.weights` (SPEC §6), from one evaluation. Not differentiable.
+    #[fusion(meta = evaluate_meta)]
     fn ssdkd_evaluate(
         #[extension_type] inputs: LossInputs<Self>,
         spec: LossSpec,

@@ -1,23 +1,14 @@
-//! `ssdkd-burn`: ssdkd's SSD knowledge-distillation loss (the MultiBox loss plus the
-//! soft-target and teacher-bounded L2 terms, SPEC §5) and its analytic gradient as a
-//! [Burn](https://burn.dev) loss.
+//! `ssdkd-burn`: ssdkd's SSD knowledge-distillation loss (SPEC §5) and its analytic
+//! gradient as a [Burn](https://burn.dev) loss, on every Burn device.
 //!
-//! - On Burn's **wgpu** device, the kernels run on the slices of Burn's own buffers, on
-//!   Burn's device and queue: no tensor goes through the host; only the sums come back (a
-//!   few hundred bytes) and the four terms go up as a `[4]` tensor. Open the device with
-//!   [`wgpu_device`] (or share one you opened with [`share_wgpu_device`]).
-//! - On **Flex** (and any other cubecl runtime), the same API evaluates through ssdkd's
-//!   CPU backend on host data, so one training program runs on either device.
-//! - Under **autodiff**, the backward pass is ssdkd's gradient, weighted by the incoming
-//!   gradients of the four terms, so any combination of them backpropagates as it would
-//!   through Burn's own operations. The teacher gets no gradient. A training step evaluates
-//!   once: the forward evaluates the gradient too, with the weights of the loss's last
-//!   backward, and the backward evaluates again only when its weights differ.
-//! - Bad input is an `Err` from `forward` on every device: the shapes are checked before,
-//!   the values while evaluating (on the GPU by ssdkd's validate stage), so `forward` waits
-//!   for the terms.
-//! - Burn's **fusion** (on by default on wgpu) defers the loss like any other operation and
-//!   runs it on the resolved tensors.
+//! - On Burn's **wgpu** device ([`wgpu_device`], or [`share_wgpu_device`]) ssdkd's kernels
+//!   run on Burn's own buffers; only the sums come back. Elsewhere (**Flex**, other cubecl
+//!   runtimes) ssdkd's CPU backend evaluates host copies.
+//! - Under **autodiff** the backward is ssdkd's gradient weighted by the four terms'
+//!   incoming gradients; the teacher gets none. A step evaluates once: the forward
+//!   evaluates the gradient too, with the weights of the loss's last backward.
+//! - Bad input is an `Err` from `forward` on every device (values are checked while
+//!   evaluating, on the GPU by ssdkd's validate stage, so `forward` waits for the terms).
 //!
 //! ```no_run
 #![doc = include_str!("../examples/train_step.rs")]
@@ -34,6 +25,7 @@ pub use cube::{adapter_name, bytes_read_back, cache_stats, share_wgpu_device, wg
 pub use ssdkd::{Error, LossConfig, LossWeights, PriorPreset, Result};
 pub use ssdkd_core::{FeatureMap, PriorConfig};
 
+use backend::lock;
 use burn::backend::{Dispatch, Flex};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use ssdkd::{BatchShape, Tensors};
@@ -41,8 +33,7 @@ use std::sync::Mutex;
 
 impl SsdkdBackend for Flex {}
 
-/// Prior boxes `[P, 4]` in centre form (SPEC §2): from a preset, a [`PriorConfig`], or
-/// given.
+/// Prior boxes `[P, 4]` in centre form (SPEC §2): from a preset, a [`PriorConfig`] or given.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Priors(pub Vec<[f32; 4]>);
 
@@ -64,17 +55,13 @@ impl From<Vec<[f32; 4]>> for Priors {
     }
 }
 
-/// The four terms of [`MultiBoxLossKd::forward`], each a `[1]` tensor (the seed code base's
-/// return order: `soft_loss, l2_loss, loss_c, loss_l`).
+/// The four terms of [`MultiBoxLossKd::forward`], each `[1]`, in the seed's order.
 #[derive(Clone, Debug)]
+#[allow(missing_docs)] // SPEC §5's terms
 pub struct KdTerms {
-    /// The soft-target (distillation) term.
     pub soft_loss: Tensor<1>,
-    /// The teacher-bounded L2 term.
     pub l2_loss: Tensor<1>,
-    /// Cross-entropy with hard-negative mining.
     pub loss_c: Tensor<1>,
-    /// Smooth-L1 box regression.
     pub loss_l: Tensor<1>,
 }
 
@@ -82,40 +69,35 @@ impl KdTerms {
     /// `w.soft·soft_loss + w.conf·loss_c + w.l2·l2_loss + w.loc·loss_l`.
     #[must_use]
     pub fn weighted(&self, w: LossWeights) -> Tensor<1> {
-        self.soft_loss.clone() * w.soft
-            + self.loss_c.clone() * w.conf
-            + self.l2_loss.clone() * w.l2
-            + self.loss_l.clone() * w.loc
+        let terms = [(&self.soft_loss, w.soft), (&self.loss_c, w.conf), (&self.l2_loss, w.l2)];
+        terms.into_iter().fold(self.loss_l.clone() * w.loc, |sum, (t, w)| sum + t.clone() * w)
     }
 }
 
-/// The two terms of [`MultiBoxLoss::forward`], each a `[1]` tensor.
+/// The two terms of [`MultiBoxLoss::forward`], each `[1]`.
 #[derive(Clone, Debug)]
+#[allow(missing_docs)] // SPEC §5's terms
 pub struct PlainTerms {
-    /// Smooth-L1 box regression.
     pub loss_l: Tensor<1>,
-    /// Cross-entropy with hard-negative mining.
     pub loss_c: Tensor<1>,
 }
 
-/// ssdkd's loss on Burn tensors: its configuration, its priors, where it evaluates, and the
-/// weights its next backward is expected to bring: [`MultiBoxLossKd`] with a teacher,
-/// [`MultiBoxLoss`] without.
+/// ssdkd's loss on Burn tensors, [`MultiBoxLossKd`] with a teacher, [`MultiBoxLoss`] without:
+/// its configuration, priors, path, and what its calls share ([`LossSpec`]).
 #[derive(Debug)]
 pub struct Loss<const TEACHER: bool> {
     spec: LossSpec,
     priors: Priors,
-    /// The priors as a tensor, per device they were asked on.
+    /// The priors as a tensor, per device asked on.
     on_device: Mutex<Vec<(Device, Tensor<2>)>>,
 }
 
-/// The distillation loss (`MultiBoxLoss_KD`): soft-target, teacher-bounded L2,
-/// cross-entropy with hard-negative mining and smooth-L1 (SPEC §5), for Burn tensors on any
-/// device, its backward ssdkd's analytic gradient.
+/// The distillation loss (`MultiBoxLoss_KD`): soft-target, teacher-bounded L2, cross-entropy
+/// with hard-negative mining and smooth-L1 (SPEC §5).
 pub type MultiBoxLossKd = Loss<true>;
 
-/// The plain SSD MultiBox loss (`MultiBoxLoss`, no teacher): cross-entropy with
-/// hard-negative mining and smooth-L1, what trains the teacher.
+/// The plain SSD MultiBox loss (`MultiBoxLoss`): cross-entropy with hard-negative mining and
+/// smooth-L1, what trains the teacher.
 pub type MultiBoxLoss = Loss<false>;
 
 impl<const TEACHER: bool> Loss<TEACHER> {
@@ -148,7 +130,7 @@ impl<const TEACHER: bool> Loss<TEACHER> {
     /// The priors as a `[P, 4]` tensor on `device` (made once per device).
     #[must_use]
     pub fn priors(&self, device: &Device) -> Tensor<2> {
-        let mut cache = self.on_device.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = lock(&self.on_device);
         if let Some((_, t)) = cache.iter().find(|(d, _)| d == device) {
             return t.clone();
         }
@@ -177,13 +159,8 @@ impl<const TEACHER: bool> Loss<TEACHER> {
         let device = sl.device();
         let [tl, tc] = teacher.map_or([None, None], |t| t.map(|t| Some(t.detach())));
         let given = Tensors::from_array([Some(sl), Some(sc), tl, tc, Some(tg), None]);
-        let dims = given
-            .as_ref()
-            .map(|t| t.as_ref().map(|t| t.dims().to_vec()));
-        let dims = Tensors {
-            priors: Some(vec![self.priors.0.len(), 4]),
-            ..dims
-        };
+        let dims = given.as_ref().map(|t| t.as_ref().map(|t| t.dims().to_vec()));
+        let dims = Tensors { priors: Some(vec![self.priors.0.len(), 4]), ..dims };
         BatchShape::from_dims(dims.as_ref().map(|d| d.as_deref()))?.check_config(self.config())?;
         for (tensor, t) in given.as_ref().named().to_array() {
             let Some(t) = t else { continue };
@@ -198,10 +175,7 @@ impl<const TEACHER: bool> Loss<TEACHER> {
             unreachable!("the tensors as given above")
         };
         // The plain loss gets the student's tensors in the teacher's places, unused.
-        let [tl, tc] = [
-            tl.unwrap_or_else(|| sl.clone()),
-            tc.unwrap_or_else(|| sc.clone()),
-        ];
+        let [tl, tc] = [tl.unwrap_or_else(|| sl.clone()), tc.unwrap_or_else(|| sc.clone())];
         let [sl, sc, tl, tc, tg] = [sl, sc, tl, tc, tg].map(Tensor::into_dispatch);
         let priors = self.priors(&device).into_dispatch();
         let inputs = LossInputs::from(Tensors::from_array([sl, sc, tl, tc, tg, priors]));
@@ -242,12 +216,7 @@ impl MultiBoxLossKd {
         let student = [student_loc, student_conf];
         let teacher = Some([teacher_loc, teacher_conf]);
         let [soft_loss, l2_loss, loss_c, loss_l] = self.terms(student, teacher, targets)?;
-        Ok(KdTerms {
-            soft_loss,
-            l2_loss,
-            loss_c,
-            loss_l,
-        })
+        Ok(KdTerms { soft_loss, l2_loss, loss_c, loss_l })
     }
 }
 

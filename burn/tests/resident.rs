@@ -64,8 +64,7 @@ fn read(path: &Path) -> BatchFile {
 /// The library's evaluation with gradients on the CPU backend.
 fn cpu_evaluation(tensors: &OwnedBatch, config: &LossConfig) -> Evaluation {
     let mut cpu = Backend::Cpu(ssdkd::cpu::CpuBackend::new());
-    cpu.evaluate(&tensors.batch(), config, Request::with_gradients())
-        .unwrap()
+    cpu.evaluate(&tensors.batch(), config, Request::with_gradients()).unwrap()
 }
 
 fn tensor3(values: &[f32], dims: [usize; 3], device: &Device) -> Tensor<3> {
@@ -73,11 +72,7 @@ fn tensor3(values: &[f32], dims: [usize; 3], device: &Device) -> Tensor<3> {
 }
 
 fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    tensor
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap()
+    tensor.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
 }
 
 /// What Burn computed: the four terms, the weighted total and both gradients.
@@ -113,11 +108,8 @@ fn burn_evaluate_with(
     let tensors = tensors.batch();
     let s = tensors.shape();
     let (b, p, c, m) = (s.batch, s.priors, s.classes, s.objects);
-    let priors: Vec<[f32; 4]> = tensors
-        .priors()
-        .chunks(4)
-        .map(|r| [r[0], r[1], r[2], r[3]])
-        .collect();
+    let priors: Vec<[f32; 4]> =
+        tensors.priors().chunks(4).map(|r| [r[0], r[1], r[2], r[3]]).collect();
     let student_loc = make(tensors.student_loc(), [b, p, 4], &device).require_grad();
     let student_conf = make(tensors.student_conf(), [b, p, c], &device).require_grad();
     let targets = make(tensors.targets(), [b, m, 5], &device);
@@ -125,19 +117,11 @@ fn burn_evaluate_with(
         let loss = MultiBoxLossKd::new(*config, priors).with_path(path);
         let teacher_loc = make(tensors.teacher_loc(), [b, p, 4], &device);
         let teacher_conf = make(tensors.teacher_conf(), [b, p, c], &device);
-        loss.forward(
-            student_loc.clone(),
-            student_conf.clone(),
-            teacher_loc,
-            teacher_conf,
-            targets,
-        )
-        .unwrap()
+        loss.forward(student_loc.clone(), student_conf.clone(), teacher_loc, teacher_conf, targets)
+            .unwrap()
     } else {
         let loss = MultiBoxLoss::new(*config, priors).with_path(path);
-        let plain = loss
-            .forward(student_loc.clone(), student_conf.clone(), targets)
-            .unwrap();
+        let plain = loss.forward(student_loc.clone(), student_conf.clone(), targets).unwrap();
         let zero = plain.loss_c.zeros_like();
         ssdkd_burn::KdTerms {
             soft_loss: zero.clone(),
@@ -178,12 +162,7 @@ fn assert_agrees(name: &str, burn: &BurnResult, library: &Evaluation) {
         ("grad_student_loc", &burn.grad_loc, &grads.student_loc),
     ] {
         let e = gradient_elements(what, actual, expected);
-        assert!(
-            e.agrees(),
-            "{name}: {} elements off, worst {:?}",
-            e.failures,
-            e.worst
-        );
+        assert!(e.agrees(), "{name}: {} elements off, worst {:?}", e.failures, e.worst);
     }
 }
 
@@ -199,13 +178,8 @@ fn golden_files_agree_on_wgpu() {
         let file = read(&path);
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let library = cpu_evaluation(&file.tensors, &file.config);
-        let burn = burn_evaluate(
-            &file.tensors,
-            &file.config,
-            file.config.weights,
-            device,
-            LossPath::Auto,
-        );
+        let burn =
+            burn_evaluate(&file.tensors, &file.config, file.config.weights, device, LossPath::Auto);
         assert_agrees(&name, &burn, &library);
     }
 }
@@ -231,24 +205,13 @@ fn golden_files_agree_on_flex() {
 /// with those weights, on both devices.
 #[test]
 fn autodiff_weights_are_the_library_weights() {
-    let weights = LossWeights {
-        soft: 1.25,
-        conf: -0.5,
-        l2: 2.0,
-        loc: 0.75,
-    };
+    let weights = LossWeights { soft: 1.25, conf: -0.5, l2: 2.0, loc: 0.75 };
     let file = read(&golden_files()[0]);
     let library = cpu_evaluation(&file.tensors, &with_weights(&file.config, weights));
     let mut devices = vec![Device::flex()];
     devices.extend(wgpu().map(|(device, _, _)| device.clone()));
     for device in devices {
-        let burn = burn_evaluate(
-            &file.tensors,
-            &file.config,
-            weights,
-            &device,
-            LossPath::Auto,
-        );
+        let burn = burn_evaluate(&file.tensors, &file.config, weights, &device, LossPath::Auto);
         assert_agrees(&format!("{device:?}"), &burn, &library);
     }
 }
@@ -259,13 +222,8 @@ fn host_path_on_wgpu_agrees() {
     let Some((device, _, _)) = wgpu() else { return };
     let file = read(&golden_files()[0]);
     let library = cpu_evaluation(&file.tensors, &file.config);
-    let burn = burn_evaluate(
-        &file.tensors,
-        &file.config,
-        file.config.weights,
-        device,
-        LossPath::Host,
-    );
+    let burn =
+        burn_evaluate(&file.tensors, &file.config, file.config.weights, device, LossPath::Host);
     assert_agrees("host path", &burn, &library);
 }
 
@@ -276,9 +234,7 @@ fn host_path_on_wgpu_agrees() {
 fn tensors_at_offsets_agree() {
     let Some((device, _, _)) = wgpu() else { return };
     let offset_view = |values: &[f32], dims: [usize; 3], device: &Device| {
-        let mut padded: Vec<f32> = (0..dims[1] * dims[2])
-            .map(|i| (i % 7) as f32 * 0.25)
-            .collect();
+        let mut padded: Vec<f32> = (0..dims[1] * dims[2]).map(|i| (i % 7) as f32 * 0.25).collect();
         padded.extend_from_slice(values);
         let whole = tensor3(&padded, [dims[0] + 1, dims[1], dims[2]], device);
         whole.narrow(0, 1, dims[0])
@@ -316,22 +272,13 @@ fn changed_slices_are_rebound() {
     .unwrap();
     let first = cpu_evaluation(&file.tensors, &file.config);
     let second = cpu_evaluation(&other, &file.config);
-    assert_ne!(
-        first.terms.loss_c, second.terms.loss_c,
-        "the two batches must differ"
-    );
+    assert_ne!(first.terms.loss_c, second.terms.loss_c, "the two batches must differ");
     for (name, batch, library) in [
         ("first", &file.tensors, &first),
         ("second", &other, &second),
         ("first again", &file.tensors, &first),
     ] {
-        let burn = burn_evaluate(
-            batch,
-            &file.config,
-            file.config.weights,
-            device,
-            LossPath::Auto,
-        );
+        let burn = burn_evaluate(batch, &file.config, file.config.weights, device, LossPath::Auto);
         assert_agrees(name, &burn, library);
     }
 }
@@ -343,13 +290,8 @@ fn no_host_copy_on_wgpu() {
     let Some((device, _, _)) = wgpu() else { return };
     let file = read(&golden_files()[0]);
     let before = ssdkd_burn::bytes_read_back(device).expect("the device is shared with ssdkd");
-    let burn = burn_evaluate(
-        &file.tensors,
-        &file.config,
-        file.config.weights,
-        device,
-        LossPath::Auto,
-    );
+    let burn =
+        burn_evaluate(&file.tensors, &file.config, file.config.weights, device, LossPath::Auto);
     let after = ssdkd_burn::bytes_read_back(device).unwrap();
     let read_back = after - before;
     let gradient_bytes = 4 * (burn.grad_conf.len() + burn.grad_loc.len()) as u64;
@@ -372,12 +314,7 @@ fn misaligned_or_short_slices_are_errors() {
         return;
     };
     let mut gpu = GpuBackend::from_device(wgpu_device.clone(), queue.clone()).unwrap();
-    let shape = ssdkd::BatchShape {
-        batch: 1,
-        priors: 64,
-        classes: 3,
-        objects: 2,
-    };
+    let shape = ssdkd::BatchShape { batch: 1, priors: 64, classes: 3, objects: 2 };
     let alignment = u64::from(wgpu_device.limits().min_storage_buffer_offset_alignment);
     let buffer = wgpu_device.create_buffer(&BufferDescriptor {
         label: Some("test"),
@@ -415,11 +352,8 @@ fn configurations_that_cannot_work_are_errors() {
     let batch = file.tensors.batch();
     let s = batch.shape();
     let (b, p, c, m) = (s.batch, s.priors, s.classes, s.objects);
-    let priors: Vec<[f32; 4]> = batch
-        .priors()
-        .chunks(4)
-        .map(|r| [r[0], r[1], r[2], r[3]])
-        .collect();
+    let priors: Vec<[f32; 4]> =
+        batch.priors().chunks(4).map(|r| [r[0], r[1], r[2], r[3]]).collect();
     let mut devices = vec![Device::flex()];
     devices.extend(wgpu().map(|(device, _, _)| device.clone()));
     type Spoil = fn(&mut LossConfig);
@@ -462,11 +396,7 @@ fn configurations_that_cannot_work_are_errors() {
 fn inputs_on(batch: &ssdkd::Batch<'_>, device: &Device) -> ([Tensor<3>; 5], Vec<[f32; 4]>) {
     let s = batch.shape();
     let (b, p, c, m) = (s.batch, s.priors, s.classes, s.objects);
-    let priors = batch
-        .priors()
-        .chunks(4)
-        .map(|r| [r[0], r[1], r[2], r[3]])
-        .collect();
+    let priors = batch.priors().chunks(4).map(|r| [r[0], r[1], r[2], r[3]]).collect();
     let tensors = [
         tensor3(batch.student_loc(), [b, p, 4], device),
         tensor3(batch.student_conf(), [b, p, c], device),
@@ -492,29 +422,17 @@ fn bad_values_are_errors_on_every_device() {
     let file = read(&golden_files()[0]);
     let c = file.tensors.shape().classes;
     // The first real object row of image 0 (a label >= 0).
-    let row = file
-        .tensors
-        .batch()
-        .targets()
-        .chunks(5)
-        .position(|r| r[4] >= 0.0)
-        .unwrap();
+    let row = file.tensors.batch().targets().chunks(5).position(|r| r[4] >= 0.0).unwrap();
     type Spoil = fn(&mut OwnedBatch, usize, usize);
     let spoils: [(&str, Spoil); 5] = [
-        ("NaN target", |t, row, _| {
-            t.targets_mut()[row * 5 + 1] = f32::NAN
-        }),
-        ("label C + 4", |t, row, c| {
-            t.targets_mut()[row * 5 + 4] = (c + 4) as f32
-        }),
+        ("NaN target", |t, row, _| t.targets_mut()[row * 5 + 1] = f32::NAN),
+        ("label C + 4", |t, row, c| t.targets_mut()[row * 5 + 4] = (c + 4) as f32),
         ("label 3.7", |t, row, _| t.targets_mut()[row * 5 + 4] = 3.7),
         ("degenerate box", |t, row, _| {
             let r = &mut t.targets_mut()[row * 5..row * 5 + 5];
             r[2] = r[0];
         }),
-        ("infinite logit", |t, _, c| {
-            t.student_conf_mut()[3 * c + 1] = f32::INFINITY
-        }),
+        ("infinite logit", |t, _, c| t.student_conf_mut()[3 * c + 1] = f32::INFINITY),
     ];
     for (what, spoil) in spoils {
         let mut bad = file.tensors.clone();
@@ -526,11 +444,7 @@ fn bad_values_are_errors_on_every_device() {
         };
         for device in devices() {
             for autodiff in [false, true] {
-                let device = if autodiff {
-                    device.clone().autodiff()
-                } else {
-                    device.clone()
-                };
+                let device = if autodiff { device.clone().autodiff() } else { device.clone() };
                 let (t, priors) = inputs_on(&bad.batch(), &device);
                 let [sl, sc, tl, tc, tg] = t;
                 let kd = MultiBoxLossKd::new(file.config, priors.clone());
@@ -561,19 +475,11 @@ fn assert_gradients_match(what: &str, actual: &[f32], expected: &[f32]) {
             a.push(x);
             e.push(y);
         } else {
-            assert!(
-                x.is_nan() == y.is_nan() && (y.is_nan() || x == y),
-                "{what}[{i}]: {x} for {y}"
-            );
+            assert!(x.is_nan() == y.is_nan() && (y.is_nan() || x == y), "{what}[{i}]: {x} for {y}");
         }
     }
     let d = gradient_elements("gradient", &a, &e);
-    assert!(
-        d.agrees(),
-        "{what}: {} elements off, worst {:?}",
-        d.failures,
-        d.worst
-    );
+    assert!(d.agrees(), "{what}: {} elements off, worst {:?}", d.failures, d.worst);
 }
 
 /// A training step evaluates once: the forward evaluates the gradient with the weights the
@@ -585,12 +491,7 @@ fn a_training_step_evaluates_once() {
     let file = read(&golden_files()[0]);
     let library = |w: [f32; 4]| {
         let [soft, l2, conf, loc] = w;
-        let weights = LossWeights {
-            soft,
-            l2,
-            conf,
-            loc,
-        };
+        let weights = LossWeights { soft, l2, conf, loc };
         let eval = cpu_evaluation(&file.tensors, &with_weights(&file.config, weights));
         let g = eval.gradients.unwrap();
         [g.student_conf, g.student_loc]
@@ -625,14 +526,7 @@ fn a_training_step_evaluates_once() {
             let before = loss.evaluations();
             let terms = loss.forward(sl.clone(), sc.clone(), tl, tc, tg).unwrap();
             let [soft, l2, conf, loc] = *w;
-            let grads = terms
-                .weighted(LossWeights {
-                    soft,
-                    l2,
-                    conf,
-                    loc,
-                })
-                .backward();
+            let grads = terms.weighted(LossWeights { soft, l2, conf, loc }).backward();
             let finite = w.map(|x| if x.is_finite() { x } else { 0.0 });
             let mut expected = library(finite);
             for (term, x) in w.iter().enumerate().filter(|(_, x)| !x.is_finite()) {
@@ -670,10 +564,7 @@ fn bound_batches_are_bounded() {
         let terms = loss.forward(sl, sc, tl, tc, tg).unwrap();
         assert!(values(terms.loss_c)[0].is_finite());
         let (batches, stats) = ssdkd_burn::cache_stats(device).expect("shared with ssdkd");
-        assert!(
-            batches <= 4,
-            "{batches} bound batches after {copies} shapes ({stats:?})"
-        );
+        assert!(batches <= 4, "{batches} bound batches after {copies} shapes ({stats:?})");
         most = most.max(batches);
     }
     assert_eq!(most, 4, "the bound is reached");

@@ -141,16 +141,10 @@ pub fn make_split(count: usize, seed: u64, size: usize) -> Split {
         for _ in 0..1 + rng.below(5) {
             let mut placed = None;
             for _attempt in 0..20 {
-                let (w, h) = (
-                    rng.uniform(min_side, max_side),
-                    rng.uniform(min_side, max_side),
-                );
+                let (w, h) = (rng.uniform(min_side, max_side), rng.uniform(min_side, max_side));
                 let (x0, y0) = (rng.uniform(0.0, s - w), rng.uniform(0.0, s - h));
                 let bbox = [x0, y0, x0 + w, y0 + h];
-                if boxes
-                    .iter()
-                    .all(|o| iou(&bbox, &o.bbox.map(|v| v * s)) < 0.3)
-                {
+                if boxes.iter().all(|o| iou(&bbox, &o.bbox.map(|v| v * s)) < 0.3) {
                     placed = Some((x0, y0, w, h));
                     break;
                 }
@@ -173,10 +167,7 @@ pub fn make_split(count: usize, seed: u64, size: usize) -> Split {
                     }
                 }
             }
-            boxes.push(Object {
-                bbox: [x0 / s, y0 / s, (x0 + w) / s, (y0 + h) / s],
-                class: kind,
-            });
+            boxes.push(Object { bbox: [x0 / s, y0 / s, (x0 + w) / s, (y0 + h) / s], class: kind });
         }
         let out = &mut pixels[n * 3 * size * size..(n + 1) * 3 * size * size];
         for (i, px) in image.iter().enumerate() {
@@ -186,11 +177,7 @@ pub fn make_split(count: usize, seed: u64, size: usize) -> Split {
         }
         objects.push(boxes);
     }
-    Split {
-        size,
-        pixels,
-        objects,
-    }
+    Split { size, pixels, objects }
 }
 
 /// One mini-batch on the host: images `[B, 3, S, S]` in [0, 1], targets `[B, M, 5]`
@@ -244,9 +231,5 @@ pub fn gather(split: &Split, indices: &[usize], flips: &[bool]) -> HostBatch {
             }
         }
     }
-    HostBatch {
-        len: indices.len(),
-        images,
-        targets,
-    }
+    HostBatch { len: indices.len(), images, targets }
 }

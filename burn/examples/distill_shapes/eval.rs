@@ -62,11 +62,7 @@ pub fn detect(
                 let b = *bbox.get_or_insert_with(|| {
                     decode(&loc[p * 4..p * 4 + 4], &priors[p * 4..p * 4 + 4], variance)
                 });
-                candidates[c - 1].push(Detection {
-                    bbox: b,
-                    class: c - 1,
-                    score,
-                });
+                candidates[c - 1].push(Detection { bbox: b, class: c - 1, score });
             }
         }
     }
@@ -93,10 +89,8 @@ pub fn detect(
 pub fn map50(detections: &[Vec<Detection>], truth: &[Vec<Object>], classes: usize) -> f64 {
     let mut aps = Vec::new();
     for class in 0..classes {
-        let total: usize = truth
-            .iter()
-            .map(|objs| objs.iter().filter(|o| o.class == class).count())
-            .sum();
+        let total: usize =
+            truth.iter().map(|objs| objs.iter().filter(|o| o.class == class).count()).sum();
         if total == 0 {
             continue;
         }
@@ -104,9 +98,7 @@ pub fn map50(detections: &[Vec<Detection>], truth: &[Vec<Object>], classes: usiz
             .iter()
             .enumerate()
             .flat_map(|(i, dets)| {
-                dets.iter()
-                    .filter(|d| d.class == class)
-                    .map(move |d| (d.score, i, d.bbox))
+                dets.iter().filter(|d| d.class == class).map(move |d| (d.score, i, d.bbox))
             })
             .collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0));

@@ -41,10 +41,8 @@ impl Losses {
 
     /// `MultiBoxLoss`: conf + loc. `targets` are `[B, M, 5]` on the outputs' device.
     pub fn plain(&self, loc: Tensor<3>, conf: Tensor<3>, targets: Tensor<3>) -> StepLoss {
-        let t = self
-            .plain
-            .forward(loc, conf, targets)
-            .unwrap_or_else(|e| panic!("MultiBoxLoss: {e}"));
+        let t =
+            self.plain.forward(loc, conf, targets).unwrap_or_else(|e| panic!("MultiBoxLoss: {e}"));
         let v = values(&[t.loss_c.clone(), t.loss_l.clone()]);
         StepLoss {
             total: t.loss_c + t.loss_l,
@@ -68,12 +66,8 @@ impl Losses {
             .kd
             .forward(loc, conf, t_loc, t_conf, targets)
             .unwrap_or_else(|e| panic!("MultiBoxLossKd: {e}"));
-        let v = values(&[
-            t.loss_c.clone(),
-            t.loss_l.clone(),
-            t.l2_loss.clone(),
-            t.soft_loss.clone(),
-        ]);
+        let v =
+            values(&[t.loss_c.clone(), t.loss_l.clone(), t.l2_loss.clone(), t.soft_loss.clone()]);
         let w = self.kd_weights;
         let total_value = f64::from(w.conf) * v[0]
             + f64::from(w.loc) * v[1]
@@ -81,12 +75,7 @@ impl Losses {
             + f64::from(w.soft) * v[3];
         StepLoss {
             total: t.weighted(w),
-            terms: vec![
-                ("loss_c", v[0]),
-                ("loss_l", v[1]),
-                ("l2_loss", v[2]),
-                ("soft_loss", v[3]),
-            ],
+            terms: vec![("loss_c", v[0]), ("loss_l", v[1]), ("l2_loss", v[2]), ("soft_loss", v[3])],
             total_value,
         }
     }
@@ -98,23 +87,13 @@ impl Losses {
 /// loss conf + loc.
 pub fn configs(temperature: f32) -> (LossConfig, LossConfig) {
     let plain = LossConfig {
-        weights: LossWeights {
-            soft: 0.0,
-            conf: 1.0,
-            l2: 0.0,
-            loc: 1.0,
-        },
+        weights: LossWeights { soft: 0.0, conf: 1.0, l2: 0.0, loc: 1.0 },
         ..LossConfig::DEFAULT
     };
     let kd = LossConfig {
         temperature,
         neg_w: 1.5,
-        weights: LossWeights {
-            soft: 0.3,
-            conf: 0.7,
-            l2: 0.5,
-            loc: 1.0,
-        },
+        weights: LossWeights { soft: 0.3, conf: 0.7, l2: 0.5, loc: 1.0 },
         ..LossConfig::DEFAULT
     };
     (plain, kd)

@@ -56,27 +56,9 @@ const AR_2: &[f32] = &[2.0];
 const AR_23: &[f32] = &[2.0, 3.0];
 /// Priors of the three feature maps (strides 8, 16, 32 on 64 px).
 const FEATURE_MAPS: [FeatureMap<'static>; 3] = [
-    FeatureMap {
-        size: 8,
-        step: Some(8.0),
-        min_size: 8.0,
-        max_size: 20.0,
-        aspect_ratios: AR_2,
-    },
-    FeatureMap {
-        size: 4,
-        step: Some(16.0),
-        min_size: 20.0,
-        max_size: 34.0,
-        aspect_ratios: AR_23,
-    },
-    FeatureMap {
-        size: 2,
-        step: Some(32.0),
-        min_size: 34.0,
-        max_size: 56.0,
-        aspect_ratios: AR_2,
-    },
+    FeatureMap { size: 8, step: Some(8.0), min_size: 8.0, max_size: 20.0, aspect_ratios: AR_2 },
+    FeatureMap { size: 4, step: Some(16.0), min_size: 20.0, max_size: 34.0, aspect_ratios: AR_23 },
+    FeatureMap { size: 2, step: Some(32.0), min_size: 34.0, max_size: 56.0, aspect_ratios: AR_2 },
 ];
 
 /// The loss names shown on the bars and in the log, as the Python example spells them.
@@ -131,10 +113,8 @@ fn parse_args() -> Args {
         std::process::exit(2)
     };
     while let Some(flag) = raw.pop() {
-        let mut value = |name: &str| {
-            raw.pop()
-                .unwrap_or_else(|| fail(format!("{name} needs a value")))
-        };
+        let mut value =
+            |name: &str| raw.pop().unwrap_or_else(|| fail(format!("{name} needs a value")));
         fn num<T: std::str::FromStr>(name: &str, v: String) -> T {
             v.parse().unwrap_or_else(|_| {
                 eprintln!("{name}: not a number: {v}\n{USAGE}");
@@ -184,11 +164,7 @@ fn one_cycle(step: usize, total: usize, max_lr: f64) -> f64 {
     if s <= up {
         cos(initial, max_lr, s / up)
     } else {
-        cos(
-            max_lr,
-            last,
-            (s - up) / ((total as f64 - 1.0) - up).max(1.0),
-        )
+        cos(max_lr, last, (s - up) / ((total as f64 - 1.0) - up).max(1.0))
     }
 }
 
@@ -266,10 +242,7 @@ fn json_num(v: f64) -> String {
 }
 
 fn images_tensor(images: Vec<f32>, n: usize, device: &Device) -> Tensor<4> {
-    Tensor::from_data(
-        TensorData::new(images, [n, 3, IMAGE_SIZE, IMAGE_SIZE]),
-        device,
-    )
+    Tensor::from_data(TensorData::new(images, [n, 3, IMAGE_SIZE, IMAGE_SIZE]), device)
 }
 
 /// Targets `[B, M, 5]` (SPEC §1) from the host.
@@ -309,10 +282,7 @@ fn train_stage(
             .with_prefix(format!("Epoch {epoch}/{epochs} train"));
         let mut means = Means::default();
         let mut lr = one_cycle(step, total_steps, ctx.args.lr);
-        for (chunk, flip) in order
-            .chunks(ctx.args.batch)
-            .zip(flips.chunks(ctx.args.batch))
-        {
+        for (chunk, flip) in order.chunks(ctx.args.batch).zip(flips.chunks(ctx.args.batch)) {
             let hb = gather(&ctx.train, chunk, flip);
             let x = images_tensor(hb.images, hb.len, &ctx.device);
             let (loc, conf) = model.forward(x.clone());
@@ -375,21 +345,9 @@ fn mean_ap(ctx: &Ctx, model: &TinySsd) -> f64 {
         let hb = gather(&ctx.val, chunk, &[]);
         let (loc, conf) = model.forward(images_tensor(hb.images, hb.len, &ctx.inner));
         let [b, p, c] = conf.dims();
-        let loc = loc
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32");
-        let conf = conf
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32");
-        for (l, k) in loc
-            .chunks_exact(p * 4)
-            .zip(conf.chunks_exact(p * c))
-            .take(b)
-        {
+        let loc = loc.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+        let conf = conf.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+        for (l, k) in loc.chunks_exact(p * 4).zip(conf.chunks_exact(p * c)).take(b) {
             detections.push(eval::detect(l, k, &ctx.priors, c, VARIANCE));
         }
     }
@@ -413,11 +371,8 @@ fn main() {
     let device = base.clone().autodiff();
     let inner = base;
 
-    let prior_config = PriorConfig {
-        image_size: IMAGE_SIZE as f32,
-        feature_maps: &FEATURE_MAPS,
-        clip: true,
-    };
+    let prior_config =
+        PriorConfig { image_size: IMAGE_SIZE as f32, feature_maps: &FEATURE_MAPS, clip: true };
     let mut priors4 = vec![[0f32; 4]; prior_config.num_priors()];
     prior_config.write_priors(&mut priors4);
     let priors: Vec<f32> = priors4.concat();
@@ -438,11 +393,8 @@ fn main() {
     // ssdkd-burn evaluates on Burn's wgpu buffers exactly when the device is shared with
     // ssdkd (it then counts the bytes it maps back); on Flex through its CPU backend.
     let adapter = ssdkd_burn::adapter_name(&device);
-    let loss_backend = if ssdkd_burn::bytes_read_back(&device).is_some() {
-        "gpu-resident"
-    } else {
-        "cpu"
-    };
+    let loss_backend =
+        if ssdkd_burn::bytes_read_back(&device).is_some() { "gpu-resident" } else { "cpu" };
 
     device.seed(args.seed);
     let teacher = TinySsd::new(TEACHER_WIDTH, NUM_CLASSES, boxes_per_cell, &device);
@@ -454,15 +406,7 @@ fn main() {
         student_init.num_params()
     );
 
-    let mut ctx = Ctx {
-        args,
-        device,
-        inner,
-        train,
-        val,
-        priors,
-        losses,
-    };
+    let mut ctx = Ctx { args, device, inner, train, val, priors, losses };
     let (teacher, teacher_train, teacher_val) =
         train_stage(&mut ctx, Stage::Plain, "Start Teacher Train", teacher, None);
     let (student_kd, kd_train, kd_val) = train_stage(
@@ -486,10 +430,7 @@ fn main() {
         ("student (baseline)", mean_ap(&ctx, &student_base)),
     ];
     let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "\nmAP@0.5 on the validation split ({} images)",
-        ctx.val.len()
-    );
+    println!("\nmAP@0.5 on the validation split ({} images)", ctx.val.len());
     println!("  {:<20} {:>8}", "model", "mAP@0.5");
     for (name, value) in maps {
         println!("  {name:<20} {value:>8.3}");

@@ -71,14 +71,9 @@ impl TinySsd {
                 ConvBn::new(2 * w, 4 * w, 2, device),
                 ConvBn::new(4 * w, 4 * w, 1, device),
             ],
-            down1: vec![
-                ConvBn::new(4 * w, 8 * w, 2, device),
-                ConvBn::new(8 * w, 8 * w, 1, device),
-            ],
+            down1: vec![ConvBn::new(4 * w, 8 * w, 2, device), ConvBn::new(8 * w, 8 * w, 1, device)],
             down2: vec![ConvBn::new(8 * w, 8 * w, 2, device)],
-            loc_heads: (0..3)
-                .map(|k| head(channels[k], boxes_per_cell[k] * 4))
-                .collect(),
+            loc_heads: (0..3).map(|k| head(channels[k], boxes_per_cell[k] * 4)).collect(),
             conf_heads: (0..3)
                 .map(|k| head(channels[k], boxes_per_cell[k] * num_classes))
                 .collect(),
@@ -98,8 +93,7 @@ impl TinySsd {
         let maps = [f1, f2, f3];
         let flatten = |y: Tensor<4>, per_prior: usize| {
             let [b, ch, h, w] = y.dims();
-            y.permute([0, 2, 3, 1])
-                .reshape([b, h * w * ch / per_prior, per_prior])
+            y.permute([0, 2, 3, 1]).reshape([b, h * w * ch / per_prior, per_prior])
         };
         let mut loc = Vec::with_capacity(3);
         let mut conf = Vec::with_capacity(3);
