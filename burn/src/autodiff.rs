@@ -1,10 +1,8 @@
-//! The backward pass: ssdkd's analytic gradient in Burn's autodiff graph, one evaluation a
-//! step. The forward's `[4]` terms receive one `[4]` gradient: the weights of the total
-//! (SPEC §6: linear in them). The forward evaluates the gradient with the terms, with the
-//! weights the loss's last backward brought; the backward uses it when its weights are the
-//! same bits, and evaluates again otherwise.
+//! The backward: the `[4]` terms' incoming gradient is the total's weights (SPEC §6). The
+//! forward evaluates the gradient with the weights the loss's last backward brought; the
+//! backward uses it when its weights are the same bits, and evaluates again otherwise.
 
-use crate::backend::{LossInputs, LossSpec, SsdkdBackend};
+use crate::backend::{lock, LossInputs, LossSpec, SsdkdBackend};
 use crate::host::read_f32;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -13,8 +11,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend};
 use ssdkd::Tensors;
 
-/// What the backward needs: the inputs, the spec, and the gradients (student_conf's,
-/// student_loc's) the forward evaluated with `weights`.
+/// The inputs, the spec, and the gradients (conf's, loc's) the forward evaluated with `weights`.
 #[derive(Clone, Debug)]
 struct State<B: Backend> {
     inputs: LossInputs<B>,
@@ -27,10 +24,9 @@ struct State<B: Backend> {
 #[derive(Debug)]
 struct TermsBackward;
 
-/// The gradient of `weights · terms`: one evaluation when every weight is finite. A
-/// non-finite weight `w` adds `w` times its own term's gradient (what Burn's own operations
-/// would give) to the tensor that term reaches: soft and conf student_conf, l2 and loc
-/// student_loc.
+/// The gradient of `weights · terms`, one evaluation when all are finite. A non-finite `w`
+/// adds `w` times its term's own gradient (as Burn's operations would) where the term
+/// reaches: soft and conf student_conf, l2 and loc student_loc.
 fn weighted<B: SsdkdBackend>(state: &State<B>, weights: [f32; 4]) -> [FloatTensor<B>; 2] {
     let evaluate = |w: [f32; 4]| {
         let (_, conf, loc) = B::ssdkd_evaluate(state.inputs.clone(), state.spec.weighted(w));
@@ -59,7 +55,7 @@ impl<B: SsdkdBackend> Backward<B, 2> for TermsBackward {
             false => weighted(&state, weights),
         };
         if weights.iter().all(|w| w.is_finite()) {
-            state.spec.predict(weights);
+            *lock(&state.spec.predicted) = Some(weights);
         }
         let [student_loc, student_conf] = ops.parents;
         for (node, gradient) in [(student_loc, loc), (student_conf, conf)] {
@@ -83,18 +79,5 @@ impl<B: SsdkdBackend, C: CheckpointStrategy> SsdkdBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::ssdkd_terms(inputs, spec)),
         }
-    }
-
-    fn ssdkd_evaluate(
-        inputs: LossInputs<Self>,
-        spec: LossSpec,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let inputs = Tensors::from(inputs).map(|t| t.into_primitive()).into();
-        let (terms, conf, loc) = B::ssdkd_evaluate(inputs, spec);
-        (
-            FloatTensor::<Self>::new(terms),
-            FloatTensor::<Self>::new(conf),
-            FloatTensor::<Self>::new(loc),
-        )
     }
 }

@@ -1,6 +1,5 @@
-//! The backend extension: ssdkd's two operations on a Burn backend. Their default bodies
-//! are the host path (`host.rs`); `cube.rs` overrides them on wgpu, `autodiff.rs` adds the
-//! backward pass, and Burn's `Fusion` defers them like any other operation.
+//! The backend extension: two operations whose default bodies are the host path; `cube.rs`
+//! overrides them on wgpu, `autodiff.rs` adds the backward, Burn's `Fusion` defers them.
 
 use crate::host;
 use burn::backend::fusion::custom::TensorSpec;
@@ -13,20 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 /// Where the loss of a wgpu tensor is evaluated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LossPath {
-    /// On Burn's wgpu device, on Burn's own buffers; through ssdkd's CPU backend elsewhere.
+    /// On Burn's own buffers on wgpu; through ssdkd's CPU backend elsewhere.
     #[default]
     Auto,
-    /// Through host memory: the tensors read to the host, evaluated by ssdkd's CPU backend,
-    /// the results uploaded again (what the benchmark compares against).
+    /// Through host memory and ssdkd's CPU backend (what the benchmark compares against).
     Host,
 }
 
-/// The order of the four terms in the `[4]` tensor of the operations, the seed code base's.
-pub const TERMS: [&str; 4] = ["soft_loss", "l2_loss", "loss_c", "loss_l"];
-
-/// The six tensors of an evaluation as Burn's dispatch carries them: the library's
-/// [`Tensors`] (SPEC §1, f32: `student_loc` `[B, P, 4]`, `student_conf` `[B, P, C]`, the
-/// teacher's alike, `targets` `[B, M, 5]`, `priors` `[P, 4]`).
+/// The library's [`Tensors`] (SPEC §1, all f32) as Burn's dispatch carries them.
 #[derive(Clone, Debug, ExtensionType)]
 #[extension_type(fusion)]
 #[allow(missing_docs)] // as in `ssdkd::Tensors`
@@ -48,9 +41,14 @@ impl<B: Backend> From<Tensors<FloatTensor<B>>> for LossInputs<B> {
 
 impl<B: Backend> From<LossInputs<B>> for Tensors<FloatTensor<B>> {
     fn from(i: LossInputs<B>) -> Self {
-        let LossInputs { student_loc, student_conf, teacher_loc, teacher_conf, targets, priors } =
-            i;
-        Tensors { student_loc, student_conf, teacher_loc, teacher_conf, targets, priors }
+        Tensors::from_array([
+            i.student_loc,
+            i.student_conf,
+            i.teacher_loc,
+            i.teacher_conf,
+            i.targets,
+            i.priors,
+        ])
     }
 }
 
@@ -68,11 +66,11 @@ pub struct LossSpec {
     pub config: LossConfig,
     pub has_teacher: bool,
     pub path: LossPath,
-    predicted: Arc<Mutex<Option<[f32; 4]>>>,
-    evaluations: Arc<AtomicU64>,
+    pub(crate) predicted: Arc<Mutex<Option<[f32; 4]>>>,
+    pub(crate) evaluations: Arc<AtomicU64>,
     /// The call's first error: an operation cannot return one, so it returns NaN terms and
     /// leaves the error here for `forward`.
-    error: Arc<Mutex<Option<ssdkd::Error>>>,
+    pub(crate) error: Arc<Mutex<Option<ssdkd::Error>>>,
 }
 
 impl LossSpec {
@@ -81,12 +79,7 @@ impl LossSpec {
         Self { config, has_teacher, path, predicted, evaluations, error }
     }
 
-    /// This spec with a fresh error slot (one per `forward`).
-    pub(crate) fn for_call(&self) -> Self {
-        Self { error: Arc::default(), ..self.clone() }
-    }
-
-    /// This spec with the gradient weighted by `[soft, l2, conf, loc]` ([`TERMS`]' order).
+    /// This spec with the gradient weighted by `[soft, l2, conf, loc]`.
     #[must_use]
     pub fn weighted(&self, [soft, l2, conf, loc]: [f32; 4]) -> Self {
         let config = LossConfig { weights: LossWeights { soft, l2, conf, loc }, ..self.config };
@@ -100,21 +93,10 @@ impl LossSpec {
         self.effective(lock(&self.predicted).unwrap_or([w.soft, w.l2, w.conf, w.loc]))
     }
 
-    pub(crate) fn predict(&self, weights: [f32; 4]) {
-        *lock(&self.predicted) = Some(weights);
-    }
-
     /// The weights that reach the gradient: without a teacher, not the soft and L2 ones.
     pub(crate) fn effective(&self, [soft, l2, conf, loc]: [f32; 4]) -> [f32; 4] {
-        if self.has_teacher {
-            [soft, l2, conf, loc]
-        } else {
-            [0.0, 0.0, conf, loc]
-        }
-    }
-
-    pub(crate) fn evaluations(&self) -> u64 {
-        self.evaluations.load(Ordering::Relaxed)
+        let [soft, l2] = [soft, l2].map(|w| if self.has_teacher { w } else { 0.0 });
+        [soft, l2, conf, loc]
     }
 
     /// Counts an evaluation and keeps its error, if any, for `forward`.
@@ -125,18 +107,10 @@ impl LossSpec {
         };
         result.map_err(keep).ok()
     }
-
-    pub(crate) fn take_error(&self) -> Option<ssdkd::Error> {
-        lock(&self.error).take()
-    }
 }
 
-fn terms_meta(inputs: &LossInputsMetadata, _spec: &LossSpec) -> TensorSpec {
+fn terms_spec(inputs: &LossInputsMetadata) -> TensorSpec {
     TensorSpec::new([4].into(), inputs.student_loc.dtype)
-}
-
-fn evaluate_meta(i: &LossInputsMetadata, spec: &LossSpec) -> (TensorSpec, TensorSpec, TensorSpec) {
-    (terms_meta(i, spec), i.student_conf.clone(), i.student_loc.clone())
 }
 
 /// A Burn backend that evaluates ssdkd's loss: on wgpu on Burn's own buffers, elsewhere
@@ -144,21 +118,19 @@ fn evaluate_meta(i: &LossInputsMetadata, spec: &LossSpec) -> (TensorSpec, Tensor
 /// `Autodiff`. Bad input values never panic: the terms are NaN and `spec` holds the error.
 #[backend_extension(Cube, Flex, Autodiff, Fusion)]
 pub trait SsdkdBackend: Backend {
-    /// The four terms as one `[4]` tensor in the order of [`TERMS`].
-    #[fusion(meta = terms_meta)]
+    /// The four terms as one `[4]` tensor in the order of [`ssdkd::agreement::TERM_NAMES`].
+    #[fusion(meta = |i, _| terms_spec(i))]
     fn ssdkd_terms(
-        #[extension_type] inputs: LossInputs<Self>,
-        spec: LossSpec,
+        #[extension_type] inputs: LossInputs<Self>, spec: LossSpec,
     ) -> FloatTensor<Self> {
         host::evaluate::<Self>(inputs.into(), &spec, false).0
     }
 
     /// The terms, ∂total/∂student_conf and ∂total/∂student_loc, the total weighted by
     /// `spec.config.weights` (SPEC §6), from one evaluation. Not differentiable.
-    #[fusion(meta = evaluate_meta)]
+    #[fusion(meta = |i, _| (terms_spec(i), i.student_conf.clone(), i.student_loc.clone()))]
     fn ssdkd_evaluate(
-        #[extension_type] inputs: LossInputs<Self>,
-        spec: LossSpec,
+        #[extension_type] inputs: LossInputs<Self>, spec: LossSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (terms, gradients) = host::evaluate::<Self>(inputs.into(), &spec, true);
         let [conf, loc] = gradients.expect("asked for");

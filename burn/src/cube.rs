@@ -1,6 +1,5 @@
-//! The resident path: Burn's wgpu tensors evaluated on the slices of Burn's own buffers, on
-//! Burn's device and queue. Burn's queued work is flushed before ssdkd submits; the tensors
-//! and their storage are held until `evaluate_resident` returns, after the GPU is done.
+//! The resident path: ssdkd's kernels on the slices of Burn's wgpu buffers, on Burn's queue;
+//! the tensors and their storage are held until `evaluate_resident` returns (GPU done).
 
 use crate::backend::{lock, LossInputs, LossPath, LossSpec, SsdkdBackend};
 use crate::host::{self, batch_shape, Outputs};
@@ -20,8 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// groups, and ssdkd's own gradient buffers for those evaluated without gradients).
 const BATCHES_KEPT: usize = 4;
 
-/// ssdkd's backend on one of Burn's wgpu devices, and the batches bound on it, by shape and
-/// whether their gradients go to Burn's tensors (their slices are rebound every call).
+/// ssdkd's backend on a Burn wgpu device, and the batches bound there by shape and whether
+/// their gradients go to Burn's tensors (rebound to new slices every call).
 struct Shared {
     gpu: GpuBackend,
     batches: Vec<((BatchShape, bool), GpuBatch)>,
@@ -66,9 +65,7 @@ pub fn wgpu_device() -> ssdkd::Result<Device> {
 /// # Errors
 /// [`ssdkd::Error::Gpu`] when `device` is not a wgpu device or a pipeline fails to build.
 pub fn share_wgpu_device(
-    device: &Device,
-    wgpu_device: ssdkd::gpu::wgpu::Device,
-    queue: ssdkd::gpu::wgpu::Queue,
+    device: &Device, wgpu_device: ssdkd::gpu::wgpu::Device, queue: ssdkd::gpu::wgpu::Queue,
 ) -> ssdkd::Result<()> {
     let not_wgpu = || ssdkd::Error::Gpu(format!("ssdkd-burn: {device:?} is not a wgpu device"));
     let key = wgpu_of(device.as_dispatch()).ok_or_else(not_wgpu)?;
@@ -104,8 +101,7 @@ pub fn cache_stats(device: &Device) -> Option<(usize, GpuCacheStats)> {
 /// A tensor bound for ssdkd: contiguous, its storage held while ssdkd binds `slice`.
 type Bound = (CubeTensor, Box<dyn Any>, GpuSlice);
 
-/// Makes `tensor` bindable: contiguous at an offset the device can bind (else copied into
-/// a fresh allocation on the device, never through the host).
+/// Makes `tensor` bindable: contiguous, at a bindable offset (else copied on the device).
 fn bind(tensor: CubeTensor, name: &str, alignment: u64) -> ssdkd::Result<Bound> {
     let resource = |t: &CubeTensor| {
         let held = t.client.get_resource::<WgpuServer<AutoCompiler>>(t.handle.clone());
@@ -125,9 +121,7 @@ fn bind(tensor: CubeTensor, name: &str, alignment: u64) -> ssdkd::Result<Bound> 
 
 /// One resident evaluation of `inputs`, gradients into `gradients`.
 fn evaluate(
-    shared: &Mutex<Shared>,
-    inputs: Tensors<CubeTensor>,
-    spec: &LossSpec,
+    shared: &Mutex<Shared>, inputs: Tensors<CubeTensor>, spec: &LossSpec,
     gradients: Option<&[CubeTensor; 2]>,
 ) -> ssdkd::Result<Evaluation> {
     let client = inputs.student_loc.client.clone();
@@ -136,11 +130,9 @@ fn evaluate(
     let Shared { gpu, batches } = &mut *shared;
     let alignment = u64::from(gpu.device().limits().min_storage_buffer_offset_alignment);
     let bound = inputs.named().try_map(|(name, tensor)| bind(tensor, name, alignment))?;
+    let grad = |t: &CubeTensor, name| bind(t.clone(), name, alignment);
     let outputs = match gradients {
-        Some([conf, loc]) => Some([
-            bind(conf.clone(), "grad_student_conf", alignment)?,
-            bind(loc.clone(), "grad_student_loc", alignment)?,
-        ]),
+        Some([c, l]) => Some([grad(c, "grad_student_conf")?, grad(l, "grad_student_loc")?]),
         None => None,
     };
     // Burn's queued work (what made the inputs) runs before ssdkd's submit.
@@ -175,22 +167,16 @@ fn evaluate(
 /// # Panics
 /// On a wgpu device that was not shared with ssdkd (an operation cannot return the error).
 fn outputs(
-    inputs: LossInputs<CubeBackend>,
-    spec: &LossSpec,
-    gradients: bool,
+    inputs: LossInputs<CubeBackend>, spec: &LossSpec, gradients: bool,
 ) -> Outputs<CubeBackend> {
     let device = inputs.student_loc.device.clone();
     let shared = match &device {
         CubeDevice::Wgpu(key) if spec.path == LossPath::Auto => lock(registry()).get(key).cloned(),
         _ => return host::evaluate::<CubeBackend>(inputs.into(), spec, gradients),
     };
-    let shared = shared.unwrap_or_else(|| {
-        panic!(
-            "ssdkd-burn: the wgpu device {device:?} was not shared with ssdkd; open it with \
-             ssdkd_burn::wgpu_device() (or share your own with ssdkd_burn::share_wgpu_device), \
-             or use LossPath::Host"
-        )
-    });
+    let fix = "open it with ssdkd_burn::wgpu_device() or share_wgpu_device, or use LossPath::Host";
+    let shared =
+        shared.unwrap_or_else(|| panic!("ssdkd-burn: {device:?} is not shared with ssdkd; {fix}"));
     let shapes = gradients.then(|| [inputs.student_conf.shape(), inputs.student_loc.shape()]);
     let empty = |shape| CubeBackend::float_empty(shape, &device, FloatDType::F32);
     let grads = shapes.clone().map(|s| s.map(empty));
@@ -204,8 +190,7 @@ impl SsdkdBackend for CubeBackend {
     }
 
     fn ssdkd_evaluate(
-        inputs: LossInputs<Self>,
-        spec: LossSpec,
+        inputs: LossInputs<Self>, spec: LossSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (terms, gradients) = outputs(inputs, &spec, true);
         let [conf, loc] = gradients.expect("asked for");

@@ -1,6 +1,5 @@
-//! The host path, what Flex, cubecl runtimes other than wgpu and [`crate::LossPath::Host`]
-//! use: the tensors read to the host, evaluated by the library's CPU backend, the terms and
-//! gradients made into tensors of the same backend again.
+//! The host path (Flex, cubecl runtimes but wgpu, `LossPath::Host`): ssdkd's CPU backend on
+//! host copies of the tensors.
 
 use crate::backend::{lock, LossSpec};
 use burn::backend::tensor::{Device, FloatTensor};
@@ -26,9 +25,7 @@ pub(crate) fn read_f32<B: Backend>(tensor: FloatTensor<B>) -> ssdkd::Result<Vec<
 /// Evaluates the tensors with the library's CPU backend (one for the process, so that its
 /// workspaces are reused from step to step); the teacher's are read only when real.
 fn evaluate_on_host<B: Backend>(
-    inputs: Tensors<FloatTensor<B>>,
-    spec: &LossSpec,
-    gradients: bool,
+    inputs: Tensors<FloatTensor<B>>, spec: &LossSpec, gradients: bool,
 ) -> ssdkd::Result<Evaluation> {
     static CPU: OnceLock<Mutex<ssdkd::Backend>> = OnceLock::new();
     let shape = batch_shape(&inputs.student_conf.shape(), &inputs.targets.shape());
@@ -50,29 +47,22 @@ fn evaluate_on_host<B: Backend>(
 /// Burn's outputs of an evaluation with gradient tensors of `shapes`. An error is reported
 /// to `spec` and gives NaN terms and zero gradients: no Burn operation panics on bad input.
 pub(crate) fn finish<B: Backend>(
-    result: ssdkd::Result<(Evaluation, Option<[FloatTensor<B>; 2]>)>,
-    spec: &LossSpec,
-    device: &Device<B>,
-    shapes: Option<[Shape; 2]>,
+    result: ssdkd::Result<(Evaluation, Option<[FloatTensor<B>; 2]>)>, spec: &LossSpec,
+    device: &Device<B>, shapes: Option<[Shape; 2]>,
 ) -> Outputs<B> {
+    let zeros = |shape| B::float_zeros(shape, device, FloatDType::F32);
     let (values, gradients) = match spec.finish(result) {
         Some((eval, gradients)) => {
-            let t = eval.terms;
-            ([t.soft_loss, t.l2_loss, t.loss_c, t.loss_l].map(|v| v as f32), gradients)
+            (std::array::from_fn(|i| eval.named_terms()[i].1 as f32), gradients)
         }
-        None => {
-            let zeros = |shape| B::float_zeros(shape, device, FloatDType::F32);
-            ([f32::NAN; 4], shapes.map(|s| s.map(zeros)))
-        }
+        None => ([f32::NAN; 4], shapes.map(|s| s.map(zeros))),
     };
     (B::float_from_data(TensorData::new(values.to_vec(), [4]), device), gradients)
 }
 
 /// The host path's evaluation (gradients when `gradients`).
 pub(crate) fn evaluate<B: Backend>(
-    inputs: Tensors<FloatTensor<B>>,
-    spec: &LossSpec,
-    gradients: bool,
+    inputs: Tensors<FloatTensor<B>>, spec: &LossSpec, gradients: bool,
 ) -> Outputs<B> {
     let device = inputs.student_loc.device();
     let shapes = gradients.then(|| [inputs.student_conf.shape(), inputs.student_loc.shape()]);

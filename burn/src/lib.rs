@@ -1,14 +1,8 @@
-//! `ssdkd-burn`: ssdkd's SSD knowledge-distillation loss (SPEC §5) and its analytic
-//! gradient as a [Burn](https://burn.dev) loss, on every Burn device.
-//!
-//! - On Burn's **wgpu** device ([`wgpu_device`], or [`share_wgpu_device`]) ssdkd's kernels
-//!   run on Burn's own buffers; only the sums come back. Elsewhere (**Flex**, other cubecl
-//!   runtimes) ssdkd's CPU backend evaluates host copies.
-//! - Under **autodiff** the backward is ssdkd's gradient weighted by the four terms'
-//!   incoming gradients; the teacher gets none. A step evaluates once: the forward
-//!   evaluates the gradient too, with the weights of the loss's last backward.
-//! - Bad input is an `Err` from `forward` on every device (values are checked while
-//!   evaluating, on the GPU by ssdkd's validate stage, so `forward` waits for the terms).
+//! `ssdkd-burn`: ssdkd's SSD distillation loss (SPEC §5) and its analytic gradient for
+//! [Burn](https://burn.dev). On Burn's wgpu device ([`wgpu_device`]) the kernels run on
+//! Burn's own buffers; elsewhere (Flex, other cubecl runtimes) ssdkd's CPU backend evaluates
+//! host copies. Under autodiff a step evaluates once (the forward evaluates the gradient too,
+//! with the last backward's weights). Bad input is an `Err` from `forward` on every device.
 //!
 //! ```no_run
 #![doc = include_str!("../examples/train_step.rs")]
@@ -20,7 +14,7 @@ mod backend;
 mod cube;
 mod host;
 
-pub use backend::{LossInputs, LossPath, LossSpec, SsdkdBackend, TERMS};
+pub use backend::{LossInputs, LossPath, LossSpec, SsdkdBackend};
 pub use cube::{adapter_name, bytes_read_back, cache_stats, share_wgpu_device, wgpu_device};
 pub use ssdkd::{Error, LossConfig, LossWeights, PriorPreset, Result};
 pub use ssdkd_core::{FeatureMap, PriorConfig};
@@ -32,28 +26,6 @@ use ssdkd::{BatchShape, Tensors};
 use std::sync::Mutex;
 
 impl SsdkdBackend for Flex {}
-
-/// Prior boxes `[P, 4]` in centre form (SPEC §2): from a preset, a [`PriorConfig`] or given.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Priors(pub Vec<[f32; 4]>);
-
-impl From<PriorPreset> for Priors {
-    fn from(preset: PriorPreset) -> Self {
-        Self(preset.config().priors())
-    }
-}
-
-impl From<&PriorConfig<'_>> for Priors {
-    fn from(config: &PriorConfig<'_>) -> Self {
-        Self(config.priors())
-    }
-}
-
-impl From<Vec<[f32; 4]>> for Priors {
-    fn from(boxes: Vec<[f32; 4]>) -> Self {
-        Self(boxes)
-    }
-}
 
 /// The four terms of [`MultiBoxLossKd::forward`], each `[1]`, in the seed's order.
 #[derive(Clone, Debug)]
@@ -87,8 +59,7 @@ pub struct PlainTerms {
 #[derive(Debug)]
 pub struct Loss<const TEACHER: bool> {
     spec: LossSpec,
-    priors: Priors,
-    /// The priors as a tensor, per device asked on.
+    priors: Vec<[f32; 4]>,
     on_device: Mutex<Vec<(Device, Tensor<2>)>>,
 }
 
@@ -101,12 +72,10 @@ pub type MultiBoxLossKd = Loss<true>;
 pub type MultiBoxLoss = Loss<false>;
 
 impl<const TEACHER: bool> Loss<TEACHER> {
-    /// The loss with `config` (SPEC §8; its `weights` are the weights the first training
-    /// step's gradient is evaluated with, [`KdTerms::weighted`]'s usual argument; the plain
-    /// loss ignores its soft and L2 settings) and `priors` (a [`PriorPreset`], a
-    /// [`PriorConfig`] or boxes).
+    /// The loss with `config` (SPEC §8; its `weights` are those the first step's gradient
+    /// is evaluated with) and `priors` (a [`PriorPreset`], a [`PriorConfig`] or boxes).
     #[must_use]
-    pub fn new(config: LossConfig, priors: impl Into<Priors>) -> Self {
+    pub fn new(config: LossConfig, priors: impl Into<Vec<[f32; 4]>>) -> Self {
         Self {
             spec: LossSpec::new(config, TEACHER, LossPath::Auto),
             priors: priors.into(),
@@ -134,33 +103,27 @@ impl<const TEACHER: bool> Loss<TEACHER> {
         if let Some((_, t)) = cache.iter().find(|(d, _)| d == device) {
             return t.clone();
         }
-        let flat: Vec<f32> = self.priors.0.iter().flatten().copied().collect();
-        let t = Tensor::<2>::from_data(TensorData::new(flat, [self.priors.0.len(), 4]), device);
-        cache.push((device.clone(), t.clone()));
-        t
+        let data = TensorData::new(self.priors.as_flattened().to_vec(), [self.priors.len(), 4]);
+        cache.push((device.clone(), Tensor::from_data(data, device)));
+        cache[cache.len() - 1].1.clone()
     }
 
-    /// The evaluations this loss has run: one per training step once the weights of its
-    /// backward repeat, one per forward without autodiff.
+    /// The evaluations this loss ran: one per training step while its weights repeat.
     #[must_use]
     pub fn evaluations(&self) -> u64 {
-        self.spec.evaluations()
+        self.spec.evaluations.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The four terms, differentiable in the student's tensors, after checking the
-    /// configuration and shapes (SPEC §8, §1), dtypes (f32) and devices. They are evaluated
-    /// before this returns (Burn would defer them), so that an input error is its `Err`.
+    /// The terms after checking config, shapes (SPEC §8, §1), dtypes and devices, evaluated
+    /// before this returns (Burn would defer them) so that an input error is its `Err`.
     fn terms(
-        &self,
-        [sl, sc]: [Tensor<3>; 2],
-        teacher: Option<[Tensor<3>; 2]>,
-        tg: Tensor<3>,
+        &self, [sl, sc]: [Tensor<3>; 2], teacher: Option<[Tensor<3>; 2]>, tg: Tensor<3>,
     ) -> ssdkd::Result<[Tensor<1>; 4]> {
         let device = sl.device();
         let [tl, tc] = teacher.map_or([None, None], |t| t.map(|t| Some(t.detach())));
         let given = Tensors::from_array([Some(sl), Some(sc), tl, tc, Some(tg), None]);
         let dims = given.as_ref().map(|t| t.as_ref().map(|t| t.dims().to_vec()));
-        let dims = Tensors { priors: Some(vec![self.priors.0.len(), 4]), ..dims };
+        let dims = Tensors { priors: Some(vec![self.priors.len(), 4]), ..dims };
         BatchShape::from_dims(dims.as_ref().map(|d| d.as_deref()))?.check_config(self.config())?;
         for (tensor, t) in given.as_ref().named().to_array() {
             let Some(t) = t else { continue };
@@ -179,12 +142,14 @@ impl<const TEACHER: bool> Loss<TEACHER> {
         let [sl, sc, tl, tc, tg] = [sl, sc, tl, tc, tg].map(Tensor::into_dispatch);
         let priors = self.priors(&device).into_dispatch();
         let inputs = LossInputs::from(Tensors::from_array([sl, sc, tl, tc, tg, priors]));
-        let spec = self.spec.for_call();
+        // A fresh error slot for this call.
+        let spec = LossSpec { error: Default::default(), ..self.spec.clone() };
         let terms = <Dispatch as SsdkdBackend>::ssdkd_terms(inputs, spec.clone());
         let terms = Tensor::<1>::from_dispatch(terms);
         // Reading the terms runs the evaluation; its error, if any, is then in `spec`.
         let _ = terms.clone().into_data();
-        match spec.take_error() {
+        let error = lock(&spec.error).take();
+        match error {
             Some(error) => Err(error),
             None => Ok([0, 1, 2, 3].map(|i| terms.clone().narrow(0, i, 1))),
         }
@@ -206,16 +171,12 @@ impl MultiBoxLossKd {
     /// On a wgpu device that was not shared with ssdkd ([`wgpu_device`],
     /// [`share_wgpu_device`]): Burn's operation cannot return that error.
     pub fn forward(
-        &self,
-        student_loc: Tensor<3>,
-        student_conf: Tensor<3>,
-        teacher_loc: Tensor<3>,
-        teacher_conf: Tensor<3>,
-        targets: Tensor<3>,
+        &self, student_loc: Tensor<3>, student_conf: Tensor<3>, teacher_loc: Tensor<3>,
+        teacher_conf: Tensor<3>, targets: Tensor<3>,
     ) -> ssdkd::Result<KdTerms> {
-        let student = [student_loc, student_conf];
         let teacher = Some([teacher_loc, teacher_conf]);
-        let [soft_loss, l2_loss, loss_c, loss_l] = self.terms(student, teacher, targets)?;
+        let [soft_loss, l2_loss, loss_c, loss_l] =
+            self.terms([student_loc, student_conf], teacher, targets)?;
         Ok(KdTerms { soft_loss, l2_loss, loss_c, loss_l })
     }
 }
@@ -224,15 +185,9 @@ impl MultiBoxLoss {
     /// `loss_l` and `loss_c` of a batch (shapes as [`MultiBoxLossKd::forward`]).
     ///
     /// # Errors
-    /// As [`MultiBoxLossKd::forward`].
-    ///
-    /// # Panics
-    /// As [`MultiBoxLossKd::forward`].
+    /// As [`MultiBoxLossKd::forward`], which also says when it panics.
     pub fn forward(
-        &self,
-        student_loc: Tensor<3>,
-        student_conf: Tensor<3>,
-        targets: Tensor<3>,
+        &self, student_loc: Tensor<3>, student_conf: Tensor<3>, targets: Tensor<3>,
     ) -> ssdkd::Result<PlainTerms> {
         let [_, _, loss_c, loss_l] = self.terms([student_loc, student_conf], None, targets)?;
         Ok(PlainTerms { loss_l, loss_c })

@@ -86,10 +86,7 @@ struct BurnResult {
 /// Evaluates a batch's tensors on `device` (autodiff on) through the Burn loss, with the
 /// total weighted by `weights`, and backpropagates.
 fn burn_evaluate(
-    tensors: &OwnedBatch,
-    config: &LossConfig,
-    weights: LossWeights,
-    device: &Device,
+    tensors: &OwnedBatch, config: &LossConfig, weights: LossWeights, device: &Device,
     path: LossPath,
 ) -> BurnResult {
     burn_evaluate_with(tensors, config, weights, device, path, tensor3)
@@ -97,12 +94,8 @@ fn burn_evaluate(
 
 /// [`burn_evaluate`] with the input tensors made by `make` (values, dims, device).
 fn burn_evaluate_with(
-    tensors: &OwnedBatch,
-    config: &LossConfig,
-    weights: LossWeights,
-    device: &Device,
-    path: LossPath,
-    make: impl Fn(&[f32], [usize; 3], &Device) -> Tensor<3>,
+    tensors: &OwnedBatch, config: &LossConfig, weights: LossWeights, device: &Device,
+    path: LossPath, make: impl Fn(&[f32], [usize; 3], &Device) -> Tensor<3>,
 ) -> BurnResult {
     let device = device.clone().autodiff();
     let tensors = tensors.batch();
@@ -150,7 +143,7 @@ fn burn_evaluate_with(
 fn assert_agrees(name: &str, burn: &BurnResult, library: &Evaluation) {
     let t = &library.terms;
     let expected = [t.soft_loss, t.l2_loss, t.loss_c, t.loss_l];
-    for (i, what) in ssdkd_burn::TERMS.into_iter().enumerate() {
+    for (i, what) in ssdkd::agreement::TERM_NAMES[..4].iter().copied().enumerate() {
         let d = loss_difference(what, burn.terms[i], expected[i]);
         assert!(d.agrees(), "{name}: {d}");
     }

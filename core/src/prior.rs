@@ -101,6 +101,23 @@ static SSD512_MAPS: [FeatureMap<'static>; 6] = preset_maps([64, 32, 16, 8, 6, 4]
 static MOBILENET300_MAPS: [FeatureMap<'static>; 6] =
     preset_maps([19, 10, 5, 3, 2, 1], None, [AR_23; 6]);
 
+/// A preset's priors in centre form, in SPEC §2 order (what a loss taking
+/// `impl Into<Vec<[f32; 4]>>` accepts).
+#[cfg(feature = "alloc")]
+impl From<PriorPreset> for alloc::vec::Vec<[f32; 4]> {
+    fn from(preset: PriorPreset) -> Self {
+        preset.config().priors()
+    }
+}
+
+/// A configuration's priors in centre form, in SPEC §2 order.
+#[cfg(feature = "alloc")]
+impl From<&PriorConfig<'_>> for alloc::vec::Vec<[f32; 4]> {
+    fn from(config: &PriorConfig<'_>) -> Self {
+        config.priors()
+    }
+}
+
 impl PriorPreset {
     /// Every preset, in SPEC order.
     pub const ALL: [PriorPreset; 4] = [

@@ -42,11 +42,7 @@ pub fn decode(loc: &[f32], prior: &[f32], variance: [f32; 2]) -> [f32; 4] {
 /// background): every (prior, class) scoring above [`SCORE_THRESHOLD`], NMS per class at
 /// [`NMS_IOU`], the best [`TOP_K`] kept.
 pub fn detect(
-    loc: &[f32],
-    conf: &[f32],
-    priors: &[f32],
-    classes: usize,
-    variance: [f32; 2],
+    loc: &[f32], conf: &[f32], priors: &[f32], classes: usize, variance: [f32; 2],
 ) -> Vec<Detection> {
     let num_priors = priors.len() / 4;
     let mut candidates: Vec<Vec<Detection>> = vec![Vec::new(); classes - 1];

@@ -54,11 +54,7 @@ impl Losses {
     /// `MultiBoxLossKd`: 0.3·soft + 0.7·conf + 0.5·l2 + loc. The teacher's outputs may be on
     /// the device without autodiff; they are moved to the student's and get no gradient.
     pub fn kd(
-        &self,
-        loc: Tensor<3>,
-        conf: Tensor<3>,
-        teacher: (Tensor<3>, Tensor<3>),
-        targets: Tensor<3>,
+        &self, loc: Tensor<3>, conf: Tensor<3>, teacher: (Tensor<3>, Tensor<3>), targets: Tensor<3>,
     ) -> StepLoss {
         let on_student = |t: Tensor<3>| if loc.is_autodiff() { t.autodiff() } else { t };
         let (t_loc, t_conf) = (on_student(teacher.0), on_student(teacher.1));

@@ -254,11 +254,7 @@ fn targets_tensor(targets: Vec<f32>, n: usize, device: &Device) -> Tensor<3> {
 /// Trains `model` for the configured epochs; returns it and the last epoch's training and
 /// validation means.
 fn train_stage(
-    ctx: &mut Ctx,
-    stage: Stage,
-    title: &str,
-    mut model: TinySsd,
-    teacher: Option<&TinySsd>,
+    ctx: &mut Ctx, stage: Stage, title: &str, mut model: TinySsd, teacher: Option<&TinySsd>,
 ) -> (TinySsd, Means, Means) {
     println!("{title}");
     let epochs = ctx.args.epochs;

@@ -51,10 +51,7 @@ pub struct TinySsd {
 impl TinySsd {
     /// `boxes_per_cell[k]`: priors per cell of map k.
     pub fn new(
-        width: usize,
-        num_classes: usize,
-        boxes_per_cell: [usize; 3],
-        device: &Device,
+        width: usize, num_classes: usize, boxes_per_cell: [usize; 3], device: &Device,
     ) -> Self {
         let w = width;
         let channels = [4 * w, 8 * w, 8 * w];
