@@ -220,7 +220,9 @@ def write_batch(path, tensors, config=None):
     file, FIFO or directory is refused with :class:`InputError`): ``tensors`` a dict with
     the six tensors of SPEC §1 (priors may be a preset name; ``teacher_loc`` and
     ``teacher_conf`` may both be absent or ``None``: a batch without teacher), ``config``
-    SPEC §8 keys (defaults for the rest)."""
+    SPEC §8 keys (defaults for the rest). Ctrl-C during the write cancels it: its temporary file
+    is removed, the target is left as it was, and ``KeyboardInterrupt`` says so in one line
+    (or says the file was written whole, when the signal came after it was in place)."""
     tensors, config = _checked("tensors", dict, tensors), _checked("config", dict, config or {})
     unknown = sorted(set(tensors) - set(_TENSORS))
     if unknown:
