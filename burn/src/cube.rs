@@ -15,8 +15,8 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Bound batches kept per device, least recently used dropped first (with their bind
-/// groups, and ssdkd's own gradient buffers for those evaluated without gradients).
+/// Bound batches kept per device, least recently used dropped first with their bind
+/// groups (those evaluated without gradients have no gradient buffer: `wrap_terms`).
 const BATCHES_KEPT: usize = 4;
 
 /// ssdkd's backend on a Burn wgpu device, and the batches bound there by shape and whether
@@ -149,7 +149,7 @@ fn evaluate(
             batch
         }
         (None, Some(out)) => gpu.wrap_with_gradients(shape, slices, out)?,
-        (None, None) => gpu.wrap(shape, slices)?,
+        (None, None) => gpu.wrap_terms(shape, slices)?,
     };
     if batches.len() == BATCHES_KEPT {
         batches.remove(0);

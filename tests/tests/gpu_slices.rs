@@ -445,3 +445,72 @@ fn a_shared_device_keeps_its_owners_callbacks() {
     let again = shared.evaluate(&owned.batch(), &config, ALL).unwrap();
     assert_identical("after the owner's error", &on_shared, &again);
 }
+
+/// A batch wrapped for terms only allocates no gradient buffer: its terms are the wrapped
+/// batch's, bit for bit, also after a rebind to other slices; an evaluation asking for
+/// gradients is refused naming the gradient; rebound with gradient slices, it evaluates the
+/// gradients as a batch wrapped with them does.
+#[test]
+fn a_batch_wrapped_for_terms_only_has_no_gradient_buffer() {
+    let Some(mut gpu) =
+        ssdkd_tests::gpu::backend("a_batch_wrapped_for_terms_only_has_no_gradient_buffer")
+    else {
+        return;
+    };
+    let owned = golden("voc_default_b4");
+    let config = ssdkd::LossConfig::default();
+    let inputs = page(&gpu, &input_parts(&owned), wgpu::BufferUsages::STORAGE);
+    let shape = owned.shape();
+    let terms_of = |e: &Evaluation| ssdkd::agreement::terms(e).map(f64::to_bits);
+    let wrapped = gpu.wrap(shape, tensors(&inputs)).unwrap();
+    let expected = gpu
+        .evaluate_resident(&wrapped, &config, GpuRequest::default())
+        .unwrap();
+
+    let mut batch = gpu.wrap_terms(shape, tensors(&inputs)).unwrap();
+    assert!(batch.terms_only());
+    // No buffer of its own: the gradient accessors name the student's slices.
+    let same = |a: &GpuSlice, b: &GpuSlice| a.buffer == b.buffer && a.offset == b.offset;
+    assert!(same(batch.grad_student_conf(), &inputs[1]));
+    assert!(same(batch.grad_student_loc(), &inputs[0]));
+    let terms = gpu
+        .evaluate_resident(&batch, &config, GpuRequest::default())
+        .unwrap();
+    assert_eq!(terms_of(&terms), terms_of(&expected));
+
+    let again = page(&gpu, &input_parts(&owned), wgpu::BufferUsages::STORAGE);
+    gpu.rebind(&mut batch, tensors(&again), None).unwrap();
+    assert!(batch.terms_only());
+    assert!(same(batch.grad_student_conf(), &again[1]));
+    let terms = gpu
+        .evaluate_resident(&batch, &config, GpuRequest::default())
+        .unwrap();
+    assert_eq!(terms_of(&terms), terms_of(&expected));
+
+    refused(
+        gpu.evaluate_resident(&batch, &config, READ_ALL),
+        "grad_student_conf",
+        "gradients from a terms-only batch",
+    );
+
+    let out = page(
+        &gpu,
+        &[owned.student_conf(), owned.student_loc()],
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    );
+    let gradients = || GpuGradients {
+        student_conf: out[0].clone(),
+        student_loc: out[1].clone(),
+    };
+    gpu.rebind(&mut batch, tensors(&again), Some(gradients()))
+        .unwrap();
+    assert!(!batch.terms_only());
+    let with = gpu.evaluate_resident(&batch, &config, READ_ALL).unwrap();
+    let reference = gpu
+        .wrap_with_gradients(shape, tensors(&again), gradients())
+        .unwrap();
+    let reference = gpu
+        .evaluate_resident(&reference, &config, READ_ALL)
+        .unwrap();
+    assert_identical("rebound with gradients", &with, &reference);
+}

@@ -462,6 +462,7 @@ impl Engine {
                 gradients: self.gradient_buffers(shape),
                 owns_gradients: true,
                 gradients_out: None,
+                terms_only: false,
                 bound: Arc::new(Mutex::new(None)),
             })
         })
@@ -494,30 +495,48 @@ impl Engine {
         tensors: GpuTensors,
         gradients: Option<GpuGradients>,
     ) -> Result<GpuBatch> {
-        let mut batch = GpuBatch {
-            shape,
-            tensors: tensors.clone(),
-            gradients: GpuGradients {
-                student_conf: tensors.student_conf.clone(),
-                student_loc: tensors.student_loc.clone(),
-            },
-            owns_gradients: false,
-            gradients_out: None,
-            bound: Arc::new(Mutex::new(None)),
-        };
+        let mut batch = self.wrap_terms_batch(shape, tensors.clone())?;
         self.rebind(&mut batch, tensors, Some(gradients))?;
         Ok(batch)
     }
 
+    /// A batch over the caller's slices for evaluations without gradients: no gradient
+    /// buffer is allocated (see [`GpuBatch::terms_only`]).
+    pub fn wrap_terms_batch(&self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
+        resident::check_tensors(self.slice_rules(), &shape, &tensors)?;
+        Ok(GpuBatch {
+            shape,
+            gradients: GpuGradients {
+                student_conf: tensors.student_conf.clone(),
+                student_loc: tensors.student_loc.clone(),
+            },
+            tensors,
+            owns_gradients: false,
+            gradients_out: None,
+            terms_only: true,
+            bound: Arc::new(Mutex::new(None)),
+        })
+    }
+
     /// Points `batch` at new slices of the same shape and drops its bind groups. With
     /// `gradients` `None` its gradients keep going where they went (checked again against
-    /// the new inputs); `Some(None)` sends them to ssdkd's own buffers.
+    /// the new inputs; a terms-only batch stays one); `Some(None)` sends them to ssdkd's
+    /// own buffers.
     pub fn rebind(
         &self,
         batch: &mut GpuBatch,
         tensors: GpuTensors,
         gradients: Option<Option<GpuGradients>>,
     ) -> Result<()> {
+        if batch.terms_only && gradients.is_none() {
+            let rebound = self.wrap_terms_batch(batch.shape, tensors)?;
+            *batch = GpuBatch {
+                bound: batch.bound.clone(),
+                ..rebound
+            };
+            *batch.bound.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Ok(());
+        }
         let rules = self.slice_rules();
         let shape = batch.shape;
         resident::check_tensors(rules, &shape, &tensors)?;
@@ -545,6 +564,7 @@ impl Engine {
             }
         };
         batch.owns_gradients = owns;
+        batch.terms_only = false;
         batch.tensors = tensors;
         batch.gradients = written;
         batch.gradients_out = out;

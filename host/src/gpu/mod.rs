@@ -260,6 +260,17 @@ impl GpuBackend {
         self.engine.wrap_batch(shape, tensors, None)
     }
 
+    /// [`GpuBackend::wrap`] for evaluations without gradients: no gradient buffer is
+    /// allocated ([`GpuBatch::terms_only`]). An evaluation asking for gradients is refused
+    /// until the batch is rebound with gradient slices ([`GpuBackend::rebind`]).
+    ///
+    /// # Errors
+    /// As [`GpuBackend::wrap`], without the allocation.
+    pub fn wrap_terms(&mut self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
+        shape.check()?;
+        self.engine.wrap_terms_batch(shape, tensors)
+    }
+
     /// [`GpuBackend::wrap`], with the gradients written into the caller's slices: in place,
     /// or, where a gradient slice shares a buffer with an input (a buffer cannot be bound
     /// read-only and read-write in one dispatch), into ssdkd's buffers and then copied there
@@ -282,7 +293,8 @@ impl GpuBackend {
     /// Points `batch` at new slices of the same shape (a framework's next step), dropping
     /// its bind groups so that none binds the old slices. With `gradients` `None` the
     /// gradients keep their destination (ssdkd's buffers, or the caller's slices checked
-    /// again against the new inputs).
+    /// again against the new inputs; a batch wrapped for terms only stays one); with
+    /// `Some`, they go to those slices from now on.
     ///
     /// # Errors
     /// As [`GpuBackend::wrap_with_gradients`]; on an error `batch` may be left half-updated
@@ -324,6 +336,14 @@ impl GpuBackend {
         request: GpuRequest,
     ) -> Result<Evaluation> {
         batch.shape().check_config(config)?;
+        if (request.gradients || request.read_gradients) && batch.terms_only() {
+            return Err(Error::Shape {
+                tensor: "grad_student_conf",
+                problem: "the batch was wrapped for terms only (GpuBackend::wrap_terms); \
+                          rebind it with gradient slices to evaluate gradients"
+                    .into(),
+            });
+        }
         if request.read_gradients {
             for (tensor, slice) in [
                 ("grad_student_conf", &batch.gradients.student_conf),

@@ -120,6 +120,10 @@ pub struct GpuBatch {
     /// buffer cannot be bound read-only and read-write in one dispatch): the kernels then
     /// write `gradients`, ssdkd's own, and the run copies them here on the device.
     pub(crate) gradients_out: Option<GpuGradients>,
+    /// Made by [`crate::gpu::GpuBackend::wrap_terms`] and not rebound with gradient slices:
+    /// no gradient buffer exists; `gradients` holds the student's own slices as
+    /// placeholders, bound by the gradient kernels, which never run for it.
+    pub(crate) terms_only: bool,
     /// Its bind groups, made on its first evaluation and dropped with it, or when the
     /// engine evicts the shape whose buffers they bind (the engine holds a weak reference).
     pub(crate) bound: Arc<Mutex<Option<Bound>>>,
@@ -140,7 +144,8 @@ impl GpuBatch {
 
     /// `[B, P, C]` f32 ∂total/∂student_conf, written by an evaluation that computes
     /// gradients: the caller's slice when one was given, else ssdkd's buffer
-    /// (`STORAGE | COPY_SRC`).
+    /// (`STORAGE | COPY_SRC`); for a batch wrapped for terms only
+    /// ([`crate::gpu::GpuBackend::wrap_terms`]), which has none, `student_conf`'s slice.
     #[must_use]
     pub fn grad_student_conf(&self) -> &GpuSlice {
         let out = self.gradients_out.as_ref().unwrap_or(&self.gradients);
@@ -168,6 +173,12 @@ impl GpuBatch {
             Resource::GradStudentLoc => &self.gradients.student_loc,
             _ => return None,
         })
+    }
+
+    /// Whether the batch was wrapped for terms only and has no gradient buffer.
+    #[must_use]
+    pub fn terms_only(&self) -> bool {
+        self.terms_only
     }
 
     /// Whether the caller's gradient slices are written through a copy from ssdkd's own.
