@@ -30,11 +30,12 @@ fn evaluate_on_host<B: Backend>(
     static CPU: OnceLock<Mutex<ssdkd::Backend>> = OnceLock::new();
     let shape = batch_shape(&inputs.student_conf.shape(), &inputs.targets.shape());
     let teacher = spec.has_teacher;
-    let read = inputs.named().map(|(name, t)| match teacher || !name.starts_with("teacher") {
-        true => read_f32::<B>(t),
-        false => Ok(Vec::new()),
-    });
-    let [sl, sc, tl, tc, tg, pr] = read.try_map(|t| t)?.to_array();
+    let mut read = inputs.map(Some);
+    if !teacher {
+        (read.teacher_loc, read.teacher_conf) = (None, None);
+    }
+    let read = read.try_map(|t| t.map_or(Ok(Vec::new()), read_f32::<B>))?;
+    let [sl, sc, tl, tc, tg, pr] = read.to_array();
     let owned = match teacher {
         true => OwnedBatch::new(shape, sl, sc, tl, tc, tg, pr)?,
         false => OwnedBatch::without_teacher(shape, sl, sc, tg, pr)?,

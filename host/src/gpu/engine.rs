@@ -222,6 +222,27 @@ async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
         .map_err(|e| Error::NoAdapter(e.to_string()))
 }
 
+/// A terms-only batch over `tensors` (not checked here): see [`GpuBatch::terms_only`].
+fn terms_batch(shape: BatchShape, tensors: GpuTensors) -> GpuBatch {
+    GpuBatch {
+        shape,
+        gradients: placeholder_gradients(&tensors),
+        tensors,
+        owns_gradients: false,
+        gradients_out: None,
+        terms_only: true,
+        bound: Arc::new(Mutex::new(None)),
+    }
+}
+
+/// The student's own slices, which a terms-only batch's gradient kernels bind but never run.
+fn placeholder_gradients(tensors: &GpuTensors) -> GpuGradients {
+    GpuGradients {
+        student_conf: tensors.student_conf.clone(),
+        student_loc: tensors.student_loc.clone(),
+    }
+}
+
 impl Engine {
     /// Picks the adapter, opens a device with the adapter's own limits, and creates every
     /// pipeline (through the per-user pipeline cache where the adapter supports one). With
@@ -495,7 +516,8 @@ impl Engine {
         tensors: GpuTensors,
         gradients: Option<GpuGradients>,
     ) -> Result<GpuBatch> {
-        let mut batch = self.wrap_terms_batch(shape, tensors.clone())?;
+        // `rebind` checks the slices.
+        let mut batch = terms_batch(shape, tensors.clone());
         self.rebind(&mut batch, tensors, Some(gradients))?;
         Ok(batch)
     }
@@ -504,18 +526,7 @@ impl Engine {
     /// buffer is allocated (see [`GpuBatch::terms_only`]).
     pub fn wrap_terms_batch(&self, shape: BatchShape, tensors: GpuTensors) -> Result<GpuBatch> {
         resident::check_tensors(self.slice_rules(), &shape, &tensors)?;
-        Ok(GpuBatch {
-            shape,
-            gradients: GpuGradients {
-                student_conf: tensors.student_conf.clone(),
-                student_loc: tensors.student_loc.clone(),
-            },
-            tensors,
-            owns_gradients: false,
-            gradients_out: None,
-            terms_only: true,
-            bound: Arc::new(Mutex::new(None)),
-        })
+        Ok(terms_batch(shape, tensors))
     }
 
     /// Points `batch` at new slices of the same shape and drops its bind groups. With
@@ -528,18 +539,15 @@ impl Engine {
         tensors: GpuTensors,
         gradients: Option<Option<GpuGradients>>,
     ) -> Result<()> {
-        if batch.terms_only && gradients.is_none() {
-            let rebound = self.wrap_terms_batch(batch.shape, tensors)?;
-            *batch = GpuBatch {
-                bound: batch.bound.clone(),
-                ..rebound
-            };
-            *batch.bound.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            return Ok(());
-        }
         let rules = self.slice_rules();
         let shape = batch.shape;
         resident::check_tensors(rules, &shape, &tensors)?;
+        if batch.terms_only && gradients.is_none() {
+            batch.gradients = placeholder_gradients(&tensors);
+            batch.tensors = tensors;
+            *batch.bound.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Ok(());
+        }
         let caller = match gradients {
             Some(given) => given,
             None if batch.owns_gradients => batch.gradients_out.clone(),
